@@ -1,0 +1,309 @@
+"""Typed run configuration, read from one TOML file (one file = one run, named by ``[run] name``).
+
+Every key is validated: an unknown or mistyped key is an error naming the key and the file. The
+module does no work at import time; paths are derived from the run name by :class:`RunPaths`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from natprints.artifacts import atomic_write_json, canonical_json, hash_obj
+from natprints.errors import NatprintsError
+
+DEFAULT_CONFIG = Path("configs/default.toml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSettings(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0)  # 0 = leave torch's default
+    train_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class CorpusSettings(_Section):
+    source: Literal["sotu", "kjv", "files", "hf"] = "sotu"
+    paths: list[str] = []  # for source = "files": UTF-8 text files, paragraphs split on blank lines
+    hf_dataset: str = ""  # for source = "hf": a dataset id, needs network access
+    hf_split: str = "train"
+    hf_text_field: str = "text"
+    max_chars: int = Field(0, ge=0)  # 0 = the whole corpus
+    min_paragraph_chars: int = Field(40, ge=1)
+    heldout_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    split_salt: str = "natprints"
+
+    @model_validator(mode="after")
+    def _source_options(self) -> CorpusSettings:
+        if self.source == "files" and not self.paths:
+            raise ValueError("source = 'files' needs paths = [...]")
+        if self.source == "hf" and not self.hf_dataset:
+            raise ValueError("source = 'hf' needs hf_dataset = '<dataset id>'")
+        return self
+
+
+class TokenizerSettings(_Section):
+    vocab_size: int = Field(4096, ge=300, le=262144)
+    min_frequency: int = Field(2, ge=1)
+
+
+class SizePreset(_Section):
+    hidden_size: int = Field(ge=8)
+    num_layers: int = Field(ge=1)
+    num_heads: int = Field(ge=1)
+    intermediate_size: int = Field(ge=8)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> SizePreset:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        return self
+
+
+class TrainSettings(_Section):
+    """The base model's spec; conditions vary one factor of it."""
+
+    size: str = "s"
+    init_seed: int = Field(0, ge=0)
+    data_seed: int = Field(0, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    seq_len: int = Field(128, ge=8)
+    steps: int = Field(1000, ge=1)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = Field(1.0, ge=0)  # 0 = no clipping
+    eval_every: int = Field(100, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    checkpoint_steps: list[int] = []  # intermediate checkpoints kept (fingerprint emergence)
+    resume_every: int = Field(200, ge=1)  # how often resumable state is written
+
+
+class ConditionSettings(_Section):
+    """Groups of models that differ from the base in exactly one factor."""
+
+    seed: list[int] = []  # init and data-order seed together
+    init: list[int] = []
+    data_order: list[int] = []
+    size: list[str] = []
+    lr: list[float] = []
+    batch_size: list[int] = []
+
+
+class GenerateSettings(_Section):
+    prompts: int = Field(1000, ge=1)
+    prompt_tokens: int = Field(16, ge=1)
+    new_tokens: int = Field(64, ge=1)
+    samples_per_prompt: int = Field(1, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)  # 0 = off
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = Field(0, ge=0)
+    null_seed: int = Field(1, ge=0)  # the null control: the base model again, another sampling seed
+    batch_size: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _distinct_seeds(self) -> GenerateSettings:
+        if self.seed == self.null_seed:
+            raise ValueError("null_seed must differ from seed")
+        return self
+
+
+FEATURIZERS = ("word1", "word12", "char14", "embed", "union")
+CLASSIFIERS = ("logreg", "svm", "xgb", "mlp")
+
+
+class AttributionSettings(_Section):
+    featurizers: list[Literal["word1", "word12", "char14", "embed", "union"]] = list(FEATURIZERS)
+    classifiers: list[Literal["logreg", "svm", "xgb", "mlp"]] = list(CLASSIFIERS)
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    split_seed: int = Field(0, ge=0)
+    max_features: int = Field(50000, ge=10)
+    evidence_tokens: list[int] = [8, 16, 32, 64, 0]  # 0 = the whole continuation
+    evidence_train_fractions: list[float] = [0.1, 0.25, 0.5, 1.0]
+    top_ngrams: int = Field(10, ge=1)
+    embed_batch_size: int = Field(64, ge=1)
+    open_set_reject_rate: float = Field(0.05, ge=0, lt=1)  # share of known texts rejected
+    max_text_bytes: int = Field(1_000_000, ge=1)
+
+
+class LineageSettings(_Section):
+    derive_conditions: list[str] = ["seed"]  # whose models get continued on the shift corpus
+    derive_source: Literal["kjv", "sotu", "files", "hf"] = "kjv"
+    derive_paths: list[str] = []
+    derive_steps: int = Field(200, ge=1)
+    derive_lr: float = Field(5e-4, gt=0)
+    seedprints_inputs: int = Field(128, ge=4)
+    seedprints_seq_len: int = Field(64, ge=1)
+    seedprints_k: int = Field(16, ge=1)
+    seedprints_temperature: float = Field(10.0, gt=0)
+    seedprints_seed: int = Field(0, ge=0)
+    alpha: float = Field(0.01, gt=0, lt=1)
+    weights_threshold: float = Field(0.9, ge=-1, le=1)
+
+
+DEFAULT_SIZES = {
+    "xs": SizePreset(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=176),
+    "s": SizePreset(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=344),
+    "m": SizePreset(hidden_size=192, num_layers=6, num_heads=6, intermediate_size=512),
+}
+
+
+class Config(_Section):
+    run: RunSettings
+    corpus: CorpusSettings = CorpusSettings()
+    tokenizer: TokenizerSettings = TokenizerSettings()
+    sizes: dict[str, SizePreset] = DEFAULT_SIZES
+    train: TrainSettings = TrainSettings()
+    conditions: ConditionSettings = ConditionSettings()
+    generate: GenerateSettings = GenerateSettings()
+    attribution: AttributionSettings = AttributionSettings()
+    lineage: LineageSettings = LineageSettings()
+
+    @field_validator("sizes", mode="before")
+    @classmethod
+    def _merge_sizes(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return {**DEFAULT_SIZES, **value}
+        return value
+
+    @model_validator(mode="after")
+    def _known_sizes(self) -> Config:
+        for size in [self.train.size, *self.conditions.size]:
+            if size not in self.sizes:
+                raise ValueError(f"unknown size preset {size!r} (known: {', '.join(self.sizes)})")
+        unknown = set(self.lineage.derive_conditions) - set(ConditionSettings.model_fields)
+        if unknown:
+            raise ValueError(f"lineage.derive_conditions: unknown condition(s) {sorted(unknown)}")
+        return self
+
+    def hash(self) -> str:
+        return hash_obj(self.model_dump(mode="json"))
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths(self.run.name)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run's artifacts live, relative to the project root (or ``NATPRINTS_HOME``)."""
+
+    run: str
+
+    @property
+    def root(self) -> Path:
+        return Path(os.environ.get("NATPRINTS_HOME", "."))
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "data" / "corpus" / self.run
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.corpus / "tokenizer"
+
+    @property
+    def shift_corpus(self) -> Path:
+        return self.root / "data" / "corpus" / f"{self.run}-shift"
+
+    @property
+    def generated(self) -> Path:
+        return self.root / "data" / "generated" / self.run
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "data" / "cache"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models" / self.run
+
+    @property
+    def zoo(self) -> Path:
+        return self.models / "zoo"
+
+    @property
+    def attributors(self) -> Path:
+        return self.models / "attributors"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports" / self.run
+
+    @property
+    def run_lock(self) -> Path:
+        return self.models / "run.json"
+
+
+def _format_error(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{loc}'"
+    if err["type"] == "missing":
+        return f"missing key '{loc}'"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"'{loc}': {msg}" if loc else msg
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate a TOML config; any problem is one :class:`NatprintsError` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise NatprintsError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise NatprintsError(f"{path}: not a UTF-8 text file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise NatprintsError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise NatprintsError(f"{path}: {_format_error(first)}{more}") from None
+
+
+def _diff_keys(old: object, new: object, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += _diff_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if canonical_json(old) == canonical_json(new) else [prefix.rstrip(".")]
+
+
+def check_run_lock(cfg: Config, config_path: Path | str) -> None:
+    """Refuse a run name reused with a changed config; record the config on first use."""
+    lock = cfg.paths.run_lock
+    current = cfg.model_dump(mode="json")
+    if lock.is_file():
+        try:
+            recorded = json.loads(lock.read_text(encoding="utf-8"))["config"]
+        except (OSError, ValueError, KeyError):
+            raise NatprintsError(f"{lock} is unreadable; remove it or `make clean`") from None
+        changed = _diff_keys(recorded, current)
+        if changed:
+            keys = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+            raise NatprintsError(
+                f"run '{cfg.run.name}' already exists with a different config (changed: {keys}); "
+                f"give {config_path} a new [run] name, or remove the old run with "
+                f"`natprints clean --config {config_path}`"
+            )
+        return
+    atomic_write_json(lock, {"config": current, "config_hash": cfg.hash(), "source": str(config_path)})

@@ -1,0 +1,273 @@
+"""The generate stage: every zoo model continues every prompt; one parquet file per model.
+
+Prompts are the first P tokens of held-out paragraphs (never seen in training), shared by every
+model (a paired design). Generation is manifest-first: the rows to generate are listed (ids derived
+from model, prompt and sample index), then filled chunk by chunk; a rerun fills only missing rows.
+Each chunk's sampling generator is seeded from (model, seed, chunk), so a resumed run writes the
+same texts an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from natprints.artifacts import atomic_write_json, hash_obj, sha256_file, sha256_text, temp_path_for
+from natprints.config import Config, GenerateSettings
+from natprints.errors import NatprintsError
+
+COLUMNS = [
+    "sample_id",
+    "model_id",
+    "prompt_id",
+    "prompt",
+    "text",
+    "n_tokens",
+    "token_ids",
+    "sample_index",
+    "sampling_seed",
+    "temperature",
+    "top_k",
+    "top_p",
+    "new_tokens",
+]
+
+
+def build_prompts(cfg: Config) -> pd.DataFrame:
+    """The first ``prompt_tokens`` tokens of the first held-out paragraphs long enough to have them."""
+    from natprints.corpus import corpus_manifest, load_tokenizer, read_jsonl_texts
+
+    corpus_manifest(cfg)
+    g = cfg.generate
+    tokenizer = load_tokenizer(cfg.paths.tokenizer)
+    paragraphs = read_jsonl_texts(cfg.paths.corpus / "heldout.jsonl")
+    rows = []
+    for ids in tokenizer(paragraphs, add_special_tokens=False)["input_ids"]:
+        if len(ids) <= g.prompt_tokens:
+            continue
+        prompt_ids = ids[: g.prompt_tokens]
+        digest = sha256_text(",".join(map(str, prompt_ids)))[:12]
+        rows.append(
+            {
+                "prompt_id": f"p{len(rows):05d}-{digest}",
+                "prompt_token_ids": prompt_ids,
+                "prompt": tokenizer.decode(prompt_ids),
+            }
+        )
+        if len(rows) == g.prompts:
+            break
+    if len(rows) < g.prompts:
+        raise NatprintsError(
+            f"only {len(rows)} held-out paragraphs have more than {g.prompt_tokens} tokens; "
+            f"lower generate.prompts or raise corpus.heldout_fraction"
+        )
+    return pd.DataFrame(rows)
+
+
+def sample_id(model_id: str, prompt_id: str, index: int, seed: int) -> str:
+    return sha256_text(f"{model_id}|{prompt_id}|{index}|{seed}")[:20]
+
+
+def plan_rows(model_id: str, prompts: pd.DataFrame, g: GenerateSettings, seed: int) -> pd.DataFrame:
+    """Every row to generate for one model, in a fixed order; ``chunk`` groups rows sampled together."""
+    rows = [
+        {"sample_id": sample_id(model_id, pid, j, seed), "prompt_id": pid, "sample_index": j, "prompt_row": i}
+        for i, pid in enumerate(prompts["prompt_id"])
+        for j in range(g.samples_per_prompt)
+    ]
+    plan = pd.DataFrame(rows)
+    plan["chunk"] = np.arange(len(plan)) // g.batch_size
+    return plan
+
+
+def _filter_logits(logits, top_k: int, top_p: float):
+    import torch
+
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample_batch(model, prompt_ids, g: GenerateSettings, generator, eos_id: int, device: str):
+    """Continue a (B, P) batch of equal-length prompts by up to ``new_tokens`` sampled tokens.
+
+    Returns a (B, new_tokens) int tensor; positions after a row's EOS hold EOS.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    batch = prompt_ids.size(0)
+    out = torch.full((batch, g.new_tokens), eos_id, dtype=torch.long)
+    done = torch.zeros(batch, dtype=torch.bool)
+    cache = DynamicCache()
+    inputs = prompt_ids.to(device)
+    for t in range(g.new_tokens):
+        logits = model(input_ids=inputs, past_key_values=cache, use_cache=True).logits[:, -1, :]
+        logits = _filter_logits(logits.float().cpu() / g.temperature, g.top_k, g.top_p)
+        token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+        token = torch.where(done, torch.full_like(token, eos_id), token)
+        out[:, t] = token
+        done |= token == eos_id
+        if bool(done.all()):
+            break
+        inputs = token.unsqueeze(1).to(device)
+    return out
+
+
+def _chunk_seed(model_id: str, seed: int, chunk: int) -> int:
+    return int(sha256_text(f"{model_id}|{seed}|{chunk}")[:15], 16)
+
+
+def _read_existing(path: Path, plan: pd.DataFrame) -> pd.DataFrame:
+    if not path.is_file():
+        return pd.DataFrame(columns=COLUMNS)
+    try:
+        existing = pd.read_parquet(path)
+    except Exception:
+        raise NatprintsError(f"{path} is not a readable parquet file; remove it to regenerate") from None
+    if list(existing.columns) != COLUMNS or not set(existing["sample_id"]) <= set(plan["sample_id"]):
+        raise NatprintsError(f"{path} holds rows this config does not plan (foreign file); remove it")
+    return existing
+
+
+def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    tmp = temp_path_for(path)
+    try:
+        frame.to_parquet(tmp, index=False)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def generate_for_model(
+    cfg: Config, model_dir: Path, model_id: str, prompts: pd.DataFrame, out_path: Path, seed: int, *, max_chunks=None
+) -> int:
+    """Fill the missing rows of one model's file; returns how many rows were generated now."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from natprints.corpus import load_tokenizer
+    from natprints.zoo import load_model, resolve_device
+
+    g = cfg.generate
+    plan = plan_rows(model_id, prompts, g, seed)
+    existing = _read_existing(out_path, plan)
+    missing = plan[~plan["sample_id"].isin(set(existing["sample_id"]))]
+    if missing.empty:
+        return 0
+    device = resolve_device(cfg.run.device)
+    tokenizer = load_tokenizer(cfg.paths.tokenizer)
+    eos = tokenizer.eos_token_id
+    model = load_model(model_dir).to(device).eval()
+    frames = [existing] if len(existing) else []
+    added = 0
+    chunks = sorted(missing["chunk"].unique())[:max_chunks]
+    with torch.inference_mode():
+        for chunk in tqdm(chunks, desc=f"generate {model_id}", unit="chunk", leave=False):
+            rows = plan[plan["chunk"] == chunk]
+            prompt_ids = torch.tensor(
+                np.stack(prompts["prompt_token_ids"].iloc[rows["prompt_row"]].to_numpy()), dtype=torch.long
+            )
+            gen = torch.Generator().manual_seed(_chunk_seed(model_id, seed, int(chunk)))
+            out = sample_batch(model, prompt_ids, g, gen, eos, device).numpy()
+            new = []
+            have = set(existing["sample_id"])
+            for (_, row), ids in zip(rows.iterrows(), out, strict=True):
+                if row["sample_id"] in have:
+                    continue
+                n = int(np.argmax(ids == eos)) if (ids == eos).any() else len(ids)
+                new.append(
+                    {
+                        "sample_id": row["sample_id"],
+                        "model_id": model_id,
+                        "prompt_id": row["prompt_id"],
+                        "prompt": prompts["prompt"].iloc[row["prompt_row"]],
+                        "text": tokenizer.decode(ids[:n].tolist()),
+                        "n_tokens": n,
+                        "token_ids": ids[:n].astype(np.int32).tolist(),
+                        "sample_index": int(row["sample_index"]),
+                        "sampling_seed": seed,
+                        "temperature": g.temperature,
+                        "top_k": g.top_k,
+                        "top_p": g.top_p,
+                        "new_tokens": g.new_tokens,
+                    }
+                )
+            added += len(new)
+            frames.append(pd.DataFrame(new, columns=COLUMNS))
+            merged = pd.concat(frames, ignore_index=True)
+            order = {sid: i for i, sid in enumerate(plan["sample_id"])}
+            merged = merged.iloc[np.argsort(merged["sample_id"].map(order).to_numpy(), kind="stable")]
+            merged = merged.reset_index(drop=True)
+            _write_parquet(out_path, merged)
+            frames = [merged]
+            existing = merged
+    return added
+
+
+def stage_hash(cfg: Config) -> str:
+    return hash_obj({"generate": cfg.generate.model_dump(), "train": cfg.train.model_dump()})
+
+
+def generate_all(cfg: Config, *, max_chunks: int | None = None) -> dict:
+    """The generate stage over the whole zoo plus the null control; writes the generated manifest."""
+    from natprints.artifacts import read_manifest
+    from natprints.zoo import condition_members, zoo_specs
+
+    start = time.time()
+    out = cfg.paths.generated
+    specs = zoo_specs(cfg)
+    for model_id in specs:
+        if not (cfg.paths.zoo / model_id / "manifest.json").is_file():
+            raise NatprintsError(f"zoo model {model_id} is missing; run `natprints zoo` first")
+    prompts = build_prompts(cfg)
+    base = next(iter(specs))
+    jobs = [(m, out / f"{m}.parquet", cfg.generate.seed) for m in specs]
+    jobs.append((base, out / "null" / f"{base}.parquet", cfg.generate.null_seed))
+    for i, (model_id, path, seed) in enumerate(jobs, 1):
+        print(f"[generate {i}/{len(jobs)}] {path.relative_to(out)}", flush=True)
+        generate_for_model(cfg, cfg.paths.zoo / model_id, model_id, prompts, path, seed, max_chunks=max_chunks)
+    expected = len(prompts) * cfg.generate.samples_per_prompt
+    counts = {str(p.relative_to(out)): len(pd.read_parquet(p, columns=["sample_id"])) for _, p, _ in jobs}
+    complete = all(n == expected for n in counts.values())
+    manifest = {
+        "stage": "generate",
+        "run": cfg.run.name,
+        "stage_hash": stage_hash(cfg),
+        "complete": complete,
+        "base_model": base,
+        "prompts": len(prompts),
+        "rows_per_model": expected,
+        "models": {
+            m: {
+                "conditions": c,
+                "file": f"{m}.parquet",
+                "model_sha256": read_manifest(cfg.paths.zoo / m)["files"]["model.safetensors"],
+            }
+            for m, (_, c) in specs.items()
+        },
+        "null_control": {"model_id": base, "file": f"null/{base}.parquet", "sampling_seed": cfg.generate.null_seed},
+        "conditions": condition_members(cfg),
+        "sampling": cfg.generate.model_dump(),
+        "files": {name: sha256_file(out / name) for name in counts},
+        "rows": counts,
+        "wall_s": round(time.time() - start, 2),
+    }
+    from natprints.artifacts import git_revision, package_versions
+
+    manifest["package_versions"] = package_versions()
+    manifest["git_revision"] = git_revision()
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest

@@ -1,0 +1,112 @@
+"""Reports rendered from manifests and result records: zoo.md and the run's index.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from natprints.artifacts import atomic_write_text, read_manifest
+from natprints.config import Config
+from natprints.errors import NatprintsError
+
+
+def relative_improvement_last_20pct(curve: list[list[float]], steps: int) -> float | None:
+    """(loss at 80% of steps - final loss) / loss at 80%: how much the held-out loss still moved."""
+    if len(curve) < 2:
+        return None
+    cutoff = 0.8 * steps
+    before = [loss for step, loss in curve if step <= cutoff]
+    if not before:
+        return None
+    start = before[-1]
+    return (start - curve[-1][1]) / start
+
+
+def zoo_rows(cfg: Config) -> list[dict]:
+    """One record per zoo and derived model that has a manifest, in zoo order."""
+    rows = []
+    zoo = cfg.paths.zoo
+    if not zoo.is_dir():
+        return rows
+    for model_dir in sorted(zoo.iterdir()):
+        if not (model_dir / "manifest.json").is_file():
+            continue
+        m = read_manifest(model_dir, "model")
+        rows.append(
+            {
+                "model_id": m["model_id"],
+                "conditions": ", ".join(m["conditions"]),
+                "parent": m.get("parent") or "",
+                "n_params": m["n_params"],
+                "tokens_seen": m["tokens_seen"],
+                "final_heldout_loss": m["final_heldout_loss"],
+                "last20_improvement": relative_improvement_last_20pct(m["heldout_curve"], m["steps"]),
+                "tokens_per_second": m["tokens_per_second"],
+                "wall_s": m["wall_s"],
+                "token_stream_sha256": m["token_stream_sha256"],
+            }
+        )
+    return rows
+
+
+def render_zoo(cfg: Config) -> str:
+    rows = zoo_rows(cfg)
+    if not rows:
+        raise NatprintsError(f"no trained models for run '{cfg.run.name}'; run `natprints zoo` first")
+    lines = [
+        f"# Zoo of run `{cfg.run.name}`",
+        "",
+        "Rendered from the models' manifests. *Last 20%*: relative drop of the held-out loss over the "
+        "last 20% of training steps (small = flattened). *Stream*: first 12 hex digits of the hash of "
+        "the exact token batches the model saw, in order.",
+        "",
+        "| model | conditions | parent | parameters | tokens seen | held-out loss | last 20% | tokens/s "
+        "| wall time (s) | stream |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        imp = "" if r["last20_improvement"] is None else f"{100 * r['last20_improvement']:.2f}%"
+        lines.append(
+            f"| `{r['model_id']}` | {r['conditions']} | {r['parent']} | {r['n_params']:,} | {r['tokens_seen']:,} "
+            f"| {r['final_heldout_loss']:.3f} | {imp} | {r['tokens_per_second']:,.0f} | {r['wall_s']:.0f} "
+            f"| `{r['token_stream_sha256'][:12]}` |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_zoo_report(cfg: Config) -> Path:
+    path = cfg.paths.reports / "zoo.md"
+    atomic_write_text(path, render_zoo(cfg))
+    return path
+
+
+def _generated_summary(cfg: Config) -> str:
+    path = cfg.paths.generated / "manifest.json"
+    if not path.is_file():
+        return ""
+    m = read_manifest(cfg.paths.generated, "generated corpora")
+    s = m["sampling"]
+    return (
+        f"Generated corpora: {len(m['models'])} models + the null control, {m['prompts']} held-out prompts of "
+        f"{s['prompt_tokens']} tokens, {s['samples_per_prompt']} sample(s) each, up to {s['new_tokens']} new "
+        f"tokens, temperature {s['temperature']:g}, top-k {s['top_k']}, top-p {s['top_p']:g}.\n"
+    )
+
+
+def write_index(cfg: Config) -> Path:
+    """reports/<run>/index.md: the zoo, then the attribution and lineage sections where they exist."""
+    sections = [f"# natprints report: run `{cfg.run.name}`\n", render_zoo(cfg).split("\n", 2)[2]]
+    summary = _generated_summary(cfg)
+    if summary:
+        sections.append(summary)
+    if (cfg.paths.reports / "results.jsonl").is_file():
+        from natprints.attribution_report import render_section
+
+        sections.append(render_section(cfg))
+    if (cfg.paths.reports / "lineage.csv").is_file():
+        from natprints.lineage.report import render_section as render_lineage
+
+        sections.append(render_lineage(cfg))
+    path = cfg.paths.reports / "index.md"
+    atomic_write_text(path, "\n".join(sections))
+    write_zoo_report(cfg)
+    return path

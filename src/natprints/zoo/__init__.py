@@ -1,0 +1,268 @@
+"""The zoo stage: train every model the config's conditions ask for, and the derived models.
+
+Each model lives at ``models/<run>/zoo/<model-id>/``: a Hugging Face directory (``config.json``,
+``model.safetensors``), its step-0 init under ``init/``, intermediate checkpoints under
+``checkpoints/``, and a ``manifest.json`` that records the exact data it saw.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from natprints.artifacts import load_verified_manifest, read_manifest, sha256_text, write_manifest
+from natprints.config import Config, CorpusSettings
+from natprints.errors import NatprintsError
+from natprints.zoo.spec import CONDITIONS, ModelSpec, condition_members, format_lr, zoo_specs
+
+__all__ = ["CONDITIONS", "build_zoo", "condition_members", "format_lr", "load_model", "zoo_specs"]
+
+
+def resolve_device(setting: str) -> str:
+    import torch
+
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise NatprintsError("device = 'cuda' but no CUDA device is available")
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def use_autocast(cfg: Config, device: str) -> bool:
+    """bf16 autocast on CUDA; fp32 on CPU, where bf16 autocast measured far slower (see make bench)."""
+    if cfg.run.train_dtype == "auto":
+        return device == "cuda"
+    return cfg.run.train_dtype == "bf16"
+
+
+def setup_torch(cfg: Config) -> str:
+    import torch
+
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return resolve_device(cfg.run.device)
+
+
+def _file_list(directory: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(directory))
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".")
+    )
+
+
+def _spec_fields(spec: ModelSpec, cfg: Config) -> dict:
+    preset = cfg.sizes[spec.size]
+    return {"spec": spec.model_dump(mode="json"), "architecture": preset.model_dump()}
+
+
+def _model_done(out_dir: Path, spec_fields: dict, model_id: str) -> bool:
+    if not (out_dir / "manifest.json").is_file():
+        return False
+    manifest = read_manifest(out_dir, f"model {model_id}")
+    recorded = {k: manifest.get(k) for k in spec_fields}
+    if recorded != spec_fields:
+        raise NatprintsError(
+            f"model {model_id} at {out_dir} was trained with a different spec; "
+            "use a new [run] name or `natprints clean`"
+        )
+    return True
+
+
+def _train_one(
+    cfg: Config,
+    model_id: str,
+    spec: ModelSpec,
+    fields: dict,
+    tokens,
+    heldout,
+    *,
+    init_from: Path | None = None,
+    stop_after: int | None = None,
+) -> dict | None:
+    """Train (or resume) one model into the zoo; write its manifest when it completes."""
+    from natprints.corpus import load_tokenizer
+    from natprints.zoo.train import _save_hf, clear_resume, init_model, train
+
+    out_dir = cfg.paths.zoo / model_id
+    spec_fields = _spec_fields(spec, cfg)
+    if _model_done(out_dir, spec_fields, model_id):
+        return None
+    device = setup_torch(cfg)
+    autocast = use_autocast(cfg, device)
+    start = time.time()
+    if init_from is None:
+        tokenizer = load_tokenizer(cfg.paths.tokenizer)
+        model = init_model(
+            cfg.sizes[spec.size], len(tokenizer), spec.seq_len, tokenizer.eos_token_id, spec.init_seed
+        )
+        if not (out_dir / "init" / "model.safetensors").is_file():
+            _save_hf(model, out_dir / "init")
+    else:
+        model = load_model(init_from)
+    state = train(
+        model, spec, tokens, heldout, out_dir, device=device, autocast=autocast, stop_after=stop_after
+    )
+    if state.step < spec.steps:
+        return None  # stopped early on request; resumable state is on disk
+    _save_hf(model.to("cpu"), out_dir / "final")
+    for path in (out_dir / "final").iterdir():
+        path.replace(out_dir / path.name)
+    (out_dir / "final").rmdir()
+    clear_resume(out_dir)
+    steps = spec.steps
+    tokens_seen = steps * spec.batch_size * spec.seq_len
+    manifest = {
+        "model_id": model_id,
+        "run": cfg.run.name,
+        **fields,
+        **spec_fields,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "token_stream_sha256": state.stream_sha256,
+        "steps": steps,
+        "tokens_seen": tokens_seen,
+        "train_curve": state.train_curve,
+        "heldout_curve": state.heldout_curve,
+        "final_heldout_loss": state.heldout_curve[-1][1],
+        "tokens_per_second": round(tokens_seen / max(state.train_seconds, 1e-9), 1),
+        "train_seconds": round(state.train_seconds, 2),
+        "wall_s": round(time.time() - start, 2),
+        "device": device,
+        "train_dtype": "bf16-autocast" if autocast else "fp32",
+        "threads": __import__("torch").get_num_threads(),
+        "checkpoints": sorted(p.name for p in (out_dir / "checkpoints").glob("step-*")),
+    }
+    return write_manifest(out_dir, manifest, _file_list(out_dir))
+
+
+def build_zoo(cfg: Config, only: list[str] | None = None, stop_after: int | None = None) -> list[str]:
+    """Train every model of the config (or ``only`` these ids); returns the ids trained now."""
+    from natprints.corpus import corpus_manifest, load_tokens
+
+    corpus = corpus_manifest(cfg)
+    tokens = load_tokens(cfg.paths.corpus / "train_tokens.npy")
+    heldout = load_tokens(cfg.paths.corpus / "heldout_tokens.npy")
+    specs = zoo_specs(cfg)
+    if only:
+        unknown = [m for m in only if m not in specs]
+        if unknown:
+            raise NatprintsError(f"unknown model id(s) {unknown}; known: {', '.join(specs)}")
+    trained = []
+    for i, (model_id, (spec, conditions)) in enumerate(specs.items(), 1):
+        if only and model_id not in only:
+            continue
+        print(f"[zoo {i}/{len(specs)}] {model_id}", flush=True)
+        fields = {
+            "conditions": conditions,
+            "init_seed": spec.init_seed,
+            "data_seed": spec.data_seed,
+            "parent": None,
+            "corpus_sha256": corpus["corpus_sha256"],
+            "tokenizer_sha256": corpus["tokenizer_sha256"],
+        }
+        if _train_one(cfg, model_id, spec, fields, tokens, heldout, stop_after=stop_after):
+            trained.append(model_id)
+    return trained
+
+
+def shift_corpus(cfg: Config) -> dict:
+    """The derived models' corpus (another domain), tokenized with the run's shared tokenizer."""
+    import numpy as np
+
+    from natprints.corpus import (
+        _save_npy,
+        corpus_manifest,
+        encode_stream,
+        is_heldout,
+        load_tokenizer,
+        read_paragraphs,
+    )
+
+    out = cfg.paths.shift_corpus
+    settings = CorpusSettings(source=cfg.lineage.derive_source, paths=cfg.lineage.derive_paths)
+    key = {"settings": settings.model_dump(), "tokenizer_sha256": corpus_manifest(cfg)["tokenizer_sha256"]}
+    if (out / "manifest.json").is_file():
+        manifest = load_verified_manifest(out, "shift corpus")
+        if manifest.get("key") == key:
+            return manifest
+    paragraphs = read_paragraphs(settings)
+    train = [p for p in paragraphs if not is_heldout(p, 0.05, "natprints-shift")]
+    heldout = [p for p in paragraphs if is_heldout(p, 0.05, "natprints-shift")] or train[-1:]
+    tokenizer = load_tokenizer(cfg.paths.tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_npy(out / "train_tokens.npy", encode_stream(tokenizer, train))
+    _save_npy(out / "heldout_tokens.npy", encode_stream(tokenizer, heldout))
+    del np
+    return write_manifest(
+        out,
+        {"key": key, "source": settings.source, "corpus_sha256": sha256_text("\n\n".join(train))},
+        ["train_tokens.npy", "heldout_tokens.npy"],
+    )
+
+
+def derived_ids(cfg: Config) -> dict[str, str]:
+    """Derived model id -> parent id, for every model of the conditions named in the config."""
+    members = condition_members(cfg)
+    suffix = cfg.lineage.derive_source
+    parents: list[str] = []
+    for condition in cfg.lineage.derive_conditions:
+        for model_id in members.get(condition, []):
+            if model_id not in parents:
+                parents.append(model_id)
+    return {f"{p}+{suffix}": p for p in parents}
+
+
+def build_derived(cfg: Config) -> list[str]:
+    """Continue chosen zoo models on the shift corpus: the derived models of lineage tests."""
+    from natprints.corpus import load_tokens
+
+    derived = derived_ids(cfg)
+    if not derived:
+        return []
+    shift = shift_corpus(cfg)
+    tokens = load_tokens(cfg.paths.shift_corpus / "train_tokens.npy")
+    heldout = load_tokens(cfg.paths.shift_corpus / "heldout_tokens.npy")
+    trained = []
+    for i, (model_id, parent_id) in enumerate(derived.items(), 1):
+        parent_dir = cfg.paths.zoo / parent_id
+        if not (parent_dir / "manifest.json").is_file():
+            raise NatprintsError(f"zoo model {parent_id} is missing; run `natprints zoo` first")
+        parent = read_manifest(parent_dir, f"model {parent_id}")
+        base = ModelSpec.model_validate(parent["spec"])
+        steps = cfg.lineage.derive_steps
+        spec = base.model_copy(
+            update={
+                "lr": cfg.lineage.derive_lr,
+                "steps": steps,
+                "warmup_steps": min(base.warmup_steps, steps // 10),
+                "eval_every": max(1, steps // 4),
+                "checkpoint_steps": (),
+                "resume_every": max(1, steps // 2),
+            }
+        )
+        print(f"[derive {i}/{len(derived)}] {model_id}", flush=True)
+        fields = {
+            "conditions": ["derived"],
+            "init_seed": parent["init_seed"],
+            "data_seed": parent["data_seed"],
+            "parent": parent_id,
+            "derived_from_corpus": shift["source"],
+            "corpus_sha256": shift["corpus_sha256"],
+            "tokenizer_sha256": parent["tokenizer_sha256"],
+        }
+        if _train_one(cfg, model_id, spec, fields, tokens, heldout, init_from=parent_dir):
+            trained.append(model_id)
+    return trained
+
+
+def load_model(directory: Path | str, verify: bool = True):
+    """A zoo (or any Hugging Face) causal LM directory, with its manifest hashes checked if present."""
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise NatprintsError(f"{directory} is not a model directory (no config.json)")
+    if verify and (directory / "manifest.json").is_file():
+        load_verified_manifest(directory, "model")
+    return AutoModelForCausalLM.from_pretrained(str(directory))

@@ -1,0 +1,93 @@
+"""Model specs and the conditions that group them: which models a config asks for, and their ids."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from natprints.config import Config, SizePreset
+
+CONDITIONS = ("seed", "init", "data_order", "size", "lr", "batch_size")
+
+
+class ModelSpec(BaseModel):
+    """Everything that determines a trained model: size, seeds, optimizer settings, steps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: str
+    init_seed: int
+    data_seed: int
+    lr: float
+    batch_size: int
+    seq_len: int
+    steps: int
+    warmup_steps: int
+    weight_decay: float
+    beta1: float
+    beta2: float
+    min_lr_ratio: float
+    schedule: str
+    grad_clip: float
+    eval_every: int
+    eval_batches: int
+    checkpoint_steps: tuple[int, ...]
+    resume_every: int
+
+    @property
+    def model_id(self) -> str:
+        lr = format_lr(self.lr)
+        return f"{self.size}-lr{lr}-bs{self.batch_size}-init{self.init_seed}-data{self.data_seed}"
+
+
+def format_lr(lr: float) -> str:
+    """1e-3 -> '1e-3', 0.0025 -> '2.5e-3': short, stable and readable in model ids."""
+    mantissa, exponent = f"{lr:e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def base_spec(cfg: Config) -> ModelSpec:
+    t = cfg.train
+    return ModelSpec(
+        **t.model_dump(exclude={"checkpoint_steps"}),
+        checkpoint_steps=tuple(sorted(set(t.checkpoint_steps))),
+    )
+
+
+def zoo_specs(cfg: Config) -> dict[str, tuple[ModelSpec, list[str]]]:
+    """Every model the config asks for: id -> (spec, the conditions it belongs to).
+
+    Each condition is the base model plus the variants that differ from it in that one factor; a
+    model that two conditions share (the base, always) is trained once.
+    """
+    base = base_spec(cfg)
+    variants: dict[str, list[ModelSpec]] = {
+        "seed": [base.model_copy(update={"init_seed": s, "data_seed": s}) for s in cfg.conditions.seed],
+        "init": [base.model_copy(update={"init_seed": s}) for s in cfg.conditions.init],
+        "data_order": [base.model_copy(update={"data_seed": s}) for s in cfg.conditions.data_order],
+        "size": [base.model_copy(update={"size": s}) for s in cfg.conditions.size],
+        "lr": [base.model_copy(update={"lr": v}) for v in cfg.conditions.lr],
+        "batch_size": [base.model_copy(update={"batch_size": v}) for v in cfg.conditions.batch_size],
+    }
+    out: dict[str, tuple[ModelSpec, list[str]]] = {base.model_id: (base, [])}
+    for condition in CONDITIONS:
+        if not variants[condition]:
+            continue
+        for spec in [base, *variants[condition]]:
+            out.setdefault(spec.model_id, (spec, []))[1].append(condition)
+    return out
+
+
+def condition_members(cfg: Config) -> dict[str, list[str]]:
+    """Condition -> model ids (base first), plus ``all``; only conditions the config declares."""
+    members: dict[str, list[str]] = {}
+    for model_id, (_, conditions) in zoo_specs(cfg).items():
+        for condition in conditions:
+            members.setdefault(condition, []).append(model_id)
+    ordered = {c: members[c] for c in CONDITIONS if c in members}
+    ordered["all"] = list(zoo_specs(cfg))
+    return ordered
+
+
+def size_preset(cfg: Config, spec: ModelSpec) -> SizePreset:
+    return cfg.sizes[spec.size]
