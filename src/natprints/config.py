@@ -280,10 +280,13 @@ def load_config(path: Path | str) -> Config:
 
 
 def _diff_keys(old: object, new: object, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ. A key the recorded config lacks is a setting added to
+    natprints after the run was made; it holds its default and does not count as a change."""
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for key in sorted(set(old) | set(new)):
-            out += _diff_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+            if key in old:
+                out += _diff_keys(old[key], new.get(key), f"{prefix}{key}.")
         return out
     return [] if canonical_json(old) == canonical_json(new) else [prefix.rstrip(".")]
 

@@ -35,9 +35,18 @@ def use_autocast(cfg: Config, device: str) -> bool:
     return cfg.run.train_dtype == "bf16"
 
 
+def quiet_transformers() -> None:
+    """No per-file progress bars from transformers' save/load: the stages draw their own."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def setup_torch(cfg: Config) -> str:
     import torch
 
+    quiet_transformers()
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -260,6 +269,7 @@ def load_model(directory: Path | str, verify: bool = True):
     """A zoo (or any Hugging Face) causal LM directory, with its manifest hashes checked if present."""
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise NatprintsError(f"{directory} is not a model directory (no config.json)")

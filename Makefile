@@ -1,0 +1,66 @@
+# natprints — `make help` lists the targets. Every target sets up .venv itself when missing.
+CONFIG ?= configs/default.toml
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+NP := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/natprints
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help all test data zoo generate derive lineage experiments report lint format clean venv
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  CONFIG=path   picks the run config (default: configs/default.toml)"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv and install natprints with its pinned dependencies
+
+all: $(STAMP) ## The whole pipeline on CONFIG: data, zoo, generate, derive, lineage, experiments, report
+	$(NP) data --config $(CONFIG)
+	$(NP) zoo --config $(CONFIG)
+	$(NP) generate --config $(CONFIG)
+	$(NP) derive --config $(CONFIG)
+	$(NP) lineage run --config $(CONFIG)
+	$(NP) experiments --config $(CONFIG)
+	$(NP) report --config $(CONFIG)
+
+test: $(STAMP) ## Run the test suite (includes the smoke pipeline end to end)
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/pytest -q
+
+data: $(STAMP) ## Corpus split and shared BPE tokenizer
+	$(NP) data --config $(CONFIG)
+
+zoo: data ## Train the zoo (resumes interrupted training)
+	$(NP) zoo --config $(CONFIG)
+
+generate: zoo ## Generated corpora: every model on every held-out prompt, plus the null control
+	$(NP) generate --config $(CONFIG)
+
+derive: zoo ## Derived models: zoo models continued on the shift corpus (KJV)
+	$(NP) derive --config $(CONFIG)
+
+lineage: derive ## SeedPrints and weight-std lineage over inits, trained and derived models
+	$(NP) lineage run --config $(CONFIG)
+
+experiments: generate ## Attribution experiments per condition, saved attributors
+	$(NP) experiments --config $(CONFIG)
+
+report: $(STAMP) ## Render reports/<run>/index.md from records and manifests
+	$(NP) report --config $(CONFIG)
+
+lint: $(STAMP) ## ruff check and format check
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: $(STAMP) ## ruff format and autofix
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
+
+clean: $(STAMP) ## Remove CONFIG's run data and models (reports stay)
+	$(NP) clean --config $(CONFIG)

@@ -1,0 +1,69 @@
+"""Shared fixtures: the smoke pipeline, run once per test session through the real CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.toml"
+
+
+def run_cli(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `natprints ARGS` with NATPRINTS_HOME=home, as a user would."""
+    env = {**os.environ, "NATPRINTS_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "from natprints.cli import main; main()", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"natprints {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+SMOKE_STAGES = (
+    ("data",),
+    ("zoo",),
+    ("generate",),
+    ("derive",),
+    ("lineage", "run"),
+    ("experiments",),
+    ("report",),
+)
+
+
+@pytest.fixture(scope="session")
+def smoke_home(tmp_path_factory) -> Path:
+    """A directory holding the complete smoke run: every stage, through the CLI."""
+    home = tmp_path_factory.mktemp("smoke")
+    for stage in SMOKE_STAGES:
+        run_cli(*stage, "--config", str(SMOKE), home=home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def smoke_cfg(smoke_home):
+    """The smoke config, with NATPRINTS_HOME pointing at the smoke run for the session."""
+    from natprints.config import load_config
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NATPRINTS_HOME", str(smoke_home))
+        yield load_config(SMOKE)
+
+
+@pytest.fixture
+def fresh_home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("NATPRINTS_HOME", str(tmp_path))
+    return tmp_path
+
+
+def copy_stage(src_home: Path, dst_home: Path, *parts: str) -> None:
+    shutil.copytree(src_home.joinpath(*parts), dst_home.joinpath(*parts))
