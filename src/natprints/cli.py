@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="natprints: natural fingerprints, attribution and lineage of language models.",
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 ConfigOption = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Run config (TOML).")

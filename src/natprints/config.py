@@ -28,7 +28,8 @@ class _Section(BaseModel):
 class RunSettings(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(0, ge=0)  # 0 = leave torch's default
+    threads: int = Field(0, ge=0)  # torch threads per process; 0 = leave torch's default
+    workers: int = Field(1, ge=1)  # models trained / sampled at once, each in its own process
     train_dtype: Literal["auto", "fp32", "bf16"] = "auto"
 
 

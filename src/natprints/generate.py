@@ -152,7 +152,14 @@ def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
 
 
 def generate_for_model(
-    cfg: Config, model_dir: Path, model_id: str, prompts: pd.DataFrame, out_path: Path, seed: int, *, max_chunks=None
+    cfg: Config,
+    model_id: str,
+    prompts: pd.DataFrame,
+    out_path: Path,
+    seed: int,
+    max_chunks: int | None = None,
+    *,
+    progress: bool = True,
 ) -> int:
     """Fill the missing rows of one model's file; returns how many rows were generated now."""
     import torch
@@ -170,12 +177,14 @@ def generate_for_model(
     device = resolve_device(cfg.run.device)
     tokenizer = load_tokenizer(cfg.paths.tokenizer)
     eos = tokenizer.eos_token_id
-    model = load_model(model_dir).to(device).eval()
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    model = load_model(cfg.paths.zoo / model_id).to(device).eval()
     frames = [existing] if len(existing) else []
     added = 0
     chunks = sorted(missing["chunk"].unique())[:max_chunks]
     with torch.inference_mode():
-        for chunk in tqdm(chunks, desc=f"generate {model_id}", unit="chunk", leave=False):
+        for chunk in tqdm(chunks, desc=f"generate {model_id}", unit="chunk", leave=False, disable=not progress):
             rows = plan[plan["chunk"] == chunk]
             prompt_ids = torch.tensor(
                 np.stack(prompts["prompt_token_ids"].iloc[rows["prompt_row"]].to_numpy()), dtype=torch.long
@@ -224,6 +233,7 @@ def stage_hash(cfg: Config) -> str:
 def generate_all(cfg: Config, *, max_chunks: int | None = None) -> dict:
     """The generate stage over the whole zoo plus the null control; writes the generated manifest."""
     from natprints.artifacts import read_manifest
+    from natprints.parallel import run_jobs
     from natprints.zoo import condition_members, zoo_specs
 
     start = time.time()
@@ -234,13 +244,11 @@ def generate_all(cfg: Config, *, max_chunks: int | None = None) -> dict:
             raise NatprintsError(f"zoo model {model_id} is missing; run `natprints zoo` first")
     prompts = build_prompts(cfg)
     base = next(iter(specs))
-    jobs = [(m, out / f"{m}.parquet", cfg.generate.seed) for m in specs]
-    jobs.append((base, out / "null" / f"{base}.parquet", cfg.generate.null_seed))
-    for i, (model_id, path, seed) in enumerate(jobs, 1):
-        print(f"[generate {i}/{len(jobs)}] {path.relative_to(out)}", flush=True)
-        generate_for_model(cfg, cfg.paths.zoo / model_id, model_id, prompts, path, seed, max_chunks=max_chunks)
+    jobs = [(cfg, m, prompts, out / f"{m}.parquet", cfg.generate.seed, max_chunks) for m in specs]
+    jobs.append((cfg, base, prompts, out / "null" / f"{base}.parquet", cfg.generate.null_seed, max_chunks))
+    run_jobs(cfg.run.workers, generate_for_model, jobs, "generate")
     expected = len(prompts) * cfg.generate.samples_per_prompt
-    counts = {str(p.relative_to(out)): len(pd.read_parquet(p, columns=["sample_id"])) for _, p, _ in jobs}
+    counts = {str(job[3].relative_to(out)): len(pd.read_parquet(job[3], columns=["sample_id"])) for job in jobs}
     complete = all(n == expected for n in counts.values())
     manifest = {
         "stage": "generate",

@@ -89,6 +89,7 @@ def _train_one(
     *,
     init_from: Path | None = None,
     stop_after: int | None = None,
+    progress: bool = True,
 ) -> dict | None:
     """Train (or resume) one model into the zoo; write its manifest when it completes."""
     from natprints.corpus import load_tokenizer
@@ -103,15 +104,21 @@ def _train_one(
     start = time.time()
     if init_from is None:
         tokenizer = load_tokenizer(cfg.paths.tokenizer)
-        model = init_model(
-            cfg.sizes[spec.size], len(tokenizer), spec.seq_len, tokenizer.eos_token_id, spec.init_seed
-        )
+        model = init_model(cfg.sizes[spec.size], len(tokenizer), spec.seq_len, tokenizer.eos_token_id, spec.init_seed)
         if not (out_dir / "init" / "model.safetensors").is_file():
             _save_hf(model, out_dir / "init")
     else:
         model = load_model(init_from)
     state = train(
-        model, spec, tokens, heldout, out_dir, device=device, autocast=autocast, stop_after=stop_after
+        model,
+        spec,
+        tokens,
+        heldout,
+        out_dir,
+        device=device,
+        autocast=autocast,
+        stop_after=stop_after,
+        progress=progress,
     )
     if state.step < spec.steps:
         return None  # stopped early on request; resumable state is on disk
@@ -145,34 +152,40 @@ def _train_one(
     return write_manifest(out_dir, manifest, _file_list(out_dir))
 
 
-def build_zoo(cfg: Config, only: list[str] | None = None, stop_after: int | None = None) -> list[str]:
-    """Train every model of the config (or ``only`` these ids); returns the ids trained now."""
+def _zoo_job(cfg: Config, model_id: str, stop_after: int | None, *, progress: bool) -> bool:
     from natprints.corpus import corpus_manifest, load_tokens
 
     corpus = corpus_manifest(cfg)
+    spec, conditions = zoo_specs(cfg)[model_id]
+    fields = {
+        "conditions": conditions,
+        "init_seed": spec.init_seed,
+        "data_seed": spec.data_seed,
+        "parent": None,
+        "corpus_sha256": corpus["corpus_sha256"],
+        "tokenizer_sha256": corpus["tokenizer_sha256"],
+    }
     tokens = load_tokens(cfg.paths.corpus / "train_tokens.npy")
     heldout = load_tokens(cfg.paths.corpus / "heldout_tokens.npy")
+    return (
+        _train_one(cfg, model_id, spec, fields, tokens, heldout, stop_after=stop_after, progress=progress) is not None
+    )
+
+
+def build_zoo(cfg: Config, only: list[str] | None = None, stop_after: int | None = None) -> list[str]:
+    """Train every model of the config (or ``only`` these ids); returns the ids trained now."""
+    from natprints.corpus import corpus_manifest
+    from natprints.parallel import run_jobs
+
+    corpus_manifest(cfg)
     specs = zoo_specs(cfg)
     if only:
         unknown = [m for m in only if m not in specs]
         if unknown:
             raise NatprintsError(f"unknown model id(s) {unknown}; known: {', '.join(specs)}")
-    trained = []
-    for i, (model_id, (spec, conditions)) in enumerate(specs.items(), 1):
-        if only and model_id not in only:
-            continue
-        print(f"[zoo {i}/{len(specs)}] {model_id}", flush=True)
-        fields = {
-            "conditions": conditions,
-            "init_seed": spec.init_seed,
-            "data_seed": spec.data_seed,
-            "parent": None,
-            "corpus_sha256": corpus["corpus_sha256"],
-            "tokenizer_sha256": corpus["tokenizer_sha256"],
-        }
-        if _train_one(cfg, model_id, spec, fields, tokens, heldout, stop_after=stop_after):
-            trained.append(model_id)
-    return trained
+    ids = [m for m in specs if not only or m in only]
+    done = run_jobs(cfg.run.workers, _zoo_job, [(cfg, m, stop_after) for m in ids], "zoo")
+    return [m for m, trained in zip(ids, done, strict=True) if trained]
 
 
 def shift_corpus(cfg: Config) -> dict:
@@ -222,47 +235,53 @@ def derived_ids(cfg: Config) -> dict[str, str]:
     return {f"{p}+{suffix}": p for p in parents}
 
 
+def _derive_job(cfg: Config, model_id: str, parent_id: str, *, progress: bool) -> bool:
+    from natprints.corpus import load_tokens
+
+    parent_dir = cfg.paths.zoo / parent_id
+    parent = read_manifest(parent_dir, f"model {parent_id}")
+    shift = read_manifest(cfg.paths.shift_corpus, "shift corpus")
+    base = ModelSpec.model_validate(parent["spec"])
+    steps = cfg.lineage.derive_steps
+    spec = base.model_copy(
+        update={
+            "lr": cfg.lineage.derive_lr,
+            "steps": steps,
+            "warmup_steps": min(base.warmup_steps, steps // 10),
+            "eval_every": max(1, steps // 4),
+            "checkpoint_steps": (),
+            "resume_every": max(1, steps // 2),
+        }
+    )
+    fields = {
+        "conditions": ["derived"],
+        "init_seed": parent["init_seed"],
+        "data_seed": parent["data_seed"],
+        "parent": parent_id,
+        "derived_from_corpus": shift["source"],
+        "corpus_sha256": shift["corpus_sha256"],
+        "tokenizer_sha256": parent["tokenizer_sha256"],
+    }
+    tokens = load_tokens(cfg.paths.shift_corpus / "train_tokens.npy")
+    heldout = load_tokens(cfg.paths.shift_corpus / "heldout_tokens.npy")
+    trained = _train_one(cfg, model_id, spec, fields, tokens, heldout, init_from=parent_dir, progress=progress)
+    return trained is not None
+
+
 def build_derived(cfg: Config) -> list[str]:
     """Continue chosen zoo models on the shift corpus: the derived models of lineage tests."""
-    from natprints.corpus import load_tokens
+    from natprints.parallel import run_jobs
 
     derived = derived_ids(cfg)
     if not derived:
         return []
-    shift = shift_corpus(cfg)
-    tokens = load_tokens(cfg.paths.shift_corpus / "train_tokens.npy")
-    heldout = load_tokens(cfg.paths.shift_corpus / "heldout_tokens.npy")
-    trained = []
-    for i, (model_id, parent_id) in enumerate(derived.items(), 1):
-        parent_dir = cfg.paths.zoo / parent_id
-        if not (parent_dir / "manifest.json").is_file():
+    for parent_id in derived.values():
+        if not (cfg.paths.zoo / parent_id / "manifest.json").is_file():
             raise NatprintsError(f"zoo model {parent_id} is missing; run `natprints zoo` first")
-        parent = read_manifest(parent_dir, f"model {parent_id}")
-        base = ModelSpec.model_validate(parent["spec"])
-        steps = cfg.lineage.derive_steps
-        spec = base.model_copy(
-            update={
-                "lr": cfg.lineage.derive_lr,
-                "steps": steps,
-                "warmup_steps": min(base.warmup_steps, steps // 10),
-                "eval_every": max(1, steps // 4),
-                "checkpoint_steps": (),
-                "resume_every": max(1, steps // 2),
-            }
-        )
-        print(f"[derive {i}/{len(derived)}] {model_id}", flush=True)
-        fields = {
-            "conditions": ["derived"],
-            "init_seed": parent["init_seed"],
-            "data_seed": parent["data_seed"],
-            "parent": parent_id,
-            "derived_from_corpus": shift["source"],
-            "corpus_sha256": shift["corpus_sha256"],
-            "tokenizer_sha256": parent["tokenizer_sha256"],
-        }
-        if _train_one(cfg, model_id, spec, fields, tokens, heldout, init_from=parent_dir):
-            trained.append(model_id)
-    return trained
+    shift_corpus(cfg)
+    jobs = [(cfg, model_id, parent_id) for model_id, parent_id in derived.items()]
+    done = run_jobs(cfg.run.workers, _derive_job, jobs, "derive")
+    return [job[1] for job, trained in zip(jobs, done, strict=True) if trained]
 
 
 def load_model(directory: Path | str, verify: bool = True):

@@ -212,9 +212,7 @@ def train(
     state = _load_resume(out_dir, model, opt) or TrainState()
     schedule = BatchSchedule(tokens, spec.seq_len, spec.batch_size, spec.data_seed)
     val = eval_blocks(heldout, spec.seq_len, spec.eval_batches * spec.batch_size)
-    bar = tqdm(
-        total=spec.steps, initial=state.step, desc="train", unit="step", disable=not progress, leave=False
-    )
+    bar = tqdm(total=spec.steps, initial=state.step, desc="train", unit="step", disable=not progress, leave=False)
     t0 = time.perf_counter()
     for step in range(state.step, spec.steps):
         if stop_after is not None and step >= stop_after:
