@@ -16,6 +16,7 @@ import typer
 from natprints import cli_attribution, cli_lineage
 from natprints.config import DEFAULT_CONFIG, Config, check_run_lock, load_config
 from natprints.errors import NatprintsError
+from natprints.timings import stage_timer
 
 app = typer.Typer(
     add_completion=False,
@@ -40,7 +41,10 @@ def data(config: Path = ConfigOption) -> None:
     """Read the corpus, split train/held-out, train the shared tokenizer."""
     from natprints.corpus import build_corpus
 
-    manifest = build_corpus(open_run(config))
+    cfg = open_run(config)
+    with stage_timer(cfg, "data") as run:
+        run.did_work = not (cfg.paths.corpus / "manifest.json").is_file()
+        manifest = build_corpus(cfg)
     c = manifest["counts"]
     typer.echo(
         f"corpus: {c['train_paragraphs']} train / {c['heldout_paragraphs']} held-out paragraphs, "
@@ -59,7 +63,9 @@ def zoo(
     from natprints.zoo import build_zoo
 
     cfg = open_run(config)
-    trained = build_zoo(cfg, only=model or None, stop_after=stop_after)
+    with stage_timer(cfg, "zoo") as run:
+        trained = build_zoo(cfg, only=model or None, stop_after=stop_after)
+        run.did_work = bool(trained) and not model
     typer.echo(f"zoo: trained {len(trained)} model(s) now")
     if stop_after is None:
         typer.echo(f"wrote {write_zoo_report(cfg)}")
@@ -72,7 +78,9 @@ def derive(config: Path = ConfigOption) -> None:
     from natprints.zoo import build_derived
 
     cfg = open_run(config)
-    trained = build_derived(cfg)
+    with stage_timer(cfg, "derive") as run:
+        trained = build_derived(cfg)
+        run.did_work = bool(trained)
     typer.echo(f"derive: trained {len(trained)} derived model(s) now")
     typer.echo(f"wrote {write_zoo_report(cfg)}")
 
@@ -85,7 +93,10 @@ def generate(
     """Sample every zoo model on the held-out prompts, plus the null control."""
     from natprints.generate import generate_all
 
-    manifest = generate_all(open_run(config), max_chunks=max_chunks)
+    cfg = open_run(config)
+    with stage_timer(cfg, "generate") as run:
+        manifest = generate_all(cfg, max_chunks=max_chunks)
+        run.did_work = manifest["added"] > 0 and manifest["complete"]
     state = "complete" if manifest["complete"] else "partial"
     typer.echo(f"generate: {len(manifest['rows'])} files, {manifest['rows_per_model']} rows each ({state})")
 

@@ -246,7 +246,7 @@ def generate_all(cfg: Config, *, max_chunks: int | None = None) -> dict:
     base = next(iter(specs))
     jobs = [(cfg, m, prompts, out / f"{m}.parquet", cfg.generate.seed, max_chunks) for m in specs]
     jobs.append((cfg, base, prompts, out / "null" / f"{base}.parquet", cfg.generate.null_seed, max_chunks))
-    run_jobs(cfg.run.workers, generate_for_model, jobs, "generate")
+    added = sum(run_jobs(cfg.run.workers, generate_for_model, jobs, "generate"))
     expected = len(prompts) * cfg.generate.samples_per_prompt
     counts = {str(job[3].relative_to(out)): len(pd.read_parquet(job[3], columns=["sample_id"])) for job in jobs}
     complete = all(n == expected for n in counts.values())
@@ -271,6 +271,7 @@ def generate_all(cfg: Config, *, max_chunks: int | None = None) -> dict:
         "sampling": cfg.generate.model_dump(),
         "files": {name: sha256_file(out / name) for name in counts},
         "rows": counts,
+        "added": added,
         "wall_s": round(time.time() - start, 2),
     }
     from natprints.artifacts import git_revision, package_versions

@@ -106,6 +106,11 @@ def write_index(cfg: Config) -> Path:
         from natprints.lineage.report import render_section as render_lineage
 
         sections.append(render_lineage(cfg))
+    from natprints.timings import render_timings
+
+    timings = render_timings(cfg)
+    if timings:
+        sections.append(timings)
     path = cfg.paths.reports / "index.md"
     atomic_write_text(path, "\n".join(sections))
     write_zoo_report(cfg)
