@@ -52,7 +52,7 @@ lineage_app = typer.Typer(
 
 _ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", help="Take lineage settings and the feature cache from this run config."),
+    typer.Option("--config", "-c", help="Take lineage settings and the feature cache from this run config."),
 ]
 _DeviceOpt = Annotated[Device, typer.Option(help="Where SeedPrints runs its forward passes.")]
 _JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON object instead of text.")]
@@ -160,16 +160,20 @@ def identify_cmd(
 
 @lineage_app.command("run")
 def run_cmd(
-    config: Annotated[Path, typer.Option("--config", help="The run config.")] = DEFAULT_CONFIG,
+    config: Annotated[Path, typer.Option("--config", "-c", help="The run config.")] = DEFAULT_CONFIG,
     force: Annotated[bool, typer.Option(help="Recompute even when the outputs are current.")] = False,
 ) -> None:
     """Lineage experiments over the run's zoo: reports/<run>/lineage.csv, lineage.json, figures."""
     from natprints.config import check_run_lock, load_config
     from natprints.lineage.experiments import run_lineage
+    from natprints.timings import output_changed, stage_timer
 
     cfg = load_config(config)
     check_run_lock(cfg, config)
-    summary = run_lineage(cfg, force=force)
+    with stage_timer(cfg, "lineage") as run:
+        with output_changed(cfg.paths.reports / "lineage.json") as changed:
+            summary = run_lineage(cfg, force=force)
+        run.did_work = changed()
     for method, m in summary["methods"].items():
         auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
         typer.echo(

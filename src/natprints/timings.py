@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from natprints.artifacts import atomic_write_json
 from natprints.config import Config
@@ -24,6 +25,17 @@ STAGE_ORDER = ("data", "zoo", "generate", "derive", "lineage", "experiments", "r
 @dataclass
 class StageRun:
     did_work: bool = False
+
+
+@contextmanager
+def output_changed(path: Path) -> Iterator[Callable[[], bool]]:
+    """Yields a function telling, once the body is done, whether it (re)wrote ``path``."""
+
+    def stamp() -> int | None:
+        return path.stat().st_mtime_ns if path.is_file() else None
+
+    before = stamp()
+    yield lambda: stamp() != before
 
 
 def _peak_rss_mb() -> float:
