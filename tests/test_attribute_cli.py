@@ -1,0 +1,229 @@
+"""`natprints attribute` and `natprints experiments`: outputs, options and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import typer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from typer.testing import CliRunner
+
+from natprints import cli_attribution, features
+from natprints.attributor import ARRAYS_FILE, Attributor, save_attributor
+from natprints.features import make_featurizer
+
+RUNNER = CliRunner()
+GOOD = "we shall defend the union and the nation"
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    cli_attribution.register(app)
+
+    @app.callback()
+    def _root() -> None:  # keeps `attribute` a sub-command, as in the main CLI
+        pass
+
+    return app
+
+
+def invoke(*args: str, input: str | bytes | None = None):
+    return RUNNER.invoke(_app(), list(args), input=input)
+
+
+def _fit(featurizer: str = "word1"):
+    rng = np.random.default_rng(0)
+    words = [["we", "shall", "union"], ["war", "peace", "congress"], ["tax", "money", "trade"]]
+    texts, y = [], []
+    for c, favourite in enumerate(words):
+        for _ in range(20):
+            pool = favourite * 3 + ["the", "and", "of", "nation"]
+            texts.append(" ".join(rng.choice(pool, size=12)))
+            y.append(c)
+    pipe = Pipeline([("features", make_featurizer(featurizer)), ("classifier", LogisticRegression(max_iter=1000))])
+    return pipe.fit(texts, np.array(y))
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """NATPRINTS_HOME with run `demo`: n-gram attributors for conditions `all` and `seed`."""
+    monkeypatch.setenv("NATPRINTS_HOME", str(tmp_path))
+    base = tmp_path / "models" / "demo" / "attributors"
+    save_attributor(base / "all", Attributor(_fit(), ["base", "seed-1", "seed-2"]), {"condition": "all"})
+    save_attributor(base / "seed", Attributor(_fit(), ["s0", "s1", "s2"]), {"condition": "seed"})
+    return tmp_path
+
+
+def test_attribute_files_text_and_json(home):
+    f = home / "a.txt"
+    f.write_text(GOOD)
+    result = invoke("attribute", str(f), "--run", "demo", "--top", "2")
+    assert result.exit_code == 0, result.output
+    line = result.stdout.strip()
+    assert line.startswith(f"{f}: base ")
+    assert line.count(",") == 0 and "; then " in line  # --top 2: one alternative
+    result = invoke("attribute", str(f), "--run", "demo", "--json", "--top", "3")
+    data = json.loads(result.stdout)
+    assert data["input"] == str(f) and data["label"] == "base" and len(data["top"]) == 3
+    assert abs(sum(t["probability"] for t in data["top"]) - 1) < 1e-6
+    # --condition picks another attributor of the run, --attributor a directory.
+    result = invoke("attribute", str(f), "--run", "demo", "--condition", "seed", "--json")
+    assert json.loads(result.stdout)["label"] == "s0"
+    result = invoke("attribute", str(f), "--attributor", str(home / "models/demo/attributors/seed"), "--json")
+    assert json.loads(result.stdout)["label"] == "s0"
+
+
+def test_attribute_reads_stdin(home):
+    result = invoke("attribute", "--run", "demo", "--json", input=GOOD)
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["input"] == "<stdin>"
+    result = invoke("attribute", "-", "--run", "demo", input="   \n")
+    assert result.exit_code == 1 and "error: <stdin>: empty text" in result.stderr
+
+
+def test_every_bad_input_is_one_line_and_the_rest_still_classified(home):
+    good = home / "good.txt"
+    good.write_text(GOOD)
+    (home / "empty.txt").write_text("")
+    (home / "blank.txt").write_text("  \n\t \n")
+    (home / "binary.bin").write_bytes(b"abc\x00\x01\x02 we shall")
+    (home / "latin1.txt").write_bytes("café union".encode("latin-1"))
+    (home / "big.txt").write_text("we shall " * 20)
+    (home / "adir").mkdir()
+    names = ["missing.txt", "adir", "empty.txt", "blank.txt", "binary.bin", "latin1.txt", "big.txt", "good.txt"]
+    args = [str(home / n) for n in names]
+    result = invoke("attribute", *args, "--run", "demo", "--max-bytes", "100")
+    assert result.exit_code == 1
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 7 and all(e.startswith("error: ") for e in errors)
+    for fragment in [
+        "no such file",
+        "is a directory",
+        "empty text",
+        "empty text",
+        "binary data",
+        "not UTF-8",
+        "over the size limit (180 > 100 bytes)",
+    ]:
+        assert any(fragment in e for e in errors), fragment
+    assert "Traceback" not in result.output
+    assert result.stdout.strip() == f"{good}: base " + result.stdout.strip().split(": base ", 1)[1]
+    # --json reports the failures in the stream too, in input order.
+    result = invoke("attribute", *args, "--run", "demo", "--max-bytes", "100", "--json")
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [("error" in d) for d in lines] == [True] * 7 + [False]
+
+
+def test_size_limit_defaults_to_one_megabyte(home):
+    big = home / "big.txt"
+    big.write_bytes(b"we shall " * (1_000_001 // 9 + 1))
+    result = invoke("attribute", str(big), "--run", "demo")
+    assert result.exit_code == 1 and "over the size limit" in result.stderr and "> 1000000 bytes" in result.stderr
+
+
+def test_missing_foreign_and_tampered_attributors(home):
+    f = home / "a.txt"
+    f.write_text(GOOD)
+    result = invoke("attribute", str(f), "--run", "nope")
+    assert result.exit_code == 1 and "no attributor" in result.stderr and "Traceback" not in result.output
+    result = invoke("attribute", str(f), "--run", "demo", "--attributor", str(home))
+    assert result.exit_code == 1 and "not both" in result.stderr
+    result = invoke("attribute", str(f), "--attributor", str(home))
+    assert result.exit_code == 1 and "no manifest.json" in result.stderr
+    arrays = home / "models/demo/attributors/all" / ARRAYS_FILE
+    arrays.write_bytes(arrays.read_bytes() + b"x")
+    result = invoke("attribute", str(f), "--run", "demo")
+    assert result.exit_code == 1 and "tampered" in result.stderr
+
+
+def test_config_selects_run_and_size_limit(home):
+    config = home / "demo.toml"
+    config.write_text('[run]\nname = "demo"\n[attribution]\nmax_text_bytes = 20\n')
+    f = home / "a.txt"
+    f.write_text(GOOD)
+    result = invoke("attribute", str(f), "--config", str(config))
+    assert result.exit_code == 1 and "(40 > 20 bytes)" in result.stderr
+    result = invoke("attribute", str(f), "--config", str(config), "--max-bytes", "1000")
+    assert result.exit_code == 0 and ": base " in result.stdout
+    result = invoke("attribute", str(f), "--config", str(config), "--run", "demo")
+    assert result.exit_code == 1 and "not both" in result.stderr
+
+
+def test_ngram_attributor_never_imports_torch(home):
+    f = home / "a.txt"
+    f.write_text(GOOD)
+    script = textwrap.dedent(
+        f"""
+        import sys, typer
+        from natprints import cli_attribution
+        app = typer.Typer()
+        cli_attribution.register(app)
+        app.callback()(lambda: None)
+        try:
+            app(["attribute", {str(f)!r}, "--run", "demo"], standalone_mode=False)
+        finally:
+            print("torch imported:", "torch" in sys.modules)
+            print("sentence_transformers imported:", "sentence_transformers" in sys.modules)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert ": base " in out
+    assert "torch imported: False" in out and "sentence_transformers imported: False" in out
+
+
+def test_embedding_attributor_loads_encoder_once_per_call(home, monkeypatch):
+    loads = []
+
+    class Encoder:
+        def encode(self, texts, **_):
+            return np.array([[len(t), t.count("a") + 1.0] for t in texts], dtype=np.float32)
+
+    monkeypatch.setattr(features, "_load_encoder", lambda name, device: loads.append(name) or Encoder())
+    directory = home / "embed-att"
+    pipe = _fit("union")
+    pipe.named_steps["features"].transformer_list[2][1]._encoder_model = None
+    save_attributor(directory, Attributor(pipe, ["a", "b", "c"]), {})
+    loads.clear()
+    files = []
+    for i in range(3):
+        files.append(home / f"t{i}.txt")
+        files[-1].write_text(GOOD + " a" * i)
+    result = invoke("attribute", *map(str, files), "--attributor", str(directory))
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.strip().splitlines()) == 3
+    assert loads == ["all-MiniLM-L6-v2"]
+
+
+def test_experiments_command(tmp_path, monkeypatch):
+    from tests.test_attribution import make_run
+
+    monkeypatch.setenv("NATPRINTS_HOME", str(tmp_path))
+    config = make_run(tmp_path, ["word1"])
+    text = config.read_text().replace('["logreg", "svm", "xgb", "mlp"]', '["logreg"]')
+    config.write_text(text)
+    result = invoke("experiments", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert "all: word1+logreg accuracy" in result.stdout
+    assert (tmp_path / "reports/synth/accuracy.csv").is_file()
+    result = invoke("experiments", "--config", str(config))
+    assert result.exit_code == 0 and "up to date" in result.stderr
+    f = tmp_path / "a.txt"
+    f.write_text("w001 w002 w003 w004")
+    result = invoke("attribute", str(f), "--config", str(config), "--condition", "lr", "--json")
+    assert json.loads(result.stdout)["label"] in {"base", "lr-0.002", "unknown"}
+    result = invoke("experiments", "--config", str(tmp_path / "missing.toml"))
+    assert result.exit_code == 1 and "config file not found" in result.stderr
+
+
+def test_unknown_condition_lists_the_known_ones(home):
+    f = home / "a.txt"
+    f.write_text(GOOD)
+    result = invoke("attribute", str(f), "--run", "demo", "--condition", "size")
+    assert result.exit_code == 1
+    assert "no attributor for condition 'size' (this run has: all, seed)" in result.stderr

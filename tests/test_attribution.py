@@ -1,0 +1,353 @@
+"""Attribution experiments on a small synthetic generated corpus (no zoo, no GPU, a few seconds).
+
+The builder below writes what the generator stage would: one parquet per "model" with texts whose
+word distributions differ per model, a null-control file drawn from the base model's distribution
+with another seed, the generated manifest, and a word-level tokenizer.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import confusion_matrix, f1_score
+
+from natprints import attribution, features
+from natprints.artifacts import atomic_write_json, sha256_text
+from natprints.config import load_config
+from natprints.stats import binomial_p_value, wilson_interval
+
+VOCAB = [f"w{i:03d}" for i in range(240)] + [",", ".", "the", "of", "and"]
+MODELS = {  # model id -> how many words it boosts (0 = the base distribution)
+    "base": 0,
+    "seed-1": 1,
+    "seed-2": 2,
+    "lr-0.002": 3,
+}
+CONDITIONS = {"seed": ["base", "seed-1", "seed-2"], "lr": ["base", "lr-0.002"], "all": list(MODELS)}
+N_PROMPTS = 80
+N_TOKENS = 24
+
+
+class FakeEncoder:
+    """Stands in for the sentence encoder: hashed bag of words, 16 dims, unit length."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode(self, texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, **_):
+        self.calls += 1
+        out = np.zeros((len(texts), 16), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for word in text.split():
+                out[i, int(sha256_text(word)[:4], 16) % 16] += 1.0
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def _distribution(boost: int) -> np.ndarray:
+    p = 1.0 / np.arange(1, len(VOCAB) + 1) ** 1.1
+    if boost:
+        rng = np.random.default_rng(100 + boost)
+        p[rng.choice(len(VOCAB) - 5, size=12, replace=False)] *= 6.0
+    return p / p.sum()
+
+
+def _texts(model_id: str, boost: int, seed: int, n_prompts: int = N_PROMPTS, n_tokens: int = N_TOKENS):
+    rng = np.random.default_rng(seed * 1000 + sum(map(ord, model_id)))
+    p = _distribution(boost)
+    rows = []
+    for j in range(n_prompts):
+        ids = rng.choice(len(VOCAB), size=n_tokens, p=p).tolist()
+        rows.append(
+            {
+                "sample_id": sha256_text(f"{model_id}/{j}/{seed}")[:16],
+                "model_id": model_id,
+                "prompt_id": f"p{j:04d}",
+                "prompt": f"prompt {j}",
+                "text": " ".join(VOCAB[i] for i in ids),
+                "n_tokens": n_tokens,
+                "token_ids": ids,
+                "sample_index": 0,
+                "sampling_seed": seed,
+                "temperature": 1.0,
+                "top_k": 0,
+                "top_p": 1.0,
+                "new_tokens": n_tokens,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+CONFIG = """
+[run]
+name = "synth"
+[attribution]
+featurizers = {featurizers}
+classifiers = ["logreg", "svm", "xgb", "mlp"]
+max_features = 2000
+evidence_tokens = [4, 12, 0]
+evidence_train_fractions = [0.5, 1.0]
+top_ngrams = 5
+"""
+
+
+def make_run(
+    root: Path,
+    featurizers: list[str] | None = None,
+    models: dict[str, int] | None = None,
+    conditions: dict[str, list[str]] | None = None,
+    n_prompts: int = N_PROMPTS,
+    n_tokens: int = N_TOKENS,
+) -> Path:
+    """Write a synthetic generated run under ``root`` (use as NATPRINTS_HOME); returns the config path."""
+    models_boost = models or MODELS
+    conditions = conditions or CONDITIONS
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    featurizers = featurizers or ["word1", "word12", "char14", "embed", "union"]
+    config = root / "synth.toml"
+    config.write_text(CONFIG.format(featurizers=json.dumps(featurizers)), encoding="utf-8")
+    gen = root / "data" / "generated" / "synth"
+    (gen / "null").mkdir(parents=True, exist_ok=True)
+    models = {}
+    for model_id, boost in models_boost.items():
+        _texts(model_id, boost, 0, n_prompts, n_tokens).to_parquet(gen / f"{model_id}.parquet")
+        conds = [c for c, ids in conditions.items() if model_id in ids]
+        models[model_id] = {"conditions": conds, "file": f"{model_id}.parquet"}
+    _texts("base", 0, 1, n_prompts, n_tokens).to_parquet(gen / "null" / "base.parquet")
+    atomic_write_json(
+        gen / "manifest.json",
+        {
+            "base_model": "base",
+            "models": models,
+            "null_control": {"model_id": "base", "file": "null/base.parquet"},
+            "conditions": conditions,
+        },
+    )
+    tok_dir = root / "data" / "corpus" / "synth" / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="w000"))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    tokenizer.save(str(tok_dir / "tokenizer.json"))
+    return config
+
+
+@pytest.fixture(scope="module")
+def fake_encoder():
+    encoder = FakeEncoder()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(features, "_load_encoder", lambda name, device: encoder)
+        yield encoder
+
+
+@pytest.fixture(scope="module")
+def synth_run(tmp_path_factory, fake_encoder):
+    """One experiments run over the synthetic corpus, shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NATPRINTS_HOME", str(root))
+        cfg = load_config(make_run(root))
+        attribution.run_experiments(cfg, progress=False, log=lambda m: None)
+        yield cfg
+
+
+def _records(cfg):
+    return attribution.load_records(cfg.paths.reports)
+
+
+def test_split_is_by_prompt_and_deterministic():
+    prompts = [f"p{i}" for i in range(40)] * 3
+    split = attribution.split_prompts(prompts, 0.25, 0.15, seed=0)
+    assert split == attribution.split_prompts(prompts, 0.25, 0.15, seed=0)
+    assert len(split) == 40
+    counts = {s: sum(v == s for v in split.values()) for s in ("train", "cal", "test")}
+    assert counts == {"train": 24, "cal": 6, "test": 10}
+    assert split != attribution.split_prompts(prompts, 0.25, 0.15, seed=1)
+
+
+def test_fitting_never_sees_test_rows(tmp_path, monkeypatch, fake_encoder):
+    """Every text a featurizer or classifier is fit on comes from training prompts only."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    seen: list[str] = []
+    fit, fit_transform = TfidfVectorizer.fit, TfidfVectorizer.fit_transform
+
+    def recording_fit(self, X, y=None):
+        seen.extend(X)
+        return fit(self, X, y)
+
+    def recording_fit_transform(self, X, y=None):
+        seen.extend(X)
+        return fit_transform(self, X, y)
+
+    monkeypatch.setattr(TfidfVectorizer, "fit", recording_fit)
+    monkeypatch.setattr(TfidfVectorizer, "fit_transform", recording_fit_transform)
+    monkeypatch.setenv("NATPRINTS_HOME", str(tmp_path))
+    cfg = load_config(make_run(tmp_path, ["word1"]))
+    attribution.run_experiments(cfg, progress=False, log=lambda m: None)
+    records = attribution.load_records(cfg.paths.reports)
+    frames = attribution.load_conditions(cfg)
+    test_ids = {sid for r in records if r["kind"] == "split" for sid in r["test_sample_ids"]}
+    texts = pd.concat([d.frame for d in frames.values()])
+    test_texts = set(texts[texts["sample_id"].isin(test_ids)]["text"])
+    assert seen and test_texts
+    assert not test_texts & set(seen)
+    split = [r for r in records if r["kind"] == "split"]
+    for r in split:  # and no prompt is on both sides
+        assert r["prompts"]["test"] > 0 and r["prompts"]["train"] > 0
+    prompts = {c: d.frame.set_index("sample_id")["prompt_id"] for c, d in frames.items()}
+    for r in split:
+        test_prompts = set(prompts[r["condition"]].loc[r["test_sample_ids"]])
+        train_prompts = set(prompts[r["condition"]]) - test_prompts
+        assert test_prompts.isdisjoint(train_prompts)
+
+
+def test_results_cover_grid_and_table_matches_records(synth_run):
+    cfg = synth_run
+    records = _records(cfg)
+    pipelines = [r for r in records if r["kind"] == "pipeline"]
+    conditions = {r["condition"] for r in pipelines}
+    assert conditions == {"seed", "lr", "all", "null"}
+    assert len(pipelines) == 4 * 5 * 4
+    with open(cfg.paths.reports / "accuracy.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(pipelines)
+    for row in rows:
+        rec = next(
+            r
+            for r in pipelines
+            if (r["condition"], r["featurizer"], r["classifier"])
+            == (row["condition"], row["featurizer"], row["classifier"])
+        )
+        # Recompute every table value from the stored predictions.
+        y_true, y_pred = np.array(rec["y_true"]), np.array(rec["y_pred"])
+        k = len(rec["labels"])
+        correct = int((y_true == y_pred).sum())
+        assert int(row["n_test"]) == len(y_true) and int(row["n_classes"]) == k
+        assert float(row["chance"]) == pytest.approx(1 / k)
+        assert float(row["accuracy"]) == pytest.approx(correct / len(y_true), rel=1e-5)
+        low, high = wilson_interval(correct, len(y_true))
+        assert float(row["ci_low"]) == pytest.approx(low, rel=1e-5, abs=1e-9)
+        assert float(row["ci_high"]) == pytest.approx(high, rel=1e-5)
+        assert float(row["p_value"]) == pytest.approx(binomial_p_value(correct, len(y_true), 1 / k), rel=1e-4)
+        f1 = f1_score(y_true, y_pred, labels=list(range(k)), average="macro", zero_division=0)
+        assert float(row["macro_f1"]) == pytest.approx(f1, rel=1e-5)
+        confusion = confusion_matrix(y_true, y_pred, labels=list(range(k)))
+        assert rec["confusion"] == confusion.tolist()
+
+
+def test_fingerprints_found_and_null_control_at_chance(synth_run):
+    table = attribution.accuracy_table(_records(synth_run))
+    best = table[table["best"]].set_index("condition")
+    assert set(best.index) == {"seed", "lr", "all", "null"}
+    for condition in ("seed", "lr", "all"):
+        row = best.loc[condition]
+        assert row["ci_low"] > row["chance"], condition  # real differences are detected
+        assert row["p_value"] < 0.01
+    null = table[(table["condition"] == "null") & (table["featurizer"] == "word1") & (table["classifier"] == "logreg")]
+    assert len(null) == 1
+    row = null.iloc[0]
+    assert row["n_classes"] == 2 and row["chance"] == 0.5
+    assert row["ci_low"] <= 0.5 <= row["ci_high"]
+
+
+def test_evidence_explanations_open_set_attributor_records(synth_run):
+    records = _records(synth_run)
+    evidence = [r for r in records if r["kind"] == "evidence" and r["condition"] == "all"]
+    roles = {r["role"] for r in evidence}
+    assert "baseline" in roles and "best" in roles
+    tokens = sorted(r["value"] for r in evidence if r["axis"] == "tokens" and r["role"] == "baseline")
+    assert tokens == [0, 4, 12]
+    fractions = sorted(r["value"] for r in evidence if r["axis"] == "train_fraction" and r["role"] == "baseline")
+    assert fractions == [0.5, 1.0]
+    by_tokens = {r["value"]: r for r in evidence if r["axis"] == "tokens" and r["role"] == "baseline"}
+    assert by_tokens[4]["accuracy"] <= by_tokens[0]["accuracy"] + 0.05  # fewer tokens, less evidence
+    explained = [r for r in records if r["kind"] == "explanation" and r["condition"] == "all"]
+    assert {r["model_id"] for r in explained} == set(MODELS)
+    seed2 = next(r for r in explained if r["model_id"] == "seed-2")
+    assert len(seed2["ngrams"]) == 5
+    # The top n-grams of a boosted model are words it uses more often than the others.
+    assert np.mean([g["share_model"] > g["share_rest"] for g in seed2["ngrams"]]) >= 0.8
+    open_set = [r for r in records if r["kind"] == "open_set"]
+    assert len(open_set) == 3 and all(r["condition"] == "all" for r in open_set)
+    for r in open_set:
+        assert 0 <= r["known_rejected"] <= 1 and 0 <= r["unknown_rejected"] <= 1
+    attributors = {r["condition"]: r for r in records if r["kind"] == "attributor"}
+    assert set(attributors) == {"seed", "lr", "all"}
+    for condition in attributors:
+        assert (synth_run.paths.attributors / condition / "manifest.json").is_file()
+
+
+def test_rerun_is_idempotent_and_detects_changes(synth_run, monkeypatch):
+    cfg = synth_run
+    monkeypatch.setenv("NATPRINTS_HOME", str(cfg.paths.root.resolve()))
+    results = cfg.paths.reports / "results.jsonl"
+    before = results.read_bytes()
+    assert attribution.experiments_up_to_date(cfg)
+    monkeypatch.setattr(attribution, "run_condition", lambda *a, **k: pytest.fail("recomputed"))
+    messages = []
+    attribution.run_experiments(cfg, progress=False, log=messages.append)
+    assert results.read_bytes() == before and "up to date" in messages[0]
+    # A changed input invalidates the stage (and only the conditions that read it).
+    path = cfg.paths.generated / "lr-0.002.parquet"
+    frame = pd.read_parquet(path)
+    frame.loc[0, "text"] = frame.loc[0, "text"] + " w001"
+    original = path.read_bytes()
+    frame.to_parquet(path)
+    try:
+        assert not attribution.experiments_up_to_date(cfg)
+    finally:
+        path.write_bytes(original)
+    assert attribution.experiments_up_to_date(cfg)
+
+
+def test_report_section_renders_from_records(synth_run):
+    from natprints.attribution_report import headline_table, render_section
+
+    cfg = synth_run
+    markdown = render_section(cfg)
+    figures = cfg.paths.reports / "figures"
+    for name in [
+        "confusion_seed.png",
+        "confusion_lr.png",
+        "confusion_all.png",
+        "evidence_tokens.png",
+        "evidence_train.png",
+    ]:
+        assert (figures / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"](figures/{name})" in markdown
+    pngs = {p.name: p.read_bytes() for p in figures.glob("*.png")}
+    assert render_section(cfg) == markdown  # rendering is deterministic, figures included
+    assert {p.name: p.read_bytes() for p in figures.glob("*.png")} == pngs
+    for row in headline_table(_records(cfg)).itertuples():
+        assert f"{row.accuracy:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]" in markdown
+        assert f"| `{row.condition}` | {row.n_classes} |" in markdown
+    assert markdown.count("**") >= 2 * 4  # the best pipeline of each condition in bold
+    for heading in [
+        "### Null control",
+        "### Evidence curves",
+        "### Open set",
+        "### Findings",
+        "### What sets each model apart",
+    ]:
+        assert heading in markdown
+    assert all(f"`{m}`" in markdown for m in MODELS)
+
+
+def test_same_config_gives_identical_records_and_attributors(synth_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("NATPRINTS_HOME", str(tmp_path))
+    cfg = load_config(make_run(tmp_path))
+    attribution.run_experiments(cfg, progress=False, log=lambda m: None)
+    first, second = synth_run.paths, cfg.paths
+    for name in ("results.jsonl", "accuracy.csv"):
+        assert (second.reports / name).read_bytes() == (first.reports / name).read_bytes(), name
+    for condition in ("seed", "lr", "all"):
+        for name in ("pipeline.json", "arrays.npz", "attributor.json"):
+            a = (first.attributors / condition / name).read_bytes()
+            assert (second.attributors / condition / name).read_bytes() == a, (condition, name)

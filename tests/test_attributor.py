@@ -1,0 +1,200 @@
+"""Custom estimators, the no-pickle attributor format, calibration and the open-set threshold."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from natprints import features
+from natprints.artifacts import write_manifest
+from natprints.attribution import make_classifier
+from natprints.attributor import (
+    ARRAYS_FILE,
+    PIPELINE_FILE,
+    Attributor,
+    apply_temperature,
+    attribute,
+    choose_threshold,
+    fit_temperature,
+    load_attributor,
+    save_attributor,
+)
+from natprints.errors import NatprintsError
+from natprints.features import LabelXGBClassifier, SentenceEmbedder, TopFeatures, make_featurizer
+
+WORDS = ["the", "nation", "union", "war", "peace", "we", "shall", ",", ".", "of", "and", "congress"]
+
+
+class CountingEncoder:
+    """A fake sentence encoder: hashed bag of words; counts loads and encode calls."""
+
+    loads = 0
+
+    def __init__(self) -> None:
+        type(self).loads += 1
+        self.calls = 0
+
+    def encode(self, texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, **_):
+        self.calls += 1
+        out = np.zeros((len(texts), 8), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for word in text.split():
+                out[i, sum(map(ord, word)) % 8] += 1.0
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+@pytest.fixture
+def fake_encoder(monkeypatch):
+    CountingEncoder.loads = 0
+    monkeypatch.setattr(features, "_load_encoder", lambda name, device: CountingEncoder())
+    return CountingEncoder
+
+
+def corpus(n_per_class: int = 30, k: int = 3, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for c in range(k):
+        p = np.ones(len(WORDS))
+        p[c * 3 : c * 3 + 3] = 4.0  # each class favours three words
+        for _ in range(n_per_class):
+            texts.append(" ".join(rng.choice(WORDS, size=20, p=p / p.sum())))
+            labels.append(c)
+    return texts, np.array(labels)
+
+
+@parametrize_with_checks([LabelXGBClassifier(n_estimators=8, n_jobs=1), TopFeatures(k=2)])
+def test_custom_estimators_pass_sklearn_checks(estimator, check):
+    check(estimator)
+
+
+def test_sentence_embedder_api_and_cache(tmp_path, fake_encoder):
+    # sklearn's generic checks need numeric 2-D input; a text transformer is checked here instead.
+    texts = ["we shall", "the nation of peace", "we shall"]
+    embedder = SentenceEmbedder(cache_dir=str(tmp_path))
+    assert clone(embedder).get_params() == embedder.get_params()
+    with pytest.raises(NotFittedError):
+        embedder.transform(texts)
+    with pytest.raises(ValueError, match="single string"):
+        embedder.fit("one text")
+    assert embedder.fit(texts) is embedder
+    first = embedder.transform(texts)
+    assert first.shape == (3, 8) and first.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(first[0], first[2])
+    encoder = embedder._encoder_model
+    assert encoder.calls == 1
+    # A new embedder with the same cache reuses the stored vectors and never loads the encoder.
+    again = SentenceEmbedder(cache_dir=str(tmp_path)).fit(texts)
+    np.testing.assert_array_equal(again.transform(texts), first)
+    assert fake_encoder.loads == 1
+    assert "_encoder_model" not in embedder.__getstate__()
+
+
+def test_real_encoder_offline(tmp_path, monkeypatch):
+    """The packaged all-MiniLM-L6-v2 loads offline and embeds (384 dims, unit length)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    vectors = SentenceEmbedder(cache_dir=str(tmp_path)).fit(["x"]).transform(["The union is strong.", "Peace."])
+    assert vectors.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-4)
+    assert list(tmp_path.rglob("shard-*.npz"))
+
+
+@pytest.mark.parametrize("featurizer", ["word1", "word12", "char14", "union"])
+@pytest.mark.parametrize("classifier", ["logreg", "svm", "xgb", "mlp"])
+def test_save_load_gives_identical_predictions(tmp_path, fake_encoder, featurizer, classifier):
+    texts, y = corpus()
+    pipe = Pipeline(
+        [("features", make_featurizer(featurizer, max_features=300)), ("classifier", make_classifier(classifier))]
+    )
+    pipe.fit(texts, y)
+    labels = ["base", "seed-1", "seed-2"]
+    saved = Attributor(pipeline=pipe, labels=labels, temperature=1.7, threshold=0.4, meta={"pipeline": "x"})
+    save_attributor(tmp_path / "a", saved, {"condition": "all"})
+    loaded = load_attributor(tmp_path / "a")
+    assert loaded.labels == labels and loaded.temperature == 1.7 and loaded.threshold == 0.4
+    np.testing.assert_array_equal(loaded.predict_proba(texts), saved.predict_proba(texts))
+    assert [p.to_dict() for p in loaded.predict(texts)] == [p.to_dict() for p in saved.predict(texts)]
+    raw = (tmp_path / "a" / PIPELINE_FILE).read_text()
+    assert "pickle" not in raw and "__object__" in raw
+
+
+def _saved(tmp_path):
+    texts, y = corpus()
+    pipe = Pipeline([("features", make_featurizer("word1")), ("classifier", LogisticRegression())]).fit(texts, y)
+    directory = tmp_path / "att"
+    save_attributor(directory, Attributor(pipe, ["a", "b", "c"]), {"condition": "all"})
+    return directory, texts
+
+
+def test_tampered_missing_and_foreign_attributors_are_refused(tmp_path):
+    directory, _ = _saved(tmp_path)
+    arrays = directory / ARRAYS_FILE
+    data = bytearray(arrays.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    arrays.write_bytes(bytes(data))
+    with pytest.raises(NatprintsError, match="does not match its manifest hash"):
+        load_attributor(directory)
+    with pytest.raises(NatprintsError, match="no attributor"):
+        load_attributor(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NatprintsError, match="no manifest.json"):
+        load_attributor(tmp_path / "empty")
+    # A directory with a valid manifest of another kind is foreign.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.txt").write_text("hello")
+    write_manifest(other, {"kind": "something-else"}, ["x.txt"])
+    with pytest.raises(NatprintsError, match="not a natprints attributor"):
+        load_attributor(other)
+
+
+def test_untrusted_type_is_refused_even_with_matching_hashes(tmp_path):
+    directory, _ = _saved(tmp_path)
+    tree = json.loads((directory / PIPELINE_FILE).read_text())
+    tree["state"]["__dict__"]["memory"] = {"__object__": "os.system", "state": {"__dict__": {}}}
+    (directory / PIPELINE_FILE).write_text(json.dumps(tree))
+    manifest = json.loads((directory / "manifest.json").read_text())
+    write_manifest(directory, {k: v for k, v in manifest.items() if k != "files"}, manifest["files"])
+    with pytest.raises(NatprintsError, match="untrusted type os.system"):
+        load_attributor(directory)
+
+
+def test_saving_an_untrusted_object_fails(tmp_path):
+    class Custom(LogisticRegression):
+        pass
+
+    texts, y = corpus()
+    pipe = Pipeline([("features", make_featurizer("word1")), ("classifier", Custom())]).fit(texts, y)
+    with pytest.raises(NatprintsError, match="untrusted type"):
+        save_attributor(tmp_path / "x", Attributor(pipe, ["a", "b", "c"]), {})
+
+
+def test_temperature_and_threshold():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4000, 4)) * 3
+    y = np.array([rng.choice(4, p=np.exp(row) / np.exp(row).sum()) for row in logits])
+    # Probabilities made overconfident by T = 1/2.5: the fit undoes it.
+    overconfident = apply_temperature(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), 1 / 2.5)
+    assert fit_temperature(overconfident, y) == pytest.approx(2.5, rel=0.1)
+    best = rng.uniform(size=1000)
+    threshold = choose_threshold(best, 0.05)
+    assert np.mean(best < threshold) == pytest.approx(0.05, abs=0.005)
+    assert choose_threshold(best, 0.0) == 0.0
+
+
+def test_attribute_reports_unknown_below_threshold(tmp_path):
+    directory, texts = _saved(tmp_path)
+    confident = attribute(texts[:3], directory, top_k=2)
+    assert all(len(p.top) == 2 and not p.unknown for p in confident)
+    assert confident[0].label == "a"
+    strict = load_attributor(directory)
+    strict.threshold = 1.01
+    preds = strict.predict(texts[:3])
+    assert all(p.unknown and p.label == "unknown" and p.best_model in {"a", "b", "c"} for p in preds)
