@@ -28,11 +28,15 @@ def experiments(
     """Fit every condition's pipelines; write results.jsonl, accuracy.csv and the attributors."""
     from natprints.attribution import accuracy_table, load_records, run_experiments
     from natprints.config import check_run_lock, load_config
+    from natprints.timings import output_changed, stage_timer
 
     try:
         cfg = load_config(config)
         check_run_lock(cfg, config)
-        run_experiments(cfg, force=force)
+        with stage_timer(cfg, "experiments") as run:
+            with output_changed(cfg.paths.reports / "experiments.json") as changed:
+                run_experiments(cfg, force=force)
+            run.did_work = changed()
         table = accuracy_table(load_records(cfg.paths.reports))
     except NatprintsError as exc:
         raise _fail(str(exc)) from None
