@@ -40,6 +40,17 @@ SMOKE_STAGES = (
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tests run tiny models, fastest on one thread; on a shared CPU more threads only contend."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smoke_home(tmp_path_factory) -> Path:
     """A directory holding the complete smoke run: every stage, through the CLI."""

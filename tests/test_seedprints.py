@@ -18,15 +18,6 @@ from natprints.lineage import seedprints as sp
 VOCAB = 300
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared CPU more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(path: Path, seed: int, steps: int = 0, hidden: int = 64, layers: int = 2) -> Path:
     """A tiny Llama from ``torch.manual_seed(seed)``, optionally trained a few AdamW steps."""
     torch.manual_seed(seed)

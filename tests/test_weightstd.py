@@ -14,15 +14,6 @@ from natprints.errors import NatprintsError
 from natprints.lineage import weightstd as ws
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared CPU more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def crafted(path: Path, stds: dict[str, list[float]], prefix: str = "model.layers") -> Path:
     """A model dir whose projection weights have exactly the given per-layer std."""
     path.mkdir(parents=True)

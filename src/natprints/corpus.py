@@ -144,9 +144,7 @@ def train_tokenizer(paragraphs: list[str], settings: TokenizerSettings, out_dir:
         show_progress=False,
     )
     tok.train_from_iterator(paragraphs, trainer=trainer, length=len(paragraphs))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS)
     fast.save_pretrained(str(out_dir))
 
 
@@ -225,9 +223,7 @@ def build_corpus(cfg: Config) -> dict:
     for para in paragraphs:
         (heldout if is_heldout(para, settings.heldout_fraction, settings.split_salt) else train).append(para)
     if not train or not heldout:
-        raise NatprintsError(
-            f"corpus has {len(train)} training and {len(heldout)} held-out paragraphs; need both"
-        )
+        raise NatprintsError(f"corpus has {len(train)} training and {len(heldout)} held-out paragraphs; need both")
     out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out / "train.jsonl", train)
     _write_jsonl(out / "heldout.jsonl", heldout)

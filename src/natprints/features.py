@@ -128,20 +128,14 @@ def encoder_version(encoder: str) -> str:
         return "unknown"
 
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 _LOADED: dict[tuple[str, str], Any] = {}
 
 
 def _load_encoder(encoder: str, device: str) -> Any:
     """Load a sentence-transformers model offline, once per process (the only place torch is imported)."""
-    key = (encoder, _resolve_device(device))
+    from natprints.zoo import resolve_device
+
+    key = (encoder, resolve_device(device))
     if key not in _LOADED:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

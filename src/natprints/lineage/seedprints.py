@@ -163,14 +163,12 @@ def model_digest(info: ModelInfo) -> str:
 
 
 def resolve_device(device: str = "auto") -> Any:
-    """``auto``: CUDA when present, else CPU."""
+    """``auto``: CUDA when present, else CPU; as a ``torch.device``."""
     import torch
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise NatprintsError("device 'cuda' requested but CUDA is not available")
-    return torch.device(device)
+    from natprints.zoo import resolve_device as resolve_name
+
+    return torch.device(resolve_name(device))
 
 
 def load_model(info: ModelInfo, device: Any) -> Any:
