@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 import typer
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 from typer.testing import CliRunner
 
 from natprints.artifacts import write_manifest
@@ -17,8 +17,8 @@ from natprints.errors import NatprintsError
 from natprints.lineage import experiments as ex
 from natprints.lineage import seedprints as sp
 from natprints.lineage.report import render_section
+from tests.test_seedprints import VOCAB, new_model
 
-VOCAB = 300
 STEPS = 20
 CONFIG = "[run]\nname = 't'\ndevice = 'cpu'\n\n[lineage]\nseedprints_inputs = 96\nseedprints_seq_len = 32\n"
 
@@ -38,20 +38,6 @@ APP = _app()
 runner = CliRunner()
 
 
-def _new_model(seed: int, hidden: int = 64, layers: int = 3) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-        )
-    )
-
-
 def _train(model: LlamaForCausalLM, data_seed: int, steps: int) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(data_seed)
@@ -65,7 +51,7 @@ def _train(model: LlamaForCausalLM, data_seed: int, steps: int) -> None:
 def _zoo_model(zoo: Path, model_id: str, init_seed: int, data_seed: int, conditions: list[str]) -> Path:
     """Init, a checkpoint at step 10 and the final model at STEPS, with a manifest, as the zoo saves them."""
     path = zoo / model_id
-    model = _new_model(init_seed)
+    model = new_model(init_seed, layers=3)
     model.save_pretrained(path / "init")
     _train(model, data_seed, 10)
     model.save_pretrained(path / "checkpoints" / "step-000010")
@@ -176,7 +162,7 @@ def test_device_option_reaches_code(home):
 
 
 def test_shape_mismatch_errors(tmp_path, home):
-    wide, deep = _new_model(0, hidden=96, layers=4), _new_model(0, layers=4)
+    wide, deep = new_model(0, hidden=96, layers=4), new_model(0, layers=4)
     wide.save_pretrained(tmp_path / "wide")
     deep.save_pretrained(tmp_path / "deep")
     s0 = str(_zoo(home) / "s0")

@@ -18,8 +18,8 @@ from natprints.lineage import seedprints as sp
 VOCAB = 300
 
 
-def tiny_model(path: Path, seed: int, steps: int = 0, hidden: int = 64, layers: int = 2) -> Path:
-    """A tiny Llama from ``torch.manual_seed(seed)``, optionally trained a few AdamW steps."""
+def new_model(seed: int, hidden: int = 64, layers: int = 2) -> LlamaForCausalLM:
+    """A tiny untrained Llama from ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -29,7 +29,12 @@ def tiny_model(path: Path, seed: int, steps: int = 0, hidden: int = 64, layers: 
         num_attention_heads=4,
         max_position_embeddings=128,
     )
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+def tiny_model(path: Path, seed: int, steps: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+    """A tiny Llama from ``torch.manual_seed(seed)``, optionally trained a few AdamW steps."""
+    model = new_model(seed, hidden, layers)
     if steps:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(1000 + seed)

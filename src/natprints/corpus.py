@@ -181,7 +181,7 @@ def read_jsonl_texts(path: Path) -> list[str]:
         return [json.loads(line)["text"] for line in f]
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def save_npy(path: Path, array: np.ndarray) -> None:
     import io
 
     buf = io.BytesIO()
@@ -231,8 +231,8 @@ def build_corpus(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.paths.tokenizer)
     train_tokens = encode_stream(tokenizer, train)
     heldout_tokens = encode_stream(tokenizer, heldout)
-    _save_npy(out / "train_tokens.npy", train_tokens)
-    _save_npy(out / "heldout_tokens.npy", heldout_tokens)
+    save_npy(out / "train_tokens.npy", train_tokens)
+    save_npy(out / "heldout_tokens.npy", heldout_tokens)
     train_text = "\n\n".join(train)
     tok_files = sorted(p.name for p in cfg.paths.tokenizer.iterdir() if p.is_file())
     return write_manifest(

@@ -15,7 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from natprints.artifacts import atomic_write_json, hash_obj, sha256_file, sha256_text, temp_path_for
+from natprints.artifacts import (
+    atomic_write_json,
+    git_revision,
+    hash_obj,
+    package_versions,
+    sha256_file,
+    sha256_text,
+    temp_path_for,
+)
 from natprints.config import Config, GenerateSettings
 from natprints.errors import NatprintsError
 
@@ -274,8 +282,6 @@ def generate_all(cfg: Config, *, max_chunks: int | None = None) -> dict:
         "added": added,
         "wall_s": round(time.time() - start, 2),
     }
-    from natprints.artifacts import git_revision, package_versions
-
     manifest["package_versions"] = package_versions()
     manifest["git_revision"] = git_revision()
     atomic_write_json(out / "manifest.json", manifest)

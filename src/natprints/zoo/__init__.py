@@ -190,15 +190,13 @@ def build_zoo(cfg: Config, only: list[str] | None = None, stop_after: int | None
 
 def shift_corpus(cfg: Config) -> dict:
     """The derived models' corpus (another domain), tokenized with the run's shared tokenizer."""
-    import numpy as np
-
     from natprints.corpus import (
-        _save_npy,
         corpus_manifest,
         encode_stream,
         is_heldout,
         load_tokenizer,
         read_paragraphs,
+        save_npy,
     )
 
     out = cfg.paths.shift_corpus
@@ -209,13 +207,13 @@ def shift_corpus(cfg: Config) -> dict:
         if manifest.get("key") == key:
             return manifest
     paragraphs = read_paragraphs(settings)
-    train = [p for p in paragraphs if not is_heldout(p, 0.05, "natprints-shift")]
-    heldout = [p for p in paragraphs if is_heldout(p, 0.05, "natprints-shift")] or train[-1:]
+    held = [is_heldout(p, 0.05, "natprints-shift") for p in paragraphs]
+    train = [p for p, h in zip(paragraphs, held, strict=True) if not h]
+    heldout = [p for p, h in zip(paragraphs, held, strict=True) if h] or train[-1:]
     tokenizer = load_tokenizer(cfg.paths.tokenizer)
     out.mkdir(parents=True, exist_ok=True)
-    _save_npy(out / "train_tokens.npy", encode_stream(tokenizer, train))
-    _save_npy(out / "heldout_tokens.npy", encode_stream(tokenizer, heldout))
-    del np
+    save_npy(out / "train_tokens.npy", encode_stream(tokenizer, train))
+    save_npy(out / "heldout_tokens.npy", encode_stream(tokenizer, heldout))
     return write_manifest(
         out,
         {"key": key, "source": settings.source, "corpus_sha256": sha256_text("\n\n".join(train))},
