@@ -7,7 +7,7 @@ NP := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/natprints
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help all test data zoo generate derive lineage experiments report lint format clean venv
+.PHONY: help all test data zoo generate derive lineage experiments report bench lint format clean venv
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -53,6 +53,9 @@ experiments: generate ## Attribution experiments per condition, saved attributor
 
 report: $(STAMP) ## Render reports/<run>/index.md from records and manifests
 	$(NP) report --config $(CONFIG)
+
+bench: experiments ## Time each hot path against the plain alternative: reports/bench/bench.{json,md}
+	$(NP) bench --config $(CONFIG)
 
 lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check src tests

@@ -110,6 +110,22 @@ def report(config: Path = ConfigOption) -> None:
 
 
 @app.command()
+def bench(
+    config: Path = ConfigOption,
+    section: list[str] = typer.Option(None, "--section", help="Run only this section (repeatable)."),
+    reps: int = typer.Option(3, "--reps", min=1, help="Timed repetitions per figure (after one warm-up)."),
+) -> None:
+    """Time every hot path against the plain alternative; writes reports/bench/bench.json and bench.md."""
+    from natprints.bench import SECTIONS, bench_dir, run_bench
+    from natprints.zoo import quiet_transformers
+
+    cfg = open_run(config)
+    quiet_transformers()
+    run_bench(cfg, section or list(SECTIONS), reps, log=lambda line: typer.echo(line, err=True))
+    typer.echo(f"wrote {bench_dir(cfg) / 'bench.md'}")
+
+
+@app.command()
 def clean(
     config: Path = ConfigOption,
     reports: bool = typer.Option(False, "--reports", help="Also remove reports/<run>/."),

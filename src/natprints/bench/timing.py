@@ -1,0 +1,60 @@
+"""Timing helpers shared by every bench section: medians after warm-up, profiler top entries."""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def measure(fn: Callable[[], Any], *, reps: int = 5, warmup: int = 1) -> dict[str, Any]:
+    """Run ``fn`` ``warmup`` times untimed, then ``reps`` times; the median and every run in seconds."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(runs), "runs_s": [round(r, 6) for r in runs]}
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], *, reps: int = 5, warmup: int = 1) -> dict[str, dict[str, Any]]:
+    """Time several contenders round-robin (A B A B ...), so a slow patch on a shared machine hits both."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    runs: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            runs[name].append(time.perf_counter() - t0)
+    return {name: {"median_s": statistics.median(r), "runs_s": [round(x, 6) for x in r]} for name, r in runs.items()}
+
+
+def python_profile(fn: Callable[[], Any], top: int = 8) -> list[str]:
+    """cProfile's top entries by cumulative time, as plain lines for the bench notes."""
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    lines = [ln.rstrip() for ln in out.getvalue().splitlines()]
+    start = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls")), 0)
+    return [ln for ln in lines[start : start + top + 1] if ln.strip()]
+
+
+def torch_profile(fn: Callable[[], Any], top: int = 8) -> list[str]:
+    """torch.profiler's top operators by self CPU time, as plain lines for the bench notes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    return [ln.rstrip() for ln in table.splitlines() if ln.strip() and not set(ln.strip()) <= {"-"}]
