@@ -9,7 +9,7 @@ import torch
 
 from natprints.bench import render_bench, run_bench
 from natprints.errors import NatprintsError
-from natprints.generate import decode, draw_tokens, slab_cache
+from natprints.generate import LeanDecoder, decode, draw_tokens
 from tests.conftest import SMOKE, run_cli
 
 
@@ -24,19 +24,16 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
-def test_slab_cache_gives_the_logits_of_a_full_forward():
+def test_lean_decoder_gives_the_logits_of_a_full_forward():
     model = tiny_llama()
     ids = torch.randint(1, 97, (3, 11), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         full = model(input_ids=ids).logits
-        cache = slab_cache(model, 11)
-        steps = [model(input_ids=ids[:, :6], past_key_values=cache, use_cache=True).logits]
-        steps += [
-            model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(6, 11)
-        ]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+        decoder = LeanDecoder(model, 3, 11)
+        steps = [decoder.step(ids[:, :6])] + [decoder.step(ids[:, t : t + 1]) for t in range(6, 11)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 5:], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="KV slab of 11 positions is full"), torch.inference_mode():
-        model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+        decoder.step(ids[:, :1])
 
 
 def test_greedy_decode_matches_model_generate():

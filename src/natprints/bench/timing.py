@@ -50,11 +50,18 @@ def python_profile(fn: Callable[[], Any], top: int = 8) -> list[str]:
     return [ln for ln in lines[start : start + top + 1] if ln.strip()]
 
 
-def torch_profile(fn: Callable[[], Any], top: int = 8) -> list[str]:
-    """torch.profiler's top operators by self CPU time, as plain lines for the bench notes."""
+def torch_profile(fn: Callable[[], Any], top: int = 8, shares: dict[str, float] | None = None) -> list[str]:
+    """torch.profiler's top operators by self CPU time, as plain lines for the bench notes.
+
+    When ``shares`` is given, it is filled with every operator's fraction of the total self CPU time.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    averages = prof.key_averages()
+    if shares is not None:
+        total = sum(e.self_cpu_time_total for e in averages) or 1.0
+        shares.update({e.key: e.self_cpu_time_total / total for e in averages})
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=top)
     return [ln.rstrip() for ln in table.splitlines() if ln.strip() and not set(ln.strip()) <= {"-"}]
