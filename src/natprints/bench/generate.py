@@ -71,8 +71,9 @@ def bench_generate(cfg: Config, *, reps: int = 3) -> dict[str, Any]:
         if not torch.equal(greedy[:, :n], hf_greedy) or not bool((greedy[:, n:] == eos).all()):
             raise NatprintsError("bench: greedy decoding differs from model.generate(do_sample=False)")
         times = interleaved({"ours": ours, "hf": hf}, reps=reps, warmup=1)
+        shares_hf: dict[str, float] = {}
         profile_ours = torch_profile(ours, top=6)
-        profile_hf = torch_profile(hf, top=6)
+        profile_hf = torch_profile(hf, top=6, shares=shares_hf)
 
     nll = {k: torch.cat([_row_nll(model, ids, o, eos) for o in v]) for k, v in outputs.items()}
     mean = {k: v.mean().item() for k, v in nll.items()}
@@ -104,5 +105,14 @@ def bench_generate(cfg: Config, *, reps: int = 3) -> dict[str, Any]:
             "model.generate, one batch:",
             *profile_hf,
         ],
-        "notes": [],
+        "notes": [
+            f"In model.generate, growing the KV cache by concatenation (aten::cat) took "
+            f"{shares_hf.get('aten::cat', 0):.0%} of self CPU time and torch.multinomial's per-entry "
+            f"exponential draws (aten::exponential_) {shares_hf.get('aten::exponential_', 0):.0%}. Our sampler "
+            "writes keys and values into a preallocated slab, draws one uniform per row (inverse CDF), "
+            "and computes LM-head logits for the last position only.",
+            "Same work, checked in the run: greedy continuations are token-identical to "
+            "model.generate(do_sample=False), and the sampled continuations' mean token NLL under the model "
+            f"agrees within four standard errors ({mean['ours']:.3f} vs {mean['hf']:.3f} nats, SE {se:.3f}).",
+        ],
     }
