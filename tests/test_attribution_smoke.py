@@ -24,8 +24,10 @@ def test_null_control_lands_at_chance(smoke_cfg):
     acc = pd.read_csv(smoke_cfg.paths.reports / "accuracy.csv", keep_default_na=False)
     null = acc[acc["condition"] == "null"]
     assert (null["n_classes"] == 2).all()
-    # the same model sampled twice: every pipeline's interval covers chance
-    assert ((null["ci_low"] <= 0.5) & (null["ci_high"] >= 0.5)).all()
+    # The same model sampled twice. Twenty pipelines on 16 test texts each: about one 95% interval
+    # misses chance by luck alone, so a leak shows as many misses and a high mean, not as one miss.
+    misses = ((null["ci_low"] > 0.5) | (null["ci_high"] < 0.5)).sum()
+    assert misses <= 3 and 0.35 <= null["accuracy"].mean() <= 0.65
 
 
 def test_saved_attributor_classifies_generated_text(smoke_cfg):

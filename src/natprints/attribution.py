@@ -684,7 +684,86 @@ def run_experiments(cfg: Config, *, force: bool = False, progress: bool = True, 
         _run_experiments(cfg, force=force, progress=progress, log=log)
 
 
+def _cached_condition(cfg: Config, name: str, key: str) -> tuple[list[dict[str, Any]], dict[str, float]] | None:
+    """A finished condition's records and timings, when its cache matches ``key``."""
+    cached = cfg.paths.models / "experiments" / f"{name}.json"
+    if not cached.is_file():
+        return None
+    try:
+        saved = json.loads(cached.read_text(encoding="utf-8"))
+        if saved.get("key") == key and (
+            name == NULL_CONDITION or (cfg.paths.attributors / name / "manifest.json").is_file()
+        ):
+            return saved["records"], saved.get("seconds", {})
+    except (ValueError, KeyError):
+        pass
+    return None
+
+
+def _condition_job(
+    cfg: Config, name: str, data: ConditionData, split: dict[str, str], key: str, progress: bool = True
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Run one condition (in a worker process or here), save its attributor and cache its records."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=THREADS):
+        setup = _Setup(cfg=cfg, split=split, tokenizer=_load_tokenizer(cfg), progress=progress)
+        start = time.perf_counter()
+        done, attributor = run_condition(setup, data)
+    if attributor is not None:
+        # A saved attributor embeds user texts without writing them to the run's cache.
+        params = attributor.pipeline.get_params(deep=True)
+        attributor.pipeline.set_params(**{k: None for k in params if k.endswith("cache_dir")})
+        save_attributor(
+            cfg.paths.attributors / name,
+            attributor,
+            {
+                "run": cfg.run.name,
+                "condition": name,
+                "config_hash": cfg.hash(),
+                "condition_key": key,
+                "inputs": data.inputs,
+            },
+        )
+    wall = round(time.perf_counter() - start, 1)
+    seconds = {
+        "condition": wall,
+        **{k.split("/", 1)[1]: v for k, v in setup.timings.items() if k.startswith(f"{name}/")},
+    }
+    atomic_write_json(
+        cfg.paths.models / "experiments" / f"{name}.json", {"key": key, "records": done, "seconds": seconds}
+    )
+    _stderr(f"condition {name}: {len(data.labels)} models, done in {wall:.1f}s")
+    return done, seconds
+
+
+def _embed_job(cfg: Config, label: str, texts: list[str], progress: bool = True) -> int:
+    """Embed ``texts`` into the run's embedding cache (so condition workers only read it)."""
+    setup = _Setup(cfg=cfg, split={}, tokenizer=None, progress=progress)
+    setup.featurizer("embed").fit(texts).transform(texts)
+    return len(texts)
+
+
+EMBED_CHUNK = 2048  # texts per embedding job of the experiments stage
+
+
+def _prefill_embeddings(cfg: Config, pending: dict[str, ConditionData]) -> None:
+    """Embed every full text of the pending conditions once, split over the run's workers."""
+    if not {"embed", "union"} & set(cfg.attribution.featurizers):
+        return
+    from natprints.parallel import run_jobs
+
+    texts = sorted({t for data in pending.values() for t in _full_texts(data.frame)})
+    # Fixed chunks, not one per worker: each text is embedded in the same batch whatever `workers` is.
+    chunks = [texts[i : i + EMBED_CHUNK] for i in range(0, len(texts), EMBED_CHUNK)]
+    jobs = [(cfg, f"embeddings {i + 1}/{len(chunks)}", chunk) for i, chunk in enumerate(chunks)]
+    run_jobs(cfg.run.workers, _embed_job, jobs, "embed")
+
+
 def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> None:
+    """Conditions run ``[run] workers`` at a time, largest first; records keep the condition order."""
+    from natprints.parallel import run_jobs
+
     started = time.perf_counter()
     conditions = load_conditions(cfg)
     if not force and experiments_up_to_date(cfg, conditions):
@@ -692,46 +771,16 @@ def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> N
         return
     prompts = pd.concat([d.frame["prompt_id"] for d in conditions.values()]).astype(str)
     split = split_prompts(prompts, cfg.attribution.test_fraction, CALIBRATION_FRACTION, cfg.attribution.split_seed)
-    setup = _Setup(cfg=cfg, split=split, tokenizer=_load_tokenizer(cfg), progress=progress)
-    work = cfg.paths.models / "experiments"
-    records: list[dict[str, Any]] = []
-    seconds: dict[str, dict[str, float]] = {}  # wall time per condition and per pipeline
-    for name, data in conditions.items():
-        key = _condition_key(cfg, data)
-        cached = work / f"{name}.json"
-        attributor_dir = cfg.paths.attributors / name
-        done = None
-        if not force and cached.is_file():
-            try:
-                saved = json.loads(cached.read_text(encoding="utf-8"))
-                if saved.get("key") == key and (name == NULL_CONDITION or (attributor_dir / "manifest.json").is_file()):
-                    done, seconds[name] = saved["records"], saved.get("seconds", {})
-            except (ValueError, KeyError):
-                done = None
-        if done is None:
-            start = time.perf_counter()
-            done, attributor = run_condition(setup, data)
-            if attributor is not None:
-                # A saved attributor embeds user texts without writing them to the run's cache.
-                params = attributor.pipeline.get_params(deep=True)
-                attributor.pipeline.set_params(**{k: None for k in params if k.endswith("cache_dir")})
-                save_attributor(
-                    attributor_dir,
-                    attributor,
-                    {
-                        "run": cfg.run.name,
-                        "condition": name,
-                        "config_hash": cfg.hash(),
-                        "condition_key": key,
-                        "inputs": data.inputs,
-                    },
-                )
-            wall = round(time.perf_counter() - start, 1)
-            seconds[name] = {"condition": wall}
-            seconds[name].update({k.split("/", 1)[1]: v for k, v in setup.timings.items() if k.startswith(f"{name}/")})
-            atomic_write_json(cached, {"key": key, "records": done, "seconds": seconds[name]})
-            log(f"condition {name}: {len(data.labels)} models, done in {wall:.1f}s")
-        records += done
+    keys = {name: _condition_key(cfg, data) for name, data in conditions.items()}
+    results = {} if force else {name: _cached_condition(cfg, name, keys[name]) for name in conditions}
+    pending = {name: data for name, data in conditions.items() if results.get(name) is None}
+    if pending:
+        _prefill_embeddings(cfg, pending)
+        order = sorted(pending, key=lambda name: -len(pending[name].frame))
+        jobs = [(cfg, name, pending[name], split, keys[name]) for name in order]
+        results.update(zip(order, run_jobs(cfg.run.workers, _condition_job, jobs, "condition"), strict=True))
+    records = [r for name in conditions for r in results[name][0]]
+    seconds = {name: results[name][1] for name in conditions}
     write_results(cfg.paths.reports, records)
     fields = {
         "stage": "experiments",
