@@ -184,8 +184,22 @@ def build_zoo(cfg: Config, only: list[str] | None = None, stop_after: int | None
         if unknown:
             raise NatprintsError(f"unknown model id(s) {unknown}; known: {', '.join(specs)}")
     ids = [m for m in specs if not only or m in only]
+    # Longest first, so the largest model does not start last and leave a worker idle at the end.
+    ids.sort(key=lambda m: -train_cost(cfg, specs[m][0]))
     done = run_jobs(cfg.run.workers, _zoo_job, [(cfg, m, stop_after) for m in ids], "zoo")
-    return [m for m, trained in zip(ids, done, strict=True) if trained]
+    return [m for m in specs if m in ids and done[ids.index(m)]]
+
+
+def train_cost(cfg: Config, spec: ModelSpec) -> float:
+    """Relative training cost: tokens seen times the weights of the linear maps (LM head included)."""
+    p = cfg.sizes[spec.size]
+    per_layer = 4 * p.hidden_size**2 + 3 * p.hidden_size * p.intermediate_size
+    return (
+        spec.steps
+        * spec.batch_size
+        * spec.seq_len
+        * (p.num_layers * per_layer + p.hidden_size * cfg.tokenizer.vocab_size)
+    )
 
 
 def shift_corpus(cfg: Config) -> dict:
