@@ -1,19 +1,24 @@
 """CLI commands for attribution (`experiments`, `attribute`); registered on the main app.
 
 Heavy imports happen inside the commands: `natprints attribute` with an n-gram attributor never
-imports torch. Both commands turn a :class:`NatprintsError` into one `error:` line and exit 1.
+imports torch, and with a TF-IDF + logistic regression one not even scikit-learn. Both commands
+turn a :class:`NatprintsError` into one `error:` line and exit 1.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from natprints.errors import NatprintsError
+
+if TYPE_CHECKING:
+    from natprints.attributor import Prediction
 
 
 def _fail(message: str) -> typer.Exit:
@@ -87,6 +92,32 @@ def _read_inputs(files: list[str], max_bytes: int) -> list[tuple[str, str | None
     return out
 
 
+FIRST_BATCH = 32  # the first answers come after this many inputs ...
+MAX_BATCH = 2048  # ... then batches double up to this many
+
+
+def _batches(names: list[str], streaming: bool) -> Iterator[list[str]]:
+    """Inputs in growing batches; one batch of all when results depend on the batch (see below)."""
+    if not streaming:
+        yield names
+        return
+    start, size = 0, FIRST_BATCH
+    while start < len(names):
+        yield names[start : start + size]
+        start, size = start + size, min(size * 2, MAX_BATCH)
+
+
+def _line(name: str, p: Prediction, as_json: bool, threshold: float) -> str:
+    if as_json:
+        return json.dumps({"input": name, **p.to_dict()})
+    others = ", ".join(f"{m} {q:.3f}" for m, q in p.top if m != p.best_model)
+    if p.unknown:
+        head = f"unknown (best {p.best_model} {p.probability:.3f} < threshold {threshold:.3f})"
+    else:
+        head = f"{p.label} {p.probability:.3f}"
+    return f"{name}: {head}" + (f"; then {others}" if others else "")
+
+
 def attribute(
     files: Annotated[
         list[str] | None,
@@ -106,7 +137,11 @@ def attribute(
         int | None, typer.Option("--max-bytes", min=1, help="Refuse texts larger than this (default 1 MB).")
     ] = None,
 ) -> None:
-    """Attribute each text to the zoo model that most likely wrote it, or `unknown`."""
+    """Attribute each text to the zoo model that most likely wrote it, or `unknown`.
+
+    Results are printed in input order, in batches as they are ready (n-gram attributors), or all
+    at once after one prediction over every input (attributors whose results depend on the batch).
+    """
     from natprints.attributor import DEFAULT_MAX_TEXT_BYTES, load_attributor
 
     try:
@@ -114,31 +149,29 @@ def attribute(
         if attributor is None and not directory.is_dir() and directory.parent.is_dir():
             known = ", ".join(sorted(p.name for p in directory.parent.iterdir() if p.is_dir()))
             raise NatprintsError(f"no attributor for condition '{directory.name}' (this run has: {known})")
-        model = load_attributor(directory)
+        model = load_attributor(directory, light=True)  # n-gram logreg: no scikit-learn import
     except NatprintsError as exc:
         raise _fail(str(exc)) from None
     limit = max_bytes or config_limit or DEFAULT_MAX_TEXT_BYTES
-    inputs = _read_inputs(list(files or []), limit)
-    texts = [text for _, text, _ in inputs if text is not None]
-    predictions = iter(model.predict(texts, top_k=top) if texts else [])
     failed = 0
-    for name, _text, error in inputs:
-        if error is not None:
+    for names in _batches(list(files or []) or ["-"], model.batch_invariant):
+        inputs = _read_inputs(names, limit)
+        texts = [text for _, text, _ in inputs if text is not None]
+        predictions = iter(model.predict(texts, top_k=top) if texts else [])
+        lines: list[str] = []
+        for name, _text, error in inputs:
+            if error is None:
+                lines.append(_line(name, next(predictions), as_json, model.threshold))
+                continue
             failed += 1
             if as_json:
-                typer.echo(json.dumps({"input": name, "error": error}))
+                lines.append(json.dumps({"input": name, "error": error}))
+            if lines:  # keep stdout and stderr in input order
+                typer.echo("\n".join(lines))
+                lines = []
             typer.echo(f"error: {error}", err=True)
-            continue
-        p = next(predictions)
-        if as_json:
-            typer.echo(json.dumps({"input": name, **p.to_dict()}))
-            continue
-        others = ", ".join(f"{m} {q:.3f}" for m, q in p.top if m != p.best_model)
-        if p.unknown:
-            head = f"unknown (best {p.best_model} {p.probability:.3f} < threshold {model.threshold:.3f})"
-        else:
-            head = f"{p.label} {p.probability:.3f}"
-        typer.echo(f"{name}: {head}" + (f"; then {others}" if others else ""))
+        if lines:
+            typer.echo("\n".join(lines))
     if failed:
         raise typer.Exit(1)
 
