@@ -64,4 +64,4 @@ def torch_profile(fn: Callable[[], Any], top: int = 8, shares: dict[str, float] 
         total = sum(e.self_cpu_time_total for e in averages) or 1.0
         shares.update({e.key: e.self_cpu_time_total / total for e in averages})
     table = averages.table(sort_by="self_cpu_time_total", row_limit=top)
-    return [ln.rstrip() for ln in table.splitlines() if ln.strip() and not set(ln.strip()) <= {"-"}]
+    return [ln.rstrip() for ln in table.splitlines() if ln.strip() and not set(ln.strip()) <= {"-", " "}]
