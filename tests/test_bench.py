@@ -101,3 +101,14 @@ def test_bench_missing_stage_timings(fresh_home):
 
     with pytest.raises(NatprintsError, match="no stage timings for run 'smoke'; run `make all` first"):
         bench_stages(load_config(SMOKE))
+
+
+def test_draw_tokens_across_block_edges():
+    """Mass only at block edges (and a padded last block): the two-level search keeps the softmax."""
+    probs = torch.zeros(200)
+    probs[[0, 63, 64, 127, 199]] = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15])
+    logits = torch.log(probs).repeat(20_000, 1)
+    tokens = draw_tokens(logits, torch.Generator().manual_seed(3))
+    freq = torch.bincount(tokens, minlength=200).float() / 20_000
+    assert set(tokens.unique().tolist()) <= {0, 63, 64, 127, 199}
+    assert torch.allclose(freq, probs, atol=0.012)

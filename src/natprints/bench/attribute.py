@@ -207,8 +207,8 @@ def _find_config(home: Path, run: str) -> Path:
     raise NatprintsError(f"bench: no config for run {run!r} under {home / 'configs'} or ./configs")
 
 
-def _fit_embedding(home: Path, run: str, workdir: Path) -> dict[str, Any]:
-    """No saved attributor embeds: fit embed+logreg on condition `all`'s training split, save it."""
+def _fit_attributor(home: Path, run: str, workdir: Path, featurizer_name: str) -> dict[str, Any]:
+    """No saved attributor of the kind needed: fit ``featurizer_name``+logreg on condition `all`, save it."""
     import pandas as pd
     from sklearn.pipeline import Pipeline
 
@@ -226,12 +226,13 @@ def _fit_embedding(home: Path, run: str, workdir: Path) -> dict[str, Any]:
     data = conditions["all"]
     part = data.frame["prompt_id"].astype(str).map(split).fillna("train")
     train, test = data.frame[part == "train"], data.frame[part == "test"]
-    featurizer = make_featurizer("embed", device=cfg.run.device, threads=cfg.run.threads)
+    featurizer = make_featurizer(featurizer_name, device=cfg.run.device, threads=cfg.run.threads)
     pipe = Pipeline([("features", featurizer), ("classifier", make_classifier("logreg"))])
     pipe.fit(train["text"].tolist(), train["label"].to_numpy())
     accuracy = float((pipe.predict(test["text"].tolist()) == test["label"].to_numpy()).mean()) if len(test) else 0.0
-    meta = {"condition": "all", "featurizer": "embed", "classifier": "logreg", "test_accuracy": accuracy}
-    directory = save_attributor(workdir / "embed-attributor", Attributor(pipe, data.labels, meta=meta), {"run": run})
+    meta = {"condition": "all", "featurizer": featurizer_name, "classifier": "logreg", "test_accuracy": accuracy}
+    attributor = Attributor(pipe, data.labels, meta=meta)
+    directory = save_attributor(workdir / f"{featurizer_name}-attributor", attributor, {"run": run})
     return {**meta, "dir": directory, "accuracy": accuracy, "fitted": True}
 
 
@@ -257,9 +258,9 @@ def bench_attribute(
         paths = RunPaths(run)
         attributors, generated = paths.attributors, paths.generated
     saved = _saved_attributors(attributors)
-    ngram = choose_attributor(saved, NGRAM_FEATURIZERS)
-    if ngram is None:
-        raise NatprintsError(f"bench: run {run!r} has no saved n-gram attributor under {attributors}")
+    if not saved:
+        raise NatprintsError(f"bench: run {run!r} has no saved attributors under {attributors}")
+    ngram = choose_attributor(saved, NGRAM_FEATURIZERS) or _fit_attributor(home, run, workdir, "word12")
     texts = _bench_texts(generated, n_texts)
     text_dir = workdir / "texts"
     names = _write_texts(texts, text_dir)
@@ -303,7 +304,7 @@ def bench_attribute(
     n_embed = n_texts if embed_texts is None else min(embed_texts, n_texts)
     if n_embed:
         embed = next(filter(None, (choose_attributor(saved, f) for f in EMBED_FEATURIZERS)), None)
-        embed = embed or _fit_embedding(home, run, workdir)
+        embed = embed or _fit_attributor(home, run, workdir, "embed")
         timed_embed = _time_cli(embed["dir"], names[:n_embed], text_dir, env, reps)
         results.update(
             {
