@@ -9,32 +9,21 @@ import textwrap
 
 import numpy as np
 import pytest
-import typer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from typer.testing import CliRunner
 
-from natprints import cli_attribution, features
-from natprints.attributor import ARRAYS_FILE, Attributor, save_attributor
-from natprints.features import make_featurizer
+from natprints.attribution import features
+from natprints.attribution.attributor import PIPELINE_FILE, Attributor, save_attributor
+from natprints.attribution.features import make_featurizer
+from natprints.cli import app as APP
 
 RUNNER = CliRunner()
 GOOD = "we shall defend the union and the nation"
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-    cli_attribution.register(app)
-
-    @app.callback()
-    def _root() -> None:  # keeps `attribute` a sub-command, as in the main CLI
-        pass
-
-    return app
-
-
 def invoke(*args: str, input: str | bytes | None = None):
-    return RUNNER.invoke(_app(), list(args), input=input)
+    return RUNNER.invoke(APP, list(args), input=input)
 
 
 def _fit(featurizer: str = "word1"):
@@ -136,7 +125,7 @@ def test_missing_foreign_and_tampered_attributors(home):
     assert result.exit_code == 1 and "not both" in result.stderr
     result = invoke("attribute", str(f), "--attributor", str(home))
     assert result.exit_code == 1 and "no manifest.json" in result.stderr
-    arrays = home / "models/demo/attributors/all" / ARRAYS_FILE
+    arrays = home / "models/demo/attributors/all" / PIPELINE_FILE
     arrays.write_bytes(arrays.read_bytes() + b"x")
     result = invoke("attribute", str(f), "--run", "demo")
     assert result.exit_code == 1 and "tampered" in result.stderr
@@ -160,11 +149,8 @@ def test_ngram_attributor_never_imports_torch(home):
     f.write_text(GOOD)
     script = textwrap.dedent(
         f"""
-        import sys, typer
-        from natprints import cli_attribution
-        app = typer.Typer()
-        cli_attribution.register(app)
-        app.callback()(lambda: None)
+        import sys
+        from natprints.cli import app
         try:
             app(["attribute", {str(f)!r}, "--run", "demo"], standalone_mode=False)
         finally:

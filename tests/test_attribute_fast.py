@@ -8,25 +8,18 @@ import sys
 
 import numpy as np
 import pytest
-import typer
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from typer.testing import CliRunner
 
-from natprints import cli_attribution
-from natprints.attribution import make_classifier
-from natprints.attributor import (
-    Attributor,
-    NgramCounter,
-    NgramLogistic,
-    load_attributor,
-    read_text_file,
-    save_attributor,
-)
+from natprints import cli
+from natprints.attribution.attributor import Attributor, load_attributor, read_text_file, save_attributor
+from natprints.attribution.estimators import make_classifier
+from natprints.attribution.fastpath import NgramCounter, NgramLogistic
+from natprints.attribution.features import make_featurizer
 from natprints.bench.attribute import NGRAM_FEATURIZERS, bench_attribute, choose_attributor
 from natprints.errors import NatprintsError
-from natprints.features import make_featurizer
 
 RUNNER = CliRunner()
 WORDS = ["we", "shall", "union", "war", "peace", "congress", "tax", "money", "trade", "the", "and", "of", "nation"]
@@ -137,15 +130,8 @@ def test_batch_invariance_is_declared_only_where_it_holds():
     assert not Attributor(pipe.named_steps["classifier"], ["a"]).batch_invariant  # not a pipeline
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-    cli_attribution.register(app)
-    app.callback()(lambda: None)  # keeps `attribute` a sub-command, as in the main CLI
-    return app
-
-
 def invoke(*args: str):
-    return RUNNER.invoke(_app(), list(args))
+    return RUNNER.invoke(cli.app, list(args))
 
 
 BAD = {3: "missing.txt", 20: "empty.txt", 33: "binary.bin", 50: "adir"}
@@ -182,8 +168,8 @@ def test_batched_run_gives_the_records_of_one_text_at_a_time(
     tmp_path, inputs, monkeypatch, featurizer, classifier, as_json
 ):
     directory = save_attributor(tmp_path / "att", _attributor(featurizer, classifier), {})
-    monkeypatch.setattr(cli_attribution, "FIRST_BATCH", 4)  # batches of 4, 8, 16, 16, ...
-    monkeypatch.setattr(cli_attribution, "MAX_BATCH", 16)
+    monkeypatch.setattr(cli, "FIRST_BATCH", 4)  # batches of 4, 8, 16, 16, ...
+    monkeypatch.setattr(cli, "MAX_BATCH", 16)
     flags = ["--attributor", str(directory), "--top", "2"] + (["--json"] if as_json else [])
     batched = invoke("attribute", *inputs, *flags)
     assert batched.exit_code == 1  # the bad inputs
@@ -207,8 +193,8 @@ def test_batches_stream_for_invariant_attributors_and_not_otherwise(tmp_path, in
         return original(self, texts, top_k)
 
     monkeypatch.setattr(Attributor, "predict", predict)
-    monkeypatch.setattr(cli_attribution, "FIRST_BATCH", 8)
-    monkeypatch.setattr(cli_attribution, "MAX_BATCH", 32)
+    monkeypatch.setattr(cli, "FIRST_BATCH", 8)
+    monkeypatch.setattr(cli, "MAX_BATCH", 32)
     ngram = save_attributor(tmp_path / "ngram", _attributor("char14", "logreg"), {})
     invoke("attribute", *inputs, "--attributor", str(ngram))
     assert sizes == [8 - 1, 16 - 1, 32 - 2, 18]  # 8, 16, 32, the rest; less the bad inputs in each

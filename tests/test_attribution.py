@@ -16,9 +16,13 @@ import pandas as pd
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score
 
-from natprints import attribution, features
-from natprints.artifacts import atomic_write_json, sha256_text
+from natprints import records as rec
+from natprints.artifacts import Manifest, sha256_text
+from natprints.attribution import data as adata
+from natprints.attribution import experiments as ex
+from natprints.attribution import features
 from natprints.config import load_config
+from natprints.errors import NatprintsError
 from natprints.stats import binomial_p_value, wilson_interval
 
 VOCAB = [f"w{i:03d}" for i in range(240)] + [",", ".", "the", "of", "and"]
@@ -121,14 +125,15 @@ def make_run(
         conds = [c for c, ids in conditions.items() if model_id in ids]
         models[model_id] = {"conditions": conds, "file": f"{model_id}.parquet"}
     _texts("base", 0, 1, n_prompts, n_tokens).to_parquet(gen / "null" / "base.parquet")
-    atomic_write_json(
-        gen / "manifest.json",
+    Manifest(gen, "generated corpora").write(
+        "synth",
         {
             "base_model": "base",
             "models": models,
             "null_control": {"model_id": "base", "file": "null/base.parquet"},
             "conditions": conditions,
         },
+        [*(m["file"] for m in models.values()), "null/base.parquet"],
     )
     tok_dir = root / "data" / "corpus" / "synth" / "tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)
@@ -153,22 +158,22 @@ def synth_run(tmp_path_factory, fake_encoder):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NATPRINTS_HOME", str(root))
         cfg = load_config(make_run(root))
-        attribution.run_experiments(cfg, progress=False, log=lambda m: None)
+        ex.run_experiments(cfg, progress=False, log=lambda m: None)
         yield cfg
 
 
 def _records(cfg):
-    return attribution.load_records(cfg.paths.reports)
+    return rec.load_records(cfg.paths.reports)
 
 
 def test_split_is_by_prompt_and_deterministic():
     prompts = [f"p{i}" for i in range(40)] * 3
-    split = attribution.split_prompts(prompts, 0.25, 0.15, seed=0)
-    assert split == attribution.split_prompts(prompts, 0.25, 0.15, seed=0)
+    split = adata.split_prompts(prompts, 0.25, 0.15, seed=0)
+    assert split == adata.split_prompts(prompts, 0.25, 0.15, seed=0)
     assert len(split) == 40
     counts = {s: sum(v == s for v in split.values()) for s in ("train", "cal", "test")}
     assert counts == {"train": 24, "cal": 6, "test": 10}
-    assert split != attribution.split_prompts(prompts, 0.25, 0.15, seed=1)
+    assert split != adata.split_prompts(prompts, 0.25, 0.15, seed=1)
 
 
 def test_fitting_never_sees_test_rows(tmp_path, monkeypatch, fake_encoder):
@@ -190,9 +195,9 @@ def test_fitting_never_sees_test_rows(tmp_path, monkeypatch, fake_encoder):
     monkeypatch.setattr(TfidfVectorizer, "fit_transform", recording_fit_transform)
     monkeypatch.setenv("NATPRINTS_HOME", str(tmp_path))
     cfg = load_config(make_run(tmp_path, ["word1"]))
-    attribution.run_experiments(cfg, progress=False, log=lambda m: None)
-    records = attribution.load_records(cfg.paths.reports)
-    frames = attribution.load_conditions(cfg)
+    ex.run_experiments(cfg, progress=False, log=lambda m: None)
+    records = rec.load_records(cfg.paths.reports)
+    frames = adata.load_conditions(cfg)
     test_ids = {sid for r in records if r["kind"] == "split" for sid in r["test_sample_ids"]}
     texts = pd.concat([d.frame for d in frames.values()])
     test_texts = set(texts[texts["sample_id"].isin(test_ids)]["text"])
@@ -213,7 +218,7 @@ def test_results_cover_grid_and_table_matches_records(synth_run):
     records = _records(cfg)
     pipelines = [r for r in records if r["kind"] == "pipeline"]
     conditions = {r["condition"] for r in pipelines}
-    assert conditions == {"seed", "lr", "all", "null"}
+    assert conditions == {"seed", "lr", "all", "null_control"}
     assert len(pipelines) == 4 * 5 * 4
     with open(cfg.paths.reports / "accuracy.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -243,14 +248,16 @@ def test_results_cover_grid_and_table_matches_records(synth_run):
 
 
 def test_fingerprints_found_and_null_control_at_chance(synth_run):
-    table = attribution.accuracy_table(_records(synth_run))
+    table = rec.accuracy_table(_records(synth_run))
     best = table[table["best"]].set_index("condition")
-    assert set(best.index) == {"seed", "lr", "all", "null"}
+    assert set(best.index) == {"seed", "lr", "all", "null_control"}
     for condition in ("seed", "lr", "all"):
         row = best.loc[condition]
         assert row["ci_low"] > row["chance"], condition  # real differences are detected
         assert row["p_value"] < 0.01
-    null = table[(table["condition"] == "null") & (table["featurizer"] == "word1") & (table["classifier"] == "logreg")]
+    null = table[
+        (table["condition"] == "null_control") & (table["featurizer"] == "word1") & (table["classifier"] == "logreg")
+    ]
     assert len(null) == 1
     row = null.iloc[0]
     assert row["n_classes"] == 2 and row["chance"] == 0.5
@@ -289,26 +296,27 @@ def test_rerun_is_idempotent_and_detects_changes(synth_run, monkeypatch):
     monkeypatch.setenv("NATPRINTS_HOME", str(cfg.paths.root.resolve()))
     results = cfg.paths.reports / "results.jsonl"
     before = results.read_bytes()
-    assert attribution.experiments_up_to_date(cfg)
-    monkeypatch.setattr(attribution, "run_condition", lambda *a, **k: pytest.fail("recomputed"))
+    assert ex.experiments_up_to_date(cfg)
+    monkeypatch.setattr(ex, "run_condition", lambda *a, **k: pytest.fail("recomputed"))
     messages = []
-    attribution.run_experiments(cfg, progress=False, log=messages.append)
+    ex.run_experiments(cfg, progress=False, log=messages.append)
     assert results.read_bytes() == before and "up to date" in messages[0]
-    # A changed input invalidates the stage (and only the conditions that read it).
+    # An input changed behind its manifest's back is refused, naming the file, never read.
     path = cfg.paths.generated / "lr-0.002.parquet"
     frame = pd.read_parquet(path)
     frame.loc[0, "text"] = frame.loc[0, "text"] + " w001"
     original = path.read_bytes()
     frame.to_parquet(path)
     try:
-        assert not attribution.experiments_up_to_date(cfg)
+        with pytest.raises(NatprintsError, match="lr-0.002.parquet does not match its manifest hash"):
+            ex.experiments_up_to_date(cfg)
     finally:
         path.write_bytes(original)
-    assert attribution.experiments_up_to_date(cfg)
+    assert ex.experiments_up_to_date(cfg)
 
 
 def test_report_section_renders_from_records(synth_run):
-    from natprints.attribution_report import headline_table, render_section
+    from natprints.reports.attribution import headline_table, render_section
 
     cfg = synth_run
     markdown = render_section(cfg)
@@ -343,11 +351,11 @@ def test_report_section_renders_from_records(synth_run):
 def test_same_config_gives_identical_records_and_attributors(synth_run, tmp_path, monkeypatch):
     monkeypatch.setenv("NATPRINTS_HOME", str(tmp_path))
     cfg = load_config(make_run(tmp_path))
-    attribution.run_experiments(cfg, progress=False, log=lambda m: None)
+    ex.run_experiments(cfg, progress=False, log=lambda m: None)
     first, second = synth_run.paths, cfg.paths
     for name in ("results.jsonl", "accuracy.csv"):
         assert (second.reports / name).read_bytes() == (first.reports / name).read_bytes(), name
     for condition in ("seed", "lr", "all"):
-        for name in ("pipeline.json", "arrays.npz", "attributor.json"):
+        for name in ("pipeline.skops", "attributor.json"):
             a = (first.attributors / condition / name).read_bytes()
             assert (second.attributors / condition / name).read_bytes() == a, (condition, name)

@@ -4,14 +4,14 @@ import json
 
 import pandas as pd
 
-from natprints.attributor import attribute
+from natprints import attribute
 from tests.conftest import SMOKE, run_cli
 from tests.test_zoo import BASE, SEED1
 
 
 def test_accuracy_table_covers_every_condition_and_pipeline(smoke_cfg):
     acc = pd.read_csv(smoke_cfg.paths.reports / "accuracy.csv", keep_default_na=False)
-    assert set(acc["condition"]) == {"seed", "init", "all", "null"}
+    assert set(acc["condition"]) == {"seed", "init", "all", "null_control"}
     for condition, rows in acc.groupby("condition"):
         assert len(rows) == 5 * 4, condition  # featurizers x classifiers
         assert rows["best"].sum() == 1
@@ -22,7 +22,7 @@ def test_accuracy_table_covers_every_condition_and_pipeline(smoke_cfg):
 
 def test_null_control_lands_at_chance(smoke_cfg):
     acc = pd.read_csv(smoke_cfg.paths.reports / "accuracy.csv", keep_default_na=False)
-    null = acc[acc["condition"] == "null"]
+    null = acc[acc["condition"] == "null_control"]
     assert (null["n_classes"] == 2).all()
     # The same model sampled twice. Twenty pipelines on 16 test texts each: about one 95% interval
     # misses chance by luck alone, so a leak shows as many misses and a high mean, not as one miss.

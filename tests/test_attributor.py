@@ -12,11 +12,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from natprints import features
-from natprints.artifacts import write_manifest
-from natprints.attribution import make_classifier
-from natprints.attributor import (
-    ARRAYS_FILE,
+from natprints.artifacts import Manifest
+from natprints.attribution import features
+from natprints.attribution.attributor import (
     PIPELINE_FILE,
     Attributor,
     apply_temperature,
@@ -26,8 +24,9 @@ from natprints.attributor import (
     load_attributor,
     save_attributor,
 )
+from natprints.attribution.estimators import LabelXGBClassifier, make_classifier
+from natprints.attribution.features import SentenceEmbedder, make_featurizer
 from natprints.errors import NatprintsError
-from natprints.features import LabelXGBClassifier, SentenceEmbedder, TopFeatures, make_featurizer
 
 WORDS = ["the", "nation", "union", "war", "peace", "we", "shall", ",", ".", "of", "and", "congress"]
 
@@ -69,7 +68,7 @@ def corpus(n_per_class: int = 30, k: int = 3, seed: int = 0) -> tuple[list[str],
     return texts, np.array(labels)
 
 
-@parametrize_with_checks([LabelXGBClassifier(n_estimators=8, n_jobs=1), TopFeatures(k=2)])
+@parametrize_with_checks([LabelXGBClassifier(n_estimators=8, n_jobs=1)])
 def test_custom_estimators_pass_sklearn_checks(estimator, check):
     check(estimator)
 
@@ -121,8 +120,8 @@ def test_save_load_gives_identical_predictions(tmp_path, fake_encoder, featurize
     assert loaded.labels == labels and loaded.temperature == 1.7 and loaded.threshold == 0.4
     np.testing.assert_array_equal(loaded.predict_proba(texts), saved.predict_proba(texts))
     assert [p.to_dict() for p in loaded.predict(texts)] == [p.to_dict() for p in saved.predict(texts)]
-    raw = (tmp_path / "a" / PIPELINE_FILE).read_text()
-    assert "pickle" not in raw and "__object__" in raw
+    raw = (tmp_path / "a" / PIPELINE_FILE).read_bytes()
+    assert raw[:2] == b"PK" and b"pickle" not in raw  # a skops zip archive
 
 
 def _saved(tmp_path):
@@ -135,7 +134,7 @@ def _saved(tmp_path):
 
 def test_tampered_missing_and_foreign_attributors_are_refused(tmp_path):
     directory, _ = _saved(tmp_path)
-    arrays = directory / ARRAYS_FILE
+    arrays = directory / PIPELINE_FILE
     data = bytearray(arrays.read_bytes())
     data[len(data) // 2] ^= 0xFF
     arrays.write_bytes(bytes(data))
@@ -150,28 +149,32 @@ def test_tampered_missing_and_foreign_attributors_are_refused(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "x.txt").write_text("hello")
-    write_manifest(other, {"kind": "something-else"}, ["x.txt"])
+    Manifest(other, "artifact").write("k", {"kind": "something-else"}, ["x.txt"])
     with pytest.raises(NatprintsError, match="not a natprints attributor"):
         load_attributor(other)
 
 
 def test_untrusted_type_is_refused_even_with_matching_hashes(tmp_path):
     directory, _ = _saved(tmp_path)
-    tree = json.loads((directory / PIPELINE_FILE).read_text())
-    tree["state"]["__dict__"]["memory"] = {"__object__": "os.system", "state": {"__dict__": {}}}
-    (directory / PIPELINE_FILE).write_text(json.dumps(tree))
+    import skops.io as sio
+
+    texts, y = corpus()
+    pipe = Pipeline([("features", make_featurizer("word1")), ("classifier", Untrusted())]).fit(texts, y)
+    (directory / PIPELINE_FILE).write_bytes(sio.dumps(pipe))
     manifest = json.loads((directory / "manifest.json").read_text())
-    write_manifest(directory, {k: v for k, v in manifest.items() if k != "files"}, manifest["files"])
-    with pytest.raises(NatprintsError, match="untrusted type os.system"):
+    fields = {k: v for k, v in manifest.items() if k not in ("files", "key")}
+    Manifest(directory, "attributor").write(manifest["key"], fields, manifest["files"])
+    with pytest.raises(NatprintsError, match="untrusted type.*Untrusted"):
         load_attributor(directory)
 
 
-def test_saving_an_untrusted_object_fails(tmp_path):
-    class Custom(LogisticRegression):
-        pass
+class Untrusted(LogisticRegression):
+    """A class no trusted list names."""
 
+
+def test_saving_an_untrusted_object_fails(tmp_path):
     texts, y = corpus()
-    pipe = Pipeline([("features", make_featurizer("word1")), ("classifier", Custom())]).fit(texts, y)
+    pipe = Pipeline([("features", make_featurizer("word1")), ("classifier", Untrusted())]).fit(texts, y)
     with pytest.raises(NatprintsError, match="untrusted type"):
         save_attributor(tmp_path / "x", Attributor(pipe, ["a", "b", "c"]), {})
 

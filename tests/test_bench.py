@@ -9,7 +9,7 @@ import torch
 
 from natprints.bench import render_bench, run_bench
 from natprints.errors import NatprintsError
-from natprints.generate import LeanDecoder, decode, draw_tokens
+from natprints.generate.sampler import LeanDecoder, decode, draw_tokens
 from tests.conftest import SMOKE, run_cli
 
 

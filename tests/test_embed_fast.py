@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from natprints.features import DEFAULT_ENCODER, SentenceEmbedder, _load_encoder, equal_length_batches
+from natprints.attribution.features import DEFAULT_ENCODER, SentenceEmbedder, _load_encoder, equal_length_batches
 
 WORDS = ["the", "nation", "shall", "not", "perish", "from", "the", "earth", "but", "we", "the", "people", "of"]
 WORDS += ["these", "united", "states", "in", "order", "to", "form", "a", "more", "perfect", "union"]

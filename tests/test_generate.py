@@ -3,7 +3,8 @@ import torch
 
 from natprints.artifacts import read_manifest
 from natprints.config import GenerateSettings
-from natprints.generate import COLUMNS, _filter_logits, generate_all
+from natprints.generate.sampler import filter_logits
+from natprints.generate.stage import COLUMNS, generate_all
 from tests.conftest import copy_stage
 from tests.test_zoo import BASE
 
@@ -47,8 +48,8 @@ def test_generation_resume_fills_only_missing_rows(smoke_cfg, smoke_home, fresh_
 
 def test_top_k_and_top_p_filtering():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
-    assert torch.isinf(_filter_logits(logits, 2, 1.0)).tolist() == [[False, False, True, True, True]]
+    assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[False, False, True, True, True]]
     probs = torch.softmax(logits, -1)[0]
-    kept = ~torch.isinf(_filter_logits(logits, 0, float(probs[0] + probs[1] * 0.5)))
+    kept = ~torch.isinf(filter_logits(logits, 0, float(probs[0] + probs[1] * 0.5)))
     assert kept.tolist() == [[True, True, False, False, False]]
     assert GenerateSettings().top_p == 1.0

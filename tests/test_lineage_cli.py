@@ -6,35 +6,23 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import typer
 from transformers import LlamaForCausalLM
 from typer.testing import CliRunner
 
-from natprints.artifacts import write_manifest
-from natprints.cli_lineage import register
+from natprints import records
+from natprints.artifacts import Manifest
+from natprints.cli import app as APP
 from natprints.config import load_config
 from natprints.errors import NatprintsError
 from natprints.lineage import experiments as ex
 from natprints.lineage import seedprints as sp
-from natprints.lineage.report import render_section
+from natprints.reports.lineage import render_section
 from tests.test_seedprints import VOCAB, new_model
 
 STEPS = 20
 CONFIG = "[run]\nname = 't'\ndevice = 'cpu'\n\n[lineage]\nseedprints_inputs = 96\nseedprints_seq_len = 32\n"
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        """natprints (test app)."""
-
-    register(app)
-    return app
-
-
-APP = _app()
 runner = CliRunner()
 
 
@@ -67,7 +55,7 @@ def _zoo_model(zoo: Path, model_id: str, init_seed: int, data_seed: int, conditi
         "spec": {"size": "xs", "steps": STEPS},
         "parent": None,
     }
-    write_manifest(path, fields, files)
+    Manifest(path, "model").write("test", fields, files)
     return path
 
 
@@ -79,7 +67,7 @@ def _derived(zoo: Path, parent: str, data_seed: int) -> Path:
     parent_manifest = json.loads((zoo / parent / "manifest.json").read_text())
     fields = {k: parent_manifest[k] for k in ("conditions", "init_seed", "data_seed")}
     fields |= {"model_id": path.name, "parent": parent, "derived_from_corpus": "kjv", "spec": {"steps": 10}}
-    write_manifest(path, fields, ["config.json", "model.safetensors"])
+    Manifest(path, "model").write("test", fields, ["config.json", "model.safetensors"])
     return path
 
 
@@ -217,7 +205,7 @@ def test_run_writes_tables_and_is_idempotent(in_home, monkeypatch):
     assert result.exit_code == 0, result.output
     reports = in_home / "reports" / "t"
     frame = pd.read_csv(reports / "lineage.csv")
-    assert list(frame.columns) == ex.CSV_COLUMNS
+    assert list(frame.columns) == records.CSV_COLUMNS
     labels = {"s0", "s0@init", "s1", "s1@init", "d1", "d1@init", "s0+kjv"}
     assert set(frame.model_a) | set(frame.model_b) == labels
     assert len(frame) == 2 * len(labels) * (len(labels) - 1) // 2
@@ -245,11 +233,12 @@ def test_run_writes_tables_and_is_idempotent(in_home, monkeypatch):
     own = emergence[emergence.own & (emergence.model == "s0")]
     assert sorted(own.step) == [10, STEPS]
     assert (own.log10_p < -2).all()
-    for name in ("lineage_heatmap_seedprints.png", "lineage_heatmap_weights.png", "lineage_emergence.png"):
-        assert (reports / name).read_bytes().startswith(b"\x89PNG")
+    assert not (reports / "lineage_heatmap_seedprints.png").exists()  # figures are drawn at report time
 
     section = render_section(load_config(in_home / "t.toml"))
     assert section.startswith("## Lineage")
+    for name in ("lineage_heatmap_seedprints.png", "lineage_heatmap_weights.png", "lineage_emergence.png"):
+        assert (reports / name).read_bytes().startswith(b"\x89PNG")
     assert "init vs its own trained model: 3/3 pairs at p < 0.01" in section
     assert "lineage_heatmap_seedprints.png" in section
 

@@ -10,10 +10,11 @@ import torch
 from scipy.stats import kendalltau, norm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from natprints.artifacts import write_manifest
+from natprints.artifacts import Manifest
 from natprints.config import LineageSettings
 from natprints.errors import NatprintsError
 from natprints.lineage import seedprints as sp
+from natprints.lineage.models import inspect_model, model_digest
 
 VOCAB = 300
 
@@ -186,23 +187,23 @@ def test_seq_len_beyond_positions_is_an_error(models):
 
 def test_bad_model_directories(tmp_path, models):
     with pytest.raises(NatprintsError, match="not found"):
-        sp.inspect_model(tmp_path / "missing")
+        inspect_model(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(NatprintsError, match="no config.json"):
-        sp.inspect_model(tmp_path / "empty")
+        inspect_model(tmp_path / "empty")
     (tmp_path / "file").write_text("x")
     with pytest.raises(NatprintsError, match="not a model directory"):
-        sp.inspect_model(tmp_path / "file")
+        inspect_model(tmp_path / "file")
     (tmp_path / "badjson").mkdir()
     (tmp_path / "badjson" / "config.json").write_text("{nope")
     with pytest.raises(NatprintsError, match="not valid JSON"):
-        sp.inspect_model(tmp_path / "badjson")
+        inspect_model(tmp_path / "badjson")
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text(
         json.dumps({"hidden_size": 8, "num_hidden_layers": 1, "vocab_size": 9})
     )
     with pytest.raises(NatprintsError, match="no model.safetensors"):
-        sp.inspect_model(tmp_path / "noweights")
+        inspect_model(tmp_path / "noweights")
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "config.json").write_text((models["init0"] / "config.json").read_text())
     (tmp_path / "garbage" / "model.safetensors").write_bytes(b"\x00" * 64)
@@ -212,8 +213,8 @@ def test_bad_model_directories(tmp_path, models):
 
 def test_tampered_weights_fail_manifest_check(tmp_path):
     model = tiny_model(tmp_path / "m", 0)
-    write_manifest(model, {"model_id": "m"}, ["config.json", "model.safetensors"])
-    sp.model_digest(sp.inspect_model(model))  # untouched: fine
+    Manifest(model, "model").write("test", {"model_id": "m"}, ["config.json", "model.safetensors"])
+    model_digest(inspect_model(model))  # untouched: fine
     other = tiny_model(tmp_path / "other", 1)
     (model / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     with pytest.raises(NatprintsError, match="does not match the hash"):

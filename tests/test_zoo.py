@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 from natprints.artifacts import read_manifest, sha256_file
-from natprints.zoo import build_zoo, zoo_specs
+from natprints.zoo import zoo_specs
 from natprints.zoo.spec import format_lr
+from natprints.zoo.stage import build_zoo
 from natprints.zoo.train import BatchSchedule, lr_at
 from tests.conftest import SMOKE, copy_stage, run_cli
 
@@ -60,8 +61,11 @@ def test_manifests_record_identical_data(smoke_cfg):
         "wall_s",
         "package_versions",
         "git_revision",
+        "machine",
+        "key",
     ):
         assert key in base
+    assert base["machine"]["cpu_capability"]  # which kind of CPU made the weights: bit-identity holds per kind
     assert base["tokens_seen"] == 40 * 8 * 64 and base["steps"] == 40
     assert [s for s, _ in base["heldout_curve"]] == [10, 20, 30, 40]
     assert base["heldout_curve"][-1][1] < base["heldout_curve"][0][1]

@@ -124,55 +124,123 @@ def git_revision() -> str:
     return rev + ("+dirty" if dirty else "")
 
 
-def write_manifest(
-    directory: Path | str,
-    fields: dict[str, Any],
-    files: Iterable[str] = (),
-) -> dict[str, Any]:
-    """Write ``directory/manifest.json`` with ``fields``, provenance and the sha256 of ``files``.
+def machine() -> dict[str, str]:
+    """What computed an artifact: the CPU's vector capability and the GPU, when one is visible.
 
-    ``files`` are names relative to ``directory``. The manifest is written last, so its presence
-    marks the artifact complete.
+    Floating point differs between CPU kinds (AVX2 vs AVX-512), so bit-identical reruns hold on one
+    kind only; every manifest records which kind made it.
     """
+    import platform
+
+    out = {"machine": platform.machine()}
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return out
+    out["cpu_capability"] = str(torch.backends.cpu.get_cpu_capability())
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def provenance() -> dict[str, Any]:
+    """The fields every manifest carries about the code and machine that wrote it."""
+    return {"package_versions": package_versions(), "git_revision": git_revision(), "machine": machine()}
+
+
+def file_hashes(directory: Path | str, files: Iterable[str]) -> dict[str, str]:
     directory = Path(directory)
-    manifest = dict(fields)
-    manifest["files"] = {name: sha256_file(directory / name) for name in sorted(files)}
-    manifest.setdefault("package_versions", package_versions())
-    manifest.setdefault("git_revision", git_revision())
-    atomic_write_json(directory / MANIFEST, manifest)
-    return manifest
+    return {name: sha256_file(directory / name) for name in sorted(files)}
+
+
+class Manifest:
+    """The one manifest contract of every stage's output.
+
+    ``directory/name`` (``manifest.json`` unless a stage keeps several in one directory) holds the
+    stage ``key`` (a hash of everything that determines the output: settings and inputs' hashes),
+    the stage's own fields, the sha256 of each output file (relative to ``directory``) and the
+    provenance. It is written last, so its presence marks the output complete; :meth:`is_current`
+    is the only "is this stage done" check.
+    """
+
+    def __init__(self, directory: Path | str, what: str, name: str = MANIFEST):
+        self.directory = Path(directory)
+        self.what = what
+        self.path = self.directory / name
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def read(self) -> dict[str, Any]:
+        if not self.exists():
+            raise NatprintsError(f"{self.what} at {self.directory} has no {self.path.name} (incomplete or foreign)")
+        try:
+            manifest = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise NatprintsError(f"{self.path} is not a valid manifest: {exc}") from None
+        if not isinstance(manifest, dict):
+            raise NatprintsError(f"{self.path} is not a valid manifest")
+        return manifest
+
+    def verify(self) -> dict[str, Any]:
+        """The manifest, after checking every file it lists against its recorded sha256."""
+        manifest = self.read()
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            raise NatprintsError(f"{self.what} at {self.directory}: manifest lists no files")
+        for name, digest in files.items():
+            path = self.directory / name
+            if not path.is_file():
+                raise NatprintsError(f"{self.what} at {self.directory}: missing file {name}")
+            if sha256_file(path) != digest:
+                raise NatprintsError(
+                    f"{self.what} at {self.directory}: {name} does not match its manifest hash (tampered or corrupt)"
+                )
+        return manifest
+
+    def is_current(self, key: str, *, refuse_other: str | None = None) -> bool:
+        """True when the output is complete, was made under ``key`` and its files verify.
+
+        A complete output made under another key is redone (False), or, with ``refuse_other`` (the
+        recovery hint), refused: outputs that later stages were built on are not silently replaced.
+        """
+        if not self.exists():
+            return False
+        try:
+            manifest = self.read()
+        except NatprintsError:
+            if refuse_other is not None:
+                raise
+            return False
+        if manifest.get("key") != key:
+            if refuse_other is not None:
+                raise NatprintsError(
+                    f"{self.what} at {self.directory} was made with different settings; {refuse_other}"
+                )
+            return False
+        if refuse_other is not None:
+            self.verify()
+            return True
+        try:
+            self.verify()
+        except NatprintsError:
+            return False
+        return True
+
+    def write(self, key: str, fields: dict[str, Any], files: Iterable[str] = ()) -> dict[str, Any]:
+        """Write the manifest: ``key``, ``fields``, the sha256 of ``files`` and the provenance."""
+        manifest = {"key": key, **fields, "files": file_hashes(self.directory, files), **provenance()}
+        atomic_write_json(self.path, manifest)
+        return manifest
+
+    def invalidate(self) -> None:
+        """Mark the output incomplete before rewriting any of its files."""
+        self.path.unlink(missing_ok=True)
 
 
 def read_manifest(directory: Path | str, what: str = "artifact") -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise NatprintsError(f"{what} at {directory} has no {MANIFEST} (incomplete or foreign)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NatprintsError(f"{path} is not a valid manifest: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise NatprintsError(f"{path} is not a valid manifest")
-    return manifest
-
-
-def verify_files(directory: Path | str, manifest: dict[str, Any], what: str = "artifact") -> None:
-    """Check every file the manifest lists against its recorded sha256."""
-    directory = Path(directory)
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise NatprintsError(f"{what} at {directory}: manifest lists no files")
-    for name, digest in files.items():
-        path = directory / name
-        if not path.is_file():
-            raise NatprintsError(f"{what} at {directory}: missing file {name}")
-        if sha256_file(path) != digest:
-            raise NatprintsError(
-                f"{what} at {directory}: {name} does not match its manifest hash (tampered or corrupt)"
-            )
+    return Manifest(directory, what).read()
 
 
 def load_verified_manifest(directory: Path | str, what: str = "artifact") -> dict[str, Any]:
-    manifest = read_manifest(directory, what)
-    verify_files(directory, manifest, what)
-    return manifest
+    return Manifest(directory, what).verify()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,6 +21,16 @@ from natprints.artifacts import atomic_write_json, canonical_json, hash_obj
 from natprints.errors import NatprintsError
 
 DEFAULT_CONFIG = Path("configs/default.toml")
+HOME_VARIABLE = "NATPRINTS_HOME"  # where data/, models/ and reports/ live (default: the working directory)
+
+# The one registry of what a config can name: conditions, featurizers, classifiers, in report order.
+CONDITIONS = ("seed", "init", "data_order", "size", "lr", "batch_size")
+CONDITION_ORDER = (*CONDITIONS, "all")
+NULL_CONDITION = "null_control"  # one model under two sampling seeds: must come out at chance
+FEATURIZERS = ("word1", "word12", "char14", "embed", "union")
+CLASSIFIERS = ("logreg", "svm", "xgb", "mlp")
+Featurizer = Literal["word1", "word12", "char14", "embed", "union"]
+Classifier = Literal["logreg", "svm", "xgb", "mlp"]
 
 
 class _Section(BaseModel):
@@ -124,13 +136,9 @@ class GenerateSettings(_Section):
         return self
 
 
-FEATURIZERS = ("word1", "word12", "char14", "embed", "union")
-CLASSIFIERS = ("logreg", "svm", "xgb", "mlp")
-
-
 class AttributionSettings(_Section):
-    featurizers: list[Literal["word1", "word12", "char14", "embed", "union"]] = list(FEATURIZERS)
-    classifiers: list[Literal["logreg", "svm", "xgb", "mlp"]] = list(CLASSIFIERS)
+    featurizers: list[Featurizer] = list(FEATURIZERS)
+    classifiers: list[Classifier] = list(CLASSIFIERS)
     test_fraction: float = Field(0.25, gt=0, lt=1)
     split_seed: int = Field(0, ge=0)
     max_features: int = Field(50000, ge=10)
@@ -197,18 +205,41 @@ class Config(_Section):
 
     @property
     def paths(self) -> RunPaths:
-        return RunPaths(self.run.name)
+        return RunPaths(home(), self.run.name)
+
+
+def home() -> Path:
+    """The directory holding data/, models/ and reports/: ``NATPRINTS_HOME``, else the working one."""
+    return Path(os.environ.get(HOME_VARIABLE, "."))
+
+
+@contextmanager
+def use_home(root: Path | str) -> Iterator[None]:
+    """``NATPRINTS_HOME=root`` for the duration (for tools that read another project's runs)."""
+    old = os.environ.get(HOME_VARIABLE)
+    os.environ[HOME_VARIABLE] = str(root)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(HOME_VARIABLE, None)
+        else:
+            os.environ[HOME_VARIABLE] = old
+
+
+def offline_environment() -> None:
+    """No hub access at run time, and no tokenizer threads beside the stages' own workers."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Where a run's artifacts live, relative to the project root (or ``NATPRINTS_HOME``)."""
+    """Where a run's artifacts live under ``root``."""
 
+    root: Path
     run: str
-
-    @property
-    def root(self) -> Path:
-        return Path(os.environ.get("NATPRINTS_HOME", "."))
 
     @property
     def corpus(self) -> Path:

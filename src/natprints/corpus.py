@@ -14,14 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from natprints.artifacts import (
-    atomic_write_bytes,
-    hash_obj,
-    read_manifest,
-    sha256_file,
-    sha256_text,
-    write_manifest,
-)
+from natprints.artifacts import Manifest, atomic_write_bytes, hash_obj, sha256_file, sha256_text
 from natprints.config import Config, CorpusSettings, TokenizerSettings
 from natprints.errors import NatprintsError
 
@@ -193,28 +186,27 @@ def load_tokens(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def stage_hash(cfg: Config) -> str:
+def stage_key(cfg: Config) -> str:
     return hash_obj({"corpus": cfg.corpus.model_dump(), "tokenizer": cfg.tokenizer.model_dump()})
 
 
+def _manifest(cfg: Config) -> Manifest:
+    return Manifest(cfg.paths.corpus, "corpus")
+
+
 def corpus_manifest(cfg: Config) -> dict:
-    """The verified manifest of a run's corpus stage; a clear error when it is missing or stale."""
-    path = cfg.paths.corpus
-    if not (path / "manifest.json").is_file():
+    """The manifest of a run's corpus stage; a clear error when it is missing or stale."""
+    manifest = _manifest(cfg)
+    if not manifest.exists():
         raise NatprintsError(f"no corpus for run '{cfg.run.name}'; run `natprints data` first")
-    manifest = read_manifest(path, "corpus")
-    if manifest.get("stage_hash") != stage_hash(cfg):
-        raise NatprintsError(
-            f"corpus at {path} was made with different corpus/tokenizer settings; "
-            "use a new [run] name or `natprints clean`"
-        )
-    return manifest
+    manifest.is_current(stage_key(cfg), refuse_other="use a new [run] name or `natprints clean`")
+    return manifest.read()
 
 
 def build_corpus(cfg: Config) -> dict:
     """The `data` stage: paragraphs, split, tokenizer, token streams and a manifest. Idempotent."""
     out = cfg.paths.corpus
-    if (out / "manifest.json").is_file():
+    if _manifest(cfg).exists():
         return corpus_manifest(cfg)
     start = time.time()
     settings = cfg.corpus
@@ -235,12 +227,11 @@ def build_corpus(cfg: Config) -> dict:
     save_npy(out / "heldout_tokens.npy", heldout_tokens)
     train_text = "\n\n".join(train)
     tok_files = sorted(p.name for p in cfg.paths.tokenizer.iterdir() if p.is_file())
-    return write_manifest(
-        out,
+    return _manifest(cfg).write(
+        stage_key(cfg),
         {
             "stage": "data",
             "run": cfg.run.name,
-            "stage_hash": stage_hash(cfg),
             "source": settings.source,
             "corpus_sha256": sha256_text(train_text),
             "heldout_sha256": sha256_text("\n\n".join(heldout)),
@@ -256,5 +247,5 @@ def build_corpus(cfg: Config) -> dict:
             },
             "wall_s": round(time.time() - start, 2),
         },
-        files=[*STAGE_FILES, *(f"tokenizer/{n}" for n in tok_files)],
+        [*STAGE_FILES, *(f"tokenizer/{n}" for n in tok_files)],
     )

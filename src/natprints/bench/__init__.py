@@ -19,6 +19,7 @@ from typing import Any
 
 from natprints.artifacts import atomic_write_json, atomic_write_text, git_revision, package_versions
 from natprints.config import Config
+from natprints.config import home as config_home
 from natprints.errors import NatprintsError
 
 SECTIONS = ("train", "generate", "embed", "attribute", "stages")
@@ -46,9 +47,9 @@ def bench_dir(cfg: Config) -> Path:
 
 def bench_stages(cfg: Config) -> dict[str, Any]:
     """Wall time and peak RSS of each stage of the last full run of ``cfg``, from its timings record."""
-    from natprints.timings import read_timings
+    from natprints.records import read_timings
 
-    timings = read_timings(cfg)
+    timings = read_timings(cfg.paths.reports)
     if not timings:
         raise NatprintsError(f"bench: no stage timings for run {cfg.run.name!r}; run `make all` first")
     wall = {stage: t["wall_s"] for stage, t in timings.items()}
@@ -97,7 +98,7 @@ def _run_section(name: str, cfg: Config, reps: int, workdir: Path) -> dict[str, 
     if name == "attribute":
         from natprints.bench.attribute import bench_attribute
 
-        home = Path(os.environ.get("NATPRINTS_HOME", "."))
+        home = config_home()
         return bench_attribute(home, cfg.run.name, n_texts=ATTRIBUTE_TEXTS, reps=reps, workdir=workdir)
     return bench_stages(cfg)
 

@@ -11,7 +11,6 @@ two matrices are checked to be identical.
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
 import json
 import os
@@ -20,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +28,6 @@ from natprints.errors import NatprintsError
 NGRAM_FEATURIZERS = ("word1", "word12", "char14")  # word / character TF-IDF only
 EMBED_FEATURIZERS = (("embed",), ("union",))  # pure embeddings first, then the union with n-grams
 EMBED_TEXTS = 1000  # the sentence encoder runs at tens of texts/s on a CPU: 10,000 would take minutes
-
-
-@contextlib.contextmanager
-def _home(home: Path) -> Iterator[None]:
-    """``NATPRINTS_HOME=home`` for the duration, so :class:`RunPaths` resolves inside ``home``."""
-    old = os.environ.get("NATPRINTS_HOME")
-    os.environ["NATPRINTS_HOME"] = str(home)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("NATPRINTS_HOME", None)
-        else:
-            os.environ["NATPRINTS_HOME"] = old
 
 
 def _saved_attributors(directory: Path) -> list[dict[str, Any]]:
@@ -155,7 +139,7 @@ def _startup_s(attributor: Path, env: dict[str, str], reps: int) -> tuple[float,
     import resource
 
     code = (
-        "import sys, natprints.cli; from natprints.attributor import load_attributor; "
+        "import sys, natprints.cli; from natprints.attribution.attributor import load_attributor; "
         "load_attributor(sys.argv[1], light=True); print('sklearn' in sys.modules)"
     )
     walls, cpus, sklearn = [], [], False
@@ -173,17 +157,19 @@ def _startup_s(attributor: Path, env: dict[str, str], reps: int) -> tuple[float,
 
 
 def _in_process(attributor: Path, paths: list[str]) -> None:
-    from natprints.cli import app
+    """What `natprints attribute` does per input, through the public API: read, check, predict."""
+    from natprints.attribution.attributor import load_attributor, read_text_file
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        app(["attribute", "--attributor", str(attributor), *paths], standalone_mode=False)
+    model = load_attributor(attributor, light=True)
+    model.predict([read_text_file(path) for path in paths])
 
 
 def _featurize_vs_sklearn(attributor: Path, texts: list[str], reps: int) -> tuple[float, dict[str, Any]]:
     """Our n-gram counting against scikit-learn's on the same texts; the matrices must be identical."""
     import numpy as np
 
-    from natprints.attributor import NgramCounter, load_attributor
+    from natprints.attribution.attributor import load_attributor
+    from natprints.attribution.fastpath import NgramCounter
 
     vectorizer = load_attributor(attributor).pipeline.steps[0][1]
     ours, plain = NgramCounter(vectorizer).transform(texts), vectorizer.transform(texts)
@@ -212,12 +198,13 @@ def _fit_attributor(home: Path, run: str, workdir: Path, featurizer_name: str) -
     import pandas as pd
     from sklearn.pipeline import Pipeline
 
-    from natprints.attribution import CALIBRATION_FRACTION, load_conditions, make_classifier, split_prompts
-    from natprints.attributor import Attributor, save_attributor
-    from natprints.config import load_config
-    from natprints.features import make_featurizer
+    from natprints.attribution.attributor import Attributor, save_attributor
+    from natprints.attribution.data import CALIBRATION_FRACTION, load_conditions, split_prompts
+    from natprints.attribution.estimators import make_classifier
+    from natprints.attribution.features import make_featurizer
+    from natprints.config import load_config, use_home
 
-    with _home(home):
+    with use_home(home):
         cfg = load_config(_find_config(home, run))
         conditions = load_conditions(cfg)
     prompts = pd.concat([d.frame["prompt_id"] for d in conditions.values()]).astype(str)
@@ -254,9 +241,8 @@ def bench_attribute(
 
     home = Path(home).resolve()
     workdir = Path(workdir) / "attribute"
-    with _home(home):
-        paths = RunPaths(run)
-        attributors, generated = paths.attributors, paths.generated
+    paths = RunPaths(home, run)
+    attributors, generated = paths.attributors, paths.generated
     saved = _saved_attributors(attributors)
     if not saved:
         raise NatprintsError(f"bench: run {run!r} has no saved attributors under {attributors}")

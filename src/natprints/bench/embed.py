@@ -13,14 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from natprints.bench.timing import interleaved, measure, torch_profile
-from natprints.features import (
+from natprints.attribution.features import (
     DEFAULT_ENCODER,
     EMBED_BATCH_TOKENS,
     SentenceEmbedder,
     _load_encoder,
     as_texts,
 )
+from natprints.bench.timing import interleaved, measure, torch_profile
 
 TOLERANCE = 1e-4  # max abs difference per coordinate of the unit-length embeddings
 MIN_COSINE = 0.9999

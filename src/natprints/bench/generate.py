@@ -36,14 +36,16 @@ def bench_generate(cfg: Config, *, reps: int = 3) -> dict[str, Any]:
     import torch
 
     from natprints.corpus import load_tokenizer
-    from natprints.generate import build_prompts, decode, sample_batch
-    from natprints.zoo import load_model, zoo_specs
+    from natprints.generate.sampler import decode, sample_batch
+    from natprints.generate.stage import build_prompts
+    from natprints.runtime import load_lm
+    from natprints.zoo import zoo_specs
 
     g = cfg.generate
     base = next(iter(zoo_specs(cfg)))
     if not (cfg.paths.zoo / base / "manifest.json").is_file():
         raise NatprintsError(f"bench: zoo model {base} is missing; run `natprints zoo` first")
-    model = load_model(cfg.paths.zoo / base).eval()
+    model = load_lm(cfg.paths.zoo / base)
     eos = load_tokenizer(cfg.paths.tokenizer).eos_token_id
     prompts = build_prompts(cfg)
     batch = min(g.batch_size, len(prompts))

@@ -18,151 +18,30 @@ provenance) written last, so its presence marks the stage complete.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from natprints.artifacts import (
-    atomic_write_json,
-    atomic_write_text,
-    git_revision,
-    hash_obj,
-    package_versions,
-    read_manifest,
-    sha256_file,
-)
+from natprints.artifacts import Manifest, hash_obj
 from natprints.config import Config, LineageSettings
 from natprints.errors import NatprintsError
 from natprints.lineage import seedprints as sp
 from natprints.lineage import weightstd as ws
+from natprints.lineage.models import Entry, discover_zoo, inspect_model, library_entries, model_digest
+from natprints.records import LINEAGE_JSON, write_lineage
+from natprints.runtime import setup_torch
 
 STAGE_VERSION = 1
 METHODS = ("seedprints", "weights")
-CSV_COLUMNS = ["model_a", "model_b", "method", "score", "log10_p", "related", "verdict"]
-LINEAGE_CSV = "lineage.csv"
-LINEAGE_JSON = "lineage.json"
-EMERGENCE_CSV = "lineage_emergence.csv"
 TARGET_FPR = 0.01
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-_KIND_ORDER = {"init": 0, "trained": 1, "derived": 2, "checkpoint": 3}
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One model directory in the experiment, with what its manifest says about its origin."""
-
-    label: str
-    path: Path
-    kind: str  # init | trained | derived | checkpoint
-    model_id: str  # the zoo model this directory belongs to
-    root: str  # the trained model at the head of its line (the parent, for derived models)
-    parent: str | None
-    init_seed: int | None
-    data_seed: int | None
-    conditions: tuple[str, ...]
-    arch: dict[str, Any] = field(default_factory=dict)
-    step: int | None = None
-
-    def summary(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["path"] = str(self.path)
-        out["conditions"] = list(self.conditions)
-        return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Discovering the zoo
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def discover_zoo(zoo_dir: Path | str) -> list[Entry]:
-    """Every init, trained, derived model and checkpoint in a zoo directory, in a stable order."""
-    zoo_dir = Path(zoo_dir)
-    if not zoo_dir.is_dir():
-        raise NatprintsError(f"no zoo at {zoo_dir}; train it first (`make zoo`)")
-    manifests: dict[str, tuple[Path, dict[str, Any]]] = {}
-    for model_dir in sorted(p for p in zoo_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if not (model_dir / "manifest.json").is_file():
-            if (model_dir / "config.json").is_file() or (model_dir / "init").is_dir():
-                raise NatprintsError(
-                    f"zoo model {model_dir.name} is incomplete (no manifest.json); finish it with `natprints zoo`"
-                )
-            continue
-        manifest = read_manifest(model_dir, "zoo model")
-        model_id = str(manifest.get("model_id") or model_dir.name)
-        manifests[model_id] = (model_dir, manifest)
-    if not manifests:
-        raise NatprintsError(f"no models in the zoo at {zoo_dir}; train it first (`make zoo`)")
-
-    entries: list[Entry] = []
-    for model_id, (model_dir, manifest) in manifests.items():
-        parent = manifest.get("parent")
-        parent = str(parent) if parent else None
-        if parent is not None and parent not in manifests:
-            raise NatprintsError(f"derived model {model_id} names parent {parent!r}, which is not in the zoo")
-        source = manifests[parent][1] if parent else manifest
-        init_seed = _int_or_none(manifest.get("init_seed"))
-        if init_seed is None:
-            init_seed = _int_or_none(source.get("init_seed"))
-        conditions = tuple(str(c) for c in manifest.get("conditions") or source.get("conditions") or [])
-        common = {
-            "model_id": model_id,
-            "root": parent or model_id,
-            "parent": parent,
-            "init_seed": init_seed,
-            "data_seed": _int_or_none(manifest.get("data_seed")),
-            "conditions": conditions,
-        }
-        info = sp.inspect_model(model_dir)
-        kind = "derived" if parent else "trained"
-        spec = manifest.get("spec") if isinstance(manifest.get("spec"), dict) else {}
-        entries.append(
-            Entry(model_id, model_dir, kind, arch=info.arch(), step=_int_or_none(spec.get("steps")), **common)
-        )
-        if parent is None and (model_dir / "init" / "config.json").is_file():
-            init = sp.inspect_model(model_dir / "init")
-            entries.append(Entry(f"{model_id}@init", init.path, "init", arch=init.arch(), step=0, **common))
-        checkpoints = model_dir / "checkpoints"
-        if parent is None and checkpoints.is_dir():
-            for ckpt in sorted(checkpoints.iterdir()):
-                match = _STEP_DIR.match(ckpt.name)
-                if match and (ckpt / "config.json").is_file():
-                    info = sp.inspect_model(ckpt)
-                    step = int(match.group(1))
-                    entries.append(
-                        Entry(
-                            f"{model_id}@{ckpt.name}",
-                            ckpt,
-                            "checkpoint",
-                            arch=info.arch(),
-                            step=step,
-                            **common,
-                        )
-                    )
-    # lines that share an init seed sit together, so the heatmaps show lineage as blocks
-    entries.sort(
-        key=lambda e: (
-            e.init_seed if e.init_seed is not None else -1,
-            e.arch["hidden_size"],
-            e.arch["num_layers"],
-            e.root,
-            _KIND_ORDER[e.kind],
-            e.model_id,
-            e.step or 0,
-        )
-    )
-    return entries
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,22 +294,6 @@ def emergence_records(
 # The stage
 
 
-def _outputs_current(reports: Path, key: str) -> bool:
-    summary_path = reports / LINEAGE_JSON
-    if not summary_path.is_file():
-        return False
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(summary, dict) or summary.get("key") != key:
-        return False
-    outputs = summary.get("outputs")
-    if not isinstance(outputs, dict) or not outputs:
-        return False
-    return all((reports / n).is_file() and sha256_file(reports / n) == h for n, h in outputs.items())
-
-
 def stage_key(cfg: Config, entries: list[Entry], digests: dict[str, str]) -> str:
     return hash_obj(
         {
@@ -449,9 +312,6 @@ def run_lineage(cfg: Config, *, force: bool = False, progress: bool = True) -> d
     """
     from tqdm.auto import tqdm
 
-    from natprints.lineage import report
-    from natprints.zoo import setup_torch
-
     started = time.time()
     device = setup_torch(cfg)  # threads, quiet transformers, deterministic kernels; "auto" resolved
     settings = cfg.lineage
@@ -459,11 +319,13 @@ def run_lineage(cfg: Config, *, force: bool = False, progress: bool = True) -> d
     entries = discover_zoo(cfg.paths.zoo)
     # checkpoints only matter for emergence, which covers the `seed` condition's models
     entries = [e for e in entries if e.kind != "checkpoint" or "seed" in e.conditions]
-    infos = {e.label: sp.inspect_model(e.path) for e in entries}
-    digests = {e.label: sp.model_digest(infos[e.label]) for e in entries}
+    infos = {e.label: inspect_model(e.path) for e in entries}
+    digests = {e.label: model_digest(infos[e.label]) for e in entries}
     key = stage_key(cfg, entries, digests)
-    if not force and _outputs_current(reports, key):
-        return json.loads((reports / LINEAGE_JSON).read_text(encoding="utf-8"))
+    manifest = Manifest(reports, "lineage results", LINEAGE_JSON)
+    if not force and manifest.is_current(key):
+        return manifest.read()
+    manifest.invalidate()
 
     features: dict[str, np.ndarray] = {}
     t0 = time.time()
@@ -474,15 +336,11 @@ def run_lineage(cfg: Config, *, force: bool = False, progress: bool = True) -> d
     profiles = {e.label: ws.weight_profile(infos[e.label]) for e in matrix_entries}
     rows = _pair_rows(matrix_entries, features, profiles, digests, settings)
 
-    frame = pd.DataFrame(rows)
-    atomic_write_text(reports / LINEAGE_CSV, frame[CSV_COLUMNS].to_csv(index=False))
     emergence = emergence_records(entries, features, settings)
-    emergence_frame = pd.DataFrame(emergence, columns=["model", "checkpoint", "step", "reference", "own", "log10_p"])
-    atomic_write_text(reports / EMERGENCE_CSV, emergence_frame.to_csv(index=False))
+    files = write_lineage(reports, rows, emergence)
 
     summary: dict[str, Any] = {
         "stage": "lineage",
-        "key": key,
         "config_hash": cfg.hash(),
         "settings": settings.model_dump(mode="json"),
         "zoo": str(cfg.paths.zoo),
@@ -497,37 +355,14 @@ def run_lineage(cfg: Config, *, force: bool = False, progress: bool = True) -> d
             "siblings from one init are unrelated",
         },
     }
-    figures = report.write_figures(reports, summary, rows)
-    summary["outputs"] = {name: sha256_file(reports / name) for name in [LINEAGE_CSV, EMERGENCE_CSV, *figures]}
     summary["forward_passes"] = len(entries)
     summary["features_s"] = round(features_s, 3)
     summary["wall_s"] = round(time.time() - started, 3)
-    summary["package_versions"] = package_versions()
-    summary["git_revision"] = git_revision()
-    atomic_write_json(reports / LINEAGE_JSON, summary)
-    return summary
+    return manifest.write(key, summary, files)
 
 
 # ---------------------------------------------------------------------------------------------
 # One model against a library
-
-
-def library_entries(library: Path | str) -> list[tuple[str, Path]]:
-    """The model directories of a library dir (e.g. a zoo): ``<name>`` and ``<name>@init``."""
-    library = Path(library)
-    if not library.is_dir():
-        raise NatprintsError(f"library directory not found: {library}")
-    if (library / "config.json").is_file():
-        raise NatprintsError(f"{library} is a model directory; give the directory that holds models")
-    out = []
-    for sub in sorted(p for p in library.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if (sub / "config.json").is_file():
-            out.append((sub.name, sub))
-        if (sub / "init" / "config.json").is_file():
-            out.append((f"{sub.name}@init", sub / "init"))
-    if not out:
-        raise NatprintsError(f"no model directories (with config.json) in library {library}")
-    return out
 
 
 def identify(
@@ -547,12 +382,12 @@ def identify(
     from tqdm.auto import tqdm
 
     settings = settings or LineageSettings()
-    target = sp.inspect_model(model)
+    target = inspect_model(model)
     target_features = sp.model_features(target, settings, cache_dir=cache_dir, device=device)
     ranked, skipped = [], []
     candidates = [(n, p) for n, p in library_entries(library) if p.resolve() != target.path.resolve()]
     for name, path in tqdm(candidates, desc="library", unit="model", disable=not progress):
-        info = sp.inspect_model(path)
+        info = inspect_model(path)
         try:
             sp.check_comparable(target, info)
         except NatprintsError as exc:
@@ -570,3 +405,39 @@ def identify(
         ranked.append({"model": name, "path": str(path), "verdict": verdict, **result.to_dict()})
     ranked.sort(key=lambda r: (r["log10_p"], r["model"]))
     return ranked + skipped
+
+
+def compare(
+    model_a: Path | str,
+    model_b: Path | str,
+    method: str = "all",
+    settings: LineageSettings | None = None,
+    *,
+    cache_dir: Path | str | None = None,
+    device: str = "auto",
+) -> dict[str, dict[str, Any]]:
+    """Is B from A's lineage? Per method (``seedprints``, ``weights`` or ``all``), its result and verdict.
+
+    With ``all``, a method that cannot compare the pair (another shape) is reported ``incomparable``
+    and the other still answers; when neither can, or the one asked for by name cannot, it is an error.
+    """
+    settings = settings or LineageSettings()
+    info_a, info_b = inspect_model(model_a), inspect_model(model_b)
+    methods = list(METHODS) if method == "all" else [method]
+    results: dict[str, dict[str, Any]] = {}
+    for name in methods:
+        try:
+            if name == "seedprints":
+                sp.check_comparable(info_a, info_b)
+                r = sp.seedprints_compare(info_a.path, info_b.path, settings, cache_dir=cache_dir, device=device)
+                results[name] = r.to_dict() | {"verdict": "related" if r.same_lineage else "unrelated"}
+            else:
+                w = ws.weights_compare(info_a.path, info_b.path, settings.weights_threshold)
+                results[name] = w.to_dict() | {"verdict": "related" if w.related else "unrelated"}
+        except NatprintsError as exc:
+            if method != "all" or "cannot compare" not in str(exc):
+                raise
+            results[name] = {"verdict": "incomparable", "reason": str(exc)}
+    if all(r["verdict"] == "incomparable" for r in results.values()):
+        raise NatprintsError("; ".join(r["reason"] for r in results.values()))
+    return results

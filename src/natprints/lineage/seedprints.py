@@ -7,15 +7,13 @@ k lowest-mean ("disliked") dimensions, their intersection S, a per-input softmax
 temperature, Kendall's tau per kept dimension across the inputs, and a one-sided z test on the mean
 tau. p is reported as log10 p (``norm.logsf``), so extreme evidence does not underflow to 0.
 
-This module also holds the model-directory helpers both lineage methods share: what a directory
-is, what it holds, and a digest of its weights verified against a ``manifest.json`` when there is
-one.
+The model-directory facts it reads (what a directory holds, a verified digest of its weights) are
+in :mod:`natprints.lineage.models`, shared with the weight-std fingerprint.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,170 +22,17 @@ from typing import Any
 import numpy as np
 from scipy.stats import norm
 
-from natprints.artifacts import MANIFEST, atomic_write_bytes, hash_obj, sha256_file
+from natprints.artifacts import atomic_write_bytes, hash_obj
 from natprints.config import LineageSettings
 from natprints.errors import NatprintsError
+from natprints.lineage.models import ModelInfo, inspect_model, model_digest
+from natprints.runtime import load_lm, resolve_device
 
 FEATURES_VERSION = 1
 _LN10 = math.log(10.0)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _FEATURE_BATCH = 32
 _TAU_CHUNK_ELEMENTS = 1 << 22  # bound on pairs x columns held at once by the tau computation
-
-
-# ---------------------------------------------------------------------------------------------
-# Model directories
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a Hugging Face causal-LM directory holds, read from its ``config.json``."""
-
-    path: Path
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    max_positions: int | None
-    weight_files: tuple[Path, ...]
-    num_heads: int | None = None
-    intermediate_size: int | None = None
-
-    def arch(self) -> dict[str, Any]:
-        """The shape facts that make two models' inits comparable (and, with a seed, identical)."""
-        return {
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "num_layers": self.num_layers,
-            "num_heads": self.num_heads,
-            "intermediate_size": self.intermediate_size,
-        }
-
-
-def _weight_files(path: Path) -> tuple[Path, ...]:
-    safetensors = sorted(path.glob("*.safetensors"))
-    if safetensors:
-        return tuple(safetensors)
-    return tuple(sorted(p for p in path.glob("*.bin") if p.name.startswith("pytorch_model")))
-
-
-def inspect_model(path: Path | str) -> ModelInfo:
-    """Check that ``path`` is a model directory and read its architecture."""
-    path = Path(path)
-    if not path.exists():
-        raise NatprintsError(f"model directory not found: {path}")
-    if not path.is_dir():
-        raise NatprintsError(f"not a model directory (a file, not a directory): {path}")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise NatprintsError(f"not a model directory (no config.json): {path}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NatprintsError(f"{config_path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise NatprintsError(f"{config_path} is not a model config")
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-
-    def _int(*names: str) -> int | None:
-        for name in names:
-            value = text.get(name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        return None
-
-    hidden = _int("hidden_size", "n_embd", "d_model")
-    layers = _int("num_hidden_layers", "n_layer", "num_layers")
-    vocab = _int("vocab_size")
-    if hidden is None or layers is None or vocab is None:
-        raise NatprintsError(f"{config_path} lacks hidden_size, num_hidden_layers or vocab_size")
-    files = _weight_files(path)
-    if not files:
-        raise NatprintsError(f"not a model directory (no model.safetensors or pytorch_model.bin): {path}")
-    return ModelInfo(
-        path=path,
-        model_type=str(config.get("model_type", "unknown")),
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_layers=layers,
-        max_positions=_int("max_position_embeddings", "n_positions"),
-        weight_files=files,
-        num_heads=_int("num_attention_heads", "n_head"),
-        intermediate_size=_int("intermediate_size", "n_inner", "ffn_dim"),
-    )
-
-
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def _file_digest(path: Path) -> str:
-    """sha256 of a file, memoized for this process by path, size and modification time."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = sha256_file(path)
-    return _DIGESTS[key]
-
-
-def _check_manifests(info: ModelInfo, digests: dict[Path, str]) -> None:
-    """Compare the files we load with any manifest at or up to two levels above the model dir.
-
-    A zoo model lists ``model.safetensors``; its init lists as ``init/model.safetensors`` in the
-    model's manifest, a checkpoint as ``checkpoints/step-000100/model.safetensors``.
-    """
-    here = info.path.resolve()
-    for directory in (here, here.parent, here.parent.parent):
-        manifest_path = directory / MANIFEST
-        if not manifest_path.is_file():
-            continue
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            raise NatprintsError(f"{manifest_path} is not a valid manifest") from None
-        files = manifest.get("files") if isinstance(manifest, dict) else None
-        if not isinstance(files, dict):
-            continue
-        for file, digest in digests.items():
-            name = file.resolve().relative_to(directory).as_posix()
-            if name in files and files[name] != digest:
-                raise NatprintsError(f"{file} does not match the hash in {manifest_path} (tampered or corrupt)")
-
-
-def model_digest(info: ModelInfo) -> str:
-    """A digest of a model's config and weights, checked against its manifest when it has one."""
-    files = [info.path / "config.json", *info.weight_files]
-    digests = {f: _file_digest(f) for f in files}
-    _check_manifests(info, digests)
-    return hash_obj({f.name: d for f, d in digests.items()})
-
-
-def resolve_device(device: str = "auto") -> Any:
-    """``auto``: CUDA when present, else CPU; as a ``torch.device``."""
-    import torch
-
-    from natprints.zoo import resolve_device as resolve_name
-
-    return torch.device(resolve_name(device))
-
-
-def load_model(info: ModelInfo, device: Any) -> Any:
-    """Load a causal LM in fp32 for inference (fp32 keeps features deterministic and exact)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32)
-    except Exception as exc:  # transformers raises many types for unreadable or foreign dirs
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NatprintsError(f"cannot load model at {info.path}: {first}") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    return model.to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +71,7 @@ def compute_features(info: ModelInfo, settings: LineageSettings, device: Any) ->
             f"seedprints_seq_len {settings.seedprints_seq_len} exceeds {info.path}'s "
             f"max_position_embeddings {info.max_positions}"
         )
-    model = load_model(info, device)
+    model = load_lm(info.path, verify=False, device=device)  # the caller verified the digest
     inputs = random_inputs(
         info.vocab_size, settings.seedprints_inputs, settings.seedprints_seq_len, settings.seedprints_seed
     )

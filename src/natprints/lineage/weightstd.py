@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from natprints.errors import NatprintsError
-from natprints.lineage.seedprints import ModelInfo, inspect_model, model_digest
+from natprints.lineage.models import ModelInfo, inspect_model, model_digest
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _NAME = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.(?:.+\.)?(q_proj|k_proj|v_proj|o_proj)\.weight$")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from natprints.config import Config, SizePreset
-
-CONDITIONS = ("seed", "init", "data_order", "size", "lr", "batch_size")
+from natprints.config import CONDITIONS, Config, SizePreset
 
 
 class ModelSpec(BaseModel):
@@ -91,3 +89,10 @@ def condition_members(cfg: Config) -> dict[str, list[str]]:
 
 def size_preset(cfg: Config, spec: ModelSpec) -> SizePreset:
     return cfg.sizes[spec.size]
+
+
+def linear_weights(cfg: Config, spec: ModelSpec) -> int:
+    """Weights of the model's linear maps, LM head included: its cost per token, up to a constant."""
+    p = size_preset(cfg, spec)
+    per_layer = 4 * p.hidden_size**2 + 3 * p.hidden_size * p.intermediate_size
+    return p.num_layers * per_layer + p.hidden_size * cfg.tokenizer.vocab_size

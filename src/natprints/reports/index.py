@@ -1,4 +1,4 @@
-"""Reports rendered from manifests and result records: zoo.md and the run's index.md."""
+"""The run's ``index.md`` and ``zoo.md``, rendered from manifests and result records."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from pathlib import Path
 from natprints.artifacts import atomic_write_text, read_manifest
 from natprints.config import Config
 from natprints.errors import NatprintsError
+from natprints.records import LINEAGE_CSV, RESULTS_FILE, read_timings
+
+STAGE_ORDER = ("data", "zoo", "generate", "derive", "lineage", "experiments", "report")
 
 
 def relative_improvement_last_20pct(curve: list[list[float]], steps: int) -> float | None:
@@ -98,16 +101,14 @@ def write_index(cfg: Config) -> Path:
     summary = _generated_summary(cfg)
     if summary:
         sections.append(summary)
-    if (cfg.paths.reports / "results.jsonl").is_file():
-        from natprints.attribution_report import render_section
+    if (cfg.paths.reports / RESULTS_FILE).is_file():
+        from natprints.reports.attribution import render_section
 
         sections.append(render_section(cfg))
-    if (cfg.paths.reports / "lineage.csv").is_file():
-        from natprints.lineage.report import render_section as render_lineage
+    if (cfg.paths.reports / LINEAGE_CSV).is_file():
+        from natprints.reports.lineage import render_section as render_lineage
 
         sections.append(render_lineage(cfg))
-    from natprints.timings import render_timings
-
     timings = render_timings(cfg)
     if timings:
         sections.append(timings)
@@ -115,3 +116,27 @@ def write_index(cfg: Config) -> Path:
     atomic_write_text(path, "\n".join(sections))
     write_zoo_report(cfg)
     return path
+
+
+def render_timings(cfg: Config) -> str:
+    timings = read_timings(cfg.paths.reports)
+    if not timings:
+        return ""
+    lines = [
+        "## Stage timings",
+        "",
+        "Wall time and peak resident memory of the last invocation of each stage that did work "
+        "(`reports/<run>/timings.json`).",
+        "",
+        "| stage | wall time (min) | peak RSS (MB) | workers × threads |",
+        "|---|---:|---:|---|",
+    ]
+    total = 0.0
+    for stage in [s for s in STAGE_ORDER if s in timings]:
+        t = timings[stage]
+        total += t["wall_s"]
+        lines.append(
+            f"| {stage} | {t['wall_s'] / 60:.1f} | {t['peak_rss_mb']:,.0f} | {t['workers']} × {t['threads']} |"
+        )
+    lines.append(f"| **total** | **{total / 60:.1f}** | | |")
+    return "\n".join(lines) + "\n"

@@ -6,108 +6,17 @@ Nothing is computed here beyond arranging records: the numbers come from ``linea
 
 from __future__ import annotations
 
-import io
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from natprints.artifacts import atomic_write_bytes
 from natprints.config import Config
-from natprints.errors import NatprintsError
+from natprints.records import load_lineage
+from natprints.reports.figures import METHOD_NAMES as _METHOD_NAMES
+from natprints.reports.figures import plot_emergence, plot_heatmap
 
 HEATMAPS = {"seedprints": "lineage_heatmap_seedprints.png", "weights": "lineage_heatmap_weights.png"}
 EMERGENCE_PNG = "lineage_emergence.png"
-_METHOD_NAMES = {"seedprints": "SeedPrints", "weights": "Weight-std"}
-
-
-def _save(fig: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def _matrix(labels: list[str], rows: list[dict[str, Any]], method: str) -> tuple[np.ndarray, np.ndarray]:
-    index = {label: i for i, label in enumerate(labels)}
-    n = len(labels)
-    values = np.full((n, n), np.nan)
-    related = np.zeros((n, n), dtype=bool)
-    for r in rows:
-        if r["method"] != method:
-            continue
-        i, j = index[r["model_a"]], index[r["model_b"]]
-        related[i, j] = related[j, i] = bool(r["related"])
-        if r["verdict"] == "incomparable":
-            continue
-        value = -r["log10_p"] if method == "seedprints" else r["score"]
-        if value is not None:
-            values[i, j] = values[j, i] = value
-    return values, related
-
-
-def plot_heatmap(labels: list[str], rows: list[dict[str, Any]], method: str, alpha: float, path: Path) -> None:
-    """Pairwise evidence; grey = incomparable (or the diagonal), dots = related by ground truth."""
-    from matplotlib.colors import SymLogNorm
-    from matplotlib.figure import Figure
-
-    values, related = _matrix(labels, rows, method)
-    n = len(labels)
-    size = max(4.0, 0.28 * n + 2.0)
-    fig = Figure(figsize=(size + 1.2, size))
-    ax = fig.add_subplot()
-    masked = np.ma.masked_invalid(values)
-    if method == "seedprints":
-        from matplotlib import colormaps
-
-        cmap = colormaps["viridis"].with_extremes(bad="0.85")
-        top = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
-        norm = SymLogNorm(linthresh=-math.log10(alpha), vmin=0.0, vmax=max(top, 2.0 * -math.log10(alpha)))
-        image = ax.imshow(masked, cmap=cmap, norm=norm)
-        label = f"-log10 p   (same lineage above {-math.log10(alpha):g})"
-    else:
-        from matplotlib import colormaps
-
-        cmap = colormaps["RdBu_r"].with_extremes(bad="0.85")
-        image = ax.imshow(masked, cmap=cmap, vmin=-1, vmax=1)
-        label = "mean z-scored std correlation"
-    ii, jj = np.nonzero(related)
-    ax.scatter(jj, ii, s=6, c="k", marker="o", linewidths=0)
-    ax.set_xticks(range(n), labels, rotation=90, fontsize=max(4, 9 - n // 10))
-    ax.set_yticks(range(n), labels, fontsize=max(4, 9 - n // 10))
-    ax.set_title(f"{_METHOD_NAMES[method]}: pairwise evidence (dots = related by ground truth)", fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label(label, fontsize=8)
-    _save(fig, path)
-
-
-def plot_emergence(records: list[dict[str, Any]], alpha: float, path: Path) -> None:
-    """-log10 p of init vs checkpoint over training: own init solid, other seeds' inits grey."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.5, 4.0))
-    ax = fig.add_subplot()
-    points = [r for r in records if r["step"] is not None]
-    models = sorted({r["model"] for r in points})
-    for model in models:
-        for own in (False, True):
-            mine = [r for r in points if r["model"] == model and r["own"] == own]
-            for ref in sorted({r["reference"] for r in mine}):
-                line = sorted((r["step"], -r["log10_p"]) for r in mine if r["reference"] == ref)
-                xs, ys = zip(*line, strict=True) if line else ((), ())
-                if own:
-                    ax.plot(xs, ys, marker="o", ms=3, label=model)
-                else:
-                    ax.plot(xs, ys, color="0.7", lw=0.8, ls="--")
-    ax.axhline(-math.log10(alpha), color="r", lw=0.8, ls=":", label=f"p = {alpha:g}")
-    ax.set_yscale("symlog", linthresh=-math.log10(alpha))
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("-log10 p  (init vs checkpoint)")
-    ax.set_title("SeedPrints emergence: own init (solid) vs other seeds' inits (grey)", fontsize=9)
-    if models:
-        ax.legend(fontsize=7)
-    _save(fig, path)
 
 
 def write_figures(reports: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
@@ -170,13 +79,8 @@ def _emergence_lines(records: list[dict[str, Any]], alpha: float) -> list[str]:
 
 def render_section(cfg: Config) -> str:
     """The markdown lineage section for ``reports/<run>/index.md`` (figures referenced relatively)."""
-    path = cfg.paths.reports / "lineage.json"
-    if not path.is_file():
-        raise NatprintsError(f"no lineage results at {path}; run `natprints lineage run` first")
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise NatprintsError(f"{path} is unreadable: {exc}") from None
+    summary, rows = load_lineage(cfg.paths.reports)
+    write_figures(cfg.paths.reports, summary, rows)
     settings = summary["settings"]
     alpha, threshold = settings["alpha"], settings["weights_threshold"]
     entries = summary["entries"]

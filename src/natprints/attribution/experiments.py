@@ -15,73 +15,37 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from natprints import features
-from natprints.artifacts import (
-    atomic_write_json,
-    atomic_write_text,
-    git_revision,
-    hash_obj,
-    package_versions,
-    read_manifest,
-    sha256_file,
-    verify_files,
-)
-from natprints.attributor import (
+from natprints.artifacts import Manifest, atomic_write_json, hash_obj
+from natprints.attribution import features
+from natprints.attribution.attributor import (
     Attributor,
     apply_temperature,
     choose_threshold,
     fit_temperature,
     save_attributor,
 )
-from natprints.config import Config
+from natprints.attribution.data import CALIBRATION_FRACTION, ConditionData, load_conditions, run_split, split_parts
+from natprints.attribution.estimators import THREADS, make_classifier
+from natprints.config import CLASSIFIERS, FEATURIZERS, NULL_CONDITION, Config
 from natprints.errors import NatprintsError
+from natprints.records import ACCURACY_FILE, RESULTS_FILE, write_results
+from natprints.runtime import run_jobs
 from natprints.stats import classification_summary
 
-EXPERIMENTS_VERSION = 1  # bump when the records change meaning: cached results are then redone
-CONDITION_ORDER = ("seed", "init", "data_order", "size", "lr", "batch_size", "all")
-NULL_CONDITION = "null"
+# 2: the null control is named `null_control` in every record (pandas reads `null` as NaN).
+EXPERIMENTS_VERSION = 2  # bump when the records change meaning: cached results are then redone
 BASELINE = ("word1", "logreg")
 EXPLAIN = ("word12", "logreg")
-# Defaults for settings that have no config key (yet).
-CALIBRATION_FRACTION = 0.15  # share of prompts held out from training to calibrate attributors
+# A default for a setting that has no config key (yet).
 OPEN_SET_MAX_HELD_OUT = 3  # zoo models left out, one at a time, to measure open-set rejection
-# One thread for BLAS and OpenMP (XGBoost, scikit-learn): on a busy 2-core CPU two spinning threads
-# made XGBoost up to 100x slower, and one is bit-for-bit repeatable. The sentence encoder, which is
-# compute-bound, uses `run.threads` (0 = every core).
-THREADS = 1
-# Trees and the MLP see only the columns with the highest ANOVA F score (see features.TopFeatures).
-XGB_FEATURES = 2000
-MLP_FEATURES = 5000
-RESULTS_FILE = "results.jsonl"
-ACCURACY_FILE = "accuracy.csv"
 EXPERIMENTS_MANIFEST = "experiments.json"
-REQUIRED_COLUMNS = ("sample_id", "model_id", "prompt_id", "text", "token_ids", "sampling_seed")
-ACCURACY_COLUMNS = (
-    "condition",
-    "featurizer",
-    "classifier",
-    "pipeline",
-    "n_classes",
-    "n_train",
-    "n_test",
-    "chance",
-    "accuracy",
-    "ci_low",
-    "ci_high",
-    "macro_f1",
-    "p_value",
-    "best",
-)
-FEATURIZER_ORDER = ("word1", "word12", "char14", "embed", "union")
-CLASSIFIER_ORDER = ("logreg", "svm", "xgb", "mlp")
 
 Log = Callable[[str], None]
 
@@ -90,150 +54,7 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# --- inputs ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class ConditionData:
-    """One condition's texts: ``label`` indexes ``labels`` (model ids taken from the data)."""
-
-    name: str
-    labels: list[str]
-    frame: pd.DataFrame
-    inputs: dict[str, str]  # input file (relative to the generated dir) -> sha256
-
-
-def _read_generated(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise NatprintsError(f"generated file missing: {path} (run `natprints generate`)")
-    try:
-        frame = pd.read_parquet(path, columns=list(REQUIRED_COLUMNS))
-    except (OSError, ValueError, KeyError) as exc:
-        raise NatprintsError(f"{path}: unreadable generated file or missing columns ({exc})") from None
-    if frame.empty:
-        raise NatprintsError(f"{path}: no generated texts")
-    return frame
-
-
-def load_conditions(cfg: Config) -> dict[str, ConditionData]:
-    """Read the generated corpora as one :class:`ConditionData` per condition, plus the null control."""
-    gen_dir = cfg.paths.generated
-    manifest = read_manifest(gen_dir, "generated corpora")
-    if manifest.get("complete") is False:
-        raise NatprintsError(f"generated corpora at {gen_dir} are incomplete; rerun `natprints generate`")
-    if manifest.get("files"):
-        verify_files(gen_dir, manifest, "generated corpora")
-    models = manifest.get("models")
-    conditions = manifest.get("conditions")
-    if not isinstance(models, dict) or not isinstance(conditions, dict):
-        raise NatprintsError(f"{gen_dir}/manifest.json lacks 'models' or 'conditions'")
-    frames: dict[str, pd.DataFrame] = {}
-    inputs: dict[str, str] = {}
-
-    def model_frame(model_id: str) -> pd.DataFrame:
-        if model_id not in frames:
-            entry = models.get(model_id)
-            if not isinstance(entry, dict) or "file" not in entry:
-                raise NatprintsError(f"{gen_dir}/manifest.json: condition lists unknown model {model_id!r}")
-            frame = _read_generated(gen_dir / entry["file"])
-            found = set(frame["model_id"].astype(str))
-            if found != {model_id}:
-                raise NatprintsError(
-                    f"{gen_dir / entry['file']}: holds texts of {sorted(found)}, manifest says {model_id!r}"
-                )
-            frames[model_id] = frame
-            inputs[entry["file"]] = sha256_file(gen_dir / entry["file"])
-        return frames[model_id]
-
-    out: dict[str, ConditionData] = {}
-    names = [c for c in CONDITION_ORDER if c in conditions] + sorted(set(conditions) - set(CONDITION_ORDER))
-    for name in names:
-        ids = sorted(dict.fromkeys(str(m) for m in conditions[name]))
-        if len(ids) < 2:
-            continue  # one model is not a classification problem
-        frame = pd.concat([model_frame(m) for m in ids], ignore_index=True)
-        files = {models[m]["file"]: inputs[models[m]["file"]] for m in ids}
-        out[name] = _condition(name, frame, "model_id", files)
-    null = manifest.get("null_control")
-    if isinstance(null, dict) and "file" in null:
-        base_id = str(null["model_id"])
-        base = model_frame(base_id)
-        other = _read_generated(gen_dir / null["file"])
-        files = {models[base_id]["file"]: inputs[models[base_id]["file"]]}
-        files[null["file"]] = sha256_file(gen_dir / null["file"])
-        both = pd.concat([base, other], ignore_index=True)
-        # The two classes are one model sampled with two seeds: the label is model@seed, from the data.
-        both["null_label"] = both["model_id"].astype(str) + "@seed" + both["sampling_seed"].astype(str)
-        if both["null_label"].nunique() != 2:
-            raise NatprintsError(f"{gen_dir}: the null control needs the base model under two sampling seeds")
-        out[NULL_CONDITION] = _condition(NULL_CONDITION, both, "null_label", files)
-    if not out:
-        raise NatprintsError(f"{gen_dir}: no condition with two or more models to attribute")
-    return out
-
-
-def _condition(name: str, frame: pd.DataFrame, label_column: str, files: dict[str, str]) -> ConditionData:
-    labels = sorted(frame[label_column].astype(str).unique())
-    index = {m: i for i, m in enumerate(labels)}
-    frame = frame.assign(label=frame[label_column].astype(str).map(index).astype(np.int64))
-    frame = frame.sort_values(["label", "prompt_id", "sample_id"], kind="stable").reset_index(drop=True)
-    return ConditionData(name=name, labels=labels, frame=frame, inputs=dict(sorted(files.items())))
-
-
-def split_prompts(prompt_ids: Iterable[str], test_fraction: float, cal_fraction: float, seed: int) -> dict[str, str]:
-    """Assign each prompt to ``train``, ``cal`` or ``test``: every continuation of a prompt goes together."""
-    prompts = sorted(set(map(str, prompt_ids)))
-    order = np.random.default_rng(seed).permutation(len(prompts))
-    n = len(prompts)
-    n_test = min(max(1, round(test_fraction * n)), max(n - 1, 0))
-    n_cal = min(max(1, round(cal_fraction * n)), max(n - n_test - 1, 0)) if cal_fraction > 0 else 0
-    split = {}
-    for rank, i in enumerate(order):
-        split[prompts[i]] = "test" if rank < n_test else "cal" if rank < n_test + n_cal else "train"
-    return split
-
-
 # --- pipelines ------------------------------------------------------------------------------------
-
-
-def make_classifier(name: str, seed: int = 0) -> Any:
-    """A fresh classifier by its config name, with settings sized for a 2-core CPU run."""
-    if name == "logreg":
-        from sklearn.linear_model import LogisticRegression
-
-        return LogisticRegression(C=4.0, max_iter=500)
-    if name == "svm":
-        from sklearn.calibration import CalibratedClassifierCV
-        from sklearn.svm import LinearSVC
-
-        return CalibratedClassifierCV(LinearSVC(C=0.5, random_state=seed), method="sigmoid", cv=3)
-    if name == "xgb":
-        from sklearn.pipeline import Pipeline
-
-        xgb = features.LabelXGBClassifier(
-            n_estimators=60,
-            max_depth=4,
-            learning_rate=0.3,
-            max_bin=32,
-            colsample_bynode=0.3,
-            n_jobs=THREADS,
-            random_state=seed,
-        )
-        return Pipeline([("select", features.TopFeatures(XGB_FEATURES)), ("xgb", xgb)])
-    if name == "mlp":
-        from sklearn.neural_network import MLPClassifier
-        from sklearn.pipeline import Pipeline
-
-        mlp = MLPClassifier(
-            hidden_layer_sizes=(64,),
-            alpha=1e-3,
-            early_stopping=True,
-            n_iter_no_change=5,
-            max_iter=40,
-            random_state=seed,
-        )
-        return Pipeline([("select", features.TopFeatures(MLP_FEATURES)), ("mlp", mlp)])
-    raise ValueError(f"unknown classifier {name!r}")
 
 
 @dataclass
@@ -289,11 +110,6 @@ def _full_texts(frame: pd.DataFrame) -> list[str]:
 
 
 # --- one condition --------------------------------------------------------------------------------
-
-
-def _parts(data: ConditionData, split: dict[str, str]) -> dict[str, pd.DataFrame]:
-    where = data.frame["prompt_id"].astype(str).map(split).fillna("train")
-    return {s: data.frame[where == s].reset_index(drop=True) for s in ("train", "cal", "test")}
 
 
 def _pipeline_record(
@@ -363,8 +179,8 @@ def _run_grid(
 def _order_key(record: dict[str, Any]) -> tuple[int, int]:
     f, c = record["featurizer"], record["classifier"]
     return (
-        FEATURIZER_ORDER.index(f) if f in FEATURIZER_ORDER else 99,
-        CLASSIFIER_ORDER.index(c) if c in CLASSIFIER_ORDER else 99,
+        FEATURIZERS.index(f) if f in FEATURIZERS else 99,
+        CLASSIFIERS.index(c) if c in CLASSIFIERS else 99,
     )
 
 
@@ -578,7 +394,7 @@ def _open_set(
 
 def run_condition(setup: _Setup, data: ConditionData) -> tuple[list[dict[str, Any]], Attributor | None]:
     """All records of one condition, and its calibrated best pipeline (none for the null control)."""
-    parts = _parts(data, setup.split)
+    parts = split_parts(data, setup.split)
     train, cal, test = parts["train"], parts["cal"], parts["test"]
     missing = [data.labels[i] for i in range(len(data.labels)) if not (train["label"] == i).any()]
     if missing or test.empty:
@@ -630,7 +446,7 @@ def _condition_key(cfg: Config, data: ConditionData) -> str:
             "calibration_fraction": CALIBRATION_FRACTION,
             "open_set_max_held_out": OPEN_SET_MAX_HELD_OUT,
             # Estimator settings live in code: their reprs make a changed setting redo the work.
-            "classifiers": {c: repr(make_classifier(c, cfg.attribution.split_seed)) for c in CLASSIFIER_ORDER},
+            "classifiers": {c: repr(make_classifier(c, cfg.attribution.split_seed)) for c in CLASSIFIERS},
             "threads": THREADS,
             "condition": data.name,
             "labels": data.labels,
@@ -653,19 +469,14 @@ def _load_tokenizer(cfg: Config) -> Any:
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
+def _manifest(cfg: Config) -> Manifest:
+    return Manifest(cfg.paths.reports, "experiment results", EXPERIMENTS_MANIFEST)
+
+
 def experiments_up_to_date(cfg: Config, conditions: dict[str, ConditionData] | None = None) -> bool:
     """True when the stage's outputs exist, verify, and were made from this config and these inputs."""
-    reports = cfg.paths.reports
-    path = reports / EXPERIMENTS_MANIFEST
-    if not path.is_file():
-        return False
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        verify_files(reports, manifest, "experiment results")
-    except (ValueError, NatprintsError):
-        return False
     conditions = conditions if conditions is not None else load_conditions(cfg)
-    if manifest.get("key") != _stage_key(cfg, conditions):
+    if not _manifest(cfg).is_current(_stage_key(cfg, conditions)):
         return False
     return all(
         (cfg.paths.attributors / name / "manifest.json").is_file() for name in conditions if name != NULL_CONDITION
@@ -751,8 +562,6 @@ def _prefill_embeddings(cfg: Config, pending: dict[str, ConditionData]) -> None:
     """Embed every full text of the pending conditions once, split over the run's workers."""
     if not {"embed", "union"} & set(cfg.attribution.featurizers):
         return
-    from natprints.parallel import run_jobs
-
     texts = sorted({t for data in pending.values() for t in _full_texts(data.frame)})
     # Fixed chunks, not one per worker: each text is embedded in the same batch whatever `workers` is.
     chunks = [texts[i : i + EMBED_CHUNK] for i in range(0, len(texts), EMBED_CHUNK)]
@@ -762,15 +571,12 @@ def _prefill_embeddings(cfg: Config, pending: dict[str, ConditionData]) -> None:
 
 def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> None:
     """Conditions run ``[run] workers`` at a time, largest first; records keep the condition order."""
-    from natprints.parallel import run_jobs
-
     started = time.perf_counter()
     conditions = load_conditions(cfg)
     if not force and experiments_up_to_date(cfg, conditions):
         log(f"experiments for run '{cfg.run.name}' are up to date")
         return
-    prompts = pd.concat([d.frame["prompt_id"] for d in conditions.values()]).astype(str)
-    split = split_prompts(prompts, cfg.attribution.test_fraction, CALIBRATION_FRACTION, cfg.attribution.split_seed)
+    split = run_split(cfg, conditions)
     keys = {name: _condition_key(cfg, data) for name, data in conditions.items()}
     results = {} if force else {name: _cached_condition(cfg, name, keys[name]) for name in conditions}
     pending = {name: data for name, data in conditions.items() if results.get(name) is None}
@@ -781,46 +587,19 @@ def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> N
         results.update(zip(order, run_jobs(cfg.run.workers, _condition_job, jobs, "condition"), strict=True))
     records = [r for name in conditions for r in results[name][0]]
     seconds = {name: results[name][1] for name in conditions}
+    manifest = _manifest(cfg)
+    manifest.invalidate()
     write_results(cfg.paths.reports, records)
     fields = {
         "stage": "experiments",
         "run": cfg.run.name,
-        "key": _stage_key(cfg, conditions),
         "config_hash": cfg.hash(),
         "inputs": {f: h for d in conditions.values() for f, h in d.inputs.items()},
         "conditions": list(conditions),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "seconds": seconds,
-        "package_versions": package_versions(),
-        "git_revision": git_revision(),
     }
-    reports = cfg.paths.reports
-    fields["files"] = {f: sha256_file(reports / f) for f in (RESULTS_FILE, ACCURACY_FILE)}
-    atomic_write_json(reports / EXPERIMENTS_MANIFEST, fields)
+    manifest.write(_stage_key(cfg, conditions), fields, (RESULTS_FILE, ACCURACY_FILE))
 
 
 # --- records and tables ---------------------------------------------------------------------------
-
-
-def write_results(reports: Path, records: list[dict[str, Any]]) -> None:
-    """Write ``results.jsonl`` (every record) and ``accuracy.csv`` (the pipeline records)."""
-    lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    atomic_write_text(reports / RESULTS_FILE, lines)
-    atomic_write_text(reports / ACCURACY_FILE, accuracy_table(records).to_csv(index=False, float_format="%.6g"))
-
-
-def load_records(reports: Path | str) -> list[dict[str, Any]]:
-    """Read ``results.jsonl``; a missing file means the experiments stage has not run."""
-    path = Path(reports) / RESULTS_FILE
-    if not path.is_file():
-        raise NatprintsError(f"no attribution results at {path} (run `natprints experiments`)")
-    try:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except ValueError as exc:
-        raise NatprintsError(f"{path}: corrupt results ({exc})") from None
-
-
-def accuracy_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (condition, featurizer, classifier), straight from the pipeline records."""
-    rows = [{c: r[c] for c in ACCURACY_COLUMNS} for r in records if r.get("kind") == "pipeline"]
-    return pd.DataFrame(rows, columns=list(ACCURACY_COLUMNS))

@@ -1,31 +1,26 @@
 """The attribution section of ``reports/<run>/index.md``, and its figures.
 
 Every number comes from the records in ``reports/<run>/results.jsonl``: the ``*_table`` functions
-turn records into small data frames, the ``plot_*`` functions only draw what they are given, and
-:func:`render_section` puts tables, figures and a findings paragraph together.
+turn records into small data frames, :mod:`natprints.reports.figures` only draws what it is given,
+and :func:`render_section` puts tables, figures and a findings paragraph together.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from natprints.attribution import (
-    BASELINE,
-    CLASSIFIER_ORDER,
-    FEATURIZER_ORDER,
-    MLP_FEATURES,
-    NULL_CONDITION,
-    XGB_FEATURES,
-    accuracy_table,
-    load_records,
-)
-from natprints.config import Config
+from natprints.attribution.estimators import MLP_FEATURES, XGB_FEATURES
+from natprints.attribution.experiments import BASELINE
+from natprints.config import CLASSIFIERS as CLASSIFIER_ORDER
+from natprints.config import FEATURIZERS as FEATURIZER_ORDER
+from natprints.config import NULL_CONDITION, Config
+from natprints.records import accuracy_table, load_records
+from natprints.reports.figures import plot_confusion, plot_evidence
 
 FIGURES = "figures"
 SIGNIFICANCE = 0.05
@@ -91,69 +86,6 @@ def open_set_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 
 # --- figures (drawing only) -----------------------------------------------------------------------
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=110, layout="constrained")
-
-
-def _save(fig: Any, path: Path) -> None:
-    import io
-
-    from natprints.artifacts import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def plot_confusion(matrix: np.ndarray, labels: Sequence[str], title: str, path: Path) -> None:
-    """A confusion matrix as row shares, model ids on both axes."""
-    counts = np.asarray(matrix, dtype=float)
-    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    k = len(labels)
-    size = 2.2 + 0.45 * k
-    fig = _figure(size + 0.8, size)
-    ax = fig.add_subplot()
-    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(k), labels, fontsize=8)
-    ax.set_xlabel("predicted model")
-    ax.set_ylabel("true model")
-    ax.set_title(title, fontsize=9)
-    if k <= 14:
-        for i in range(k):
-            for j in range(k):
-                color = "white" if shares[i, j] > 0.5 else "black"
-                ax.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", fontsize=6, color=color)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="share of true model's texts")
-    _save(fig, path)
-
-
-def plot_evidence(points: pd.DataFrame, x: str, xlabel: str, path: Path, tick_labels: dict | None = None) -> None:
-    """Accuracy against ``x`` per condition: the best pipeline solid, the baseline dashed."""
-    fig = _figure(7.0, 4.2)
-    ax = fig.add_subplot()
-    colors = {}
-    for (condition, role), group in points.groupby(["condition", "role"], sort=False):
-        group = group.sort_values(x)
-        color = colors.setdefault(condition, f"C{len(colors) % 10}")
-        style = "-" if role == "best" else "--"
-        label = f"{condition}: {group['pipeline'].iloc[0]}" + (" (baseline)" if role == "baseline" else "")
-        ax.plot(group[x], group["accuracy"], style, marker="o", ms=3, color=color, label=label)
-        ax.fill_between(group[x], group["ci_low"], group["ci_high"], color=color, alpha=0.08)
-        ax.axhline(group["chance"].iloc[0], color=color, lw=0.6, ls=":")
-    if tick_labels:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(list(tick_labels), list(tick_labels.values()))
-        ax.minorticks_off()
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy (95% Wilson band; dotted: chance)")
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=6, ncol=2, loc="lower right")
-    _save(fig, path)
 
 
 # --- the markdown section -------------------------------------------------------------------------

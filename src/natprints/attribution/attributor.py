@@ -1,0 +1,363 @@
+"""Saved attributors: the best pipeline of a condition, calibrated, with an open-set threshold.
+
+An attributor directory holds ``pipeline.skops`` (the fitted pipeline, skops format),
+``attributor.json`` (label names, temperature, threshold, provenance), for TF-IDF + logistic
+regression attributors the fast path's parameters (``fastpath.json``, ``fastpath.npz``, loaded with
+``allow_pickle=False``), and ``manifest.json`` with the sha256 of every file. Nothing is pickled:
+skops creates only the types it trusts and the explicit :data:`TRUSTED_TYPES`, and every load
+checks the hashes first. Loading an n-gram attributor imports neither torch nor scikit-learn.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from natprints.artifacts import Manifest, atomic_write_bytes, atomic_write_json, hash_obj
+from natprints.attribution.fastpath import (
+    NgramCounter,
+    NgramLogistic,
+    export_ngram_logistic,
+    load_ngram_logistic,
+    ngram_first_step,
+    npz_bytes,
+    row_wise,
+)
+from natprints.errors import NatprintsError
+
+KIND = "natprints-attributor"
+FORMAT_VERSION = 2  # 2: the pipeline in skops format, the n-gram fast path as JSON + npz
+PIPELINE_FILE = "pipeline.skops"
+META_FILE = "attributor.json"
+UNKNOWN = "unknown"
+DEFAULT_MAX_TEXT_BYTES = 1_000_000
+
+# The only types a saved pipeline may hold beyond those skops trusts by default; anything else is
+# refused before it is created (skops.io.load with an explicit trusted list, never pickle).
+TRUSTED_TYPES = (
+    "natprints.attribution.features.SentenceEmbedder",
+    "natprints.attribution.estimators.LabelXGBClassifier",
+    "sklearn.feature_selection._univariate_selection.f_classif",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.utils._bunch.Bunch",
+    "sklearn.utils._tags.Tags",
+    "numpy.dtype",
+    "builtins.slice",
+)
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def dump_pipeline(pipeline: Any) -> bytes:
+    """A fitted pipeline in skops format; an untrusted type in it is an error, not a silent save."""
+    import skops.io as sio
+
+    data = sio.dumps(pipeline)
+    untrusted = [t for t in sio.get_untrusted_types(data=data) if t not in TRUSTED_TYPES]
+    if untrusted:
+        raise NatprintsError(f"cannot save a pipeline holding untrusted type(s) {', '.join(untrusted)}")
+    return _canonical_skops(data)
+
+
+_SKOPS_ID = re.compile(r'("__id__": |")(\d+)(\.npy")?')
+
+
+def _canonical_skops(archive: bytes) -> bytes:
+    """The same skops archive, reproducible: skops names objects and array files by ``id()``, a
+    memory address; here they are renumbered in order of first appearance in the schema, and every
+    member is dated 1980-01-01, so the same pipeline gives the same bytes in any process."""
+    import io
+    import zipfile
+
+    numbers: dict[str, str] = {}
+
+    def renumber(match: re.Match[str]) -> str:
+        prefix, number, suffix = match.groups()
+        if prefix == '"' and suffix is None:
+            return match.group(0)  # a quoted number that names no object
+        new = numbers.setdefault(number, str(len(numbers) + 1))
+        return f"{prefix}{new}{suffix or ''}"
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(archive)) as src, zipfile.ZipFile(out, "w") as dst:
+        schema = _SKOPS_ID.sub(renumber, src.read("schema.json").decode("utf-8"))
+        members = {"schema.json": schema.encode("utf-8")}
+        for info in src.infolist():
+            if info.filename != "schema.json":
+                stem = info.filename.removesuffix(".npy")
+                members[f"{numbers.get(stem, stem)}.npy"] = src.read(info)
+        for name in sorted(members):
+            dst.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), members[name], zipfile.ZIP_DEFLATED)
+    return out.getvalue()
+
+
+def load_pipeline(data: bytes) -> Any:
+    """Rebuild a pipeline written by :func:`dump_pipeline`; only trusted types are created."""
+    import skops.io as sio
+
+    untrusted = [t for t in sio.get_untrusted_types(data=data) if t not in TRUSTED_TYPES]
+    if untrusted:
+        raise NatprintsError(f"refusing to load untrusted type(s) {', '.join(untrusted)}")
+    return sio.loads(data, trusted=list(TRUSTED_TYPES))
+
+
+# --- calibration and the open-set threshold -----------------------------------------------------
+
+
+def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature-scale class probabilities: softmax(log p / T)."""
+    logits = np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-12, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    out = np.exp(logits)
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(proba: np.ndarray, y: np.ndarray) -> float:
+    """The temperature minimising the negative log-likelihood of held-out labels."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y, dtype=np.int64)
+    if len(y) == 0:
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        p = apply_temperature(proba, math.exp(log_t))
+        return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1.0)).mean())
+
+    result = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded")
+    return float(math.exp(result.x))
+
+
+def choose_threshold(best_proba: np.ndarray, reject_rate: float) -> float:
+    """The probability below which a text is `unknown`: the ``reject_rate`` quantile on known texts."""
+    if reject_rate <= 0 or len(best_proba) == 0:
+        return 0.0
+    return float(np.quantile(np.asarray(best_proba, dtype=np.float64), reject_rate))
+
+
+# --- the attributor -------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """One text's attribution: ``label`` is a model id, or ``unknown`` below the threshold."""
+
+    label: str
+    probability: float
+    best_model: str
+    top: list[tuple[str, float]]
+    unknown: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "probability": self.probability,
+            "best_model": self.best_model,
+            "unknown": self.unknown,
+            "top": [{"model": m, "probability": p} for m, p in self.top],
+        }
+
+
+@dataclass
+class Attributor:
+    """A fitted pipeline over class indices, the model ids they stand for, calibration, threshold."""
+
+    pipeline: Any
+    labels: list[str]
+    temperature: float = 1.0
+    threshold: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    _counter: NgramCounter | None = field(default=None, init=False, repr=False, compare=False)
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """Calibrated probabilities, one column per label (in ``labels`` order)."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, len(self.labels)))
+        raw = np.asarray(self._pipeline_proba(texts), dtype=np.float64)
+        full = np.zeros((len(texts), len(self.labels)))
+        full[:, np.asarray(self.pipeline.classes_, dtype=np.int64)] = raw
+        return apply_temperature(full, self.temperature)
+
+    def _pipeline_proba(self, texts: list[str]) -> np.ndarray:
+        """The pipeline's probabilities; an n-gram first step is counted vectorized (same matrix)."""
+        vectorizer = ngram_first_step(self.pipeline)
+        if vectorizer is None or not all(isinstance(t, str) for t in texts):
+            return self.pipeline.predict_proba(texts)
+        if self._counter is None or not self._counter.built_for(vectorizer):  # built once per fitted vocabulary
+            self._counter = NgramCounter(vectorizer)
+        if not self._counter.usable:
+            return self.pipeline.predict_proba(texts)
+        return self.pipeline[1:].predict_proba(self._counter.transform(texts))
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a text's result is independent of the texts predicted with it (to the last bit).
+
+        True for sparse n-gram features under a classifier that scores each row on its own (linear
+        models, calibrated SVMs, trees); dense features or hidden layers go through BLAS matrix
+        products whose rounding may depend on the batch's size.
+        """
+        if isinstance(self.pipeline, NgramLogistic):
+            return True
+        steps = getattr(self.pipeline, "steps", None)
+        if _qualname(type(self.pipeline)) != "sklearn.pipeline.Pipeline" or not steps:
+            return False
+        first = _qualname(type(steps[0][1]))
+        return first == "sklearn.feature_extraction.text.TfidfVectorizer" and all(row_wise(est) for _, est in steps[1:])
+
+    def predict(self, texts: Sequence[str], top_k: int = 3) -> list[Prediction]:
+        proba = self.predict_proba(texts)
+        k = max(top_k, 1)
+        order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+        top_p = np.take_along_axis(proba, order, axis=1)
+        labels = self.labels
+        out = []
+        for idx, ps in zip(order.tolist(), top_p.tolist(), strict=True):
+            best, p = idx[0], ps[0]
+            unknown = p < self.threshold
+            out.append(
+                Prediction(
+                    label=UNKNOWN if unknown else labels[best],
+                    probability=p,
+                    best_model=labels[best],
+                    top=[(labels[i], q) for i, q in zip(idx, ps, strict=True)],
+                    unknown=unknown,
+                )
+            )
+        return out
+
+
+# --- vectorized n-gram counting -------------------------------------------------------------------
+
+
+FASTPATH_FIELDS = "fastpath.json"
+FASTPATH_ARRAYS = "fastpath.npz"
+
+
+def save_attributor(directory: Path | str, attributor: Attributor, fields: dict[str, Any]) -> Path:
+    """Write an attributor directory; the manifest, written last, lists every file's sha256."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(directory, "attributor")
+    manifest.invalidate()  # incomplete until the manifest is back
+    for stale in (FASTPATH_FIELDS, FASTPATH_ARRAYS):
+        (directory / stale).unlink(missing_ok=True)
+    atomic_write_bytes(directory / PIPELINE_FILE, dump_pipeline(attributor.pipeline))
+    files = [PIPELINE_FILE, META_FILE]
+    fast = export_ngram_logistic(attributor.pipeline)
+    if fast is not None:
+        atomic_write_json(directory / FASTPATH_FIELDS, fast[0])
+        atomic_write_bytes(directory / FASTPATH_ARRAYS, npz_bytes(fast[1]))
+        files += [FASTPATH_FIELDS, FASTPATH_ARRAYS]
+    meta = {
+        **attributor.meta,
+        "labels": list(attributor.labels),
+        "temperature": attributor.temperature,
+        "threshold": attributor.threshold,
+    }
+    atomic_write_json(directory / META_FILE, meta)
+    manifest.write(hash_obj(meta), {"kind": KIND, "format_version": FORMAT_VERSION, **fields}, files)
+    return directory
+
+
+def _load_fastpath(directory: Path) -> NgramLogistic | None:
+    if not (directory / FASTPATH_FIELDS).is_file():
+        return None
+    fields = json.loads((directory / FASTPATH_FIELDS).read_text(encoding="utf-8"))
+    with np.load(directory / FASTPATH_ARRAYS, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    return load_ngram_logistic(fields, arrays)
+
+
+def load_attributor(directory: Path | str, *, light: bool = False) -> Attributor:
+    """Load and verify an attributor; a missing, foreign or tampered one is a :class:`NatprintsError`.
+
+    ``light``: when the attributor carries the n-gram fast path, use it instead of the pipeline
+    (the same probabilities, scikit-learn never imported); for the CLI's time to first answer.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise NatprintsError(f"no attributor at {directory} (run `natprints experiments` first)")
+    manifest = Manifest(directory, "attributor").verify()
+    if manifest.get("kind") != KIND:
+        raise NatprintsError(f"{directory} is not a natprints attributor (foreign artifact)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise NatprintsError(
+            f"attributor at {directory} has format {manifest.get('format_version')}, "
+            f"this natprints reads {FORMAT_VERSION}; rerun `natprints experiments`"
+        )
+    try:
+        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        pipeline = _load_fastpath(directory) if light else None
+        pipeline = pipeline or load_pipeline((directory / PIPELINE_FILE).read_bytes())
+        labels = [str(x) for x in meta["labels"]]
+        attributor = Attributor(
+            pipeline=pipeline,
+            labels=labels,
+            temperature=float(meta["temperature"]),
+            threshold=float(meta["threshold"]),
+            meta={k: v for k, v in meta.items() if k not in ("labels", "temperature", "threshold")},
+        )
+    except NatprintsError:
+        raise
+    except Exception as exc:  # skops and numpy raise many types for a corrupt file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NatprintsError(f"attributor at {directory} is corrupt: {first}") from None
+    if not labels or not hasattr(pipeline, "predict_proba"):
+        raise NatprintsError(f"attributor at {directory} is corrupt: no labels or no classifier")
+    return attributor
+
+
+def attribute(texts: Sequence[str], attributor: Attributor | Path | str, top_k: int = 3) -> list[Prediction]:
+    """Attribute each text to a known model (or ``unknown``); the importable API behind the CLI."""
+    if not isinstance(attributor, Attributor):
+        attributor = load_attributor(attributor)
+    return attributor.predict(list(texts), top_k=top_k)
+
+
+def decode_text(data: bytes, name: str, max_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> str:
+    """Check one input's bytes and return its text; every problem is a one-line error."""
+    if len(data) > max_bytes:
+        raise NatprintsError(f"{name}: text is over the size limit (more than {max_bytes} bytes)")
+    if b"\x00" in data:
+        raise NatprintsError(f"{name}: binary data, not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NatprintsError(f"{name}: not UTF-8 text") from None
+    if not text.strip():
+        raise NatprintsError(f"{name}: empty text")
+    return text
+
+
+def read_text_file(path: Path | str, max_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> str:
+    """Read one input file for attribution; never reads more than ``max_bytes + 1`` bytes."""
+    path = Path(path)
+    try:  # open first, then ask: one system call per check is what 10,000 inputs cost
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise NatprintsError(f"{path}: text is over the size limit ({size} > {max_bytes} bytes)")
+            data = f.read(max_bytes + 1)
+    except IsADirectoryError:
+        raise NatprintsError(f"{path}: is a directory, not a text file") from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            raise NatprintsError(f"{path}: no such file") from None
+        raise NatprintsError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return decode_text(data, str(path), max_bytes)

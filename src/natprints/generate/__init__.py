@@ -1,0 +1,1 @@
+"""The generate stage: prompts, the sampler, and the per-model parquet corpora."""

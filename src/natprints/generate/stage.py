@@ -1,0 +1,232 @@
+"""The generate stage: every zoo model continues every prompt; one parquet file per model.
+
+Prompts are the first P tokens of held-out paragraphs (never seen in training), shared by every
+model (a paired design). Generation is manifest-first: the rows to generate are listed (ids derived
+from model, prompt and sample index), then filled chunk by chunk; a rerun fills only missing rows.
+Each chunk's sampling generator is seeded from (model, seed, chunk), so a resumed run writes the
+same texts an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from natprints.artifacts import Manifest, hash_obj, read_manifest, sha256_text, temp_path_for
+from natprints.config import Config, GenerateSettings
+from natprints.errors import NatprintsError
+from natprints.generate.sampler import sample_batch
+from natprints.runtime import load_lm, resolve_device, run_jobs
+
+COLUMNS = [
+    "sample_id",
+    "model_id",
+    "prompt_id",
+    "prompt",
+    "text",
+    "n_tokens",
+    "token_ids",
+    "sample_index",
+    "sampling_seed",
+    "temperature",
+    "top_k",
+    "top_p",
+    "new_tokens",
+]
+
+
+def build_prompts(cfg: Config) -> pd.DataFrame:
+    """The first ``prompt_tokens`` tokens of the first held-out paragraphs long enough to have them."""
+    from natprints.corpus import corpus_manifest, load_tokenizer, read_jsonl_texts
+
+    corpus_manifest(cfg)
+    g = cfg.generate
+    tokenizer = load_tokenizer(cfg.paths.tokenizer)
+    paragraphs = read_jsonl_texts(cfg.paths.corpus / "heldout.jsonl")
+    rows = []
+    for ids in tokenizer(paragraphs, add_special_tokens=False)["input_ids"]:
+        if len(ids) <= g.prompt_tokens:
+            continue
+        prompt_ids = ids[: g.prompt_tokens]
+        digest = sha256_text(",".join(map(str, prompt_ids)))[:12]
+        rows.append(
+            {
+                "prompt_id": f"p{len(rows):05d}-{digest}",
+                "prompt_token_ids": prompt_ids,
+                "prompt": tokenizer.decode(prompt_ids),
+            }
+        )
+        if len(rows) == g.prompts:
+            break
+    if len(rows) < g.prompts:
+        raise NatprintsError(
+            f"only {len(rows)} held-out paragraphs have more than {g.prompt_tokens} tokens; "
+            f"lower generate.prompts or raise corpus.heldout_fraction"
+        )
+    return pd.DataFrame(rows)
+
+
+def sample_id(model_id: str, prompt_id: str, index: int, seed: int) -> str:
+    return sha256_text(f"{model_id}|{prompt_id}|{index}|{seed}")[:20]
+
+
+def plan_rows(model_id: str, prompts: pd.DataFrame, g: GenerateSettings, seed: int) -> pd.DataFrame:
+    """Every row to generate for one model, in a fixed order; ``chunk`` groups rows sampled together."""
+    rows = [
+        {"sample_id": sample_id(model_id, pid, j, seed), "prompt_id": pid, "sample_index": j, "prompt_row": i}
+        for i, pid in enumerate(prompts["prompt_id"])
+        for j in range(g.samples_per_prompt)
+    ]
+    plan = pd.DataFrame(rows)
+    plan["chunk"] = np.arange(len(plan)) // g.batch_size
+    return plan
+
+
+def _chunk_seed(model_id: str, seed: int, chunk: int) -> int:
+    return int(sha256_text(f"{model_id}|{seed}|{chunk}")[:15], 16)
+
+
+def _read_existing(path: Path, plan: pd.DataFrame) -> pd.DataFrame:
+    if not path.is_file():
+        return pd.DataFrame(columns=COLUMNS)
+    try:
+        existing = pd.read_parquet(path)
+    except Exception:
+        raise NatprintsError(f"{path} is not a readable parquet file; remove it to regenerate") from None
+    if list(existing.columns) != COLUMNS or not set(existing["sample_id"]) <= set(plan["sample_id"]):
+        raise NatprintsError(f"{path} holds rows this config does not plan (foreign file); remove it")
+    return existing
+
+
+def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    tmp = temp_path_for(path)
+    try:
+        frame.to_parquet(tmp, index=False)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def generate_for_model(
+    cfg: Config,
+    model_id: str,
+    prompts: pd.DataFrame,
+    out_path: Path,
+    seed: int,
+    max_chunks: int | None = None,
+    *,
+    progress: bool = True,
+) -> int:
+    """Fill the missing rows of one model's file; returns how many rows were generated now."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from natprints.corpus import load_tokenizer
+
+    g = cfg.generate
+    plan = plan_rows(model_id, prompts, g, seed)
+    existing = _read_existing(out_path, plan)
+    missing = plan[~plan["sample_id"].isin(set(existing["sample_id"]))]
+    if missing.empty:
+        return 0
+    device = resolve_device(cfg.run.device)
+    tokenizer = load_tokenizer(cfg.paths.tokenizer)
+    eos = tokenizer.eos_token_id
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    model = load_lm(cfg.paths.zoo / model_id, device=device)
+    frames = [existing] if len(existing) else []
+    added = 0
+    chunks = sorted(missing["chunk"].unique())[:max_chunks]
+    with torch.inference_mode():
+        for chunk in tqdm(chunks, desc=f"generate {model_id}", unit="chunk", leave=False, disable=not progress):
+            rows = plan[plan["chunk"] == chunk]
+            prompt_ids = torch.tensor(
+                np.stack(prompts["prompt_token_ids"].iloc[rows["prompt_row"]].to_numpy()), dtype=torch.long
+            )
+            gen = torch.Generator().manual_seed(_chunk_seed(model_id, seed, int(chunk)))
+            out = sample_batch(model, prompt_ids, g, gen, eos, device).numpy()
+            new = []
+            have = set(existing["sample_id"])
+            for (_, row), ids in zip(rows.iterrows(), out, strict=True):
+                if row["sample_id"] in have:
+                    continue
+                n = int(np.argmax(ids == eos)) if (ids == eos).any() else len(ids)
+                new.append(
+                    {
+                        "sample_id": row["sample_id"],
+                        "model_id": model_id,
+                        "prompt_id": row["prompt_id"],
+                        "prompt": prompts["prompt"].iloc[row["prompt_row"]],
+                        "text": tokenizer.decode(ids[:n].tolist()),
+                        "n_tokens": n,
+                        "token_ids": ids[:n].astype(np.int32).tolist(),
+                        "sample_index": int(row["sample_index"]),
+                        "sampling_seed": seed,
+                        "temperature": g.temperature,
+                        "top_k": g.top_k,
+                        "top_p": g.top_p,
+                        "new_tokens": g.new_tokens,
+                    }
+                )
+            added += len(new)
+            frames.append(pd.DataFrame(new, columns=COLUMNS))
+            merged = pd.concat(frames, ignore_index=True)
+            order = {sid: i for i, sid in enumerate(plan["sample_id"])}
+            merged = merged.iloc[np.argsort(merged["sample_id"].map(order).to_numpy(), kind="stable")]
+            merged = merged.reset_index(drop=True)
+            _write_parquet(out_path, merged)
+            frames = [merged]
+            existing = merged
+    return added
+
+
+def stage_key(cfg: Config) -> str:
+    return hash_obj({"generate": cfg.generate.model_dump(), "train": cfg.train.model_dump()})
+
+
+def generate_all(cfg: Config, *, max_chunks: int | None = None) -> dict:
+    """The generate stage over the whole zoo plus the null control; writes the generated manifest."""
+    from natprints.zoo import condition_members, zoo_specs
+
+    start = time.time()
+    out = cfg.paths.generated
+    specs = zoo_specs(cfg)
+    for model_id in specs:
+        if not (cfg.paths.zoo / model_id / "manifest.json").is_file():
+            raise NatprintsError(f"zoo model {model_id} is missing; run `natprints zoo` first")
+    prompts = build_prompts(cfg)
+    base = next(iter(specs))
+    jobs = [(cfg, m, prompts, out / f"{m}.parquet", cfg.generate.seed, max_chunks) for m in specs]
+    jobs.append((cfg, base, prompts, out / "null" / f"{base}.parquet", cfg.generate.null_seed, max_chunks))
+    added = sum(run_jobs(cfg.run.workers, generate_for_model, jobs, "generate"))
+    expected = len(prompts) * cfg.generate.samples_per_prompt
+    counts = {str(job[3].relative_to(out)): len(pd.read_parquet(job[3], columns=["sample_id"])) for job in jobs}
+    complete = all(n == expected for n in counts.values())
+    fields = {
+        "stage": "generate",
+        "run": cfg.run.name,
+        "complete": complete,
+        "base_model": base,
+        "prompts": len(prompts),
+        "rows_per_model": expected,
+        "models": {
+            m: {
+                "conditions": c,
+                "file": f"{m}.parquet",
+                "model_sha256": read_manifest(cfg.paths.zoo / m)["files"]["model.safetensors"],
+            }
+            for m, (_, c) in specs.items()
+        },
+        "null_control": {"model_id": base, "file": f"null/{base}.parquet", "sampling_seed": cfg.generate.null_seed},
+        "conditions": condition_members(cfg),
+        "sampling": cfg.generate.model_dump(),
+        "rows": counts,
+        "added": added,
+        "wall_s": round(time.time() - start, 2),
+    }
+    return Manifest(out, "generated corpora").write(stage_key(cfg), fields, counts)

@@ -1,0 +1,1 @@
+"""Reports rendered from records and manifests: markdown sections, tables and figures."""

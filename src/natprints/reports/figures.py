@@ -1,0 +1,162 @@
+"""Every figure of the reports, drawn at report time from records (nothing is computed here).
+
+Figures are PNG files written through one :func:`save`, with no software or date metadata, so the
+same records give the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from natprints.artifacts import atomic_write_bytes
+
+METHOD_NAMES = {"seedprints": "SeedPrints", "weights": "Weight-std"}
+
+
+def save(fig: Any, path: Path, *, tight: bool = False) -> None:
+    """Write ``fig`` as a PNG at 110 dpi; ``tight`` crops to the drawn area."""
+    buffer = io.BytesIO()
+    extra = {"dpi": 110, "bbox_inches": "tight"} if tight else {}
+    fig.savefig(buffer, format="png", metadata={"Software": None}, **extra)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def plot_confusion(matrix: np.ndarray, labels: Sequence[str], title: str, path: Path) -> None:
+    """A confusion matrix as row shares, model ids on both axes."""
+    counts = np.asarray(matrix, dtype=float)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    k = len(labels)
+    size = 2.2 + 0.45 * k
+    fig = _figure(size + 0.8, size)
+    ax = fig.add_subplot()
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(k), labels, fontsize=8)
+    ax.set_xlabel("predicted model")
+    ax.set_ylabel("true model")
+    ax.set_title(title, fontsize=9)
+    if k <= 14:
+        for i in range(k):
+            for j in range(k):
+                color = "white" if shares[i, j] > 0.5 else "black"
+                ax.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", fontsize=6, color=color)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of true model's texts")
+    save(fig, path)
+
+
+def plot_evidence(points: pd.DataFrame, x: str, xlabel: str, path: Path, tick_labels: dict | None = None) -> None:
+    """Accuracy against ``x`` per condition: the best pipeline solid, the baseline dashed."""
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot()
+    colors = {}
+    for (condition, role), group in points.groupby(["condition", "role"], sort=False):
+        group = group.sort_values(x)
+        color = colors.setdefault(condition, f"C{len(colors) % 10}")
+        style = "-" if role == "best" else "--"
+        label = f"{condition}: {group['pipeline'].iloc[0]}" + (" (baseline)" if role == "baseline" else "")
+        ax.plot(group[x], group["accuracy"], style, marker="o", ms=3, color=color, label=label)
+        ax.fill_between(group[x], group["ci_low"], group["ci_high"], color=color, alpha=0.08)
+        ax.axhline(group["chance"].iloc[0], color=color, lw=0.6, ls=":")
+    if tick_labels:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(tick_labels), list(tick_labels.values()))
+        ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (95% Wilson band; dotted: chance)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=6, ncol=2, loc="lower right")
+    save(fig, path)
+
+
+def _matrix(labels: list[str], rows: list[dict[str, Any]], method: str) -> tuple[np.ndarray, np.ndarray]:
+    index = {label: i for i, label in enumerate(labels)}
+    n = len(labels)
+    values = np.full((n, n), np.nan)
+    related = np.zeros((n, n), dtype=bool)
+    for r in rows:
+        if r["method"] != method:
+            continue
+        i, j = index[r["model_a"]], index[r["model_b"]]
+        related[i, j] = related[j, i] = bool(r["related"])
+        if r["verdict"] == "incomparable":
+            continue
+        value = -r["log10_p"] if method == "seedprints" else r["score"]
+        if value is not None:
+            values[i, j] = values[j, i] = value
+    return values, related
+
+
+def plot_heatmap(labels: list[str], rows: list[dict[str, Any]], method: str, alpha: float, path: Path) -> None:
+    """Pairwise evidence; grey = incomparable (or the diagonal), dots = related by ground truth."""
+    from matplotlib.colors import SymLogNorm
+    from matplotlib.figure import Figure
+
+    values, related = _matrix(labels, rows, method)
+    n = len(labels)
+    size = max(4.0, 0.28 * n + 2.0)
+    fig = Figure(figsize=(size + 1.2, size))
+    ax = fig.add_subplot()
+    masked = np.ma.masked_invalid(values)
+    if method == "seedprints":
+        from matplotlib import colormaps
+
+        cmap = colormaps["viridis"].with_extremes(bad="0.85")
+        top = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
+        norm = SymLogNorm(linthresh=-math.log10(alpha), vmin=0.0, vmax=max(top, 2.0 * -math.log10(alpha)))
+        image = ax.imshow(masked, cmap=cmap, norm=norm)
+        label = f"-log10 p   (same lineage above {-math.log10(alpha):g})"
+    else:
+        from matplotlib import colormaps
+
+        cmap = colormaps["RdBu_r"].with_extremes(bad="0.85")
+        image = ax.imshow(masked, cmap=cmap, vmin=-1, vmax=1)
+        label = "mean z-scored std correlation"
+    ii, jj = np.nonzero(related)
+    ax.scatter(jj, ii, s=6, c="k", marker="o", linewidths=0)
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=max(4, 9 - n // 10))
+    ax.set_yticks(range(n), labels, fontsize=max(4, 9 - n // 10))
+    ax.set_title(f"{METHOD_NAMES[method]}: pairwise evidence (dots = related by ground truth)", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label(label, fontsize=8)
+    save(fig, path, tight=True)
+
+
+def plot_emergence(records: list[dict[str, Any]], alpha: float, path: Path) -> None:
+    """-log10 p of init vs checkpoint over training: own init solid, other seeds' inits grey."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.0))
+    ax = fig.add_subplot()
+    points = [r for r in records if r["step"] is not None]
+    models = sorted({r["model"] for r in points})
+    for model in models:
+        for own in (False, True):
+            mine = [r for r in points if r["model"] == model and r["own"] == own]
+            for ref in sorted({r["reference"] for r in mine}):
+                line = sorted((r["step"], -r["log10_p"]) for r in mine if r["reference"] == ref)
+                xs, ys = zip(*line, strict=True) if line else ((), ())
+                if own:
+                    ax.plot(xs, ys, marker="o", ms=3, label=model)
+                else:
+                    ax.plot(xs, ys, color="0.7", lw=0.8, ls="--")
+    ax.axhline(-math.log10(alpha), color="r", lw=0.8, ls=":", label=f"p = {alpha:g}")
+    ax.set_yscale("symlog", linthresh=-math.log10(alpha))
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("-log10 p  (init vs checkpoint)")
+    ax.set_title("SeedPrints emergence: own init (solid) vs other seeds' inits (grey)", fontsize=9)
+    if models:
+        ax.legend(fontsize=7)
+    save(fig, path, tight=True)
