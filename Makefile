@@ -7,7 +7,7 @@ NP := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/natprints
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help all test data zoo generate derive lineage experiments report bench lint format clean venv
+.PHONY: help all test data zoo generate derive lineage likelihood reference experiments report bench lint format clean venv
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -21,12 +21,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## Create .venv and install natprints with its pinned dependencies
 
-all: $(STAMP) ## The whole pipeline on CONFIG: data, zoo, generate, derive, lineage, experiments, report
+all: $(STAMP) ## The whole pipeline on CONFIG: data, zoo, generate, derive, lineage, likelihood, reference, experiments, report
 	$(NP) data --config $(CONFIG)
 	$(NP) zoo --config $(CONFIG)
 	$(NP) generate --config $(CONFIG)
 	$(NP) derive --config $(CONFIG)
 	$(NP) lineage run --config $(CONFIG)
+	$(NP) likelihood --config $(CONFIG)
+	$(NP) reference --config $(CONFIG)
 	$(NP) experiments --config $(CONFIG)
 	$(NP) report --config $(CONFIG)
 
@@ -48,7 +50,13 @@ derive: zoo ## Derived models: zoo models continued on the shift corpus (KJV)
 lineage: derive ## SeedPrints and weight-std lineage over inits, trained and derived models
 	$(NP) lineage run --config $(CONFIG)
 
-experiments: generate ## Attribution experiments per condition, saved attributors
+likelihood: generate ## Every test and calibration text scored under every model of its conditions (the ceiling)
+	$(NP) likelihood --config $(CONFIG)
+
+reference: likelihood ## The auditor's reference LM, fine-tuned per candidate model, scoring the texts (black-box)
+	$(NP) reference --config $(CONFIG)
+
+experiments: reference ## Attribution experiments per condition (ceiling included), saved attributors
 	$(NP) experiments --config $(CONFIG)
 
 report: $(STAMP) ## Render reports/<run>/index.md from records and manifests

@@ -35,6 +35,8 @@ SMOKE_STAGES = (
     ("generate",),
     ("derive",),
     ("lineage", "run"),
+    ("likelihood",),
+    ("reference",),
     ("experiments",),
     ("report",),
 )

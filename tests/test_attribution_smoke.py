@@ -2,19 +2,25 @@
 
 import json
 
+import numpy as np
 import pandas as pd
+import pytest
 
 from natprints import attribute
 from tests.conftest import SMOKE, run_cli
 from tests.test_zoo import BASE, SEED1
+
+SEED2 = "xs-lr3e-3-bs8-init2-data2"
 
 
 def test_accuracy_table_covers_every_condition_and_pipeline(smoke_cfg):
     acc = pd.read_csv(smoke_cfg.paths.reports / "accuracy.csv", keep_default_na=False)
     assert set(acc["condition"]) == {"seed", "init", "all", "null_control"}
     for condition, rows in acc.groupby("condition"):
-        assert len(rows) == 5 * 4, condition  # featurizers x classifiers
+        # 6 featurizers x 5 classifiers, less naive Bayes on embeddings (2), plus the ceiling and the reference LMs
+        assert len(rows) == 6 * 5 - 2 + 2, condition
         assert rows["best"].sum() == 1
+        assert set(rows.loc[rows["white_box"], "pipeline"]) == {"likelihood+bayes"}
     seed = acc[acc["condition"] == "seed"]
     assert (seed["n_classes"] == 3).all() and (seed["chance"].round(6) == round(1 / 3, 6)).all()
     assert ((acc["ci_low"] <= acc["accuracy"]) & (acc["accuracy"] <= acc["ci_high"])).all()
@@ -22,12 +28,90 @@ def test_accuracy_table_covers_every_condition_and_pipeline(smoke_cfg):
 
 def test_null_control_lands_at_chance(smoke_cfg):
     acc = pd.read_csv(smoke_cfg.paths.reports / "accuracy.csv", keep_default_na=False)
-    null = acc[acc["condition"] == "null_control"]
+    null = acc[(acc["condition"] == "null_control") & ~acc["white_box"]]
     assert (null["n_classes"] == 2).all()
     # The same model sampled twice. Twenty pipelines on 16 test texts each: about one 95% interval
     # misses chance by luck alone, so a leak shows as many misses and a high mean, not as one miss.
     misses = ((null["ci_low"] > 0.5) | (null["ci_high"] < 0.5)).sum()
     assert misses <= 3 and 0.35 <= null["accuracy"].mean() <= 0.65
+    # Both classes are the same model: their likelihoods tie, and the ceiling is exactly chance.
+    ceiling = acc[(acc["condition"] == "null_control") & (acc["pipeline"] == "likelihood+bayes")]
+    assert ceiling["accuracy"].tolist() == [0.5]
+
+
+def test_ceiling_share_recomputes_from_the_table(smoke_cfg):
+    acc = pd.read_csv(smoke_cfg.paths.reports / "accuracy.csv")
+    for condition, rows in acc[acc["condition"] != "null_control"].groupby("condition"):
+        ceiling = rows.loc[rows["pipeline"] == "likelihood+bayes", "accuracy"].item()
+        assert (rows["ceiling"] == ceiling).all()
+        share = (rows["accuracy"] - rows["chance"]) / (ceiling - rows["chance"])
+        assert np.allclose(rows["ceiling_share"], share, atol=1e-5), condition
+        # The exact likelihood attributor is at least as good as any text classifier, up to sampling noise.
+        assert ceiling >= rows["accuracy"].max() - 0.15, condition
+
+
+def test_ceiling_is_the_argmax_of_the_stored_likelihoods(smoke_cfg):
+    from natprints.likelihood.stage import load_scores
+
+    records = [json.loads(line) for line in (smoke_cfg.paths.reports / "results.jsonl").read_text().splitlines()]
+    scores = load_scores(smoke_cfg)
+    for r in records:
+        if r["kind"] != "posteriors" or r["role"] != "ceiling" or r["condition"] == "null_control":
+            continue
+        loglik = np.array([[scores[m].loc[sid, "loglik"] for m in r["labels"]] for sid in r["sample_ids"]])
+        expected = loglik - loglik.max(axis=1, keepdims=True)
+        expected -= np.log(np.exp(expected).sum(axis=1, keepdims=True))
+        np.testing.assert_allclose(np.array(r["log_posterior"]), expected, atol=2e-6)
+        pipeline = next(
+            p
+            for p in records
+            if p["kind"] == "pipeline" and p["condition"] == r["condition"] and p["pipeline"] == "likelihood+bayes"
+        )
+        assert pipeline["y_pred"] == loglik.argmax(axis=1).tolist()
+
+
+def test_pooled_accuracy_recomputes_from_stored_posteriors(smoke_cfg):
+    from natprints.attribution.ceiling import pool_groups
+
+    records = [json.loads(line) for line in (smoke_cfg.paths.reports / "results.jsonl").read_text().splitlines()]
+    pooled = pd.read_csv(smoke_cfg.paths.reports / "pooled.csv")
+    checked = 0
+    for r in records:
+        if r["kind"] != "posteriors":
+            continue
+        y, scores = np.array(r["y_true"]), np.array(r["log_posterior"])
+        for k in (1, 2, 4):
+            groups = pool_groups(y, k, seed=0)
+            if not groups:
+                continue
+            correct = np.mean([scores[g].sum(axis=0).argmax() == y[g[0]] for g in groups])
+            row = pooled[(pooled["condition"] == r["condition"]) & (pooled["role"] == r["role"]) & (pooled["k"] == k)]
+            assert row["accuracy"].item() == pytest.approx(correct, abs=1e-6)
+            checked += 1
+    assert checked >= 4 * 3 * 2
+
+
+def test_open_set_false_rejections_stay_within_alpha(smoke_cfg):
+    """Known models' texts wrongly called unknown by the likelihood margin test: within the binomial
+    interval of alpha (the smoke run's few texts make the interval wide; the default run states it)."""
+    from natprints.stats import wilson_interval
+
+    records = [json.loads(line) for line in (smoke_cfg.paths.reports / "results.jsonl").read_text().splitlines()]
+    rows = [r for r in records if r["kind"] == "open_set_likelihood" and r["method"] == "margin" and r["k"] == 1]
+    assert rows and {r["held_out_model"] for r in rows if r["condition"] == "seed"} == {BASE, SEED1, SEED2}
+    known = sum(r["n_known"] for r in rows)
+    rejected = sum(r["known_rejected_n"] for r in rows)
+    low, _ = wilson_interval(rejected, known, confidence=0.99)
+    assert low <= rows[0]["alpha"]
+    assert all(0 <= r["unknown_rejected_n"] <= r["n_unknown"] for r in rows)
+
+
+def test_kl_table_is_zero_on_the_diagonal_and_not_negative(smoke_cfg):
+    kl = pd.read_csv(smoke_cfg.paths.reports / "kl.csv")
+    same = kl[kl["model_a"] == kl["model_b"]]
+    assert (same["kl_per_token"] == 0).all() and len(same) == 4
+    other = kl[kl["model_a"] != kl["model_b"]]
+    assert (other["kl_per_token"] + 3 * other["se"] >= 0).all()
 
 
 def test_saved_attributor_classifies_generated_text(smoke_cfg):

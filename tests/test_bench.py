@@ -89,10 +89,8 @@ def test_bench_generate_checks_same_work(smoke_cfg):
 def test_bench_unknown_section_is_one_line_error(smoke_home):
     proc = run_cli("bench", "--config", str(SMOKE), "--section", "nope", home=smoke_home, check=False)
     assert proc.returncode == 1
-    assert (
-        proc.stderr.strip()
-        == "error: unknown bench section(s) nope; choose from train, generate, embed, attribute, stages"
-    )
+    sections = "train, generate, likelihood, seedprints, embed, attribute, stages"
+    assert proc.stderr.strip() == f"error: unknown bench section(s) nope; choose from {sections}"
 
 
 def test_bench_missing_stage_timings(fresh_home):

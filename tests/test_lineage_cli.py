@@ -1,8 +1,10 @@
-"""`natprints lineage`: pair comparison (JSON and text), identify, and the experiments over a tiny zoo."""
+"""`natprints lineage`: pair comparison (JSON and text), identify, the experiments over a tiny zoo, and
+SeedPrints' calibrated threshold for trained pairs."""
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -95,8 +97,8 @@ def _zoo(home: Path) -> Path:
     return home / "models" / "t" / "zoo"
 
 
-def test_compare_json_both_forms(home):
-    zoo = _zoo(home)
+def test_compare_json_both_forms(in_home):
+    zoo, config = _zoo(in_home), str(in_home / "t.toml")
     a, b = str(zoo / "s0" / "init"), str(zoo / "s0")
     explicit = runner.invoke(APP, ["lineage", "compare", a, b, "--json", "--device", "cpu"])
     assert explicit.exit_code == 0, explicit.output
@@ -104,29 +106,36 @@ def test_compare_json_both_forms(home):
     assert out["model_a"] == a and set(out["results"]) == {"seedprints", "weights"}
     seed = out["results"]["seedprints"]
     assert seed["same_lineage"] and seed["verdict"] == "related" and seed["log10_p"] < -2
-    assert seed["n_inputs"] == 128 and seed["k"] == 16  # the defaults, no --config given
+    assert seed["rule"] == "analytic" and seed["with_init"]  # an init in the pair: the analytic p
+    assert seed["n_inputs"] == 512 and seed["k"] == 64 == seed["kept"]  # the defaults (k = all), no --config
+    assert seed["log10_p_one_sided"] == seed["log10_p"] and seed["log10_p_two_sided"] <= 0.0
     assert -1.0 <= out["results"]["weights"]["score"] <= 1.0
-    bare = runner.invoke(APP, ["lineage", a, b, "--json", "--device", "cpu"])
-    assert bare.exit_code == 0, bare.output
-    assert json.loads(bare.stdout) == out
+    # the bare form is the same command (at the test config's small N, from the cache)
+    small = runner.invoke(APP, ["lineage", "compare", a, b, "--json", "--config", config])
+    bare = runner.invoke(APP, ["lineage", a, b, "--json", "--config", config])
+    assert small.exit_code == bare.exit_code == 0, bare.output
+    assert json.loads(bare.stdout) == json.loads(small.stdout)
+    assert json.loads(bare.stdout)["results"]["seedprints"]["n_inputs"] == 96
 
 
-def test_compare_method_option_and_unrelated_pair(home):
-    zoo = _zoo(home)
-    result = runner.invoke(
-        APP, ["lineage", "--method", "seedprints", str(zoo / "s0"), str(zoo / "s1"), "--json", "--device", "cpu"]
-    )
+def test_compare_method_option_and_unrelated_pair(in_home):
+    zoo, config = _zoo(in_home), str(in_home / "t.toml")
+    args = ["lineage", "--method", "seedprints", str(zoo / "s0"), str(zoo / "s1"), "--json", "--config", config]
+    result = runner.invoke(APP, args)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)["results"]
     assert set(out) == {"seedprints"}
-    assert out["seedprints"]["verdict"] == "unrelated" and out["seedprints"]["log10_p"] > -2
+    # two trained models and no run to calibrate on: no verdict, z shown
+    seed = out["seedprints"]
+    assert seed["verdict"] == "uncalibrated" and seed["same_lineage"] is None and seed["threshold"] is None
+    assert "no calibrated threshold" in seed["note"] and isinstance(seed["z"], float)
     weights = runner.invoke(APP, ["lineage", str(zoo / "s0"), str(zoo / "s1"), "--method", "weights", "--json"])
     assert set(json.loads(weights.stdout)["results"]) == {"weights"}
 
 
-def test_compare_text_output(home):
-    zoo = _zoo(home)
-    result = runner.invoke(APP, ["lineage", str(zoo / "s0"), str(zoo / "s0+kjv"), "--device", "cpu"])
+def test_compare_text_output(in_home):
+    zoo, config = _zoo(in_home), str(in_home / "t.toml")
+    result = runner.invoke(APP, ["lineage", str(zoo / "s0" / "init"), str(zoo / "s0+kjv"), "--config", config])
     assert result.exit_code == 0, result.output
     assert "seedprints: p = 10^" in result.stdout and "same seed lineage" in result.stdout
     assert "weights: score = " in result.stdout
@@ -149,11 +158,11 @@ def test_device_option_reaches_code(home):
     assert "no CUDA device is available" in str(result.exception)
 
 
-def test_shape_mismatch_errors(tmp_path, home):
+def test_shape_mismatch_errors(tmp_path, in_home):
     wide, deep = new_model(0, hidden=96, layers=4), new_model(0, layers=4)
     wide.save_pretrained(tmp_path / "wide")
     deep.save_pretrained(tmp_path / "deep")
-    s0 = str(_zoo(home) / "s0")
+    s0 = str(_zoo(in_home) / "s0")
     one = runner.invoke(APP, ["lineage", s0, str(tmp_path / "wide"), "--method", "seedprints"])
     assert one.exit_code == 1 and isinstance(one.exception, NatprintsError)
     assert "hidden_size 64 vs 96" in str(one.exception)
@@ -161,12 +170,13 @@ def test_shape_mismatch_errors(tmp_path, home):
     assert both.exit_code == 1
     assert "hidden_size 64 vs 96" in str(both.exception) and "num_hidden_layers 3 vs 4" in str(both.exception)
     # same hidden size, different depth: SeedPrints answers, weight-std says why it cannot
-    partial = runner.invoke(APP, ["lineage", s0, str(tmp_path / "deep"), "--json", "--device", "cpu"])
+    config = str(in_home / "t.toml")
+    partial = runner.invoke(APP, ["lineage", s0, str(tmp_path / "deep"), "--json", "--config", config])
     assert partial.exit_code == 0, partial.output
     out = json.loads(partial.stdout)["results"]
     assert out["weights"]["verdict"] == "incomparable"
     assert "num_hidden_layers 3 vs 4" in out["weights"]["reason"]
-    assert out["seedprints"]["verdict"] in {"related", "unrelated"}
+    assert out["seedprints"]["verdict"] == "uncalibrated"  # neither is a zoo init
 
 
 def test_bad_inputs(tmp_path, home):
@@ -192,8 +202,10 @@ def test_identify_ranks_same_seed_first(in_home):
     assert "d1" not in names  # the model itself is left out
     same_seed = {"d1@init", "s0", "s0@init", "s0+kjv"}
     assert set(names[: len(same_seed)]) == same_seed
-    assert all(r["verdict"] == "same seed" for r in ranking[: len(same_seed)])
-    assert all(r["verdict"] == "no evidence" for r in ranking if r["model"].startswith("s1"))
+    verdicts = {r["model"]: r["verdict"] for r in ranking}
+    # d1 is a trained model: the inits get the analytic verdict, trained models need a calibrated threshold
+    assert verdicts["d1@init"] == verdicts["s0@init"] == "same seed" and verdicts["s1@init"] == "no evidence"
+    assert verdicts["s0"] == verdicts["s0+kjv"] == verdicts["s1"] == "uncalibrated"
     top = runner.invoke(
         APP, ["lineage", "identify", str(zoo / "d1"), "--library", str(zoo), "--top", "2", "--config", config]
     )
@@ -229,6 +241,31 @@ def test_run_writes_tables_and_is_idempotent(in_home, monkeypatch):
     seed = summary["methods"]["seedprints"]
     assert seed["comparable"] == 21 and seed["auc"] is not None and 0.5 < seed["auc"] <= 1.0
     assert seed["tp"] + seed["fn"] == seed["related"]
+    assert summary["settings"]["seedprints_k"] == "all" and summary["seedprints"]["k_by_hidden_size"] == {"64": 64}
+    assert 0 < summary["seedprints"]["distinct_last_tokens"][str(VOCAB)] <= 96
+
+    # the calibrated threshold, recomputed from the stored rows: trained/derived pairs of different seeds
+    init_seed = {"s0": 0, "s1": 1, "d1": 0, "s0+kjv": 0}
+    seeds = frame[frame.method == "seedprints"]
+    trained = seeds[~seeds.model_a.str.endswith("@init") & ~seeds.model_b.str.endswith("@init")]
+    unrelated = trained[[init_seed[a] != init_seed[b] for a, b in zip(trained.model_a, trained.model_b, strict=True)]]
+    calibration = summary["seedprints"]["calibration"]
+    assert calibration["pairs"] == len(unrelated) == 3 and calibration["target_fpr"] == 0.01
+    assert calibration["threshold"] == pytest.approx(unrelated.score.max())  # 3 pairs < 1 / FPR: the largest z
+    assert calibration["in_sample"]["false"] == 0 and calibration["leave_one_seed_out"]["folds"] == 0  # 2 seeds
+    # every verdict follows its rule: trained pairs z > threshold, pairs with an init one-sided p < alpha
+    assert (trained.verdict == np.where(trained.score > calibration["threshold"], "related", "unrelated")).all()
+    with_init = seeds[seeds.model_a.str.endswith("@init") | seeds.model_b.str.endswith("@init")]
+    assert (with_init.verdict == np.where(with_init.log10_p < -2, "related", "unrelated")).all()
+    counts = summary["seedprints"]["counts"]
+    assert counts["init_own_trained"]["n"] == 3 and counts["init_own_derived"]["n"] == 1
+    assert counts["different_seed_with_init"]["n"] == 7 and counts["different_seed_trained_only"]["n"] == 3
+    target = counts["target"]
+    assert target["positives"] == 4 and target["negatives"] == 10
+    assert target["tpr"] == counts["init_own_trained"]["linked"] / 4 + counts["init_own_derived"]["linked"] / 4
+    rules = {c["name"]: c["rule"] for c in summary["checks"] if c["method"] == "seedprints"}
+    assert rules["init vs its own trained model"] == "analytic"
+    assert rules["trained vs its own derived model"] == "calibrated"
     emergence = pd.read_csv(reports / "lineage_emergence.csv")
     own = emergence[emergence.own & (emergence.model == "s0")]
     assert sorted(own.step) == [10, STEPS]
@@ -240,6 +277,10 @@ def test_run_writes_tables_and_is_idempotent(in_home, monkeypatch):
     for name in ("lineage_heatmap_seedprints.png", "lineage_heatmap_weights.png", "lineage_emergence.png"):
         assert (reports / name).read_bytes().startswith(b"\x89PNG")
     assert "init vs its own trained model: 3/3 pairs at p < 0.01" in section
+    assert f"z > {calibration['threshold']:.2f}, the 99% quantile of z over 3 known-unrelated pairs" in section
+    assert "Init ↔ its own trained model: linked 3/3" in section and "two-sided 2 sf(|z|)" in section
+    assert f"TPR {target['tp']}/4" in section and "FPR ≤ 0.05 over all different-seed pairs" in section
+    assert "no leave-one-seed-out estimate with 2 seeds" in section
     assert "lineage_heatmap_seedprints.png" in section
 
     def no_forward(*args, **kwargs):
@@ -250,6 +291,34 @@ def test_run_writes_tables_and_is_idempotent(in_home, monkeypatch):
     again = runner.invoke(APP, ["lineage", "run", "--config", str(in_home / "t.toml")])
     assert again.exit_code == 0, again.output
     assert (reports / "lineage.json").stat().st_mtime_ns == before
+
+
+def test_single_pair_uses_the_runs_calibrated_threshold(in_home):
+    cfg = load_config(in_home / "t.toml")
+    summary = ex.run_lineage(cfg, progress=False)  # current after the run test; computed otherwise
+    threshold = summary["seedprints"]["calibration"]["threshold"]
+    zoo, reports = _zoo(in_home), cfg.paths.reports
+    settings, cache = cfg.lineage, cfg.paths.cache
+
+    def seedprints(a: str, b: str, **kwargs) -> dict:
+        out = ex.compare(zoo / a, zoo / b, "seedprints", kwargs.pop("settings", settings), cache_dir=cache, **kwargs)
+        return out["seedprints"]
+
+    same = seedprints("s0", "d1", reports_dir=reports)  # same init seed, other data order
+    other = seedprints("s0", "s1", reports_dir=reports)
+    assert same["rule"] == other["rule"] == "calibrated" and same["threshold"] == other["threshold"] == threshold
+    assert same["verdict"] == "related" and same["z"] > threshold and same["same_lineage"] is True
+    assert other["verdict"] == "unrelated" and other["z"] <= threshold
+    assert same["threshold_source"] == str(reports / "lineage.json")
+    assert seedprints("s0", "d1")["verdict"] == "uncalibrated"  # no run given
+    # a threshold fit at other settings does not apply
+    other_settings = settings.model_copy(update={"seedprints_k": 32})
+    assert seedprints("s0", "d1", settings=other_settings, reports_dir=reports)["verdict"] == "uncalibrated"
+    # an init in the pair: the analytic verdict, whatever the run says
+    assert seedprints("s1/init", "s1", reports_dir=reports)["rule"] == "analytic"
+    ranking = ex.identify(zoo / "d1", zoo, settings, cache_dir=cache, reports_dir=reports)
+    verdicts = {r["model"]: r["verdict"] for r in ranking}
+    assert verdicts["s0"] == verdicts["s0+kjv"] == "same seed" and verdicts["s1"] == "no evidence"
 
 
 def test_run_without_zoo_is_a_clear_error(tmp_path, monkeypatch):

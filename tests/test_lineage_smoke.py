@@ -1,6 +1,9 @@
 """Lineage on the smoke zoo: what the methods find on real (tiny) trained and derived models."""
 
+import json
+
 import pandas as pd
+import pytest
 
 from tests.test_zoo import BASE, INIT1, SEED1
 
@@ -25,10 +28,24 @@ def test_same_seed_pairs_detected_and_different_seeds_not(smoke_cfg):
         assert sp.loc[(f"{model}@init", model), "log10_p"] < -2
         if model != INIT1:
             assert sp.loc[(model, f"{model}+kjv"), "log10_p"] < -2
-    # the data-order-only variant shares its seed lineage with the seed-1 model
+    # the data-order-only variant shares its seed lineage with the seed-1 model (calibrated threshold)
     assert sp.loc[(INIT1, SEED1), "verdict"] == "related"
     for a in TRAINED:
         for b in TRAINED:
             if a < b and INIT_SEED[a] != INIT_SEED[b]:
-                assert 10 ** sp.loc[(a, b), "log10_p"] > alpha, (a, b)
+                # two trained models: judged against the calibrated z threshold, not the analytic p
+                assert sp.loc[(a, b), "verdict"] == "unrelated", (a, b)
                 assert 10 ** sp.loc[(f"{a}@init", f"{b}@init"), "log10_p"] > alpha, (a, b)
+                assert sp.loc[(f"{a}@init", b), "verdict"] == "unrelated", (a, b)
+
+
+def test_calibrated_threshold_recorded(smoke_cfg):
+    summary = json.loads((smoke_cfg.paths.reports / "lineage.json").read_text())
+    calibration = summary["seedprints"]["calibration"]
+    sp = _seedprints(smoke_cfg)
+    trained = list(TRAINED) + [f"{m}+kjv" for m in TRAINED if m != INIT1]
+    seed = {**INIT_SEED, **{f"{m}+kjv": s for m, s in INIT_SEED.items()}}
+    unrelated = {tuple(sorted((a, b))) for a in trained for b in trained if seed[a] != seed[b]}
+    assert calibration["pairs"] == len(unrelated) and calibration["target_fpr"] == smoke_cfg.lineage.alpha
+    z = [sp.loc[pair, "score"] for pair in unrelated]
+    assert calibration["threshold"] == pytest.approx(max(z))  # fewer than 1 / alpha pairs: the largest z

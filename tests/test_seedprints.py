@@ -1,4 +1,5 @@
-"""SeedPrints: the statistic against scipy, detection on tiny Llama models, the cache, input errors."""
+"""SeedPrints: the statistic against an O(N^2) reference and scipy, its calibration on noise, the
+settings and verdict rules, detection on tiny Llama models, the cache, input errors."""
 
 import json
 import math
@@ -7,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.stats import kendalltau, norm
+from scipy.stats import binom, kendalltau, norm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from natprints.artifacts import Manifest
-from natprints.config import LineageSettings
+from natprints.config import LineageSettings, load_config
 from natprints.errors import NatprintsError
 from natprints.lineage import seedprints as sp
 from natprints.lineage.models import inspect_model, model_digest
@@ -75,6 +76,36 @@ def direct_test(a: np.ndarray, b: np.ndarray, k: int, temperature: float) -> tup
     return len(kept), z, math.log10(norm.sf(z))
 
 
+def kendall_tau_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The O(N^2) reference: tau-b from the signs of every pair's differences (NaN if constant)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    iu, ju = np.triu_indices(len(a), 1)
+    if len(iu) == 0:
+        return np.full(a.shape[1], np.nan)
+    da, db = np.sign(a[iu] - a[ju]), np.sign(b[iu] - b[ju])
+    numerator = (da * db).sum(axis=0)
+    denominator = np.sqrt(np.count_nonzero(da, axis=0) * np.count_nonzero(db, axis=0).astype(np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), np.nan)
+
+
+@pytest.mark.parametrize("n", [2, 3, 17, 300])
+def test_kendall_tau_equals_the_pairwise_reference(n):
+    rng = np.random.default_rng(n)
+    a = rng.normal(size=(n, 6))
+    b = a + rng.normal(scale=1.5, size=a.shape)  # no ties
+    ties_a, ties_b = rng.integers(0, 4, size=(n, 6)), rng.integers(0, 3, size=(n, 6))
+    ties_a[:, 0] = 2  # a constant column: NaN
+    ties_b[:, 1] = 1
+    mixed_a, mixed_b = np.round(a, 1), b  # ties in one variable only
+    for x, y in [(a, b), (ties_a, ties_b), (mixed_a, mixed_b), (ties_a, a)]:
+        ours, reference = sp.kendall_tau_columns(x, y), kendall_tau_pairs(x, y)
+        np.testing.assert_array_equal(np.isnan(ours), np.isnan(reference))
+        np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-12)
+    assert np.isnan(sp.kendall_tau_columns(ties_a, ties_b)[:2]).all()
+    assert np.isnan(sp.kendall_tau_columns(np.ones((1, 3)), np.ones((1, 3)))).all()  # no pairs at all
+
+
 def test_kendall_tau_matches_scipy_with_and_without_ties():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(25, 7))
@@ -124,6 +155,106 @@ def test_extreme_evidence_does_not_underflow():
     assert result.log10_p == pytest.approx(norm.logsf(result.z) / math.log(10))
 
 
+def test_p_reported_both_ways_and_verdicts_use_one_sided():
+    rng = np.random.default_rng(5)
+    shared = rng.normal(size=(60, 16))
+    a, b = shared + rng.normal(size=shared.shape), shared + rng.normal(size=shared.shape)
+    for x, y in [(a, b), (a, -b), (a, rng.normal(size=a.shape))]:
+        r = sp.seedprints_test(x, y, k="all")
+        assert r.log10_p == pytest.approx(norm.logsf(r.z) / math.log(10), abs=1e-12)
+        assert r.log10_p_two_sided == pytest.approx(min(0.0, math.log10(2 * norm.sf(abs(r.z)))), abs=1e-12)
+        d = r.to_dict()
+        assert d["p_one_sided"] == pytest.approx(norm.sf(r.z)) and d["log10_p_one_sided"] == r.log10_p
+        assert d["p_two_sided"] == pytest.approx(min(1.0, 2 * norm.sf(abs(r.z))))
+    # z = 2.4: one-sided p = 0.0082 < 0.01 <= two-sided p = 0.0164; the verdict follows the one-sided p
+    between = sp.SeedPrintsResult(100, 16, 16, 0.1, 2.4, math.log10(norm.sf(2.4)), math.log10(2 * norm.sf(2.4)), 0.01)
+    assert between.p_one_sided < 0.01 <= between.p_two_sided
+    assert between.same_lineage
+    assert sp.seedprints_verdict(between, with_init=True, threshold=None) == ("related", "analytic")
+
+
+def test_verdict_rules_for_trained_pairs():
+    r = sp.SeedPrintsResult(100, 16, 16, 0.1, 4.0, -4.5, -4.2, 0.01)
+    assert sp.seedprints_verdict(r, with_init=True, threshold=5.0) == ("related", "analytic")  # threshold unused
+    assert sp.seedprints_verdict(r, with_init=False, threshold=None) == ("uncalibrated", "uncalibrated")
+    assert sp.seedprints_verdict(r, with_init=False, threshold=5.0) == ("unrelated", "calibrated")
+    assert sp.seedprints_verdict(r, with_init=False, threshold=3.9) == ("related", "calibrated")
+    assert sp.seedprints_verdict(r, with_init=False, threshold=4.0) == ("unrelated", "calibrated")  # z must exceed
+    none = sp.SeedPrintsResult(100, 16, 1, math.nan, math.nan, 0.0, 0.0, 0.01)
+    assert sp.seedprints_verdict(none, with_init=False, threshold=-10.0) == ("unrelated", "calibrated")
+
+
+def test_calibrated_threshold_is_the_quantile_of_unrelated_z():
+    z = np.random.default_rng(6).normal(size=500)
+    threshold = sp.calibrate_threshold(z, 0.01)
+    assert threshold in z  # an observed z
+    assert (z > threshold).sum() <= 0.01 * len(z) and (z >= threshold).sum() > 0.01 * len(z) - 1
+    assert threshold == pytest.approx(np.quantile(z, 0.99), abs=0.1)
+    assert sp.calibrate_threshold(z[:40], 0.01) == z[:40].max()  # fewer than 1 / FPR pairs: their maximum
+    assert sp.calibrate_threshold([np.nan, 1.0, 2.0], 0.05) == 2.0
+    assert sp.calibrate_threshold([], 0.01) is None and sp.calibrate_threshold([np.nan], 0.01) is None
+
+
+def test_leave_one_seed_out_counts_held_out_pairs():
+    seeds = range(5)
+    pairs = [(i, j) for i in seeds for j in seeds if i < j]
+    z = np.array([10.0 if 4 in p else float(i) for i, p in enumerate(pairs)])  # seed 4's pairs stand out
+    out = sp.leave_one_seed_out(z, [p[0] for p in pairs], [p[1] for p in pairs], 0.01)
+    assert out["seeds"] == 5 and out["folds"] == 5 and out["evaluated"] == 2 * len(pairs)
+    # without seed 4 the threshold is 5 (the largest other z): seed 4's four pairs exceed it; every other
+    # fold's threshold is 10 (seed 4's pairs stay in), which nothing exceeds
+    assert out["false"] == 4 and out["fpr"] == pytest.approx(4 / 20)
+    two = sp.leave_one_seed_out(np.array([1.0]), [0], [1], 0.01)
+    assert two["folds"] == 0 and two["fpr"] is None  # with two seeds no fold has pairs to fit on
+
+
+def _noise_z(rng: np.random.Generator, pairs: int, hidden: int, k: int, n: int = 128) -> np.ndarray:
+    """z of SeedPrints on pairs of independent Gaussian "features": the null, exactly."""
+    z = [sp.seedprints_test(rng.normal(size=(n, hidden)), rng.normal(size=(n, hidden)), k=k).z for _ in range(pairs)]
+    return np.nan_to_num(np.array(z), nan=0.0)  # |S| < 2: no evidence
+
+
+def test_analytic_null_is_too_narrow_at_small_kept_sets():
+    """k = 16 of 64 dimensions keeps |S| = 4 on average; the softmax over S ties the per-dimension taus
+    together (they share its denominator), so the mean tau varies more than the independent-tau sd says."""
+    z = _noise_z(np.random.default_rng(0), pairs=300, hidden=64, k=16)
+    assert np.mean(z > norm.isf(0.01)) > 0.015  # nominal 1%
+    assert np.std(z) > 1.05
+
+
+def test_analytic_null_is_calibrated_at_large_kept_sets():
+    """k = half the hidden size: |S| = 16 on average, and the z test holds its nominal 1%."""
+    pairs = 400
+    z = _noise_z(np.random.default_rng(1), pairs=pairs, hidden=64, k=32)
+    false = int((z > norm.isf(0.01)).sum())
+    assert binom.ppf(0.005, pairs, 0.01) <= false <= binom.isf(0.005, pairs, 0.01)
+    assert 0.9 < np.std(z) < 1.1
+
+
+def test_k_forms():
+    assert sp.resolve_k(16, 64) == 16 and sp.resolve_k(100, 64) == 64
+    assert sp.resolve_k("all", 64) == 64 and sp.resolve_k(1.0, 64) == 64
+    assert sp.resolve_k(0.5, 64) == 32 and sp.resolve_k(0.3, 64) == 20 and sp.resolve_k(0.001, 64) == 1
+    for bad in (0, -1, 1.5, "half", True):
+        with pytest.raises(NatprintsError, match="seedprints_k"):
+            sp.resolve_k(bad, 64)
+    features = np.random.default_rng(7).normal(size=(20, 12))
+    assert sp.seedprints_test(features, features, k="all").kept == 12
+    assert sp.seedprints_test(features, features, k=0.5).kept == 6
+
+
+def test_settings_defaults_and_k_in_config(tmp_path):
+    defaults = LineageSettings()
+    assert (defaults.seedprints_inputs, defaults.seedprints_seq_len, defaults.seedprints_k) == (512, 128, "all")
+    for value, parsed in [("'all'", "all"), ("24", 24), ("0.5", 0.5)]:
+        (tmp_path / "c.toml").write_text(f"[run]\nname = 'x'\n[lineage]\nseedprints_k = {value}\n")
+        assert load_config(tmp_path / "c.toml").lineage.seedprints_k == parsed
+    for value in ("'half'", "0", "1.5", "true"):
+        (tmp_path / "c.toml").write_text(f"[run]\nname = 'x'\n[lineage]\nseedprints_k = {value}\n")
+        with pytest.raises(NatprintsError, match="'lineage.seedprints_k': must be a count"):
+            load_config(tmp_path / "c.toml")
+
+
 def test_disjoint_disliked_sets_give_no_evidence():
     a = np.zeros((20, 8)) + np.random.default_rng(4).normal(scale=0.01, size=(20, 8))
     b = a.copy()
@@ -131,7 +262,7 @@ def test_disjoint_disliked_sets_give_no_evidence():
     b[:, 4:] -= 5.0
     result = sp.seedprints_test(a, b, k=4)
     assert result.kept == 0
-    assert result.log10_p == 0.0 and result.p == 1.0
+    assert result.log10_p == 0.0 and result.p == 1.0 and result.log10_p_two_sided == 0.0
     assert not result.same_lineage
     assert result.to_dict()["z"] is None
 
@@ -144,9 +275,12 @@ def test_random_inputs_are_seeded_and_within_vocab():
     assert not torch.equal(x, sp.random_inputs(VOCAB, 16, 32, seed=6))
 
 
-def test_same_seed_detected_different_seed_not(models):
+def test_same_seed_detected_different_seed_not(models, tmp_path):
+    # N below the vocabulary of 300: inputs that end in the same token are near-duplicates (see the module)
+    settings = LineageSettings(seedprints_inputs=256)
+
     def log10_p(a: str, b: str) -> float:
-        return sp.seedprints_compare(models[a], models[b], device="cpu").log10_p
+        return sp.seedprints_compare(models[a], models[b], settings, cache_dir=tmp_path, device="cpu").log10_p
 
     assert log10_p("init0", "init0") < -100
     assert log10_p("init0", "trained0") < -2
@@ -173,6 +307,24 @@ def test_features_are_cached_per_model(models, tmp_path, monkeypatch):
     shifted = sp.model_features(models["init0"], other, cache_dir=tmp_path, device="cpu")
     assert len(list((tmp_path / "seedprints").glob("*.npz"))) == 2
     assert not np.array_equal(first, shifted)
+
+    def features(**update) -> np.ndarray:
+        return sp.model_features(models["init0"], settings.model_copy(update=update), cache_dir=tmp_path, device="cpu")
+
+    longer, more = features(seedprints_seq_len=9), features(seedprints_inputs=17)
+    assert len(list((tmp_path / "seedprints").glob("*.npz"))) == 4
+    assert more.shape == (17, 64) and not np.array_equal(first, longer)
+    np.testing.assert_allclose(more[:16], first, atol=1e-5)  # the same first 16 inputs (one generator)
+    # k and the temperature act on the pair, not on the features: they share the cache entry
+    features(seedprints_k=4, seedprints_temperature=2.0)
+    assert len(list((tmp_path / "seedprints").glob("*.npz"))) == 4
+
+
+def test_zoo_init_directories_are_recognized(models, tmp_path):
+    model = tiny_model(tmp_path / "m", 0)
+    new_model(0).save_pretrained(model / "init")
+    assert sp.is_init_dir(model / "init")
+    assert not sp.is_init_dir(model) and not sp.is_init_dir(models["init0"])
 
 
 def test_hidden_size_mismatch_names_what_differs(models):

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NamedTuple
 
 import click
 import typer
@@ -27,6 +27,7 @@ from natprints.runtime import output_changed, stage_timer
 
 if TYPE_CHECKING:
     from natprints.attribution.attributor import Prediction
+    from natprints.likelihood.attribute import LikelihoodPrediction
 
 app = typer.Typer(
     add_completion=False,
@@ -116,6 +117,36 @@ def generate(
         run.did_work = manifest["added"] > 0 and manifest["complete"]
     state = "complete" if manifest["complete"] else "partial"
     typer.echo(f"generate: {len(manifest['rows'])} files, {manifest['rows_per_model']} rows each ({state})")
+
+
+@app.command()
+def likelihood(config: ConfigOpt = DEFAULT_CONFIG) -> None:
+    """Score every text the tables use under every model of its conditions (the exact ceiling)."""
+    from natprints.likelihood.stage import score_all
+
+    cfg = open_run(config)
+    with stage_timer(cfg, "likelihood") as run:
+        manifest = score_all(cfg)
+        run.did_work = manifest["scored"] > 0
+    rows = sum(entry["rows"] for entry in manifest["scorers"].values())
+    typer.echo(
+        f"likelihood: {rows} (text, model) scores from {len(manifest['scorers'])} models, {manifest['scored']} new"
+    )
+
+
+@app.command()
+def reference(config: ConfigOpt = DEFAULT_CONFIG) -> None:
+    """Train the auditor's reference LM, fine-tune it per candidate, score the texts (black-box)."""
+    from natprints.attribution.reference import build_reference
+
+    cfg = open_run(config)
+    with stage_timer(cfg, "reference") as run:
+        manifest = build_reference(cfg)
+        run.did_work = manifest["scored"] > 0 or manifest["trained_now"] > 0
+    typer.echo(
+        f"reference: {len(manifest['scorers'])} fine-tuned LMs, {manifest['trained_now']} trained now, "
+        f"{manifest['scored']} texts scored now"
+    )
 
 
 @app.command()
@@ -237,15 +268,226 @@ def _batches(names: list[str], streaming: bool) -> Iterator[list[str]]:
         start, size = start + size, min(size * 2, MAX_BATCH)
 
 
+def _then(p: Prediction) -> str:
+    others = ", ".join(f"{m} {q:.3f}" for m, q in p.top if m != p.best_model)
+    return f"; then {others}" if others else ""
+
+
 def _line(name: str, p: Prediction, as_json: bool, threshold: float) -> str:
     if as_json:
         return json.dumps({"input": name, **p.to_dict()})
-    others = ", ".join(f"{m} {q:.3f}" for m, q in p.top if m != p.best_model)
     if p.unknown:
         head = f"unknown (best {p.best_model} {p.probability:.3f} < threshold {threshold:.3f})"
     else:
         head = f"{p.label} {p.probability:.3f}"
-    return f"{name}: {head}" + (f"; then {others}" if others else "")
+    return f"{name}: {head}" + _then(p)
+
+
+def _likelihood_line(name: str, p: LikelihoodPrediction, as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"input": name, **p.to_dict()})
+    if p.unknown:
+        head = f"unknown (best {p.best_model} {p.probability:.3f}; every model rejected at alpha {p.alpha:g})"
+    else:
+        head = f"{p.label} {p.probability:.3f}"
+    return f"{name}: {head}" + _then(p)
+
+
+def _pooled_name(texts: int) -> str:
+    return f"pooled ({texts} text{'' if texts == 1 else 's'})"
+
+
+def _emit(inputs: list[tuple[str, str | None, str | None]], lines: Iterator[str] | None, as_json: bool) -> int:
+    """Print the next of ``lines`` for each good input and an error for each bad one, in input order.
+
+    With ``lines`` None (one pooled verdict follows), only the errors. Returns how many inputs were bad.
+    """
+    failed = 0
+    out: list[str] = []
+    for name, _text, error in inputs:
+        if error is None:
+            if lines is not None:
+                out.append(next(lines))
+            continue
+        failed += 1
+        if as_json:
+            out.append(json.dumps({"input": name, "error": error}))
+        if out:  # keep stdout and stderr in input order
+            typer.echo("\n".join(out))
+            out = []
+        typer.echo(f"error: {error}", err=True)
+    if out:
+        typer.echo("\n".join(out))
+    return failed
+
+
+class AttributeMethod(StrEnum):
+    attributor = "attributor"
+    likelihood = "likelihood"
+
+
+class _Library(NamedTuple):
+    """The candidate models of a likelihood attribution, their tokenizer, and the run config if one was read."""
+
+    models: dict[str, Path]
+    tokenizer: Path
+    cfg: Config | None
+
+
+def _recorded_config(run: str) -> Config:
+    """The config a run was made with, as its run lock recorded it."""
+    from natprints.config import RunPaths, home
+
+    lock = RunPaths(home(), run).run_lock
+    if not lock.is_file():
+        raise NatprintsError(f"no run '{run}' at {lock.parent} (no {lock.name}); give --config PATH")
+    try:
+        return Config.model_validate(json.loads(lock.read_text(encoding="utf-8"))["config"])
+    except (OSError, ValueError, KeyError, TypeError):  # pydantic's ValidationError is a ValueError
+        raise NatprintsError(f"{lock}: cannot read the config the run recorded; give --config PATH") from None
+
+
+def _likelihood_library(
+    run: str | None, config: Path | None, condition: str | None, models: list[Path] | None, tokenizer: Path | None
+) -> _Library:
+    """--models (labels: directory names), else the run's zoo models of --condition; and the tokenizer."""
+    from natprints.config import RunPaths, home
+    from natprints.zoo import condition_members
+
+    if run is not None and config is not None:
+        raise NatprintsError("give --run NAME or --config PATH, not both")
+    cfg = load_config(config) if config is not None else None
+    if models:
+        if condition is not None:
+            raise NatprintsError("give --models DIR, or --condition of a run's zoo, not both")
+        library: dict[str, Path] = {}
+        for directory in models:
+            if directory.name in library:
+                raise NatprintsError(
+                    f"two --models are named '{directory.name}' ({library[directory.name]} and {directory}); "
+                    "a model's label is its directory name"
+                )
+            library[directory.name] = directory
+        if tokenizer is None and (models[0] / "tokenizer.json").is_file():
+            tokenizer = models[0]
+        if tokenizer is None:
+            paths = cfg.paths if cfg else RunPaths(home(), run) if run else load_config(DEFAULT_CONFIG).paths
+            tokenizer = paths.tokenizer
+        return _Library(library, tokenizer, cfg)
+    cfg = cfg or (_recorded_config(run) if run is not None else load_config(DEFAULT_CONFIG))
+    members = condition_members(cfg)
+    condition = condition or "all"
+    if condition not in members:
+        raise NatprintsError(f"no condition '{condition}' in run '{cfg.run.name}' (it has: {', '.join(members)})")
+    zoo_dir = cfg.paths.zoo
+    if not zoo_dir.is_dir():
+        raise NatprintsError(f"no zoo at {zoo_dir}; run `natprints zoo` first")
+    for model_id in members[condition]:
+        if not (zoo_dir / model_id / "manifest.json").is_file():
+            raise NatprintsError(f"zoo model {model_id} is missing at {zoo_dir}; run `natprints zoo` first")
+    return _Library({m: zoo_dir / m for m in members[condition]}, tokenizer or cfg.paths.tokenizer, cfg)
+
+
+def _load_tokenizer(directory: Path):
+    from natprints.corpus import load_tokenizer
+
+    if not (directory / "tokenizer.json").is_file():
+        raise NatprintsError(f"no tokenizer at {directory} (no tokenizer.json); give --tokenizer DIR")
+    try:
+        return load_tokenizer(directory)
+    except NatprintsError:
+        raise
+    except Exception as exc:  # transformers raises many types for a corrupt tokenizer
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NatprintsError(f"cannot load the tokenizer at {directory}: {first}") from None
+
+
+def _without_final_newline(text: str) -> str:
+    """A file's last line ending is the file's, not the text's (`echo TEXT > FILE` adds one)."""
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def _attribute_likelihood(
+    files: list[str],
+    library: _Library,
+    *,
+    prompt: str | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    alpha: float,
+    pool: bool,
+    top: int,
+    as_json: bool,
+    max_bytes: int | None,
+) -> int:
+    """The likelihood method of `natprints attribute`: reads every input first; returns the bad inputs."""
+    from natprints.attribution.attributor import DEFAULT_MAX_TEXT_BYTES
+    from natprints.likelihood.attribute import (
+        attribute_by_likelihood,
+        check_models,
+        check_tokens,
+        encode_texts,
+        max_text_tokens,
+    )
+    from natprints.lineage.models import inspect_model
+
+    try:
+        for directory in library.models.values():  # a directory that is no model: said before the tokenizer
+            inspect_model(directory)
+        tokenizer = _load_tokenizer(library.tokenizer)
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise NatprintsError(f"the tokenizer at {library.tokenizer} has no EOS token")
+        infos = check_models(library.models, tokenizer)  # every directory checked before any text is read
+        context = [eos] if prompt is None else encode_texts(tokenizer, [prompt])[0]
+        if not context:
+            raise NatprintsError("--prompt is empty after tokenization")
+    except NatprintsError as exc:
+        raise _fail(str(exc)) from None
+    cfg = library.cfg
+    room = max_text_tokens(infos, len(context))
+    limit = max_bytes or (cfg.attribution.max_text_bytes if cfg else None) or DEFAULT_MAX_TEXT_BYTES
+    inputs: list[tuple[str, str | None, str | None]] = []
+    for name, text, error in _read_inputs(files, limit):
+        if text is not None:
+            text = _without_final_newline(text)
+            try:
+                ids = encode_texts(tokenizer, [text])[0]
+                check_tokens(ids, eos, name)
+                if room is not None and len(ids) > room:
+                    raise NatprintsError(f"{name}: {len(ids)} tokens, more than the models' context leaves ({room})")
+            except NatprintsError as exc:
+                text, error = None, str(exc)
+        inputs.append((name, text, error))
+    good = [(name, text) for name, text, error in inputs if error is None]
+    result = []
+    if good:
+        try:
+            result = attribute_by_likelihood(
+                [text for _, text in good],
+                library.models,
+                tokenizer,
+                prompts=None if prompt is None else [prompt] * len(good),
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                alpha=alpha,
+                pool=pool,
+                device=cfg.run.device if cfg else "auto",
+                batch_size=cfg.likelihood.batch_size if cfg else 64,
+                top=top,
+                progress=True,
+            )
+        except NatprintsError as exc:
+            raise _fail(str(exc)) from None
+    if pool:
+        failed = _emit(inputs, None, as_json)
+        if good:
+            typer.echo(_likelihood_line("pooled" if as_json else _pooled_name(len(good)), result, as_json))
+        return failed
+    lines = (_likelihood_line(name, p, as_json) for (name, _), p in zip(good, result, strict=True))
+    return _emit(inputs, lines, as_json)
 
 
 @app.command()
@@ -254,10 +496,10 @@ def attribute(
         list[str] | None,
         typer.Argument(metavar="FILE", help="Text files to attribute; `-` or none reads stdin."),
     ] = None,
-    run: Annotated[str | None, typer.Option("--run", help="Use this run's attributors.")] = None,
+    run: Annotated[str | None, typer.Option("--run", help="Use this run's attributors (or zoo).")] = None,
     config: MaybeConfigOpt = None,
     condition: Annotated[
-        str | None, typer.Option("--condition", help="Which condition's attributor (default: all).")
+        str | None, typer.Option("--condition", help="Which condition's attributor or zoo models (default: all).")
     ] = None,
     attributor: Annotated[Path | None, typer.Option("--attributor", help="An attributor directory.")] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="How many candidate models to show.")] = 3,
@@ -265,14 +507,102 @@ def attribute(
     max_bytes: Annotated[
         int | None, typer.Option("--max-bytes", min=1, help="Refuse texts larger than this (default 1 MB).")
     ] = None,
+    method: Annotated[
+        AttributeMethod,
+        typer.Option(
+            "--method",
+            help="attributor: the run's saved black-box attributor. likelihood: each candidate model's exact "
+            "log-likelihood of the text (the Bayes posterior), with an open-set test per model.",
+        ),
+    ] = AttributeMethod.attributor,
+    models: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--models",
+            "--model",
+            help="likelihood: a causal LM directory, labelled by its name (repeat for each model; they share "
+            "one tokenizer). Default: the run's zoo models of --condition.",
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            "--tokenizer",
+            help="likelihood: the models' tokenizer directory (default: the first --models directory's, "
+            "else the run's).",
+        ),
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", help="likelihood: the prompt every text continues (default: the EOS token)."),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option("--temperature", help="likelihood: the temperature the texts were sampled with (default 1.0)."),
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", help="likelihood: the sampler's top-k (default 0: off).")
+    ] = None,
+    top_p: Annotated[
+        float | None, typer.Option("--top-p", help="likelihood: the sampler's top-p (default 1.0: off).")
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            "--alpha",
+            help="likelihood: reject a model when its own samples are less likely than this to look as "
+            "unlikely as the text; `unknown` when every model is rejected (default 0.05).",
+        ),
+    ] = None,
+    pool: Annotated[
+        bool, typer.Option("--pool", help="One verdict over all inputs, as texts from one source.")
+    ] = False,
 ) -> None:
     """Attribute each text to the zoo model that most likely wrote it, or `unknown`.
 
     Results are printed in input order, in batches as they are ready (n-gram attributors), or all
-    at once after one prediction over every input (attributors whose results depend on the batch).
+    at once after one prediction over every input (attributors whose results depend on the batch,
+    the likelihood method, --pool). The likelihood method scores a file's text without its final
+    line ending.
     """
     from natprints.attribution.attributor import DEFAULT_MAX_TEXT_BYTES, load_attributor
 
+    names = list(files or []) or ["-"]
+    if method is AttributeMethod.likelihood:
+        try:
+            if attributor is not None:
+                raise NatprintsError("--attributor is for --method attributor; give --models DIR or a run's zoo")
+            library = _likelihood_library(run, config, condition, models, tokenizer)
+        except NatprintsError as exc:
+            raise _fail(str(exc)) from None
+        failed = _attribute_likelihood(
+            names,
+            library,
+            prompt=prompt,
+            temperature=1.0 if temperature is None else temperature,
+            top_k=0 if top_k is None else top_k,
+            top_p=1.0 if top_p is None else top_p,
+            alpha=0.05 if alpha is None else alpha,
+            pool=pool,
+            top=top,
+            as_json=as_json,
+            max_bytes=max_bytes,
+        )
+        if failed:
+            raise typer.Exit(1)
+        return
+    given = {
+        "--models": models,
+        "--tokenizer": tokenizer,
+        "--prompt": prompt,
+        "--temperature": temperature,
+        "--top-k": top_k,
+        "--top-p": top_p,
+        "--alpha": alpha,
+    }
+    misplaced = [flag for flag, value in given.items() if value]
+    if misplaced:
+        raise _fail(f"{', '.join(misplaced)}: only with --method likelihood")
     try:
         directory, config_limit = _attributor_dir(run, config, condition, attributor)
         if attributor is None and not directory.is_dir() and directory.parent.is_dir():
@@ -282,25 +612,30 @@ def attribute(
     except NatprintsError as exc:
         raise _fail(str(exc)) from None
     limit = max_bytes or config_limit or DEFAULT_MAX_TEXT_BYTES
-    failed = 0
-    for names in _batches(list(files or []) or ["-"], model.batch_invariant):
+    if pool:
+        from natprints.likelihood.attribute import attribute_pooled
+
         inputs = _read_inputs(names, limit)
         texts = [text for _, text, _ in inputs if text is not None]
-        predictions = iter(model.predict(texts, top_k=top) if texts else [])
-        lines: list[str] = []
-        for name, _text, error in inputs:
-            if error is None:
-                lines.append(_line(name, next(predictions), as_json, model.threshold))
-                continue
-            failed += 1
+        failed = _emit(inputs, None, as_json)
+        if texts:
+            p = attribute_pooled(texts, model, top=top)
             if as_json:
-                lines.append(json.dumps({"input": name, "error": error}))
-            if lines:  # keep stdout and stderr in input order
-                typer.echo("\n".join(lines))
-                lines = []
-            typer.echo(f"error: {error}", err=True)
-        if lines:
-            typer.echo("\n".join(lines))
+                typer.echo(json.dumps({"input": "pooled", **p.to_dict(), "texts": len(texts)}))
+            else:
+                typer.echo(_line(_pooled_name(len(texts)), p, False, model.threshold))
+        if failed:
+            raise typer.Exit(1)
+        return
+    failed = 0
+    for batch in _batches(names, model.batch_invariant):
+        inputs = _read_inputs(batch, limit)
+        texts = [text for _, text, _ in inputs if text is not None]
+        predictions = model.predict(texts, top_k=top) if texts else []
+        good = [name for name, _, error in inputs if error is None]
+        failed += _emit(
+            inputs, (_line(n, p, as_json, model.threshold) for n, p in zip(good, predictions, strict=True)), as_json
+        )
     if failed:
         raise typer.Exit(1)
 
@@ -337,12 +672,13 @@ _DeviceOpt = Annotated[Device, typer.Option(help="Where SeedPrints runs its forw
 _JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON object instead of text.")]
 
 
-def _settings(config: Path | None) -> tuple[LineageSettings, Path | None]:
-    """Lineage settings and cache dir: from a config when given, else the defaults and no cache."""
+def _settings(config: Path | None) -> tuple[LineageSettings, Path | None, Path | None]:
+    """Lineage settings, cache dir and reports dir (the calibrated threshold of trained pairs): from a
+    config when given, else the defaults, no cache and no calibration."""
     if config is None:
-        return LineageSettings(), None
+        return LineageSettings(), None, None
     cfg = load_config(config)
-    return cfg.lineage, cfg.paths.cache
+    return cfg.lineage, cfg.paths.cache, cfg.paths.reports
 
 
 def _log10p_text(log10_p: float) -> str:
@@ -361,8 +697,10 @@ def compare(
     """Is B from A's lineage? SeedPrints (same init seed) and/or weight-std (derived from)."""
     from natprints.lineage.experiments import compare as compare_models
 
-    settings, cache = _settings(config)
-    results = compare_models(model_a, model_b, method.value, settings, cache_dir=cache, device=device.value)
+    settings, cache, reports = _settings(config)
+    results = compare_models(
+        model_a, model_b, method.value, settings, cache_dir=cache, device=device.value, reports_dir=reports
+    )
     if as_json:
         payload = {"model_a": str(model_a), "model_b": str(model_b), "results": results}
         typer.echo(json.dumps(payload, indent=2, sort_keys=True))
@@ -373,11 +711,13 @@ def compare(
             typer.echo(f"{name}: incomparable — {r['reason']}")
         elif name == "seedprints":
             z = "n/a" if r["z"] is None else f"{r['z']:.2f}"
+            if r["verdict"] == "uncalibrated":
+                verdict = "no calibrated threshold (two trained models): z alone, no verdict"
+            else:
+                verdict = f"{'same seed lineage' if r['same_lineage'] else 'no evidence of shared seed'}"
             typer.echo(
                 f"seedprints: {_log10p_text(r['log10_p'])} (log10 p = {r['log10_p']:.2f}, z = {z}, "
-                f"|S| = {r['kept']}/{r['k']}, N = {r['n_inputs']}) -> "
-                f"{'same seed lineage' if r['same_lineage'] else 'no evidence of shared seed'} "
-                f"at alpha = {r['alpha']:g}"
+                f"|S| = {r['kept']}/{r['k']}, N = {r['n_inputs']}) -> {verdict} at alpha = {r['alpha']:g}"
             )
         else:
             score = r["score"]
@@ -401,8 +741,10 @@ def identify_cmd(
     """Rank a library's models by SeedPrints evidence that MODEL shares their seed."""
     from natprints.lineage.experiments import identify
 
-    settings, cache = _settings(config)
-    ranking = identify(model, library, settings, cache_dir=cache, device=device.value, progress=not as_json)
+    settings, cache, reports = _settings(config)
+    ranking = identify(
+        model, library, settings, cache_dir=cache, device=device.value, progress=not as_json, reports_dir=reports
+    )
     if top:
         ranking = ranking[:top]
     if as_json:

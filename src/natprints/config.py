@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -27,14 +27,14 @@ HOME_VARIABLE = "NATPRINTS_HOME"  # where data/, models/ and reports/ live (defa
 CONDITIONS = ("seed", "init", "data_order", "size", "lr", "batch_size")
 CONDITION_ORDER = (*CONDITIONS, "all")
 NULL_CONDITION = "null_control"  # one model under two sampling seeds: must come out at chance
-FEATURIZERS = ("word1", "word12", "char14", "embed", "union")
-CLASSIFIERS = ("logreg", "svm", "xgb", "mlp")
-Featurizer = Literal["word1", "word12", "char14", "embed", "union"]
-Classifier = Literal["logreg", "svm", "xgb", "mlp"]
+FEATURIZERS = ("word1", "word12", "char14", "tok13", "embed", "union")
+CLASSIFIERS = ("logreg", "svm", "xgb", "mlp", "nb")
+Featurizer = Literal["word1", "word12", "char14", "tok13", "embed", "union"]
+Classifier = Literal["logreg", "svm", "xgb", "mlp", "nb"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # "40" or true for an int is an error
 
 
 class RunSettings(_Section):
@@ -150,19 +150,51 @@ class AttributionSettings(_Section):
     max_text_bytes: int = Field(1_000_000, ge=1)
 
 
+class LikelihoodSettings(_Section):
+    """Scoring texts under the models that may have written them: the exact ceiling of attribution."""
+
+    batch_size: int = Field(64, ge=1)  # rows teacher-forced together
+    pool_sizes: list[Annotated[int, Field(ge=1)]] = [1, 2, 4, 8, 16, 32]  # texts of one source pooled into one verdict
+    open_set_alpha: float = Field(0.05, gt=0, lt=1)  # false-rejection rate of "model M wrote this"
+    open_set_resamples: int = Field(2000, ge=100)  # bootstrap pools drawn to calibrate each threshold
+
+
+class ReferenceSettings(_Section):
+    """The auditor's own reference LM and its per-candidate fine-tuned copies (black-box attribution)."""
+
+    enabled: bool = True
+    seed: int = Field(1000, ge=0)  # init and data-order seed of the reference LM: no zoo model's
+    epochs: int = Field(4, ge=1)  # passes over a candidate's training-split texts
+    lr: float = Field(1e-3, gt=0)  # constant fine-tuning learning rate
+
+
 class LineageSettings(_Section):
     derive_conditions: list[str] = ["seed"]  # whose models get continued on the shift corpus
     derive_source: Literal["kjv", "sotu", "files", "hf"] = "kjv"
     derive_paths: list[str] = []
     derive_steps: int = Field(200, ge=1)
     derive_lr: float = Field(5e-4, gt=0)
-    seedprints_inputs: int = Field(128, ge=4)
-    seedprints_seq_len: int = Field(64, ge=1)
-    seedprints_k: int = Field(16, ge=1)
+    # SeedPrints reads N random-token inputs; N = 512 of length 128 gives the verdicts N = 2000 gives
+    # at a quarter of the cost (see natprints.lineage.seedprints)
+    seedprints_inputs: int = Field(512, ge=4)
+    seedprints_seq_len: int = Field(128, ge=1)
+    # disliked dimensions per model: a count, a fraction of the hidden size in (0, 1], or "all"
+    seedprints_k: int | float | Literal["all"] = "all"
     seedprints_temperature: float = Field(10.0, gt=0)
     seedprints_seed: int = Field(0, ge=0)
-    alpha: float = Field(0.01, gt=0, lt=1)
+    alpha: float = Field(0.01, gt=0, lt=1)  # SeedPrints: the p cut-off and the calibrated threshold's target FPR
     weights_threshold: float = Field(0.9, ge=-1, le=1)
+
+    @field_validator("seedprints_k", mode="before")
+    @classmethod
+    def _k_form(cls, value: object) -> object:
+        if value == "all" and isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        if isinstance(value, float) and 0.0 < value <= 1.0:
+            return value
+        raise ValueError("must be a count >= 1, a fraction of the hidden size in (0, 1], or 'all'")
 
 
 DEFAULT_SIZES = {
@@ -181,6 +213,8 @@ class Config(_Section):
     conditions: ConditionSettings = ConditionSettings()
     generate: GenerateSettings = GenerateSettings()
     attribution: AttributionSettings = AttributionSettings()
+    likelihood: LikelihoodSettings = LikelihoodSettings()
+    reference: ReferenceSettings = ReferenceSettings()
     lineage: LineageSettings = LineageSettings()
 
     @field_validator("sizes", mode="before")
@@ -256,6 +290,14 @@ class RunPaths:
     @property
     def generated(self) -> Path:
         return self.root / "data" / "generated" / self.run
+
+    @property
+    def likelihood(self) -> Path:
+        return self.root / "data" / "likelihood" / self.run
+
+    @property
+    def reference_scores(self) -> Path:
+        return self.root / "data" / "reference" / self.run
 
     @property
     def cache(self) -> Path:

@@ -18,11 +18,9 @@ from natprints.artifacts import atomic_write_json, atomic_write_text
 from natprints.errors import NatprintsError
 
 RESULTS_FILE = "results.jsonl"
-
-
 ACCURACY_FILE = "accuracy.csv"
-
-
+POOLED_FILE = "pooled.csv"
+CEILING_PIPELINE = "likelihood+bayes"
 ACCURACY_COLUMNS = (
     "condition",
     "featurizer",
@@ -38,14 +36,28 @@ ACCURACY_COLUMNS = (
     "macro_f1",
     "p_value",
     "best",
+    "white_box",
+    "ceiling",
+    "ceiling_share",
 )
+POOLED_COLUMNS = ("condition", "role", "pipeline", "k", "n_groups", "accuracy", "ci_low", "ci_high")
+KL_FILE = "kl.csv"
+KL_COLUMNS = ("model_a", "model_b", "kl_per_token", "se", "n_tokens")
 
 
-def write_results(reports: Path, records: list[dict[str, Any]]) -> None:
-    """Write ``results.jsonl`` (every record) and ``accuracy.csv`` (the pipeline records)."""
+def write_results(reports: Path, records: list[dict[str, Any]]) -> list[str]:
+    """Write ``results.jsonl`` (every record), ``accuracy.csv`` and, with a ceiling, ``pooled.csv``."""
     lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
     atomic_write_text(reports / RESULTS_FILE, lines)
     atomic_write_text(reports / ACCURACY_FILE, accuracy_table(records).to_csv(index=False, float_format="%.6g"))
+    files = [RESULTS_FILE, ACCURACY_FILE]
+    for name, table in ((POOLED_FILE, pooled_table(records)), (KL_FILE, kl_table(records))):
+        if table.empty:
+            (reports / name).unlink(missing_ok=True)
+            continue
+        atomic_write_text(reports / name, table.to_csv(index=False, float_format="%.6g"))
+        files.append(name)
+    return files
 
 
 def load_records(reports: Path | str) -> list[dict[str, Any]]:
@@ -59,10 +71,41 @@ def load_records(reports: Path | str) -> list[dict[str, Any]]:
         raise NatprintsError(f"{path}: corrupt results ({exc})") from None
 
 
+def ceiling_share(accuracy: float, chance: float, ceiling: float) -> float:
+    """(accuracy - chance) / (ceiling - chance): the share of the text's margin above chance reached."""
+    margin = ceiling - chance
+    return (accuracy - chance) / margin if margin > 0 else float("nan")
+
+
 def accuracy_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (condition, featurizer, classifier), straight from the pipeline records."""
-    rows = [{c: r[c] for c in ACCURACY_COLUMNS} for r in records if r.get("kind") == "pipeline"]
+    """One row per (condition, featurizer, classifier), straight from the pipeline records.
+
+    ``ceiling`` is the condition's likelihood attributor's accuracy on the same test texts (the Bayes
+    limit), ``ceiling_share`` each row's :func:`ceiling_share` of it; both empty without a ceiling row.
+    """
+    pipelines = [r for r in records if r.get("kind") == "pipeline"]
+    ceilings = {r["condition"]: r["accuracy"] for r in pipelines if r["pipeline"] == CEILING_PIPELINE}
+    rows = []
+    for r in pipelines:
+        row = {c: r.get(c) for c in ACCURACY_COLUMNS}
+        row["white_box"] = bool(r.get("white_box", False))
+        top = ceilings.get(r["condition"])
+        row["ceiling"] = top
+        row["ceiling_share"] = None if top is None else ceiling_share(r["accuracy"], r["chance"], top)
+        rows.append(row)
     return pd.DataFrame(rows, columns=list(ACCURACY_COLUMNS))
+
+
+def kl_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """One row per ordered pair of models: KL(a || b) per token of their text distributions."""
+    rows = [{c: r[c] for c in KL_COLUMNS} for r in records if r.get("kind") == "kl"]
+    return pd.DataFrame(rows, columns=list(KL_COLUMNS))
+
+
+def pooled_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (condition, role, pooled texts k): accuracy of one verdict per pool of one source."""
+    rows = [{c: r[c] for c in POOLED_COLUMNS} for r in records if r.get("kind") == "pooled"]
+    return pd.DataFrame(rows, columns=list(POOLED_COLUMNS))
 
 
 CSV_COLUMNS = ["model_a", "model_b", "method", "score", "log10_p", "related", "verdict"]

@@ -45,6 +45,7 @@ DEFAULT_MAX_TEXT_BYTES = 1_000_000
 # refused before it is created (skops.io.load with an explicit trusted list, never pickle).
 TRUSTED_TYPES = (
     "natprints.attribution.features.SentenceEmbedder",
+    "natprints.attribution.features.BpeTokens",
     "natprints.attribution.estimators.LabelXGBClassifier",
     "sklearn.feature_selection._univariate_selection.f_classif",
     "sklearn.calibration._CalibratedClassifier",

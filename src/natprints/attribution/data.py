@@ -18,7 +18,18 @@ from natprints.config import CONDITION_ORDER, NULL_CONDITION, Config
 from natprints.errors import NatprintsError
 
 CALIBRATION_FRACTION = 0.15  # share of prompts held out from training to calibrate attributors
-REQUIRED_COLUMNS = ("sample_id", "model_id", "prompt_id", "text", "token_ids", "sampling_seed")
+REQUIRED_COLUMNS = (
+    "sample_id",
+    "model_id",
+    "prompt_id",
+    "text",
+    "token_ids",
+    "sampling_seed",
+    "temperature",
+    "top_k",
+    "top_p",
+    "new_tokens",
+)
 
 
 @dataclass

@@ -6,6 +6,9 @@ on 50k-column TF-IDF matrices this makes them many times faster, and the MLP mor
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -27,6 +30,22 @@ def top_features(k: int) -> Any:
     from sklearn.feature_selection import SelectKBest, f_classif
 
     return SelectKBest(f_classif, k=k)
+
+
+@contextmanager
+def quiet_fit() -> Iterator[None]:
+    """Fit without the warnings a small split makes expected: no convergence within the iteration
+    budget, k above the column count, undefined F scores of constant columns (ranked last)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*(converge|iterations).*")
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="sklearn.feature_selection")
+        yield
+
+
+def compatible(featurizer: str, classifier: str) -> bool:
+    """Whether the classifier can fit the featurizer's output (naive Bayes needs counts, not embeddings)."""
+    return not (classifier == "nb" and featurizer in ("embed", "union"))
 
 
 def make_classifier(name: str, seed: int = 0) -> Any:
@@ -53,6 +72,11 @@ def make_classifier(name: str, seed: int = 0) -> Any:
             random_state=seed,
         )
         return Pipeline([("select", top_features(XGB_FEATURES)), ("xgb", xgb)])
+    if name == "nb":
+        # A generative classifier: per model, a smoothed multinomial over the n-grams it writes.
+        from sklearn.naive_bayes import MultinomialNB
+
+        return MultinomialNB(alpha=0.1)
     if name == "mlp":
         from sklearn.neural_network import MLPClassifier
         from sklearn.pipeline import Pipeline

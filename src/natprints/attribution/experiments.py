@@ -14,7 +14,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from natprints.artifacts import Manifest, atomic_write_json, hash_obj
-from natprints.attribution import features
+from natprints.attribution import ceiling, features
 from natprints.attribution.attributor import (
     Attributor,
     apply_temperature,
@@ -31,17 +30,26 @@ from natprints.attribution.attributor import (
     fit_temperature,
     save_attributor,
 )
+from natprints.attribution.ceiling import LikelihoodView
 from natprints.attribution.data import CALIBRATION_FRACTION, ConditionData, load_conditions, run_split, split_parts
-from natprints.attribution.estimators import THREADS, make_classifier
+from natprints.attribution.estimators import THREADS, compatible, make_classifier, quiet_fit
+from natprints.attribution.reference import _manifest as reference_manifest
+from natprints.attribution.reference import reference_key
 from natprints.config import CLASSIFIERS, FEATURIZERS, NULL_CONDITION, Config
 from natprints.errors import NatprintsError
-from natprints.records import ACCURACY_FILE, RESULTS_FILE, write_results
+from natprints.likelihood.stage import likelihood_key, load_scores
+from natprints.records import write_results
 from natprints.runtime import run_jobs
 from natprints.stats import classification_summary
 
 # 2: the null control is named `null_control` in every record (pandas reads `null` as NaN).
 EXPERIMENTS_VERSION = 2  # bump when the records change meaning: cached results are then redone
 BASELINE = ("word1", "logreg")
+# The white-box attributor: every candidate model's exact likelihood of the text (the ceiling).
+CEILING = ("likelihood", "bayes")
+# Black-box generative: per-candidate LMs fine-tuned from the auditor's own reference LM.
+REFERENCE = ("reflm", "lm")
+OPEN_SET_POOLS = (1, 4, 16)  # texts per pool in the open-set test of the likelihood attributor
 EXPLAIN = ("word12", "logreg")
 # A default for a setting that has no config key (yet).
 OPEN_SET_MAX_HELD_OUT = 3  # zoo models left out, one at a time, to measure open-set rejection
@@ -77,7 +85,13 @@ class _Setup:
             embed_batch_size=self.settings.embed_batch_size,
             device=self.cfg.run.device,
             threads=self.cfg.run.threads,
+            tokenizer=self.tokenizer_json,
         )
+
+    @property
+    def tokenizer_json(self) -> str:
+        path = self.cfg.paths.tokenizer / "tokenizer.json"
+        return path.read_text(encoding="utf-8") if path.is_file() else ""
 
 
 def _pipeline(featurizer: Any, classifier: Any) -> Any:
@@ -90,9 +104,7 @@ def _fit(setup: _Setup, feat: str, clf: str, train: pd.DataFrame, texts: Callabl
     """Fit one (featurizer, classifier) pipeline on ``train`` only."""
     texts = texts or _full_texts
     pipe = _pipeline(setup.featurizer(feat), make_classifier(clf, setup.settings.split_seed))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=UserWarning)
-        warnings.filterwarnings("ignore", message=".*(converge|iterations).*")
+    with quiet_fit():
         pipe.fit(texts(train), train["label"].to_numpy())
     return pipe
 
@@ -146,7 +158,8 @@ def _run_grid(
     y_train, y_test = train["label"].to_numpy(), test["label"].to_numpy()
     records, fitted, cal_proba = [], {}, {}
     feats, clfs = setup.settings.featurizers, setup.settings.classifiers
-    bar = tqdm(total=len(feats) * len(clfs), desc=f"attribution {data.name}", disable=not setup.progress)
+    pairs = sum(compatible(f, c) for f in feats for c in clfs)
+    bar = tqdm(total=pairs, desc=f"attribution {data.name}", disable=not setup.progress)
     for feat in feats:
         start = time.perf_counter()
         featurizer = setup.featurizer(feat)
@@ -155,11 +168,11 @@ def _run_grid(
         x_cal = featurizer.transform(cal["text"].tolist()) if len(cal) else None
         feat_seconds = time.perf_counter() - start
         for clf in clfs:
+            if not compatible(feat, clf):
+                continue
             start = time.perf_counter()
             classifier = make_classifier(clf, setup.settings.split_seed)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", category=UserWarning)
-                warnings.filterwarnings("ignore", message=".*(converge|iterations).*")
+            with quiet_fit():
                 classifier.fit(x_train, y_train)
             y_pred = np.asarray(classifier.predict(x_test), dtype=np.int64)
             fitted[feat, clf] = _pipeline(featurizer, classifier)
@@ -392,8 +405,14 @@ def _open_set(
     return records
 
 
-def run_condition(setup: _Setup, data: ConditionData) -> tuple[list[dict[str, Any]], Attributor | None]:
-    """All records of one condition, and its calibrated best pipeline (none for the null control)."""
+def run_condition(
+    setup: _Setup, data: ConditionData, views: dict[str, LikelihoodView] | None = None
+) -> tuple[list[dict[str, Any]], Attributor | None]:
+    """All records of one condition, and its calibrated best pipeline (none for the null control).
+
+    ``views``: the condition's likelihood scores of its test and cal texts (the white-box ceiling);
+    without them the records are the black-box pipelines' only.
+    """
     parts = split_parts(data, setup.split)
     train, cal, test = parts["train"], parts["cal"], parts["test"]
     missing = [data.labels[i] for i in range(len(data.labels)) if not (train["label"] == i).any()]
@@ -413,11 +432,17 @@ def run_condition(setup: _Setup, data: ConditionData) -> tuple[list[dict[str, An
     ]
     grid, fitted, cal_proba = _run_grid(setup, data, parts)
     records += grid
-    if data.name == NULL_CONDITION:
-        return records, None
     best = next(r for r in grid if r["best"])
     key = (best["featurizer"], best["classifier"])
+    test_texts = test["text"].tolist()
+    black_box = (
+        {"baseline": (BASELINE, np.asarray(fitted[BASELINE].predict_proba(test_texts)))} if BASELINE in fitted else {}
+    )
+    if data.name == NULL_CONDITION:
+        black_box["best"] = (key, np.asarray(fitted[key].predict_proba(test_texts)))
+        return records + _white_box(setup, data, parts, views, black_box), None
     attributor = _calibrate(setup, fitted[key], data.labels, cal, cal_proba.get(key))
+    black_box["best"] = (key, attributor.predict_proba(test_texts))
     attributor.meta = {
         "condition": data.name,
         "featurizer": best["featurizer"],
@@ -431,7 +456,169 @@ def run_condition(setup: _Setup, data: ConditionData) -> tuple[list[dict[str, An
     records += _evidence(setup, data, parts, grid)
     records += explanations
     records += _open_set(setup, data, parts, best) if data.name == "all" else []
+    records += _white_box(setup, data, parts, views, black_box)
     return records, attributor
+
+
+# --- white-box: the ceiling, pooled evidence, the open-set test ----------------------------------
+
+
+def _white_box(
+    setup: _Setup,
+    data: ConditionData,
+    parts: dict[str, pd.DataFrame],
+    views: dict[str, LikelihoodView] | None,
+    black_box: dict[str, tuple[tuple[str, str], np.ndarray]],
+) -> list[dict[str, Any]]:
+    """The likelihood attributor's records, the reference LMs', and the pooled accuracy of both and of
+    ``black_box``: each from its view (``test``: the zoo's own scores; ``ref_test``: the reference LMs')."""
+    if not views:
+        return []
+    test = parts["test"]
+    y_test = test["label"].to_numpy()
+    settings = setup.cfg.likelihood
+    max_tokens = int(max(len(t) for t in data.frame["token_ids"]))
+    records: list[dict[str, Any]] = []
+    log_scores: dict[str, tuple[tuple[str, str], np.ndarray]] = {}
+    n_train = len(parts["train"])
+    for role, key, name, white in (("ceiling", CEILING, "test", True), ("reflm", REFERENCE, "ref_test", False)):
+        if name not in views:
+            continue
+        view = views[name]
+        record = _pipeline_record(data, *key, 0 if white else n_train, y_test, ceiling.bayes_predict(view.loglik))
+        records.append(record | {"best": False, "white_box": white})
+        for n_tokens in setup.settings.evidence_tokens:
+            full = n_tokens <= 0 or n_tokens >= max_tokens
+            y_pred = ceiling.bayes_predict(view.loglik if full else view.prefix[n_tokens])
+            records.append(_evidence_record(data, *key, role, "tokens", n_tokens, n_train, y_test, y_pred))
+        log_scores[role] = (key, ceiling.log_posterior(view.loglik))
+    for role, (key, proba) in black_box.items():
+        log_scores[role] = (key, np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-300, 1.0)))
+    sample_ids = test["sample_id"].astype(str).tolist()
+    for role, (key, scores) in log_scores.items():
+        records.append(
+            {
+                "kind": "posteriors",
+                "condition": data.name,
+                "role": role,
+                "featurizer": key[0],
+                "classifier": key[1],
+                "pipeline": "+".join(key),
+                "labels": data.labels,
+                "sample_ids": sample_ids,
+                "y_true": y_test.tolist(),
+                "log_posterior": np.round(scores, 6).tolist(),
+            }
+        )
+        for k in settings.pool_sizes:
+            groups = ceiling.pool_groups(y_test, k, setup.settings.split_seed)
+            if not groups:
+                continue  # fewer than k test texts per model
+            y_pool = np.array([y_test[g[0]] for g in groups], dtype=np.int64)
+            predicted = ceiling.pooled_predictions(scores, groups)
+            summary = classification_summary(y_pool, predicted, len(data.labels))
+            records.append(
+                {
+                    "kind": "pooled",
+                    "condition": data.name,
+                    "role": role,
+                    "pipeline": "+".join(key),
+                    "k": k,
+                    "n_groups": len(groups),
+                    **{m: summary[m] for m in ("n_correct", "chance", "accuracy", "ci_low", "ci_high")},
+                }
+            )
+    if "test" not in views:
+        return records
+    return records + _likelihood_open_set(setup, data, parts, views) + _kl_records(setup, data, parts, views)
+
+
+def _kl_records(
+    setup: _Setup, data: ConditionData, parts: dict[str, pd.DataFrame], views: dict[str, LikelihoodView]
+) -> list[dict]:
+    """Per ordered pair of the condition's models: the per-token KL divergence of their text distributions,
+    estimated on the first model's own test and cal texts (only in `all`, which holds every pair); and
+    its decomposition by what the two models share (init seed, data order, neither, or another factor)."""
+    from natprints.zoo import zoo_specs
+
+    if data.name != "all":
+        return []
+    view = ceiling.concat_views(views["test"], views["cal"])
+    both = pd.concat([parts["test"], parts["cal"]], ignore_index=True)
+    y = both["label"].to_numpy()
+    specs = {m: spec for m, (spec, _) in zoo_specs(setup.cfg).items()}
+    records = []
+    relations = {}
+    for a, model_a in enumerate(data.labels):
+        for b, model_b in enumerate(data.labels):
+            kl, se, n_tokens, n_texts = ceiling.kl_per_token(view, y, a, b)
+            rel = ceiling.relation(specs[model_a], specs[model_b]) if model_a in specs and model_b in specs else None
+            if a < b and rel is not None:
+                relations[a, b] = rel
+            records.append(
+                {
+                    "kind": "kl",
+                    "condition": data.name,
+                    "model_a": model_a,
+                    "model_b": model_b,
+                    "relation": rel,
+                    "kl_per_token": kl,
+                    "se": se,
+                    "n_tokens": n_tokens,
+                    "n_texts": n_texts,
+                }
+            )
+    if relations:
+        prompts = both["prompt_id"].astype(str).to_numpy()
+        summary, tests = ceiling.kl_decomposition(view, y, prompts, relations, seed=setup.settings.split_seed)
+        records += [{"kind": "kl_relation", "condition": data.name, **row} for row in summary]
+        records += [{"kind": "kl_test", "condition": data.name, **row} for row in tests]
+    return records
+
+
+def _likelihood_open_set(
+    setup: _Setup, data: ConditionData, parts: dict[str, pd.DataFrame], views: dict[str, LikelihoodView]
+) -> list[dict[str, Any]]:
+    """Leave each model out of the library in turn: how often its pools are called `unknown`, and how
+    often known models' pools are (the false rejections the threshold controls)."""
+    k_models = len(data.labels)
+    if k_models < 3 or data.name == NULL_CONDITION:
+        return []
+    settings = setup.cfg.likelihood
+    alpha = settings.open_set_alpha
+    test, cal = parts["test"], parts["cal"]
+    y_test, y_cal = test["label"].to_numpy(), cal["label"].to_numpy()
+    records = []
+    for held in range(k_models):
+        known = [i for i in range(k_models) if i != held]
+        for k in OPEN_SET_POOLS:
+            groups = ceiling.pool_groups(y_test, k, setup.settings.split_seed)
+            if not groups:
+                continue
+            is_held = np.array([y_test[g[0]] == held for g in groups], dtype=bool)
+            thresholds = ceiling.margin_thresholds(
+                views["cal"].loglik, y_cal, known, k, alpha, settings.open_set_resamples, setup.settings.split_seed
+            )
+            rejected = {
+                "margin": ceiling.margin_rejects(views["test"].loglik, groups, known, thresholds),
+                "analytic": ceiling.analytic_rejects(views["test"], groups, known, alpha),
+            }
+            for method, rej in rejected.items():
+                records.append(
+                    {
+                        "kind": "open_set_likelihood",
+                        "condition": data.name,
+                        "method": method,
+                        "held_out_model": data.labels[held],
+                        "k": k,
+                        "alpha": alpha,
+                        "n_unknown": int(is_held.sum()),
+                        "n_known": int((~is_held).sum()),
+                        "unknown_rejected_n": int(rej[is_held].sum()),
+                        "known_rejected_n": int(rej[~is_held].sum()),
+                    }
+                )
+    return records
 
 
 # --- the stage ------------------------------------------------------------------------------------
@@ -451,6 +638,8 @@ def _condition_key(cfg: Config, data: ConditionData) -> str:
             "condition": data.name,
             "labels": data.labels,
             "inputs": data.inputs,
+            "likelihood": {"settings": cfg.likelihood.model_dump(mode="json"), "scores": likelihood_key(cfg)},
+            "reference": reference_key(cfg),
         }
     )
 
@@ -512,7 +701,13 @@ def _cached_condition(cfg: Config, name: str, key: str) -> tuple[list[dict[str, 
 
 
 def _condition_job(
-    cfg: Config, name: str, data: ConditionData, split: dict[str, str], key: str, progress: bool = True
+    cfg: Config,
+    name: str,
+    data: ConditionData,
+    split: dict[str, str],
+    key: str,
+    views: dict[str, LikelihoodView] | None,
+    progress: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Run one condition (in a worker process or here), save its attributor and cache its records."""
     from threadpoolctl import threadpool_limits
@@ -520,7 +715,7 @@ def _condition_job(
     with threadpool_limits(limits=THREADS):
         setup = _Setup(cfg=cfg, split=split, tokenizer=_load_tokenizer(cfg), progress=progress)
         start = time.perf_counter()
-        done, attributor = run_condition(setup, data)
+        done, attributor = run_condition(setup, data, views)
     if attributor is not None:
         # A saved attributor embeds user texts without writing them to the run's cache.
         params = attributor.pipeline.get_params(deep=True)
@@ -569,6 +764,29 @@ def _prefill_embeddings(cfg: Config, pending: dict[str, ConditionData]) -> None:
     run_jobs(cfg.run.workers, _embed_job, jobs, "embed")
 
 
+def _views(
+    cfg: Config, data: ConditionData, split: dict[str, str], scores: dict[str, pd.DataFrame]
+) -> dict[str, LikelihoodView]:
+    """The condition's test and cal texts scored under each label's model, at every evidence length."""
+    parts = split_parts(data, split)
+    prefixes = [n for n in cfg.attribution.evidence_tokens if n > 0]
+    return {s: ceiling.condition_view(data, parts[s], scores, prefixes) for s in ("test", "cal")}
+
+
+def _ref_views(
+    cfg: Config, pending: dict[str, ConditionData], split: dict[str, str], refs: dict[str, pd.DataFrame] | None
+) -> dict[str, dict[str, LikelihoodView]]:
+    """The reference-LM scores of each condition's test and cal texts (keys ``ref_test``, ``ref_cal``)."""
+    if not refs:
+        return {}
+    prefixes = [n for n in cfg.attribution.evidence_tokens if n > 0]
+    out = {}
+    for name, data in pending.items():
+        parts = split_parts(data, split)
+        out[name] = {f"ref_{s}": ceiling.condition_view(data, parts[s], refs, prefixes) for s in ("test", "cal")}
+    return out
+
+
 def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> None:
     """Conditions run ``[run] workers`` at a time, largest first; records keep the condition order."""
     started = time.perf_counter()
@@ -583,13 +801,20 @@ def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> N
     if pending:
         _prefill_embeddings(cfg, pending)
         order = sorted(pending, key=lambda name: -len(pending[name].frame))
-        jobs = [(cfg, name, pending[name], split, keys[name]) for name in order]
+        scores = load_scores(cfg) if likelihood_key(cfg) is not None else None
+        if scores is None:
+            log("no likelihood scores (run `natprints likelihood`): the tables carry no ceiling")
+        views = {name: _views(cfg, pending[name], split, scores) for name in order} if scores else {}
+        refs = load_scores(cfg, reference_manifest(cfg)) if reference_key(cfg) is not None else None
+        for name, view in _ref_views(cfg, pending, split, refs).items():
+            views.setdefault(name, {}).update(view)
+        jobs = [(cfg, name, pending[name], split, keys[name], views.get(name)) for name in order]
         results.update(zip(order, run_jobs(cfg.run.workers, _condition_job, jobs, "condition"), strict=True))
     records = [r for name in conditions for r in results[name][0]]
     seconds = {name: results[name][1] for name in conditions}
     manifest = _manifest(cfg)
     manifest.invalidate()
-    write_results(cfg.paths.reports, records)
+    files = write_results(cfg.paths.reports, records)
     fields = {
         "stage": "experiments",
         "run": cfg.run.name,
@@ -599,7 +824,7 @@ def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> N
         "wall_seconds": round(time.perf_counter() - started, 1),
         "seconds": seconds,
     }
-    manifest.write(_stage_key(cfg, conditions), fields, (RESULTS_FILE, ACCURACY_FILE))
+    manifest.write(_stage_key(cfg, conditions), fields, files)
 
 
 # --- records and tables ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.pipeline import FeatureUnion
+from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.utils.validation import check_is_fitted
 
 from natprints.artifacts import atomic_write_bytes, hash_obj, sha256_text
@@ -72,6 +72,62 @@ def char_tfidf(ngram_range: tuple[int, int], max_features: int | None) -> TfidfV
     )
 
 
+class BpeTokens(TransformerMixin, BaseEstimator):
+    """Texts -> their BPE token ids as space-separated words (``"t17 t5 t301"``), for n-gram TF-IDF.
+
+    ``tokenizer`` is the tokenizer's JSON (a ``tokenizers`` file's content), kept in the estimator so a
+    saved attributor carries it. The run's tokenizer is trained on the public training corpus, so an
+    auditor can rebuild it without any zoo weights; texts are re-tokenized the canonical way (a model
+    may have sampled another segmentation of the same text).
+    """
+
+    def __init__(self, tokenizer: str = ""):
+        self.tokenizer = tokenizer
+
+    def fit(self, X: Any, y: Any = None) -> BpeTokens:
+        as_texts(X)
+        if not self.tokenizer:
+            raise ValueError("BpeTokens needs the tokenizer's JSON")
+        self.n_features_in_ = 1
+        return self
+
+    def transform(self, X: Any) -> list[str]:
+        check_is_fitted(self, "n_features_in_")
+        texts = as_texts(X)
+        if getattr(self, "_loaded", None) is None:
+            from tokenizers import Tokenizer
+
+            self._loaded = Tokenizer.from_str(self.tokenizer)
+        encoded = self._loaded.encode_batch(texts, add_special_tokens=False)
+        return [" ".join(f"t{i}" for i in e.ids) for e in encoded]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state.pop("_loaded", None)  # a loaded tokenizer is never saved
+        return state
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.string = True
+        tags.requires_fit = True
+        return tags
+
+
+def token_tfidf(tokenizer: str, ngram_range: tuple[int, int], max_features: int | None) -> Pipeline:
+    """TF-IDF over the BPE token n-grams of each text."""
+    vectorizer = TfidfVectorizer(
+        analyzer="word",
+        token_pattern=r"\S+",
+        lowercase=False,
+        ngram_range=ngram_range,
+        sublinear_tf=True,
+        max_features=max_features,
+        dtype=np.float32,
+    )
+    return Pipeline([("tokens", BpeTokens(tokenizer)), ("tfidf", vectorizer)])
+
+
 def make_featurizer(
     name: str,
     *,
@@ -80,11 +136,15 @@ def make_featurizer(
     embed_batch_size: int = 64,
     device: str = "cpu",
     threads: int = 0,
+    tokenizer: str = "",
 ) -> BaseEstimator:
-    """A fresh, unfitted featurizer by its config name (word1, word12, char14, embed, union).
+    """A fresh, unfitted featurizer by its config name (word1, word12, char14, tok13, embed, union).
 
-    ``threads`` is for the sentence encoder only (0 = every core).
+    ``threads`` is for the sentence encoder only (0 = every core); ``tokenizer`` (the run's tokenizer
+    JSON) for the BPE token n-grams of ``tok13``.
     """
+    if name == "tok13":
+        return token_tfidf(tokenizer, (1, 3), max_features)
     if name == "word1":
         return word_tfidf((1, 1), max_features)
     if name == "word12":

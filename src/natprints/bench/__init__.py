@@ -22,13 +22,20 @@ from natprints.config import Config
 from natprints.config import home as config_home
 from natprints.errors import NatprintsError
 
-SECTIONS = ("train", "generate", "embed", "attribute", "stages")
+SECTIONS = ("train", "generate", "likelihood", "seedprints", "embed", "attribute", "stages")
 
 #: key -> (what, target as text, predicate on the value or None when the figure is only reported)
 TARGETS: dict[str, tuple[str, str, Callable[[Any], bool] | None]] = {
     "train_ratio_vs_hf_trainer": ("our training loop / transformers.Trainer, tokens/s", ">= 2.0", lambda v: v >= 2.0),
     "train_mfu": ("model FLOP/s over measured peak matmul FLOP/s (training dtype)", "report", None),
     "generate_ratio_vs_hf_generate": ("our sampler / model.generate, tokens/s", ">= 2.0", lambda v: v >= 2.0),
+    "likelihood_ratio_vs_naive": ("our scorer / model(ids).logits + log_softmax + gather, tokens/s", "report", None),
+    "likelihood_ratio_vs_limit": (
+        "our scorer / trunk forward + LM head only (the limit)",
+        ">= 0.9",
+        lambda v: v >= 0.9,
+    ),
+    "seedprints_tau_speedup": ("per-column Kendall tau, O(N log N) / the O(N^2) loop, N=2000, k=128", "report", None),
     "embed_ratio_vs_sentence_transformers": ("our embedder / SentenceTransformer.encode", ">= 1.5", lambda v: v >= 1.5),
     "attribute_ngram_texts_per_s": ("`natprints attribute`, n-gram attributor", ">= 2000", lambda v: v >= 2000),
     "attribute_ngram_cold_start_s": ("launch to first answer, n-gram attributor", "<= 2 s", lambda v: v <= 2.0),
@@ -82,6 +89,42 @@ def _generated_texts(cfg: Config, n: int) -> list[str]:
     return texts[:n]
 
 
+LIKELIHOOD_ROWS = 250  # generated texts of the base model scored under it
+
+
+def _bench_likelihood(cfg: Config, reps: int) -> dict[str, Any]:
+    """The likelihood scorer on the base model's own texts, against the plain loop and the limit."""
+    import pandas as pd
+
+    from natprints.bench.likelihood import bench_likelihood
+    from natprints.corpus import load_tokenizer
+    from natprints.generate.stage import build_prompts
+    from natprints.runtime import load_lm
+    from natprints.zoo import zoo_specs
+
+    base = next(iter(zoo_specs(cfg)))
+    path = cfg.paths.generated / f"{base}.parquet"
+    if not path.is_file():
+        raise NatprintsError(f"bench: no generated texts of {base}; run `natprints generate` first")
+    rows = pd.read_parquet(path, columns=["prompt_id", "token_ids"]).iloc[:LIKELIHOOD_ROWS]
+    prompts = build_prompts(cfg).set_index("prompt_id")["prompt_token_ids"]
+    model = load_lm(cfg.paths.zoo / base)
+    out = bench_likelihood(
+        model,
+        [[int(t) for t in prompts.loc[p]] for p in rows["prompt_id"]],
+        [[int(t) for t in ids] for ids in rows["token_ids"]],
+        eos_id=load_tokenizer(cfg.paths.tokenizer).eos_token_id,
+        new_tokens=cfg.generate.new_tokens,
+        reps=reps,
+        threads=cfg.run.threads or 1,
+    )
+    return {
+        "results": out["results"],
+        "profile": [],
+        "notes": [f"{base}, {len(rows)} texts: " + "; ".join(out["notes"])],
+    }
+
+
 def _run_section(name: str, cfg: Config, reps: int, workdir: Path) -> dict[str, Any]:
     if name == "train":
         from natprints.bench.train import bench_train
@@ -91,6 +134,12 @@ def _run_section(name: str, cfg: Config, reps: int, workdir: Path) -> dict[str, 
         from natprints.bench.generate import bench_generate
 
         return bench_generate(cfg, reps=reps)
+    if name == "likelihood":
+        return _bench_likelihood(cfg, reps)
+    if name == "seedprints":
+        from natprints.bench.seedprints import bench_seedprints
+
+        return bench_seedprints(reps=reps)
     if name == "embed":
         from natprints.bench.embed import bench_embed
 

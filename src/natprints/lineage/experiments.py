@@ -5,7 +5,10 @@ models (``<model-id>+kjv``); every unordered pair is scored by both methods. Gro
 from the manifests:
 
 - SeedPrints asks "same seed lineage": two entries are related when they share the init seed and
-  the architecture (so their step-0 weights are the same).
+  the architecture (so their step-0 weights are the same). A pair with an init gets the analytic
+  verdict (one-sided p < alpha). A pair of two trained/derived models gets a calibrated one: z
+  above the (1 - alpha) quantile of z over the zoo's trained/derived pairs of different init
+  seeds (fit and evaluated on the same pairs; a leave-one-seed-out estimate of its FPR is kept).
 - The weight-std fingerprint asks "derived from": related when one entry is an ancestor of the
   other in the derivation graph init -> trained -> derived, with inits identified by (init seed,
   architecture) since those are bit-identical. Siblings trained from the same init (data-order,
@@ -18,6 +21,7 @@ provenance) written last, so its presence marks the stage complete.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -35,9 +39,10 @@ from natprints.lineage.models import Entry, discover_zoo, inspect_model, library
 from natprints.records import LINEAGE_JSON, write_lineage
 from natprints.runtime import setup_torch
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: SeedPrints at the authors' settings, calibrated verdicts
 METHODS = ("seedprints", "weights")
 TARGET_FPR = 0.01
+GOAL_TPR, GOAL_FPR = 0.95, 0.05  # init <-> own trained and derived linked, over all different-seed pairs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,6 +56,20 @@ TARGET_FPR = 0.01
 def seed_related(a: Entry, b: Entry) -> bool:
     """Same seed lineage: the same init seed and architecture, hence the same step-0 weights."""
     return a.init_seed is not None and a.init_seed == b.init_seed and a.arch == b.arch
+
+
+def different_seeds(a: Entry, b: Entry) -> bool:
+    """Known unrelated for SeedPrints: two different init seeds."""
+    return a.init_seed is not None and b.init_seed is not None and a.init_seed != b.init_seed
+
+
+def with_init(a: Entry, b: Entry) -> bool:
+    """A pair SeedPrints' analytic null holds for: one of the two is a step-0 init."""
+    return "init" in (a.kind, b.kind)
+
+
+def _seed_group(e: Entry) -> tuple[Any, str]:
+    return (e.init_seed, hash_obj(e.arch))
 
 
 def _node(e: Entry) -> tuple[Any, ...]:
@@ -122,9 +141,67 @@ def method_summary(rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
     }
 
 
+def _seedprints_results(
+    entries: list[Entry], features: dict[str, np.ndarray], settings: LineageSettings
+) -> dict[tuple[str, str], sp.SeedPrintsResult | None]:
+    """Every unordered pair's SeedPrints test (None where the shapes differ)."""
+    out: dict[tuple[str, str], sp.SeedPrintsResult | None] = {}
+    for i, a in enumerate(entries):
+        for b in entries[i + 1 :]:
+            comparable = features[a.label].shape == features[b.label].shape
+            if comparable and a.arch["vocab_size"] == b.arch["vocab_size"]:
+                out[a.label, b.label] = sp.seedprints_test(
+                    features[a.label],
+                    features[b.label],
+                    k=settings.seedprints_k,
+                    temperature=settings.seedprints_temperature,
+                    alpha=settings.alpha,
+                )
+            else:
+                out[a.label, b.label] = None
+    return out
+
+
+def seedprints_calibration(
+    entries: list[Entry], results: dict[tuple[str, str], sp.SeedPrintsResult | None], target_fpr: float
+) -> dict[str, Any]:
+    """The z threshold for trained/derived pairs, fit on the zoo's known-unrelated ones (different
+    init seeds, neither an init), with its in-sample and leave-one-seed-out false-positive rates."""
+    by_label = {e.label: e for e in entries}
+    pool = [
+        (by_label[la], by_label[lb], r)
+        for (la, lb), r in results.items()
+        if r is not None
+        and math.isfinite(r.z)
+        and not with_init(by_label[la], by_label[lb])
+        and different_seeds(by_label[la], by_label[lb])
+    ]
+    z = np.array([r.z for _, _, r in pool], dtype=float)
+    threshold = sp.calibrate_threshold(z, target_fpr)
+    loso = sp.leave_one_seed_out(
+        z, [_seed_group(a) for a, _, _ in pool], [_seed_group(b) for _, b, _ in pool], target_fpr
+    )
+    false = int((z > threshold).sum()) if threshold is not None else 0
+    return {
+        "threshold": threshold,
+        "target_fpr": target_fpr,
+        "quantile": 1.0 - target_fpr,
+        "quantile_method": "numpy 'higher' (an observed z; at most the target share of the pairs exceeds it)",
+        "pairs": len(pool),
+        "pool": "trained/derived pairs of different init seeds, no init in the pair",
+        "z_max": float(z.max()) if len(z) else None,
+        "z_median": float(np.median(z)) if len(z) else None,
+        "in_sample": {"false": false, "pairs": len(pool), "fpr": false / len(pool) if pool else None},
+        "leave_one_seed_out": loso,
+        "note": "fit and evaluated on the same pairs (in-sample); with fewer than 1 / target FPR pairs "
+        "the threshold is their largest z",
+    }
+
+
 def _pair_rows(
     entries: list[Entry],
-    features: dict[str, np.ndarray],
+    results: dict[tuple[str, str], sp.SeedPrintsResult | None],
+    threshold: float | None,
     profiles: dict[str, ws.WeightProfile],
     digests: dict[str, str],
     settings: LineageSettings,
@@ -134,22 +211,20 @@ def _pair_rows(
         for b in entries[i + 1 :]:
             base = {"model_a": a.label, "model_b": b.label, "identical": digests[a.label] == digests[b.label]}
             sp_row = {**base, "method": "seedprints", "related": seed_related(a, b)}
-            if features[a.label].shape == features[b.label].shape and (a.arch["vocab_size"] == b.arch["vocab_size"]):
-                result = sp.seedprints_test(
-                    features[a.label],
-                    features[b.label],
-                    k=settings.seedprints_k,
-                    temperature=settings.seedprints_temperature,
-                    alpha=settings.alpha,
-                )
+            result = results[a.label, b.label]
+            if result is not None:
+                verdict, rule = sp.seedprints_verdict(result, with_init=with_init(a, b), threshold=threshold)
                 sp_row |= {
                     "score": result.z if math.isfinite(result.z) else None,
                     "log10_p": result.log10_p,
-                    "verdict": "related" if result.same_lineage else "unrelated",
+                    "log10_p_two_sided": result.log10_p_two_sided,
+                    "verdict": verdict,
+                    "rule": rule,
                     "kept": result.kept,
+                    "k": result.k,
                 }
             else:
-                sp_row |= {"score": None, "log10_p": None, "verdict": "incomparable", "kept": None}
+                sp_row |= {"score": None, "log10_p": None, "verdict": "incomparable", "rule": None, "kept": None}
             rows.append(sp_row)
             w_row = {**base, "method": "weights", "related": derived_related(a, b), "log10_p": None}
             pa, pb = profiles[a.label], profiles[b.label]
@@ -163,6 +238,78 @@ def _pair_rows(
                 w_row |= {"score": None, "verdict": "incomparable"}
             rows.append(w_row)
     return rows
+
+
+def _own(kind_a: str, kind_b: str) -> Callable[[Entry, Entry], bool]:
+    return lambda a, b: a.kind == kind_a and b.kind == kind_b and a.root == b.root
+
+
+def seedprints_counts(rows: list[dict[str, Any]], entries: list[Entry]) -> dict[str, Any]:
+    """What the issue asks of SeedPrints, counted on the zoo's comparable pairs, and the target
+    "init <-> own trained and derived linked at TPR >= 0.95 with FPR <= 0.05 over all
+    different-seed pairs" (uncalibrated pairs count as not linked)."""
+    by_label = {e.label: e for e in entries}
+    mine = [r for r in rows if r["method"] == "seedprints" and r["verdict"] != "incomparable"]
+
+    def pick(select: Callable[[Entry, Entry], bool]) -> list[dict[str, Any]]:
+        out = []
+        for r in mine:
+            a, b = by_label[r["model_a"]], by_label[r["model_b"]]
+            if select(a, b) or select(b, a):
+                out.append(r)
+        return out
+
+    def detail(r: dict[str, Any]) -> dict[str, Any]:
+        a = by_label[r["model_a"]]
+        return {
+            "pair": f"{r['model_a']} vs {r['model_b']}",
+            "z": r["score"],
+            "log10_p": r["log10_p"],
+            "kept": r["kept"],
+            "k": r.get("k"),
+            "hidden_size": a.arch["hidden_size"],
+        }
+
+    def tally(select: Callable[[Entry, Entry], bool], expect_related: bool) -> dict[str, Any]:
+        chosen = pick(select)
+        hits = [r for r in chosen if r["verdict"] == "related"]
+        out = {
+            "n": len(chosen),
+            "linked": len(hits),
+            "uncalibrated": sum(r["verdict"] == "uncalibrated" for r in chosen),
+        }
+        if expect_related:
+            out["unlinked"] = [detail(r) for r in chosen if r["verdict"] != "related"]
+        else:
+            out["false"] = [detail(r) for r in hits][:20]
+        return out
+
+    counts = {
+        "init_own_trained": tally(_own("init", "trained"), True),
+        "init_own_derived": tally(_own("init", "derived"), True),
+        "same_seed_with_init": tally(lambda a, b: with_init(a, b) and seed_related(a, b), True),
+        "same_seed_trained_only": tally(lambda a, b: not with_init(a, b) and seed_related(a, b), True),
+        "different_seed_with_init": tally(lambda a, b: with_init(a, b) and different_seeds(a, b), False),
+        "different_seed_trained_only": tally(lambda a, b: not with_init(a, b) and different_seeds(a, b), False),
+    }
+    positives = counts["init_own_trained"]["n"] + counts["init_own_derived"]["n"]
+    tp = counts["init_own_trained"]["linked"] + counts["init_own_derived"]["linked"]
+    negatives = counts["different_seed_with_init"]["n"] + counts["different_seed_trained_only"]["n"]
+    fp = counts["different_seed_with_init"]["linked"] + counts["different_seed_trained_only"]["linked"]
+    tpr = tp / positives if positives else None
+    fpr = fp / negatives if negatives else None
+    counts["target"] = {
+        "positives": positives,
+        "tp": tp,
+        "tpr": tpr,
+        "negatives": negatives,
+        "fp": fp,
+        "fpr": fpr,
+        "goal_tpr": GOAL_TPR,
+        "goal_fpr": GOAL_FPR,
+        "met": tpr is not None and fpr is not None and tpr >= GOAL_TPR and fpr <= GOAL_FPR,
+    }
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +328,7 @@ def _group(
         r
         for r in rows
         if r["method"] == method
-        and r["verdict"] != "incomparable"
+        and r["verdict"] not in ("incomparable", "uncalibrated")
         and (
             select(by_label[r["model_a"]], by_label[r["model_b"]])
             or select(by_label[r["model_b"]], by_label[r["model_a"]])
@@ -190,15 +337,22 @@ def _group(
     if not chosen:
         return None
     held = sum(r["verdict"] == expect for r in chosen)
+    rule = None
     if method == "seedprints":
+        rules = {r["rule"] for r in chosen}
+        if len(rules) != 1:
+            raise ValueError(f"check {name!r} mixes SeedPrints rules {sorted(rules)}")
+        rule = rules.pop()
+    if rule == "analytic":
         values = [r["log10_p"] for r in chosen]
         worst = max(values) if expect == "related" else min(values)
-    else:
+    else:  # weight-std scores, SeedPrints z against its calibrated threshold
         values = [r["score"] for r in chosen if r["score"] is not None]
         worst = (min(values) if expect == "related" else max(values)) if values else None
     return {
         "method": method,
         "name": name,
+        "rule": rule,
         "expect": expect,
         "n": len(chosen),
         "held": held,
@@ -208,11 +362,12 @@ def _group(
 
 
 def expectation_checks(rows: list[dict[str, Any]], entries: list[Entry]) -> list[dict[str, Any]]:
-    """The issue's expectations, counted on the zoo (not assumed): one record per pair group."""
-    by_label = {e.label: e for e in entries}
+    """The issue's expectations, counted on the zoo (not assumed): one record per pair group.
 
-    def own(kind_a: str, kind_b: str) -> Callable[[Entry, Entry], bool]:
-        return lambda a, b: a.kind == kind_a and b.kind == kind_b and a.root == b.root
+    SeedPrints groups are judged by the pairs' rule: analytic p for pairs with an init, the
+    calibrated z threshold for trained/derived pairs (groups with no calibrated pair are left out).
+    """
+    by_label = {e.label: e for e in entries}
 
     def other_seed(kinds: set[str]) -> Callable[[Entry, Entry], bool]:
         return lambda a, b: {a.kind, b.kind} == kinds and a.init_seed != b.init_seed and a.arch == b.arch
@@ -225,19 +380,31 @@ def expectation_checks(rows: list[dict[str, Any]], entries: list[Entry]) -> list
     def derived_other_seed(a: Entry, b: Entry) -> bool:
         return a.kind == "derived" and a.init_seed != b.init_seed and a.arch == b.arch
 
+    def derived_other_seed_init(a: Entry, b: Entry) -> bool:
+        return derived_other_seed(a, b) and b.kind == "init"
+
+    def derived_other_seed_model(a: Entry, b: Entry) -> bool:
+        return derived_other_seed(a, b) and b.kind != "init"
+
     specs: list[tuple[str, str, str, Callable[[Entry, Entry], bool]]] = [
-        ("init vs its own trained model", "seedprints", "related", own("init", "trained")),
-        ("init vs its own derived (+kjv) model", "seedprints", "related", own("init", "derived")),
-        ("trained vs its own derived model", "seedprints", "related", own("trained", "derived")),
+        ("init vs its own trained model", "seedprints", "related", _own("init", "trained")),
+        ("init vs its own derived (+kjv) model", "seedprints", "related", _own("init", "derived")),
+        ("trained vs its own derived model", "seedprints", "related", _own("trained", "derived")),
         ("same init seed, different data order (trained)", "seedprints", "related", siblings(False)),
         ("same init and data seed, other factor (trained)", "seedprints", "related", siblings(True)),
         ("different init seeds: init vs init", "seedprints", "unrelated", other_seed({"init"})),
         ("different init seeds: trained vs trained", "seedprints", "unrelated", other_seed({"trained"})),
         ("different init seeds: init vs trained", "seedprints", "unrelated", other_seed({"init", "trained"})),
-        ("different init seeds: a derived model vs any", "seedprints", "unrelated", derived_other_seed),
-        ("init vs its own trained model", "weights", "related", own("init", "trained")),
-        ("init vs its own derived model", "weights", "related", own("init", "derived")),
-        ("trained vs its own derived model", "weights", "related", own("trained", "derived")),
+        ("different init seeds: a derived model vs an init", "seedprints", "unrelated", derived_other_seed_init),
+        (
+            "different init seeds: a derived model vs a trained or derived one",
+            "seedprints",
+            "unrelated",
+            derived_other_seed_model,
+        ),
+        ("init vs its own trained model", "weights", "related", _own("init", "trained")),
+        ("init vs its own derived model", "weights", "related", _own("init", "derived")),
+        ("trained vs its own derived model", "weights", "related", _own("trained", "derived")),
         ("siblings from one init (not derived from each other)", "weights", "unrelated", siblings(False)),
         ("siblings from one init, same data order", "weights", "unrelated", siblings(True)),
         ("different init seeds: init vs init", "weights", "unrelated", other_seed({"init"})),
@@ -334,7 +501,9 @@ def run_lineage(cfg: Config, *, force: bool = False, progress: bool = True) -> d
     features_s = time.time() - t0
     matrix_entries = [e for e in entries if e.kind != "checkpoint"]
     profiles = {e.label: ws.weight_profile(infos[e.label]) for e in matrix_entries}
-    rows = _pair_rows(matrix_entries, features, profiles, digests, settings)
+    results = _seedprints_results(matrix_entries, features, settings)
+    calibration = seedprints_calibration(matrix_entries, results, settings.alpha)
+    rows = _pair_rows(matrix_entries, results, calibration["threshold"], profiles, digests, settings)
 
     emergence = emergence_records(entries, features, settings)
     files = write_lineage(reports, rows, emergence)
@@ -348,6 +517,25 @@ def run_lineage(cfg: Config, *, force: bool = False, progress: bool = True) -> d
         "num_layers": sorted({e.arch["num_layers"] for e in matrix_entries}),
         "methods": {m: method_summary(rows, m) for m in METHODS},
         "checks": expectation_checks(rows, matrix_entries),
+        "seedprints": {
+            "inputs": "token ids uniform over the vocabulary, the same for every model",
+            "distinct_last_tokens": {
+                str(v): sp.distinct_last_tokens(v, settings)
+                for v in sorted({e.arch["vocab_size"] for e in matrix_entries})
+            },
+            "k_by_hidden_size": {
+                str(h): sp.resolve_k(settings.seedprints_k, h)
+                for h in sorted({e.arch["hidden_size"] for e in matrix_entries})
+            },
+            "p_conventions": {
+                "one_sided": "sf(z), this project's: log10_p in lineage.csv, the verdicts use it",
+                "two_sided": "2 sf(|z|), the authors' code",
+            },
+            "verdict_rule": "a pair with an init: one-sided p < alpha; two trained/derived models: z above "
+            "the calibrated threshold",
+            "calibration": calibration,
+            "counts": seedprints_counts(rows, matrix_entries),
+        },
         "emergence": emergence,
         "ground_truth": {
             "seedprints": "same init seed and architecture (identical step-0 weights)",
@@ -362,7 +550,53 @@ def run_lineage(cfg: Config, *, force: bool = False, progress: bool = True) -> d
 
 
 # ---------------------------------------------------------------------------------------------
-# One model against a library
+# One model against a library, one pair
+
+_CALIBRATION_SETTINGS = (  # a threshold applies only to z computed the same way
+    "seedprints_inputs",
+    "seedprints_seq_len",
+    "seedprints_k",
+    "seedprints_temperature",
+    "seedprints_seed",
+    "alpha",
+)
+
+
+def load_calibration(reports_dir: Path | str | None, settings: LineageSettings) -> dict[str, Any] | None:
+    """The calibrated SeedPrints threshold a run's ``lineage.json`` records, with its source, when
+    there is one and it was fit at the same SeedPrints settings; else None."""
+    if reports_dir is None:
+        return None
+    path = Path(reports_dir) / LINEAGE_JSON
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        calibration = summary["seedprints"]["calibration"]
+        recorded = summary["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # an older or unreadable record: no threshold
+    current = settings.model_dump(mode="json")
+    if calibration.get("threshold") is None or any(recorded.get(k) != current[k] for k in _CALIBRATION_SETTINGS):
+        return None
+    return {"threshold": float(calibration["threshold"]), "pairs": calibration["pairs"], "source": str(path)}
+
+
+def _seedprints_answer(
+    result: sp.SeedPrintsResult, pair_with_init: bool, calibration: dict[str, Any] | None
+) -> dict[str, Any]:
+    threshold = calibration["threshold"] if calibration else None
+    verdict, rule = sp.seedprints_verdict(result, with_init=pair_with_init, threshold=threshold)
+    out = result.to_dict() | {"verdict": verdict, "rule": rule, "with_init": pair_with_init}
+    out["same_lineage"] = None if verdict == "uncalibrated" else verdict == "related"
+    out["threshold"] = threshold
+    out["threshold_source"] = calibration["source"] if calibration and rule == "calibrated" else None
+    if verdict == "uncalibrated":
+        out["note"] = (
+            "no calibrated threshold: two trained models (no init in the pair), where the analytic p "
+            "does not hold; z is shown, a `lineage run` of the zoo provides a threshold"
+        )
+    return out
 
 
 def identify(
@@ -373,19 +607,24 @@ def identify(
     cache_dir: Path | str | None = None,
     device: str = "auto",
     progress: bool = False,
+    reports_dir: Path | str | None = None,
 ) -> list[dict[str, Any]]:
     """Rank a library's models by SeedPrints evidence that ``model`` shares their seed.
 
-    Strongest evidence (lowest log10 p) first; models SeedPrints cannot compare come last, with
-    the reason. The model itself is left out when it sits in the library.
+    Strongest evidence (highest z, lowest log10 p) first; models SeedPrints cannot compare come
+    last, with the reason. The model itself is left out when it sits in the library. Verdicts:
+    ``same seed`` / ``no evidence`` by the analytic p when the pair holds an init, by the calibrated
+    threshold of ``reports_dir``'s ``lineage.json`` between two trained models, else ``uncalibrated``.
     """
     from tqdm.auto import tqdm
 
     settings = settings or LineageSettings()
+    calibration = load_calibration(reports_dir, settings)
     target = inspect_model(model)
     target_features = sp.model_features(target, settings, cache_dir=cache_dir, device=device)
     ranked, skipped = [], []
     candidates = [(n, p) for n, p in library_entries(library) if p.resolve() != target.path.resolve()]
+    names = {"related": "same seed", "unrelated": "no evidence", "uncalibrated": "uncalibrated"}
     for name, path in tqdm(candidates, desc="library", unit="model", disable=not progress):
         info = inspect_model(path)
         try:
@@ -401,8 +640,8 @@ def identify(
             temperature=settings.seedprints_temperature,
             alpha=settings.alpha,
         )
-        verdict = "same seed" if result.same_lineage else "no evidence"
-        ranked.append({"model": name, "path": str(path), "verdict": verdict, **result.to_dict()})
+        answer = _seedprints_answer(result, sp.is_init_dir(target.path) or sp.is_init_dir(path), calibration)
+        ranked.append({"model": name, "path": str(path), **answer, "verdict": names[answer["verdict"]]})
     ranked.sort(key=lambda r: (r["log10_p"], r["model"]))
     return ranked + skipped
 
@@ -415,11 +654,16 @@ def compare(
     *,
     cache_dir: Path | str | None = None,
     device: str = "auto",
+    reports_dir: Path | str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Is B from A's lineage? Per method (``seedprints``, ``weights`` or ``all``), its result and verdict.
 
-    With ``all``, a method that cannot compare the pair (another shape) is reported ``incomparable``
-    and the other still answers; when neither can, or the one asked for by name cannot, it is an error.
+    SeedPrints gives the analytic verdict (one-sided p < alpha) when one of the two is a zoo init
+    (an ``init`` directory inside a model directory); for two trained models it is ``uncalibrated``
+    (z shown) unless ``reports_dir`` holds a ``lineage.json`` whose calibrated threshold was fit at
+    the same settings. With ``all``, a method that cannot compare the pair (another shape) is
+    reported ``incomparable`` and the other still answers; when neither can, or the one asked for by
+    name cannot, it is an error.
     """
     settings = settings or LineageSettings()
     info_a, info_b = inspect_model(model_a), inspect_model(model_b)
@@ -430,7 +674,8 @@ def compare(
             if name == "seedprints":
                 sp.check_comparable(info_a, info_b)
                 r = sp.seedprints_compare(info_a.path, info_b.path, settings, cache_dir=cache_dir, device=device)
-                results[name] = r.to_dict() | {"verdict": "related" if r.same_lineage else "unrelated"}
+                pair_with_init = sp.is_init_dir(info_a.path) or sp.is_init_dir(info_b.path)
+                results[name] = _seedprints_answer(r, pair_with_init, load_calibration(reports_dir, settings))
             else:
                 w = ws.weights_compare(info_a.path, info_b.path, settings.weights_threshold)
                 results[name] = w.to_dict() | {"verdict": "related" if w.related else "unrelated"}

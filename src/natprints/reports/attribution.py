@@ -7,6 +7,7 @@ and :func:`render_section` puts tables, figures and a findings paragraph togethe
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -19,8 +20,9 @@ from natprints.attribution.experiments import BASELINE
 from natprints.config import CLASSIFIERS as CLASSIFIER_ORDER
 from natprints.config import FEATURIZERS as FEATURIZER_ORDER
 from natprints.config import NULL_CONDITION, Config
-from natprints.records import accuracy_table, load_records
-from natprints.reports.figures import plot_confusion, plot_evidence
+from natprints.records import CEILING_PIPELINE, accuracy_table, kl_table, load_records, pooled_table
+from natprints.reports.figures import plot_confusion, plot_evidence, plot_kl_heatmap
+from natprints.stats import wilson_interval
 
 FIGURES = "figures"
 SIGNIFICANCE = 0.05
@@ -46,6 +48,7 @@ def headline_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
         sub = table[table["condition"] == condition]
         best = sub[sub["best"]].iloc[0]
         base = sub[(sub["featurizer"] == BASELINE[0]) & (sub["classifier"] == BASELINE[1])]
+        top = sub[sub["pipeline"] == CEILING_PIPELINE]
         rows.append(
             {
                 "condition": condition,
@@ -61,9 +64,67 @@ def headline_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
                 "baseline": float(base["accuracy"].iloc[0]) if len(base) else math.nan,
                 "baseline_ci_low": float(base["ci_low"].iloc[0]) if len(base) else math.nan,
                 "baseline_ci_high": float(base["ci_high"].iloc[0]) if len(base) else math.nan,
+                "ceiling": float(top["accuracy"].iloc[0]) if len(top) else math.nan,
+                "ceiling_ci_low": float(top["ci_low"].iloc[0]) if len(top) else math.nan,
+                "ceiling_ci_high": float(top["ci_high"].iloc[0]) if len(top) else math.nan,
+                "ceiling_share": float(best["ceiling_share"]) if len(top) else math.nan,
+                "baseline_share": float(base["ceiling_share"].iloc[0]) if len(top) and len(base) else math.nan,
             }
         )
     return pd.DataFrame(rows)
+
+
+APPROACHES = (
+    ("word/char n-grams", lambda f, c: f in ("word1", "word12", "char14") and c != "nb"),
+    ("BPE token n-grams", lambda f, c: f == "tok13" and c != "nb"),
+    ("naive Bayes on n-grams (generative)", lambda f, c: c == "nb"),
+    ("sentence embeddings (embed, union)", lambda f, c: f in ("embed", "union")),
+    ("reference LMs fine-tuned per model", lambda f, c: f == "reflm"),
+)
+
+
+def approach_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Per condition and black-box approach: its best pipeline, accuracy and share of the ceiling."""
+    table = accuracy_table(records)
+    rows = []
+    for condition in _conditions(table):
+        sub = table[(table["condition"] == condition) & ~table["white_box"].astype(bool)]
+        for name, member in APPROACHES:
+            hit = sub[[member(f, c) for f, c in zip(sub["featurizer"], sub["classifier"], strict=True)]]
+            if hit.empty:
+                continue
+            top = hit.sort_values(["accuracy", "macro_f1"], ascending=False, kind="stable").iloc[0]
+            rows.append(
+                {
+                    "condition": condition,
+                    "approach": name,
+                    **top[
+                        ["pipeline", "accuracy", "ci_low", "ci_high", "chance", "ceiling", "ceiling_share"]
+                    ].to_dict(),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def pooled_points(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Pooled-evidence points as evidence-curve rows: x = texts pooled, one line per (condition, role)."""
+    table = pooled_table(records).rename(columns={"k": "value"})
+    return table.assign(chance=[r["chance"] for r in _of(records, "pooled")] if len(table) else [])
+
+
+def likelihood_open_set_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Per (condition, method, k): rejection rates pooled over every left-out model."""
+    rows = _of(records, "open_set_likelihood")
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    grouped = frame.groupby(["condition", "method", "k"], sort=False)
+    out = grouped[["n_unknown", "unknown_rejected_n", "n_known", "known_rejected_n"]].sum().reset_index()
+    out["alpha"] = grouped["alpha"].first().to_numpy()
+    out["held_out"] = grouped["held_out_model"].nunique().to_numpy()
+    out["unknown_rejected"] = out["unknown_rejected_n"] / out["n_unknown"].clip(lower=1)
+    out["known_rejected"] = out["known_rejected_n"] / out["n_known"].clip(lower=1)
+    return out
 
 
 def evidence_table(records: Sequence[dict[str, Any]], axis: str) -> pd.DataFrame:
@@ -133,7 +194,7 @@ def _full_table(table: pd.DataFrame) -> str:
 
 
 def _null_section(table: pd.DataFrame, records: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    null = table[table["condition"] == NULL_CONDITION]
+    null = table[(table["condition"] == NULL_CONDITION) & ~table["white_box"].astype(bool)]
     if null.empty:
         return "", {}
     labels = next(r["labels"] for r in _of(records, "split") if r["condition"] == NULL_CONDITION)
@@ -230,13 +291,39 @@ def _open_set_section(records: Sequence[dict[str, Any]]) -> tuple[str, dict[str,
 
 
 def _findings(
-    head: pd.DataFrame, null_facts: dict[str, Any], tokens: pd.DataFrame, open_facts: dict[str, float]
+    head: pd.DataFrame,
+    null_facts: dict[str, Any],
+    tokens: pd.DataFrame,
+    open_facts: dict[str, float],
+    pooled: pd.DataFrame | None = None,
+    lik_facts: dict[str, Any] | None = None,
 ) -> str:
     real = head[head["condition"] != NULL_CONDITION]
     if real.empty:
         return ""
     above = real[real["ci_low"] > real["chance"]]
-    out = [f"The best pipeline beats chance (95% interval above 1/k) in {len(above)} of {len(real)} conditions."]
+    out = []
+    if real["ceiling"].notna().all():
+        ceil = ", ".join(
+            f"`{r.condition}` {r.ceiling:.3f} (chance {r.chance:.3f}; best pipeline {r.accuracy:.3f}, share "
+            f"{_share(r.ceiling_share)})"
+            for r in real.itertuples()
+        )
+        out.append(
+            f"The text carries a strong fingerprint: the exact Bayes limit at the full continuation is {ceil}. "
+            f"The best black-box pipelines capture a median {real['ceiling_share'].median():.2f} of the margin "
+            "above chance that the text carries."
+        )
+        if pooled is not None and not pooled.empty:
+            top = pooled[(pooled["role"] == "ceiling") & (pooled["condition"] != NULL_CONDITION)]
+            for k in sorted(top["value"].unique()):
+                at = top[top["value"] == k]
+                if (at["accuracy"] >= 0.99).all():
+                    out.append(
+                        f"With {int(k)} texts of one source pooled, the ceiling is at least 0.99 in every condition."
+                    )
+                    break
+    out.append(f"The best pipeline beats chance (95% interval above 1/k) in {len(above)} of {len(real)} conditions.")
     factors = real[real["condition"] != "all"]
     if len(factors) >= 2:
         ranked = factors.assign(corrected=chance_corrected(factors["accuracy"], factors["chance"]))
@@ -271,6 +358,16 @@ def _findings(
             f"With one model left out, {100 * open_facts['unknown']:.0f}% of its texts are rejected as unknown, "
             f"against {100 * open_facts['known']:.0f}% of known models' texts."
         )
+    if lik_facts:
+        table = lik_facts["table"]
+        margin = table[(table["method"] == "margin") & (table["condition"] == "seed")]
+        if len(margin):
+            rates = "; ".join(
+                f"k = {int(r.k)}: {r.unknown_rejected:.2f} of a left-out model's pools called unknown, "
+                f"{r.known_rejected:.3f} of known ones rejected"
+                for r in margin.itertuples()
+            )
+            out.append(f"The likelihood margin test in `seed` at alpha {margin['alpha'].iloc[0]:g}: {rates}.")
     return "### Findings\n\n" + " ".join(out) + "\n"
 
 
@@ -294,6 +391,16 @@ def render_section(cfg: Config) -> str:
         f"xgb = XGBoost on the {XGB_FEATURES} columns with the highest ANOVA F score, mlp = one hidden layer "
         f"of 64 units on the {MLP_FEATURES} highest-F columns.\n"
     )
+    has_ceiling = bool(head["ceiling"].notna().any())
+    if has_ceiling:
+        parts.append(
+            "**The ceiling.** The zoo's texts are exact samples of known models, so each candidate model's "
+            "log-likelihood of a continuation (given its prompt, under the sampling transform it was drawn "
+            "with) is the exact probability that it wrote it. The likelihood attributor (`likelihood+bayes`: "
+            "the argmax with equal priors) is the Bayes-optimal attributor on these texts: no classifier of the "
+            "text alone can beat it. *Share of ceiling* = (accuracy − chance) / (ceiling − chance): the part of "
+            "the margin above chance that the text carries which a black-box pipeline captures.\n"
+        )
     parts.append(
         _md_table(
             [
@@ -301,8 +408,10 @@ def render_section(cfg: Config) -> str:
                 "models",
                 "test texts",
                 "chance",
+                *(["ceiling (likelihood) [95% CI]"] if has_ceiling else []),
                 "best pipeline",
                 "accuracy [95% CI]",
+                *(["share of ceiling"] if has_ceiling else []),
                 "chance-corrected",
                 "macro-F1",
                 "p",
@@ -314,8 +423,10 @@ def render_section(cfg: Config) -> str:
                     r.n_classes,
                     r.n_test,
                     f"{r.chance:.3f}",
+                    *([_acc(r.ceiling, r.ceiling_ci_low, r.ceiling_ci_high)] if has_ceiling else []),
                     r.best,
                     _acc(r.accuracy, r.ci_low, r.ci_high),
+                    *([_share(r.ceiling_share)] if has_ceiling else []),
                     f"{chance_corrected(r.accuracy, r.chance):.3f}",
                     f"{r.macro_f1:.3f}",
                     _p(r.p_value),
@@ -325,6 +436,24 @@ def render_section(cfg: Config) -> str:
             ],
         )
     )
+    approaches = approach_table(records)
+    if has_ceiling and not approaches.empty:
+        rows = [
+            [
+                f"`{r.condition}`",
+                r.approach,
+                r.pipeline,
+                _acc(r.accuracy, r.ci_low, r.ci_high),
+                _share(r.ceiling_share),
+            ]
+            for r in approaches.itertuples()
+            if r.condition != NULL_CONDITION
+        ]
+        parts.append(
+            "### Black-box approaches against the ceiling\n\nThe best pipeline of each approach per condition "
+            "(text only, no weights of the zoo): what each reached, including what did not help.\n\n"
+            + _md_table(["condition", "approach", "best of it", "accuracy [95% CI]", "share of ceiling"], rows)
+        )
     parts.append("### Every pipeline\n\nAccuracy [95% CI] on the test prompts; the best per condition in bold.\n")
     parts.append(_full_table(table))
     null_text, null_facts = _null_section(table, records)
@@ -361,26 +490,205 @@ def render_section(cfg: Config) -> str:
         plot_evidence(train, "n_train", "training texts", figures / "evidence_train.png")
         parts.append(f"![evidence: training size]({FIGURES}/evidence_train.png)\n")
         parts.append(_evidence_md(train, "train_fraction"))
+    pooled = pooled_points(records)
+    if not pooled.empty:
+        plot_evidence(
+            pooled,
+            "value",
+            "texts of one source pooled into one verdict",
+            figures / "pooled.png",
+            {int(k): str(int(k)) for k in sorted(pooled["value"].unique())},
+        )
+        parts.append(
+            "### Pooled evidence\n\nOne verdict for k texts of one source (test prompts only, disjoint groups "
+            "per model): the sum of the per-text log-posteriors (log-likelihoods for the ceiling, the "
+            "calibrated attributor's log-probabilities for the best pipeline). `pooled.csv` holds every point.\n\n"
+            f"![pooled evidence]({FIGURES}/pooled.png)\n"
+        )
+        parts.append(_evidence_md(pooled, "pooled"))
+    kl_text = _kl_section(cfg, records)
+    if kl_text:
+        parts.append(kl_text)
     explain = _explanation_section(records)
     if explain:
         parts.append(explain)
     open_text, open_facts = _open_set_section(records)
     if open_text:
         parts.append(open_text)
-    parts.append(_findings(head, null_facts, tokens, open_facts))
+    lik_text, lik_facts = _likelihood_open_set_section(records)
+    if lik_text:
+        parts.append(lik_text)
+    parts.append(_findings(head, null_facts, tokens, open_facts, pooled, lik_facts))
     return "\n".join(p for p in parts if p)
+
+
+def _kl_order(cfg: Config, labels: list[str]) -> list[str]:
+    """The SeedPrints heatmap's model order where the lineage stage ran, else the condition's."""
+    path = cfg.paths.reports / "lineage.json"
+    if not path.is_file():
+        return labels
+    entries = [e["label"] for e in json.loads(path.read_text(encoding="utf-8")).get("entries", [])]
+    ordered = [m for m in entries if m in labels]
+    return ordered + [m for m in labels if m not in ordered]
+
+
+def _pair_confusion(records: Sequence[dict[str, Any]]) -> dict[frozenset, float]:
+    """From the `all` condition's best pipeline: how often a's and b's texts are taken for each other."""
+    best = next((r for r in _of(records, "pipeline") if r["condition"] == "all" and r["best"]), None)
+    if best is None:
+        return {}
+    c = np.asarray(best["confusion"], dtype=float)
+    rates = c / np.maximum(c.sum(axis=1, keepdims=True), 1)
+    labels = best["labels"]
+    return {
+        frozenset((labels[i], labels[j])): 0.5 * (rates[i, j] + rates[j, i])
+        for i in range(len(labels))
+        for j in range(i + 1, len(labels))
+    }
+
+
+def _kl_section(cfg: Config, records: Sequence[dict[str, Any]]) -> str:
+    kl = kl_table(records)
+    if kl.empty:
+        return ""
+    from scipy.stats import spearmanr
+
+    labels = _kl_order(cfg, list(dict.fromkeys(kl["model_a"])))
+    index = {m: i for i, m in enumerate(labels)}
+    matrix = np.full((len(labels), len(labels)), np.nan)
+    for r in kl.itertuples():
+        matrix[index[r.model_a], index[r.model_b]] = r.kl_per_token
+    plot_kl_heatmap(labels, matrix, cfg.paths.reports / FIGURES / "kl_heatmap.png")
+    sym = {
+        frozenset((labels[i], labels[j])): 0.5 * (matrix[i, j] + matrix[j, i])
+        for i in range(len(labels))
+        for j in range(i + 1, len(labels))
+    }
+    parts = [
+        "### What the text fingerprint follows\n\nThe exact distance between two models' text distributions: "
+        "KL(a ‖ b) per token, the mean of log p_a − log p_b over a's own test and calibration texts "
+        "(`kl.csv`, with standard errors). Same model order as the SeedPrints heatmap.\n\n"
+        f"![KL heatmap]({FIGURES}/kl_heatmap.png)\n"
+    ]
+    relations = _of(records, "kl_relation")
+    if relations:
+        parts.append(
+            "Mean symmetrized KL by what a pair shares (95% bootstrap interval over prompts):\n\n"
+            + _md_table(
+                ["pair relation", "pairs", "KL per token [95% CI]"],
+                [[r["relation"], r["n_pairs"], _acc(r["kl_per_token"], r["ci_low"], r["ci_high"])] for r in relations],
+            )
+        )
+    tests = _of(records, "kl_test")
+    if tests:
+        parts.append(
+            "One-sided permutation tests over pairs: "
+            + "; ".join(
+                f"{t['closer']} closer than {t['farther']} by {t['difference']:.3f} nats/token (p = {_p(t['p_value'])})"
+                for t in tests
+            )
+            + ".\n"
+        )
+    facts = []
+    confusion = _pair_confusion(records)
+    common = [k for k in sym if k in confusion]
+    if len(common) >= 3:
+        rho = spearmanr([sym[k] for k in common], [confusion[k] for k in common]).statistic
+        facts.append(
+            "Spearman correlation of KL with the best pipeline's pairwise confusion rate: "
+            f"{rho:.2f} ({len(common)} pairs)"
+        )
+    lineage = cfg.paths.reports / "lineage.csv"
+    if lineage.is_file():
+        rows = pd.read_csv(lineage)
+        rows = rows[(rows["method"] == "seedprints") & rows["score"].notna()]
+        z = {frozenset((a, b)): s for a, b, s in zip(rows["model_a"], rows["model_b"], rows["score"], strict=True)}
+        both = [k for k in sym if k in z]
+        if len(both) >= 3:
+            rho = spearmanr([sym[k] for k in both], [z[k] for k in both]).statistic
+            facts.append(f"with SeedPrints z over the same trained pairs: {rho:.2f} ({len(both)} pairs)")
+    if facts:
+        parts.append("; ".join(facts) + ".\n")
+    by = {r["relation"]: r for r in relations}
+    if {"same init only", "same data order only", "neither"} <= set(by):
+        i, d, n = by["same init only"], by["same data order only"], by["neither"]
+        additive = i["kl_per_token"] + d["kl_per_token"]
+        parts.append(
+            f"**In numbers:** models sharing only the init seed are at {i['kl_per_token']:.3f} nats/token, "
+            f"sharing only the data order at {d['kl_per_token']:.3f}, sharing neither at {n['kl_per_token']:.3f}. "
+            f"Sharing the init lowers the distance by {n['kl_per_token'] - i['kl_per_token']:.3f}, "
+            f"sharing the data order by {n['kl_per_token'] - d['kl_per_token']:.3f}. A model sharing both is the same "
+            f"model (distance 0), so if the two seeds' contributions added up, `neither` would sit at init-only + "
+            f"data-only = {additive:.3f}; it sits at {n['kl_per_token']:.3f} "
+            f"({'inside' if n['ci_low'] <= additive <= n['ci_high'] else 'outside'} its interval). "
+            "The natural fingerprint follows " + _follows(i, d, n) + ".\n"
+        )
+    return "\n".join(parts)
+
+
+def _follows(init: dict, data: dict, neither: dict) -> str:
+    """Which seeds the text distance follows, from non-overlapping intervals only."""
+    init_lower = init["ci_high"] < neither["ci_low"]
+    data_lower = data["ci_high"] < neither["ci_low"]
+    if init_lower and data_lower:
+        return "both the init and the data order (each interval lies below `neither`)"
+    if init_lower:
+        return "the init seed (its interval lies below `neither`; the data order's does not)"
+    if data_lower:
+        return "the data order (its interval lies below `neither`; the init seed's does not)"
+    return "neither seed clearly (every interval overlaps `neither`)"
+
+
+def _share(share: float) -> str:
+    return "–" if share is None or math.isnan(share) else f"{share:.2f}"
+
+
+def _likelihood_open_set_section(records: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    table = likelihood_open_set_table(records)
+    if table.empty:
+        return "", {}
+    rows = [
+        [
+            f"`{r.condition}`",
+            r.method,
+            int(r.k),
+            int(r.held_out),
+            f"{r.unknown_rejected:.3f} ({int(r.unknown_rejected_n)}/{int(r.n_unknown)})",
+            _acc(r.known_rejected, *wilson_interval(int(r.known_rejected_n), int(r.n_known))),
+        ]
+        for r in table.itertuples()
+    ]
+    alpha = float(table["alpha"].iloc[0])
+    text = (
+        "### Open set: did a known model write these texts?\n\n"
+        f"Each model of a condition is left out of the library in turn; pools of k test texts of one source are "
+        f"called `unknown` when the test rejects their best known model at alpha = {alpha:g}. *margin*: the "
+        "pooled log-likelihood margin of that model over the best other known model, against the alpha-quantile "
+        "of the same margin on bootstrap pools of the model's own calibration-split texts. *analytic*: every known "
+        "model's pooled Fast-DetectGPT discrepancy z (log-likelihood centred by the model's own per-position "
+        f"entropy, scaled by its variance) below the one-sided alpha level. Known models' pools wrongly rejected "
+        "should stay near alpha (95% Wilson interval shown).\n\n"
+        + _md_table(
+            ["condition", "test", "k", "models left out", "left-out pools called unknown", "known pools rejected"], rows
+        )
+    )
+    return text, {"table": table}
 
 
 def _evidence_md(points: pd.DataFrame, axis: str) -> str:
     values = sorted(points["value"].unique(), key=lambda v: (v == 0, v))
-    label = {"tokens": lambda v: "all" if v == 0 else f"{int(v)} tok", "train_fraction": lambda v: f"{v:g} of train"}
+    label = {
+        "tokens": lambda v: "all" if v == 0 else f"{int(v)} tok",
+        "train_fraction": lambda v: f"{v:g} of train",
+        "pooled": lambda v: f"k={int(v)}",
+    }
     rows = []
     for (condition, pipeline, role), group in points.groupby(["condition", "pipeline", "role"], sort=False):
         by = dict(zip(group["value"], group["accuracy"], strict=True))
         rows.append(
             [
                 f"`{condition}`",
-                pipeline + (" (baseline)" if role == "baseline" else ""),
+                pipeline + {"baseline": " (baseline)", "ceiling": " (ceiling)"}.get(role, ""),
                 *[f"{by[v]:.3f}" if v in by else "–" for v in values],
             ]
         )

@@ -58,15 +58,17 @@ def plot_confusion(matrix: np.ndarray, labels: Sequence[str], title: str, path: 
 
 
 def plot_evidence(points: pd.DataFrame, x: str, xlabel: str, path: Path, tick_labels: dict | None = None) -> None:
-    """Accuracy against ``x`` per condition: the best pipeline solid, the baseline dashed."""
+    """Accuracy against ``x`` per condition: the best pipeline solid, the baseline dashed, the ceiling dotted."""
     fig = _figure(7.0, 4.2)
     ax = fig.add_subplot()
     colors = {}
     for (condition, role), group in points.groupby(["condition", "role"], sort=False):
         group = group.sort_values(x)
         color = colors.setdefault(condition, f"C{len(colors) % 10}")
-        style = "-" if role == "best" else "--"
-        label = f"{condition}: {group['pipeline'].iloc[0]}" + (" (baseline)" if role == "baseline" else "")
+        style = {"best": "-", "ceiling": "-."}.get(role, "--")
+        label = f"{condition}: {group['pipeline'].iloc[0]}" + {"baseline": " (baseline)", "ceiling": " (ceiling)"}.get(
+            role, ""
+        )
         ax.plot(group[x], group["accuracy"], style, marker="o", ms=3, color=color, label=label)
         ax.fill_between(group[x], group["ci_low"], group["ci_high"], color=color, alpha=0.08)
         ax.axhline(group["chance"].iloc[0], color=color, lw=0.6, ls=":")
@@ -159,4 +161,22 @@ def plot_emergence(records: list[dict[str, Any]], alpha: float, path: Path) -> N
     ax.set_title("SeedPrints emergence: own init (solid) vs other seeds' inits (grey)", fontsize=9)
     if models:
         ax.legend(fontsize=7)
+    save(fig, path, tight=True)
+
+
+def plot_kl_heatmap(labels: Sequence[str], matrix: np.ndarray, path: Path) -> None:
+    """Per-token KL(row || column) between models' text distributions, in nats (diagonal 0)."""
+    from matplotlib.figure import Figure
+
+    n = len(labels)
+    size = max(4.0, 0.28 * n + 2.0)
+    fig = Figure(figsize=(size + 1.2, size))
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap="magma_r", vmin=0)
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=max(4, 9 - n // 10))
+    ax.set_yticks(range(n), labels, fontsize=max(4, 9 - n // 10))
+    ax.set_xlabel("model b")
+    ax.set_ylabel("model a (whose samples)")
+    ax.set_title("Text fingerprint distance: KL(a || b) per token", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label("nats per token", fontsize=8)
     save(fig, path, tight=True)

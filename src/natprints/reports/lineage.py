@@ -41,21 +41,120 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _check_line(check: dict[str, Any], alpha: float, threshold: float) -> str:
+def _check_line(check: dict[str, Any], alpha: float, threshold: float, sp_threshold: float | None) -> str:
     method = _METHOD_NAMES[check["method"]]
     n, held = check["n"], check["held"]
-    if check["method"] == "seedprints":
-        rule = f"p < {alpha:g}" if check["expect"] == "related" else f"p ≥ {alpha:g}"
-        worst = f"{'weakest' if check['expect'] == 'related' else 'strongest'} log10 p {_fmt(check['worst'], 1)}"
+    related = check["expect"] == "related"
+    if check["method"] == "seedprints" and check.get("rule", "analytic") == "analytic":
+        rule = f"p < {alpha:g}" if related else f"p ≥ {alpha:g}"
+        worst = f"{'weakest' if related else 'strongest'} log10 p {_fmt(check['worst'], 1)}"
+    elif check["method"] == "seedprints":
+        cut = _fmt(sp_threshold, 2)
+        rule = f"z > {cut} (calibrated)" if related else f"z ≤ {cut} (calibrated)"
+        worst = f"{'lowest' if related else 'highest'} z {_fmt(check['worst'], 2)}"
     else:
-        rule = f"score ≥ {threshold:g}" if check["expect"] == "related" else f"score < {threshold:g}"
-        worst = f"{'lowest' if check['expect'] == 'related' else 'highest'} score {_fmt(check['worst'])}"
+        rule = f"score ≥ {threshold:g}" if related else f"score < {threshold:g}"
+        worst = f"{'lowest' if related else 'highest'} score {_fmt(check['worst'])}"
     mark = "held" if held == n else "**did not hold**"
     line = f"- {method}, {check['name']}: {held}/{n} pairs at {rule} ({worst}) — {mark}"
     if held < n and check["failures"]:
         more = " …" if n - held > len(check["failures"]) else ""
         line += f"; exceptions: {', '.join(check['failures'])}{more}"
     return line
+
+
+def _share(num: int, den: int) -> str:
+    return f"{num}/{den}" + (f" ({num / den:.0%})" if den else "")
+
+
+def _unlinked_text(items: list[dict[str, Any]]) -> str:
+    return "; ".join(
+        f"`{u['pair']}` z = {_fmt(u['z'], 2)}, log10 p = {_fmt(u['log10_p'], 1)}, |S| = {u['kept']}/{u['k']} "
+        f"(hidden {u['hidden_size']})"
+        for u in items
+    )
+
+
+def _seedprints_lines(summary: dict[str, Any]) -> list[str]:
+    """Settings, p conventions, the calibrated threshold and the counts the issue asks for."""
+    block = summary.get("seedprints")
+    if not block:
+        return []
+    settings = summary["settings"]
+    alpha = settings["alpha"]
+    cal, counts = block["calibration"], block["counts"]
+    ks = ", ".join(f"{k} of {h}" for h, k in block["k_by_hidden_size"].items())
+    out = ["### SeedPrints: settings, p and verdicts", ""]
+    distinct = ", ".join(f"{d} of vocabulary {v}" for v, d in block.get("distinct_last_tokens", {}).items())
+    out.append(
+        f"- Inputs: N = {settings['seedprints_inputs']} sequences of {settings['seedprints_seq_len']} "
+        f"{block['inputs']} (seed {settings['seedprints_seed']}"
+        + (f"; distinct last tokens: {distinct}" if distinct else "")
+        + f"); k = {settings['seedprints_k']} disliked dimensions per model ({ks} hidden dimensions); "
+        f"softmax temperature {settings['seedprints_temperature']:g}."
+    )
+    out.append(
+        f"- p two ways: one-sided {block['p_conventions']['one_sided']}; two-sided "
+        f"{block['p_conventions']['two_sided']} (twice the one-sided p when z > 0)."
+    )
+    loso = cal["leave_one_seed_out"]
+    if cal["threshold"] is None:
+        threshold = "no calibrated threshold (the zoo has no trained/derived pair of different init seeds)"
+        threshold += ": those pairs are marked `uncalibrated`"
+    else:
+        threshold = (
+            f"z > {cal['threshold']:.2f}, the {cal['quantile']:.0%} quantile of z over {cal['pairs']} known-unrelated "
+            f"pairs — {cal['pool']} — for a target FPR of {cal['target_fpr']:g} (the config's alpha). It is fit and "
+            f"evaluated on the same pairs (in-sample: {_share(cal['in_sample']['false'], cal['pairs'])} above it)"
+        )
+        if loso["evaluated"]:
+            threshold += (
+                f"; leave-one-seed-out ({loso['folds']} folds, each pair held out with each of its two seeds): "
+                f"{_share(loso['false'], loso['evaluated'])} above the threshold fit without them"
+            )
+        else:
+            threshold += f"; no leave-one-seed-out estimate with {loso.get('seeds', 0)} seeds (it needs 3)"
+        if cal["pairs"] * cal["target_fpr"] < 1:
+            threshold += f"; with fewer than {1 / cal['target_fpr']:.0f} pairs the threshold is their largest z"
+    out.append(
+        f"- Verdicts: a pair with a step-0 init is linked at one-sided p < {alpha:g} (the analytic null holds "
+        f"there); two trained/derived models are linked at {threshold}."
+    )
+
+    def linked(key: str, what: str) -> str:
+        c = counts[key]
+        line = f"- {what}: linked {_share(c['linked'], c['n'])}"
+        if c.get("unlinked"):
+            line += f"; not linked: {_unlinked_text(c['unlinked'])}"
+        return line + "."
+
+    def false(key: str, what: str) -> str:
+        c = counts[key]
+        line = f"- {what}: {_share(c['linked'], c['n'])} false links"
+        if c["uncalibrated"]:
+            line += f" ({c['uncalibrated']} uncalibrated)"
+        return line + "."
+
+    out += [
+        "",
+        linked("init_own_trained", "Init ↔ its own trained model"),
+        linked("init_own_derived", "Init ↔ its own derived model"),
+        linked("same_seed_with_init", "Same init seed, pairs with an init (p < alpha)"),
+        linked("same_seed_trained_only", "Same init seed, trained/derived pairs (calibrated threshold)"),
+        false("different_seed_with_init", f"Different init seeds, pairs with an init, at p < {alpha:g}"),
+        false(
+            "different_seed_trained_only",
+            "Different init seeds, trained/derived pairs, at the calibrated threshold (in-sample)",
+        ),
+    ]
+    t = counts["target"]
+    verdict = "met" if t["met"] else "**not met**"
+    out.append(
+        f"- Target (init ↔ own trained and derived models linked at TPR ≥ {t['goal_tpr']:g} with FPR ≤ "
+        f"{t['goal_fpr']:g} over all different-seed pairs): TPR {_share(t['tp'], t['positives'])}, "
+        f"FPR {_share(t['fp'], t['negatives'])} — {verdict}."
+    )
+    return [*out, ""]
 
 
 def _emergence_lines(records: list[dict[str, Any]], alpha: float) -> list[str]:
@@ -92,7 +191,8 @@ def render_section(cfg: Config) -> str:
         f"{kinds['derived']} derived (continued on the shift corpus) — scored by SeedPrints "
         f"(N = {settings['seedprints_inputs']} random-token inputs of length {settings['seedprints_seq_len']}, "
         f"k = {settings['seedprints_k']}, temperature {settings['seedprints_temperature']:g}; same lineage at "
-        f"p < {alpha:g}) and by the weight-std fingerprint (related at score ≥ {threshold:g}).",
+        f"one-sided p < {alpha:g} for pairs with an init, above a calibrated z threshold for two trained models) "
+        f"and by the weight-std fingerprint (related at score ≥ {threshold:g}).",
         f"Ground truth — SeedPrints: {summary['ground_truth']['seedprints']}; weight-std: "
         f"{summary['ground_truth']['weights']}. Pairs of different shape are marked incomparable and left out.",
         "",
@@ -118,10 +218,12 @@ def render_section(cfg: Config) -> str:
     if notes:
         out += ["", "Notes: " + "; ".join(notes) + "."]
 
+    out += ["", *_seedprints_lines(summary)]
+    sp_threshold = (summary.get("seedprints") or {}).get("calibration", {}).get("threshold")
     checks = summary["checks"]
     held = [c for c in checks if c["held"] == c["n"]]
     failed = [c for c in checks if c["held"] < c["n"]]
-    out += ["", "### What held", ""]
+    out += ["### What held", ""]
     out.append(
         f"Of {len(checks)} expectations checked on this zoo, {len(held)} held for every pair and "
         f"{len(failed)} did not"
@@ -133,7 +235,7 @@ def render_section(cfg: Config) -> str:
         + "."
     )
     out.append("")
-    out += [_check_line(c, alpha, threshold) for c in checks]
+    out += [_check_line(c, alpha, threshold, sp_threshold) for c in checks]
     out += ["", "![SeedPrints heatmap](lineage_heatmap_seedprints.png)", ""]
     out += ["![Weight-std heatmap](lineage_heatmap_weights.png)", ""]
     out += ["### Emergence over training", ""]

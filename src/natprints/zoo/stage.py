@@ -36,7 +36,7 @@ def _model_done(out_dir: Path, spec_fields: dict, model_id: str) -> bool:
     )
 
 
-def _train_one(
+def train_one(
     cfg: Config,
     model_id: str,
     spec: ModelSpec,
@@ -47,12 +47,13 @@ def _train_one(
     init_from: Path | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    out_dir: Path | None = None,
 ) -> dict | None:
-    """Train (or resume) one model into the zoo; write its manifest when it completes."""
+    """Train (or resume) one model into the zoo (or ``out_dir``); write its manifest when it completes."""
     from natprints.corpus import load_tokenizer
     from natprints.zoo.train import _save_hf, clear_resume, init_model, train
 
-    out_dir = cfg.paths.zoo / model_id
+    out_dir = out_dir or cfg.paths.zoo / model_id
     spec_fields = _spec_fields(spec, cfg)
     if _model_done(out_dir, spec_fields, model_id):
         return None
@@ -124,9 +125,7 @@ def _zoo_job(cfg: Config, model_id: str, stop_after: int | None, *, progress: bo
     }
     tokens = load_tokens(cfg.paths.corpus / "train_tokens.npy")
     heldout = load_tokens(cfg.paths.corpus / "heldout_tokens.npy")
-    return (
-        _train_one(cfg, model_id, spec, fields, tokens, heldout, stop_after=stop_after, progress=progress) is not None
-    )
+    return train_one(cfg, model_id, spec, fields, tokens, heldout, stop_after=stop_after, progress=progress) is not None
 
 
 def build_zoo(cfg: Config, only: list[str] | None = None, stop_after: int | None = None) -> list[str]:
@@ -225,7 +224,7 @@ def _derive_job(cfg: Config, model_id: str, parent_id: str, *, progress: bool) -
     }
     tokens = load_tokens(cfg.paths.shift_corpus / "train_tokens.npy")
     heldout = load_tokens(cfg.paths.shift_corpus / "heldout_tokens.npy")
-    trained = _train_one(cfg, model_id, spec, fields, tokens, heldout, init_from=parent_dir, progress=progress)
+    trained = train_one(cfg, model_id, spec, fields, tokens, heldout, init_from=parent_dir, progress=progress)
     return trained is not None
 
 

@@ -1,0 +1,166 @@
+"""The stage `reference`: black-box generative attributors built from a reference LM of the auditor's own.
+
+An auditor has the public training corpus and the tokenizer trained on it, and each candidate
+model's generated texts, but none of the zoo's weights. It trains its own reference LM on the corpus
+(the base model's size and settings, with seeds no zoo model uses), fine-tunes one copy per
+candidate on that candidate's training-split texts (prompt + continuation + EOS, as a token stream),
+and attributes a text to the candidate whose fine-tuned LM gives it the highest likelihood (equal
+priors). The fine-tuned LMs score the same test and calibration texts as the ceiling, under the
+same sampling transform, so the experiments stage reads both alike (pipeline ``reflm+lm``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from natprints.artifacts import Manifest, hash_obj
+from natprints.attribution.data import load_conditions, run_split
+from natprints.config import Config
+from natprints.errors import NatprintsError
+from natprints.runtime import run_jobs
+
+REFERENCE_VERSION = 1
+
+
+def reference_dir(cfg: Config) -> Path:
+    return cfg.paths.models / "reference"
+
+
+def _reference_spec(cfg: Config):
+    from natprints.zoo.spec import base_spec
+
+    seed = cfg.reference.seed
+    return base_spec(cfg).model_copy(update={"init_seed": seed, "data_seed": seed, "checkpoint_steps": ()})
+
+
+def _finetune_spec(cfg: Config, stream_tokens: int):
+    r = cfg.reference
+    base = _reference_spec(cfg)
+    per_epoch = max(1, stream_tokens // (base.batch_size * base.seq_len))
+    steps = max(1, r.epochs * per_epoch)
+    return base.model_copy(
+        update={
+            "lr": r.lr,
+            "steps": steps,
+            "warmup_steps": min(base.warmup_steps, steps // 10),
+            "eval_every": max(1, steps // 4),
+            "resume_every": max(1, steps // 2),
+            "data_seed": r.seed,
+            "schedule": "constant",
+        }
+    )
+
+
+def _stream(frame: pd.DataFrame, prompts: pd.Series, eos: int) -> np.ndarray:
+    """Each text's prompt, continuation and an EOS, concatenated: the fine-tuning corpus of one model."""
+    ids: list[int] = []
+    for row in frame.itertuples(index=False):
+        ids += [int(t) for t in prompts.loc[row.prompt_id]] + [int(t) for t in row.token_ids] + [eos]
+    return np.asarray(ids, dtype=np.int32)
+
+
+def _train_reference(cfg: Config, *, progress: bool) -> bool:
+    from natprints.corpus import corpus_manifest, load_tokens
+    from natprints.zoo.stage import train_one
+
+    corpus = corpus_manifest(cfg)
+    fields = {
+        "conditions": ["reference"],
+        "init_seed": cfg.reference.seed,
+        "data_seed": cfg.reference.seed,
+        "parent": None,
+        "corpus_sha256": corpus["corpus_sha256"],
+        "tokenizer_sha256": corpus["tokenizer_sha256"],
+    }
+    tokens = load_tokens(cfg.paths.corpus / "train_tokens.npy")
+    heldout = load_tokens(cfg.paths.corpus / "heldout_tokens.npy")
+    out = reference_dir(cfg) / "reference"
+    done = train_one(cfg, "reference", _reference_spec(cfg), fields, tokens, heldout, progress=progress, out_dir=out)
+    return done is not None
+
+
+def _finetune_job(cfg: Config, model_id: str, train: np.ndarray, heldout: np.ndarray, *, progress: bool) -> bool:
+    """One candidate's LM: the reference continued on the candidate's training-split texts."""
+    from natprints.zoo.stage import train_one
+
+    fields = {
+        "conditions": ["reference-finetuned"],
+        "candidate": model_id,
+        "init_seed": cfg.reference.seed,
+        "data_seed": cfg.reference.seed,
+        "parent": "reference",
+        "texts_sha256": hash_obj(train.tolist()),
+    }
+    spec = _finetune_spec(cfg, len(train))
+    out = reference_dir(cfg) / model_id
+    ref = reference_dir(cfg) / "reference"
+    return (
+        train_one(cfg, model_id, spec, fields, train, heldout, init_from=ref, progress=progress, out_dir=out)
+        is not None
+    )
+
+
+def _manifest(cfg: Config) -> Manifest:
+    return Manifest(cfg.paths.reference_scores, "reference-LM scores")
+
+
+def build_reference(cfg: Config, *, progress: bool = True) -> dict:
+    """The `reference` stage: the reference LM, one fine-tuned copy per candidate, their scores."""
+    from natprints.corpus import load_tokenizer
+    from natprints.generate.stage import build_prompts
+    from natprints.likelihood.stage import score_model, scoring_rows
+
+    if not cfg.reference.enabled:
+        raise NatprintsError("[reference] enabled = false in this config; nothing to build")
+    conditions = load_conditions(cfg)
+    split = run_split(cfg, conditions)
+    rows = scoring_rows(cfg, conditions)
+    trained = _train_reference(cfg, progress=progress)
+    eos = load_tokenizer(cfg.paths.tokenizer).eos_token_id
+    prompts = build_prompts(cfg).set_index("prompt_id")["prompt_token_ids"]
+    frames = {}
+    for data in conditions.values():
+        for model_id, frame in data.frame.groupby("model_id"):
+            if str(model_id) in rows:
+                frames.setdefault(str(model_id), frame)
+    jobs = []
+    for model_id in rows:
+        frame = frames[model_id]
+        where = frame["prompt_id"].astype(str).map(split)
+        jobs.append(
+            (
+                cfg,
+                model_id,
+                _stream(frame[where == "train"], prompts, eos),
+                _stream(frame[where == "cal"], prompts, eos),
+            )
+        )
+    tuned = sum(run_jobs(cfg.run.workers, _finetune_job, jobs, "finetune"))
+    out = cfg.paths.reference_scores
+    out.mkdir(parents=True, exist_ok=True)
+    scoring = [(cfg, reference_dir(cfg) / m, rows[m], out / f"{m}.parquet") for m in rows]
+    scored = sum(run_jobs(cfg.run.workers, score_model, scoring, "reference scores"))
+    fields = {
+        "stage": "reference",
+        "run": cfg.run.name,
+        "settings": cfg.reference.model_dump(mode="json"),
+        "scorers": {m: {"file": f"{m}.parquet", "rows": len(r)} for m, r in rows.items()},
+        "trained_now": int(trained) + tuned,
+    }
+    key = hash_obj(
+        {
+            "version": REFERENCE_VERSION,
+            "rows": {m: hash_obj(sorted(r["row_key"])) for m, r in sorted(rows.items())},
+            "models": {m: Manifest(reference_dir(cfg) / m, m).read()["files"] for m in sorted(rows)},
+        }
+    )
+    return {**_manifest(cfg).write(key, fields, [f"{m}.parquet" for m in rows]), "scored": scored}
+
+
+def reference_key(cfg: Config) -> str | None:
+    """The key of the run's reference-LM scores, or None when the stage has not run."""
+    manifest = _manifest(cfg)
+    return manifest.read().get("key") if manifest.exists() else None

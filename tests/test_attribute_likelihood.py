@@ -1,0 +1,381 @@
+"""`natprints attribute --method likelihood` and `--pool`, on tiny models built and sampled here.
+
+Three Llama models (a, b, c) form the library, a fourth (d) stays outside it; texts are the models'
+own samples (the project's sampler), so the truth is known. The tokenizer is a word-level one whose
+decode/encode round trip is exact, so a text's log-likelihood is that of the sample itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+from natprints.cli import app as APP
+from natprints.errors import NatprintsError
+from natprints.likelihood.attribute import attribute_by_likelihood, attribute_pooled
+
+VOCAB = 64
+EOS = 0
+NEW_TOKENS = 24
+HEAD_SCALE = 5.0  # sharpens the (at init nearly uniform) outputs, so that the models differ
+RUNNER = CliRunner()
+
+
+def invoke(*args: str | Path):
+    return RUNNER.invoke(APP, [str(a) for a in args])
+
+
+def word_tokenizer(words: list[str]) -> transformers.PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]")
+
+
+WORDS = ["</s>", "[UNK]", *(f"w{i}" for i in range(VOCAB - 2))]
+
+
+def llama(seed: int, vocab: int = VOCAB) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(HEAD_SCALE)
+    return model
+
+
+@dataclass
+class Zoo:
+    root: Path
+    tokenizer: transformers.PreTrainedTokenizerFast
+    models: dict[str, transformers.PreTrainedModel]  # in memory, the same weights as the saved dirs
+    dirs: dict[str, Path]
+    texts: dict[str, list[str]]  # b: b's samples; d: the outsider's; a07: a's samples at temperature 0.7
+
+    def library(self, *names: str) -> dict[str, Path]:
+        return {n: self.dirs[n] for n in names or "abc"}
+
+    def files(self, key: str, n: int = 8) -> list[Path]:
+        out = []
+        for i, text in enumerate(self.texts[key][:n]):
+            path = self.root / "texts" / f"{key}-{i}.txt"
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(text + "\n")  # a final newline, as `echo` writes: not part of the text
+            out.append(path)
+        return out
+
+
+def samples(model, tokenizer, n: int, temperature: float, seed: int) -> list[str]:
+    """n texts sampled after EOS by the project's sampler, each up to its EOS."""
+    from natprints.config import GenerateSettings
+    from natprints.generate.sampler import sample_batch
+
+    settings = GenerateSettings(new_tokens=NEW_TOKENS, temperature=temperature)
+    generator = torch.Generator().manual_seed(seed)
+    rows = sample_batch(model, torch.full((n, 1), EOS), settings, generator, EOS, "cpu").tolist()
+    texts = [tokenizer.decode(row[: row.index(EOS)] if EOS in row else row) for row in rows]
+    return [t for t in texts if t]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> Zoo:
+    root = tmp_path_factory.mktemp("likelihood-zoo")
+    tokenizer = word_tokenizer(WORDS)
+    models = {name: llama(seed) for name, seed in zip("abcd", (1, 2, 3, 4), strict=True)}
+    dirs = {}
+    for name, model in models.items():
+        model.save_pretrained(root / name)
+        dirs[name] = root / name
+    tokenizer.save_pretrained(root / "a")  # the first --models directory holds the tokenizer
+    tokenizer.save_pretrained(root / "tokenizer")
+    texts = {
+        "b": samples(models["b"], tokenizer, 16, 1.0, seed=7),
+        "d": samples(models["d"], tokenizer, 16, 1.0, seed=7),
+        "a07": samples(models["a"], tokenizer, 16, 0.7, seed=7),
+    }
+    assert all(len(t) >= 12 for t in texts.values())
+    return Zoo(root, tokenizer, models, dirs, texts)
+
+
+def direct(model, context: list[int], ids: list[int], temperature: float = 1.0) -> tuple[float, float]:
+    """model(ids).logits, log_softmax in float64: the text's log-likelihood and its discrepancy z."""
+    with torch.no_grad():
+        logits = model(torch.tensor([context + ids])).logits[0].double() / temperature
+    logp = torch.log_softmax(logits[len(context) - 1 : len(context) - 1 + len(ids)], dim=-1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1)
+    variance = (p * (logp + entropy[:, None]) ** 2).sum(-1)
+    loglik = logp.gather(1, torch.tensor(ids)[:, None]).sum()
+    return float(loglik), float((loglik + entropy.sum()) / variance.sum().sqrt())
+
+
+def test_loglik_and_z_equal_a_direct_forward(zoo):
+    texts = zoo.texts["b"][:6] + ["w3 w4 [UNK] w5"]
+    ids = [zoo.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    predictions = attribute_by_likelihood(texts, zoo.library(), zoo.tokenizer, batch_size=4)
+    for p, row in zip(predictions, ids, strict=True):
+        assert p.tokens == len(row) and p.texts == 1
+        for name in "abc":
+            loglik, z = direct(zoo.models[name], [EOS], row)
+            assert p.loglik[name] == pytest.approx(loglik, abs=1e-5)
+            assert p.z[name] == pytest.approx(z, abs=1e-4)
+        assert p.probability == pytest.approx(max(q for _, q in p.top))
+    # A prompt and a temperature: the loglik is that of softmax(logits / 0.7) after the prompt.
+    prompt = "w10 w11 w12"
+    context = zoo.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    predictions = attribute_by_likelihood(
+        texts[:3], zoo.library("a"), zoo.tokenizer, prompts=[prompt] * 3, temperature=0.7
+    )
+    for p, row in zip(predictions, ids[:3], strict=True):
+        loglik, z = direct(zoo.models["a"], context, row, temperature=0.7)
+        assert p.loglik["a"] == pytest.approx(loglik, abs=1e-5) and p.z["a"] == pytest.approx(z, abs=1e-4)
+
+
+def test_any_causal_lm_scores_from_its_own_logits(zoo):
+    """A non-Llama model (GPT-2) goes through its full forward; the result is the same direct value."""
+    torch.manual_seed(5)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    gpt2 = transformers.GPT2LMHeadModel(config).eval()
+    gpt2.save_pretrained(zoo.root / "gpt2")
+    texts = zoo.texts["b"][:3]
+    predictions = attribute_by_likelihood(texts, {"gpt2": zoo.root / "gpt2"}, zoo.tokenizer)
+    for p, text in zip(predictions, texts, strict=True):
+        loglik, _ = direct(gpt2, [EOS], zoo.tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert p.loglik["gpt2"] == pytest.approx(loglik, abs=1e-5)
+
+
+def test_true_model_wins_and_an_outsider_is_unknown(zoo):
+    own = attribute_by_likelihood(zoo.texts["b"], zoo.library(), zoo.tokenizer)
+    accuracy = np.mean([p.label == "b" for p in own])
+    assert accuracy >= 0.8  # measured 0.94 (15 of 16) on single texts of about 24 tokens
+    assert np.mean([p.unknown for p in own]) <= 0.2  # the open set rejects about alpha of own texts
+    pooled = attribute_by_likelihood(zoo.texts["b"][:8], zoo.library(), zoo.tokenizer, pool=True)
+    assert pooled.label == "b" and not pooled.unknown and pooled.probability > 0.999
+    assert pooled.texts == 8 and pooled.tokens == sum(len(t.split()) for t in zoo.texts["b"][:8])
+    single = attribute_by_likelihood(zoo.texts["b"][:8], zoo.library(), zoo.tokenizer)
+    assert pooled.loglik["a"] == pytest.approx(sum(p.loglik["a"] for p in single))
+    # d is outside the library: most of its texts, and its pooled texts, are rejected by every model.
+    outsider = attribute_by_likelihood(zoo.texts["d"], zoo.library(), zoo.tokenizer)
+    assert np.mean([p.unknown for p in outsider]) >= 0.4  # measured 0.62
+    pooled = attribute_by_likelihood(zoo.texts["d"][:8], zoo.library(), zoo.tokenizer, pool=True)
+    assert pooled.label == "unknown" and pooled.unknown and pooled.rejected == ["a", "b", "c"]
+    assert pooled.best_model in "abc" and all(z < -3 for z in pooled.z.values())
+
+
+def test_cli_labels_json_and_pool(zoo):
+    files = zoo.files("b")
+    models = ["--models", zoo.dirs["a"], "--models", zoo.dirs["b"], "--models", zoo.dirs["c"]]
+    result = invoke("attribute", *files, "--method", "likelihood", *models, "--json")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    expected = attribute_by_likelihood(zoo.texts["b"][:8], zoo.library(), zoo.tokenizer)
+    assert [r["input"] for r in records] == [str(f) for f in files]
+    assert [r["label"] for r in records] == [p.label for p in expected]
+    assert sum(r["label"] == "b" for r in records) >= 6
+    for record, p in zip(records, expected, strict=True):
+        assert set(record["loglik"]) == set(record["z"]) == {"a", "b", "c"}
+        assert record["loglik"]["b"] == pytest.approx(p.loglik["b"], abs=1e-9)  # the final newline is not scored
+        assert {"probability", "best_model", "unknown", "top", "rejected", "alpha", "tokens"} <= set(record)
+        assert record["alpha"] == 0.05 and len(record["top"]) == 3
+    result = invoke("attribute", *files, "--method", "likelihood", *models, "--top", "2")
+    lines = result.stdout.splitlines()
+    assert len(lines) == 8 and lines[0].startswith(f"{files[0]}: {expected[0].label} ") and "; then " in lines[0]
+    result = invoke("attribute", *files, "--method", "likelihood", *models, "--pool")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [result.stdout.strip()]
+    assert result.stdout.startswith("pooled (8 texts): b 1.000; then ")
+    result = invoke("attribute", *files, "--method", "likelihood", *models, "--pool", "--json")
+    record = json.loads(result.stdout)
+    assert record["input"] == "pooled" and record["texts"] == 8 and record["label"] == "b"
+    # The outsider's texts, pooled: unknown, every model rejected.
+    result = invoke("attribute", *zoo.files("d"), "--method", "likelihood", *models, "--pool")
+    assert result.exit_code == 0 and result.stdout.startswith("pooled (8 texts): unknown (best ")
+    assert "every model rejected at alpha 0.05" in result.stdout
+    # A stricter --alpha reaches the test: at 1e-12 no model is rejected.
+    result = invoke("attribute", *zoo.files("d"), "--method", "likelihood", *models, "--pool", "--alpha", "1e-12")
+    assert "unknown" not in result.stdout
+
+
+def test_the_sampling_transform_reaches_the_score(zoo):
+    """a's samples at temperature 0.7: scored under that transform, a's own test is calibrated."""
+    files = zoo.files("a07", 16)
+    models = ["--models", zoo.dirs["a"], "--models", zoo.dirs["b"], "--models", zoo.dirs["c"]]
+    right = invoke("attribute", *files, "--method", "likelihood", *models, "--json", "--temperature", "0.7")
+    wrong = invoke("attribute", *files, "--method", "likelihood", *models, "--json")
+    right, wrong = ([json.loads(line) for line in r.stdout.splitlines()] for r in (right, wrong))
+
+    def mean_log_posterior(records):  # the log score of the truth: the Bayes posterior maximizes it
+        return np.mean([math.log(next(t["probability"] for t in r["top"] if t["model"] == "a")) for r in records])
+
+    assert mean_log_posterior(right) > mean_log_posterior(wrong)
+    # Under the right transform a's z is N(0, 1) on its own texts; at temperature 1 they look too likely.
+    z = {}
+    for key, flags in (("right", ["--temperature", "0.7"]), ("wrong", [])):
+        result = invoke("attribute", *files[:8], "--method", "likelihood", *models, "--pool", "--json", *flags)
+        z[key] = json.loads(result.stdout)["z"]["a"]
+    assert abs(z["right"]) < 2.0 and z["wrong"] > 3.0  # measured 0.52 and 3.63
+    # --top-k and --top-p reach the scorer too: top-k 1 keeps only the argmax (most texts impossible).
+    result = invoke("attribute", files[0], "--method", "likelihood", *models, "--json", "--top-k", "1")
+    assert json.loads(result.stdout)["loglik"]["a"] in (None, 0.0)
+    result = invoke("attribute", files[0], "--method", "likelihood", *models, "--json", "--top-p", "0.5")
+    assert json.loads(result.stdout)["loglik"]["a"] != right[0]["loglik"]["a"]
+
+
+def test_attributor_method_pools_log_probabilities(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    from natprints.attribution.attributor import Attributor, load_attributor, save_attributor
+    from natprints.attribution.features import make_featurizer
+
+    rng = np.random.default_rng(0)
+    words = [["we", "shall", "union"], ["war", "peace", "congress"], ["tax", "money", "trade"]]
+    texts, y = [], []
+    for c, favourite in enumerate(words):
+        for _ in range(20):
+            texts.append(" ".join(rng.choice(favourite * 3 + ["the", "and", "of", "nation"], size=12)))
+            y.append(c)
+    pipe = Pipeline([("features", make_featurizer("word1")), ("classifier", LogisticRegression(max_iter=1000))])
+    directory = save_attributor(
+        tmp_path / "attr", Attributor(pipe.fit(texts, np.array(y)), ["x", "y", "z"], threshold=0.5), {}
+    )
+    inputs = ["we shall the nation", "war and the union", "we of tax and union"]
+    files = []
+    for i, text in enumerate(inputs):
+        files.append(tmp_path / f"{i}.txt")
+        files[-1].write_text(text)
+    log_sum = np.log(load_attributor(directory, light=True).predict_proba(inputs)).sum(axis=0)
+    expected = np.exp(log_sum - log_sum.max()) / np.exp(log_sum - log_sum.max()).sum()
+    result = invoke("attribute", *files, "--attributor", directory, "--pool", "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["input"] == "pooled" and record["texts"] == 3 and record["label"] == "x"
+    assert record["probability"] == pytest.approx(expected.max(), rel=1e-12)
+    assert {t["model"]: t["probability"] for t in record["top"]} == pytest.approx(
+        dict(zip("xyz", expected, strict=True))
+    )
+    result = invoke("attribute", *files, "--attributor", directory, "--pool")
+    assert result.stdout.splitlines() == [
+        f"pooled (3 texts): x {expected.max():.3f}; then " + result.stdout.split("; then ")[1].strip()
+    ]
+    # A bad file among good ones: its error line, the verdict over the rest, exit 1.
+    result = invoke("attribute", tmp_path / "missing.txt", *files, "--attributor", directory, "--pool")
+    assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'missing.txt'}: no such file"
+    ]
+    assert result.stdout.startswith("pooled (3 texts): x ") and len(result.stdout.splitlines()) == 1
+    # The importable API gives the same verdict; without --pool the output is one line per input.
+    assert attribute_pooled(inputs, load_attributor(directory)).probability == pytest.approx(expected.max())
+    assert len(invoke("attribute", *files, "--attributor", directory).stdout.splitlines()) == 3
+    # Likelihood-only options are refused with the attributor method, not ignored.
+    result = invoke("attribute", *files, "--attributor", directory, "--temperature", "0.7")
+    assert result.exit_code == 1 and "--temperature: only with --method likelihood" in result.stderr
+
+
+def test_bad_models_and_texts_are_one_line_errors(zoo):
+    files = zoo.files("b", 3)
+    ok = ["--models", zoo.dirs["a"], "--models", zoo.dirs["b"]]
+    not_model = zoo.root / "not-a-model"
+    not_model.mkdir(exist_ok=True)
+    small = zoo.root / "small"
+    llama(9, vocab=32).save_pretrained(small)
+    other = zoo.root / "other-vocab"
+    shutil.copytree(zoo.dirs["b"], other, dirs_exist_ok=True)
+    word_tokenizer(WORDS[:2] + WORDS[2:][::-1]).save_pretrained(other)  # same size, other ids
+    cases = [
+        (["--models", not_model], "not a model directory (no config.json)"),
+        (["--models", zoo.root / "missing"], "model directory not found"),
+        ([*ok, "--models", small], "model small"),
+        ([*ok, "--models", other], "model other-vocab"),
+        ([*ok, "--models", zoo.root / "b"], "two --models are named 'b'"),
+        ([*ok, "--condition", "seed"], "not both"),
+        ([*ok, "--attributor", zoo.root], "--attributor is for --method attributor"),
+        ([*ok, "--temperature", "0"], "need temperature > 0"),
+        (["--models", zoo.dirs["b"], "--tokenizer", zoo.root / "missing"], "no tokenizer at"),
+    ]
+    for args, fragment in cases:
+        result = invoke("attribute", *files, "--method", "likelihood", *args)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.stderr.count("error: ") == 1 and fragment in result.stderr, (fragment, result.stderr)
+        assert result.stdout == "" and "Traceback" not in result.output
+    assert (
+        "vocab_size 32, smaller than the tokenizer's 64"
+        in invoke("attribute", *files, "--method", "likelihood", *ok, "--models", small).stderr
+    )
+    # The API: an empty text, a vocabulary mismatch.
+    with pytest.raises(NatprintsError, match="text 1: empty text after tokenization"):
+        attribute_by_likelihood(["w1", ""], zoo.library("a"), zoo.tokenizer)
+    with pytest.raises(NatprintsError, match="model small"):
+        attribute_by_likelihood(["w1"], {"small": small}, zoo.tokenizer)
+
+
+def test_bad_inputs_among_good_ones(zoo, tmp_path):
+    good = zoo.files("b", 3)
+    (tmp_path / "blank.txt").write_text(" \n")
+    (tmp_path / "eos.txt").write_text("w1 </s> w2")
+    (tmp_path / "long.txt").write_text(" ".join(["w3"] * 64))
+    bad = [tmp_path / "missing.txt", tmp_path / "blank.txt", tmp_path / "eos.txt", tmp_path / "long.txt"]
+    models = ["--method", "likelihood", "--models", zoo.dirs["a"], "--models", zoo.dirs["b"]]
+    result = invoke("attribute", bad[0], *good, *bad[1:], *models)
+    assert result.exit_code == 1
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 4 and all(e.startswith("error: ") for e in errors)
+    for fragment in ["no such file", "empty text", "holds the EOS token", "64 tokens, more than the models' context"]:
+        assert any(fragment in e for e in errors), fragment
+    assert len(result.stdout.splitlines()) == 3 and "Traceback" not in result.output
+    # --pool: one verdict over the good files, each bad one an error line, exit 1.
+    result = invoke("attribute", bad[0], *good, bad[2], *models, "--pool")
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 2
+    assert result.stdout.splitlines() == [result.stdout.strip()] and result.stdout.startswith("pooled (3 texts): ")
+    result = invoke("attribute", bad[0], *good, *models, "--pool", "--json")
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.exit_code == 1 and "error" in lines[0] and lines[1]["texts"] == 3
+
+
+def test_zoo_models_of_a_run_condition(zoo, tmp_path, monkeypatch):
+    from natprints.config import check_run_lock, load_config
+    from natprints.zoo import condition_members
+
+    monkeypatch.setenv("NATPRINTS_HOME", str(tmp_path))
+    config = tmp_path / "lk.toml"
+    config.write_text('[run]\nname = "lk"\n\n[conditions]\nseed = [1]\n')
+    text = zoo.files("b", 1)
+    result = invoke("attribute", *text, "--method", "likelihood", "--config", config)
+    assert result.exit_code == 1 and "no zoo at" in result.stderr and result.stderr.count("error: ") == 1
+    cfg = load_config(config)
+    members = condition_members(cfg)["seed"]
+    for model_id, source in zip(members, "ab", strict=True):
+        shutil.copytree(zoo.dirs[source], cfg.paths.zoo / model_id)
+        (cfg.paths.zoo / model_id / "manifest.json").write_text(json.dumps({"files": {}}))
+    shutil.copytree(zoo.root / "tokenizer", cfg.paths.tokenizer)
+    result = invoke("attribute", *text, "--method", "likelihood", "--config", config, "--condition", "seed", "--json")
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)["loglik"]) == set(members)
+    result = invoke("attribute", *text, "--method", "likelihood", "--config", config, "--condition", "lr")
+    assert result.exit_code == 1 and "no condition 'lr' in run 'lk' (it has: seed, all)" in result.stderr
+    result = invoke("attribute", *text, "--method", "likelihood", "--run", "lk")
+    assert result.exit_code == 1 and "no run 'lk'" in result.stderr  # no run lock recorded its config
+    check_run_lock(cfg, config)  # what every stage does first: --run NAME then reads the config from it
+    result = invoke("attribute", *text, "--method", "likelihood", "--run", "lk", "--json")
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)["loglik"]) == set(condition_members(cfg)["all"])
