@@ -58,7 +58,9 @@ def test_draw_tokens_samples_the_softmax_and_never_a_masked_token():
 def test_bench_stages_and_render(smoke_cfg, tmp_path, monkeypatch):
     record = run_bench(smoke_cfg, ["stages"], reps=1, log=lambda line: None)
     stages = record["sections"]["stages"]["results"]
-    assert set(stages["stage_wall_s"]) == {"data", "zoo", "generate", "derive", "lineage", "experiments"}
+    assert set(stages["stage_wall_s"]) == {
+        "data", "zoo", "generate", "derive", "lineage", "likelihood", "reference", "experiments"
+    }  # fmt: skip
     assert stages["stage_total_wall_min"] == round(sum(stages["stage_wall_s"].values()) / 60, 1)
     out = smoke_cfg.paths.reports.parent / "bench"
     assert json.loads((out / "bench.json").read_text())["results"]["stage_max_peak_rss_mb"] > 0

@@ -7,6 +7,7 @@ can verify that it reads what was written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -62,6 +63,18 @@ def hash_obj(obj: Any) -> str:
     return sha256_text(canonical_json(obj))
 
 
+@functools.cache
+def _new_file_mode() -> int:
+    """0o666 less the process umask: the mode ``open()`` gives a new file (``mkstemp`` gives 0600).
+
+    The umask can only be read by setting it, so it is read once; 0o077 while it is read, so that a
+    file another thread creates in that instant is private rather than world-writable.
+    """
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """Write to a temporary file beside ``path`` and rename it over: readers never see half a file."""
     path = Path(path)
@@ -69,6 +82,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, _new_file_mode())  # mkstemp makes 0600; an artifact gets the mode open() would give
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -91,7 +105,10 @@ def temp_path_for(path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        os.fchmod(fd, _new_file_mode())
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 

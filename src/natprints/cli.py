@@ -273,6 +273,14 @@ def _then(p: Prediction) -> str:
     return f"; then {others}" if others else ""
 
 
+def _one_line(text: str) -> str:
+    """``text`` as one printed line: a newline or other unprintable character (in a file name, say) and
+    a backslash are escaped as ``repr`` writes them, so no input can forge or split a result line."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text)
+
+
 def _line(name: str, p: Prediction, as_json: bool, threshold: float) -> str:
     if as_json:
         return json.dumps({"input": name, **p.to_dict()})
@@ -280,7 +288,7 @@ def _line(name: str, p: Prediction, as_json: bool, threshold: float) -> str:
         head = f"unknown (best {p.best_model} {p.probability:.3f} < threshold {threshold:.3f})"
     else:
         head = f"{p.label} {p.probability:.3f}"
-    return f"{name}: {head}" + _then(p)
+    return _one_line(f"{name}: {head}" + _then(p))
 
 
 def _likelihood_line(name: str, p: LikelihoodPrediction, as_json: bool) -> str:
@@ -290,7 +298,7 @@ def _likelihood_line(name: str, p: LikelihoodPrediction, as_json: bool) -> str:
         head = f"unknown (best {p.best_model} {p.probability:.3f}; every model rejected at alpha {p.alpha:g})"
     else:
         head = f"{p.label} {p.probability:.3f}"
-    return f"{name}: {head}" + _then(p)
+    return _one_line(f"{name}: {head}" + _then(p))
 
 
 def _pooled_name(texts: int) -> str:
@@ -315,7 +323,7 @@ def _emit(inputs: list[tuple[str, str | None, str | None]], lines: Iterator[str]
         if out:  # keep stdout and stderr in input order
             typer.echo("\n".join(out))
             out = []
-        typer.echo(f"error: {error}", err=True)
+        typer.echo(f"error: {_one_line(error)}", err=True)  # the error names the input
     if out:
         typer.echo("\n".join(out))
     return failed

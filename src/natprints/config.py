@@ -353,20 +353,30 @@ def load_config(path: Path | str) -> Config:
         raise NatprintsError(f"{path}: {_format_error(first)}{more}") from None
 
 
+# Keys a run may change without changing any result, so the run lock ignores them. `run.workers` only
+# says how many jobs run at once: each job runs in its own process with the same torch threads, and
+# the work is cut into the same chunks whatever the count (natprints.runtime.run_jobs). `run.threads`
+# is not here: torch's CPU reductions and matrix products split their work by thread count, so
+# floating point, and with it weights and texts, can differ from one thread count to another.
+RESULT_NEUTRAL_KEYS = frozenset({"run.workers"})
+
+
 def _diff_keys(old: object, new: object, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ. A key the recorded config lacks is a setting added to
-    natprints after the run was made; it holds its default and does not count as a change."""
+    """Dotted keys whose values differ, less :data:`RESULT_NEUTRAL_KEYS`. A key the recorded config
+    lacks is a setting added to natprints after the run was made; it holds its default and does not
+    count as a change."""
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for key in sorted(set(old) | set(new)):
-            if key in old:
+            if key in old and f"{prefix}{key}" not in RESULT_NEUTRAL_KEYS:
                 out += _diff_keys(old[key], new.get(key), f"{prefix}{key}.")
         return out
     return [] if canonical_json(old) == canonical_json(new) else [prefix.rstrip(".")]
 
 
 def check_run_lock(cfg: Config, config_path: Path | str) -> None:
-    """Refuse a run name reused with a changed config; record the config on first use."""
+    """Refuse a run name reused with a changed config (other than :data:`RESULT_NEUTRAL_KEYS`); record
+    the config on first use."""
     lock = cfg.paths.run_lock
     current = cfg.model_dump(mode="json")
     if lock.is_file():

@@ -82,6 +82,9 @@ def load_lm(directory: Path | str, *, verify: bool = True, device: str = "cpu") 
         model = AutoModelForCausalLM.from_pretrained(str(info.path), dtype=torch.float32)
     except Exception as exc:  # transformers raises many types for unreadable or foreign dirs
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights only" in first.lower() or "pickle" in first.lower():
+            # never pass on a library's advice to load the file unsafely
+            first = "its weights file is corrupt or holds pickled objects, which natprints does not load"
         raise NatprintsError(f"cannot load model at {info.path}: {first}") from None
     return model.to(device).eval()
 

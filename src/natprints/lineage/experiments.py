@@ -231,8 +231,8 @@ def _pair_rows(
             if pa.num_layers == pb.num_layers:
                 wr = ws.compare_profiles(pa, pb, settings.weights_threshold)
                 w_row |= {
-                    "score": wr.score if math.isfinite(wr.score) else None,
-                    "verdict": "related" if wr.related else "unrelated",
+                    "score": wr.score if wr.score is not None and math.isfinite(wr.score) else None,
+                    "verdict": wr.verdict,
                 }
             else:
                 w_row |= {"score": None, "verdict": "incomparable"}

@@ -21,6 +21,9 @@ from natprints.errors import NatprintsError
 from natprints.lineage.models import ModelInfo, inspect_model, model_digest
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Z-scored over 2 layers every sequence is (-1, 1) or (1, -1), so every correlation is +-1: a pair
+# needs at least this many layers for the score to say more than "rises or falls with depth".
+MIN_LAYERS = 3
 _NAME = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.(?:.+\.)?(q_proj|k_proj|v_proj|o_proj)\.weight$")
 
 
@@ -34,6 +37,11 @@ class WeightProfile:
     @property
     def num_layers(self) -> int:
         return len(self.stds[PROJECTIONS[0]])
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _iter_tensors(info: ModelInfo) -> Any:
@@ -50,14 +58,19 @@ def _iter_tensors(info: ModelInfo) -> Any:
                         if _NAME.search(name):
                             yield name, handle.get_tensor(name)
             except Exception as exc:  # safetensors raises its own error types on corrupt files
-                raise NatprintsError(f"cannot read {file}: {exc}") from None
+                raise NatprintsError(f"cannot read {file}: {_first_line(exc)}") from None
         else:
             try:
                 state = torch.load(file, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise NatprintsError(f"cannot read {file}: {exc}") from None
+            except Exception:  # torch's message advises loading with weights_only=False: never repeated
+                raise NatprintsError(
+                    f"cannot read {file}: not a PyTorch checkpoint of plain tensors (it is corrupt, or it holds "
+                    "pickled objects, which natprints does not load)"
+                ) from None
+            if not isinstance(state, dict):
+                raise NatprintsError(f"cannot read {file}: not a state dict of tensors")
             for name, tensor in state.items():
-                if _NAME.search(name):
+                if _NAME.search(name) and isinstance(tensor, torch.Tensor):
                     yield name, tensor
 
 
@@ -71,7 +84,12 @@ def weight_profile(path: Path | str | ModelInfo) -> WeightProfile:
         assert match is not None
         layer, proj = int(match.group(1)), match.group(2)
         # population std over all elements, in float64 so bf16 checkpoints lose nothing here
-        found[proj][layer] = float(tensor.double().std(correction=0))
+        sd = float(tensor.double().std(correction=0))
+        if not math.isfinite(sd):
+            raise NatprintsError(
+                f"{info.path}: {name} holds non-finite values (NaN or inf); no weight-std fingerprint of it"
+            )
+        found[proj][layer] = sd
     missing = [p for p in PROJECTIONS if not found[p]]
     if missing:
         raise NatprintsError(
@@ -98,44 +116,65 @@ def _zscore(x: np.ndarray) -> np.ndarray | None:
 
 @dataclass(frozen=True)
 class WeightsResult:
-    """One pair's weight-std comparison; ``score`` is NaN when every sequence is constant."""
+    """One pair's weight-std comparison; ``score`` is NaN when every sequence is constant, and when
+    the pair is incomparable (``reason`` says why)."""
 
     per_matrix: dict[str, float | None]
     score: float
     threshold: float
     num_layers: int
+    reason: str | None = None
 
     @property
     def related(self) -> bool:
-        return math.isfinite(self.score) and self.score >= self.threshold
+        return self.reason is None and math.isfinite(self.score) and self.score >= self.threshold
+
+    @property
+    def verdict(self) -> str:
+        if self.reason is not None:
+            return "incomparable"
+        return "related" if self.related else "unrelated"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "per_matrix": self.per_matrix,
             "score": self.score if math.isfinite(self.score) else None,
             "threshold": self.threshold,
             "num_layers": self.num_layers,
             "related": self.related,
+            "verdict": self.verdict,
         }
+        return out | ({"reason": self.reason} if self.reason is not None else {})
+
+
+def incomparable_reason(a: WeightProfile, b: WeightProfile) -> str | None:
+    """Why the fingerprint cannot compare the pair (another depth, under :data:`MIN_LAYERS` layers), or None."""
+    what = f"weight-std fingerprint cannot compare {a.path} and {b.path}"
+    if a.num_layers != b.num_layers:
+        return f"{what}: num_hidden_layers {a.num_layers} vs {b.num_layers} (it needs the same depth)"
+    if a.num_layers < MIN_LAYERS:
+        return (
+            f"{what}: {a.num_layers} layer(s), fewer than {MIN_LAYERS} (z-scored over so few layers every "
+            "correlation is +-1 or undefined)"
+        )
+    return None
 
 
 def check_comparable(a: WeightProfile, b: WeightProfile) -> None:
-    if a.num_layers != b.num_layers:
-        raise NatprintsError(
-            f"weight-std fingerprint cannot compare {a.path} and {b.path}: "
-            f"num_hidden_layers {a.num_layers} vs {b.num_layers} (it needs the same depth)"
-        )
+    reason = incomparable_reason(a, b)
+    if reason is not None:
+        raise NatprintsError(reason)
 
 
 def compare_profiles(a: WeightProfile, b: WeightProfile, threshold: float = 0.9) -> WeightsResult:
     """Pearson correlation of the z-scored sequences, per projection, and their mean.
 
-    With 2 layers every correlation is +-1 (two z-scored points); the score then says only whether
-    the std of each projection rises or falls with depth in both models.
+    An incomparable pair gets a result with ``reason`` set and no score (verdict ``incomparable``),
+    for a stage that reports every pair; :func:`weights_compare` raises instead.
     """
-    check_comparable(a, b)
-    if a.num_layers < 2:
-        raise NatprintsError("weight-std fingerprint needs at least 2 layers to z-score across depth")
+    reason = incomparable_reason(a, b)
+    if reason is not None:
+        return WeightsResult(dict.fromkeys(PROJECTIONS), math.nan, threshold, a.num_layers, reason)
     per: dict[str, float | None] = {}
     for proj in PROJECTIONS:
         za, zb = _zscore(a.stds[proj]), _zscore(b.stds[proj])
@@ -146,5 +185,7 @@ def compare_profiles(a: WeightProfile, b: WeightProfile, threshold: float = 0.9)
 
 
 def weights_compare(path_a: Path | str, path_b: Path | str, threshold: float = 0.9) -> WeightsResult:
-    """Weight-std fingerprint comparison of two model directories."""
-    return compare_profiles(weight_profile(path_a), weight_profile(path_b), threshold)
+    """Weight-std fingerprint comparison of two model directories; an incomparable pair is an error."""
+    a, b = weight_profile(path_a), weight_profile(path_b)
+    check_comparable(a, b)
+    return compare_profiles(a, b, threshold)

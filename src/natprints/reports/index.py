@@ -9,7 +9,7 @@ from natprints.config import Config
 from natprints.errors import NatprintsError
 from natprints.records import LINEAGE_CSV, RESULTS_FILE, read_timings
 
-STAGE_ORDER = ("data", "zoo", "generate", "derive", "lineage", "experiments", "report")
+STAGE_ORDER = ("data", "zoo", "generate", "derive", "lineage", "likelihood", "reference", "experiments", "report")
 
 
 def relative_improvement_last_20pct(curve: list[list[float]], steps: int) -> float | None:
