@@ -72,7 +72,26 @@ def char_tfidf(ngram_range: tuple[int, int], max_features: int | None) -> TfidfV
     )
 
 
-class BpeTokens(TransformerMixin, BaseEstimator):
+class _TextTransformer(TransformerMixin, BaseEstimator):
+    """A transformer of texts whose loaded resources (``_UNSAVED``) are never part of its saved state."""
+
+    _UNSAVED: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        for name in self._UNSAVED:
+            state.pop(name, None)
+        return state
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.string = True
+        tags.requires_fit = True
+        return tags
+
+
+class BpeTokens(_TextTransformer):
     """Texts -> their BPE token ids as space-separated words (``"t17 t5 t301"``), for n-gram TF-IDF.
 
     ``tokenizer`` is the tokenizer's JSON (a ``tokenizers`` file's content), kept in the estimator so a
@@ -80,6 +99,8 @@ class BpeTokens(TransformerMixin, BaseEstimator):
     auditor can rebuild it without any zoo weights; texts are re-tokenized the canonical way (a model
     may have sampled another segmentation of the same text).
     """
+
+    _UNSAVED = ("_loaded",)  # a loaded tokenizer is never saved
 
     def __init__(self, tokenizer: str = ""):
         self.tokenizer = tokenizer
@@ -100,18 +121,6 @@ class BpeTokens(TransformerMixin, BaseEstimator):
             self._loaded = Tokenizer.from_str(self.tokenizer)
         encoded = self._loaded.encode_batch(texts, add_special_tokens=False)
         return [" ".join(f"t{i}" for i in e.ids) for e in encoded]
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__())
-        state.pop("_loaded", None)  # a loaded tokenizer is never saved
-        return state
-
-    def __sklearn_tags__(self) -> Any:
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.string = True
-        tags.requires_fit = True
-        return tags
 
 
 def token_tfidf(tokenizer: str, ngram_range: tuple[int, int], max_features: int | None) -> Pipeline:
@@ -319,7 +328,7 @@ class EmbeddingCache:
         atomic_write_bytes(self.directory / name, buf.getvalue())
 
 
-class SentenceEmbedder(TransformerMixin, BaseEstimator):
+class SentenceEmbedder(_TextTransformer):
     """Frozen sentence-encoder embeddings of texts (batched, cached on disk).
 
     ``fit`` learns nothing (the encoder is frozen); ``transform`` returns one float32 row per text.
@@ -327,6 +336,8 @@ class SentenceEmbedder(TransformerMixin, BaseEstimator):
     Texts not in the cache are encoded once each, in equal-length batches of at most
     ``batch_size`` texts and ``EMBED_BATCH_TOKENS`` tokens (see :func:`_encode_unpadded`).
     """
+
+    _UNSAVED = ("_encoder_model",)  # a loaded model is never saved
 
     def __init__(
         self,
@@ -392,15 +403,3 @@ class SentenceEmbedder(TransformerMixin, BaseEstimator):
         if not keys:
             return np.zeros((0, 0), dtype=np.float32)
         return np.stack([known[k] for k in keys]).astype(np.float32, copy=False)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__())
-        state.pop("_encoder_model", None)  # a loaded model is never saved
-        return state
-
-    def __sklearn_tags__(self) -> Any:
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.string = True
-        tags.requires_fit = True
-        return tags
