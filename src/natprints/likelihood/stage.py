@@ -10,7 +10,6 @@ missing, and a retrained model is scored anew.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +35,6 @@ COLUMNS = [
     "token_entropy",
     "token_variance",
 ]
-
-
-@dataclass(frozen=True)
-class Job:
-    """One scoring model and the rows it scores: (row key, sample id, prompt ids, continuation, transform)."""
-
-    model_id: str
-    rows: pd.DataFrame
 
 
 def _row_key(sample_id: str, prompt: list[int], tokens: list[int], transform: tuple) -> str:
