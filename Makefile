@@ -7,7 +7,7 @@ NP := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/natprints
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help all test data zoo generate derive lineage likelihood reference experiments report bench lint format clean venv
+.PHONY: help all texts test data zoo generate derive lineage likelihood reference experiments report bench lint format clean venv
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,6 +31,10 @@ all: $(STAMP) ## The whole pipeline on CONFIG: data, zoo, generate, derive, line
 	$(NP) reference --config $(CONFIG)
 	$(NP) experiments --config $(CONFIG)
 	$(NP) report --config $(CONFIG)
+
+texts: $(STAMP) ## More training texts (configs/texts.toml): the seed condition at 1x, 4x and 16x the default's texts
+	for stage in data zoo generate likelihood reference experiments report; do \
+		$(NP) $$stage --config configs/texts.toml || exit 1; done
 
 test: $(STAMP) ## Run the test suite (includes the smoke pipeline end to end)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/pytest -q

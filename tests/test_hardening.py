@@ -224,3 +224,157 @@ def test_non_finite_weights_are_an_error(tmp_path):
         ws.weight_profile(path)
     with pytest.raises(NatprintsError, match="non-finite"):
         ws.weights_compare(path, _llama(tmp_path / "ok", 3))
+
+
+# --- 9. numeric keys: bounded, finite, strictly typed ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "line", "message"),
+    [
+        ("train", "seq_len = 100000", "'train.seq_len': Input should be less than or equal to 4096"),
+        ("train", "seq_len = 200000", "'train.seq_len': Input should be less than or equal to 4096"),
+        ("train", "lr = inf", "'train.lr': Input should be a finite number"),
+        ("train", "lr = nan", "'train.lr': Input should be a finite number"),
+        ("train", "lr = 0.0", "'train.lr': Input should be greater than 0"),
+        ("train", "grad_clip = inf", "'train.grad_clip': Input should be a finite number"),
+        ("train", 'steps = "40"', "'train.steps': Input should be a valid integer"),
+        ("train", "steps = true", "'train.steps': Input should be a valid integer"),
+        (
+            "attribution",
+            "evidence_tokens = [8, -1]",
+            "'attribution.evidence_tokens.1': Input should be greater than or",
+        ),
+        (
+            "attribution",
+            "evidence_train_fractions = [0.0]",
+            "'attribution.evidence_train_fractions.0': Input should be gr",
+        ),
+        (
+            "attribution",
+            "evidence_train_fractions = [1.5]",
+            "'attribution.evidence_train_fractions.0': Input should be le",
+        ),
+    ],
+)
+def test_numeric_keys_are_checked_at_once(tmp_path, section, line, message):
+    import time
+
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[run]\nname = 'x'\n[{section}]\n{line}\n")
+    start = time.perf_counter()
+    with pytest.raises(NatprintsError) as caught:
+        load_config(path)
+    assert time.perf_counter() - start < 1.0
+    assert str(caught.value).startswith(f"{path}: {message}") and "\n" not in str(caught.value)
+
+
+# --- 10. small evidence splits: left out, and said so, where a classifier cannot fit ----------------
+
+
+@pytest.mark.parametrize("clf", ["logreg", "svm", "xgb", "mlp", "nb"])
+def test_small_split_rule_matches_what_scikit_learn_can_fit(clf):
+    """``_too_few`` accepts a training set exactly when the classifier can be fit on it."""
+    import warnings
+
+    import pandas as pd
+
+    from natprints.attribution.estimators import make_classifier
+    from natprints.attribution.experiments import _too_few
+
+    rng = np.random.default_rng(0)
+    for k in (2, 3, 4):
+        for per_model in range(1, 7):
+            y = np.repeat(np.arange(k), per_model)
+            reason = _too_few(clf, pd.Series(y), k)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    make_classifier(clf).fit(rng.random((len(y), 30)), y)
+                fits = True
+            except ValueError:
+                fits = False
+            assert (reason is None) == fits, (clf, k, per_model, reason)
+    assert _too_few(clf, pd.Series([0, 0, 1]), 3) == "no training text for some model"
+
+
+def test_tiny_training_fraction_is_left_out_not_a_crash(smoke_home, tmp_path, monkeypatch, capfd):
+    import shutil
+
+    from natprints.attribution.experiments import run_experiments
+    from natprints.records import load_records
+    from tests.conftest import SMOKE
+
+    for part in ("data", "models"):
+        shutil.copytree(smoke_home / part, tmp_path / part)
+    monkeypatch.setenv("NATPRINTS_HOME", str(tmp_path))
+    cfg = load_config(SMOKE)
+    settings = {"featurizers": ["word1"], "classifiers": ["mlp"], "evidence_train_fractions": [0.05, 1.0]}
+    cfg = cfg.model_copy(update={"attribution": cfg.attribution.model_copy(update=settings)})
+    run_experiments(cfg, progress=False)
+    err = capfd.readouterr().err
+    assert "all: evidence point train_fraction = 0.05 of word1+mlp left out: 4 training texts, " in err
+    points = [
+        r for r in load_records(cfg.paths.reports) if r.get("axis") == "train_fraction" and r["condition"] == "all"
+    ]
+    assert {(r["classifier"], r["value"]) for r in points} == {("mlp", 1.0), ("logreg", 0.05), ("logreg", 1.0)}
+
+
+# --- 11. lineage: derived models missing; a method that cannot read a model -------------------------
+
+
+def test_lineage_run_before_derive_says_so(smoke_home, tmp_path, monkeypatch, capfd):
+    import shutil
+
+    from tests.conftest import SMOKE
+
+    for part in ("data", "models"):
+        shutil.copytree(smoke_home / part, tmp_path / part)
+    for derived in (tmp_path / "models" / "smoke" / "zoo").glob("*+kjv"):
+        shutil.rmtree(derived)
+    monkeypatch.setenv("NATPRINTS_HOME", str(tmp_path))
+    summary = lineage.run_lineage(load_config(SMOKE), progress=False)
+    expected = ["xs-lr3e-3-bs8-init0-data0+kjv", "xs-lr3e-3-bs8-init1-data1+kjv", "xs-lr3e-3-bs8-init2-data2+kjv"]
+    assert summary["missing_derived"] == expected
+    assert (
+        f"warning: 3 derived model(s) missing ({', '.join(expected)}); lineage results leave them out: "
+        "run `natprints derive` first to include them" in capfd.readouterr().err
+    )
+    assert not [e for e in summary["entries"] if e["kind"] == "derived"]
+
+
+def _gpt2(path: Path, seed: int) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=50, n_embd=32, n_layer=3, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def test_a_method_that_cannot_read_a_model_is_incomparable(tmp_path):
+    a, b = _gpt2(tmp_path / "a", 0), _gpt2(tmp_path / "b", 1)
+    settings = lineage.LineageSettings(seedprints_inputs=16, seedprints_seq_len=16)
+    out = lineage.compare(a, b, "all", settings, device="cpu")
+    assert (
+        out["weights"]["verdict"] == "incomparable" and "no q_proj, k_proj, v_proj, o_proj" in out["weights"]["reason"]
+    )
+    assert out["seedprints"]["verdict"] in ("related", "unrelated", "uncalibrated")
+    assert out["seedprints"]["n_inputs"] == 16
+    with pytest.raises(NatprintsError, match="no q_proj"):
+        lineage.compare(a, b, "weights", settings, device="cpu")
+    result = RUNNER.invoke(APP, ["lineage", str(a), str(b), "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["results"]["weights"]["verdict"] == "incomparable"
+
+
+def test_non_finite_weights_get_an_error_not_a_verdict(tmp_path):
+    path = _llama(tmp_path / "nan", 3)
+    model = LlamaForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.fill_(float("inf"))
+    model.save_pretrained(path)
+    settings = lineage.LineageSettings(seedprints_inputs=8, seedprints_seq_len=8)
+    for method in ("all", "seedprints", "weights"):
+        with pytest.raises(NatprintsError, match="non-finite"):
+            lineage.compare(path, _llama(tmp_path / "ok", 3), method, settings, device="cpu")

@@ -180,10 +180,11 @@ class Manifest:
     is the only "is this stage done" check.
     """
 
-    def __init__(self, directory: Path | str, what: str, name: str = MANIFEST):
+    def __init__(self, directory: Path | str, what: str, name: str = MANIFEST, *, remake: str | None = None):
         self.directory = Path(directory)
         self.what = what
         self.path = self.directory / name
+        self.remake = remake  # the command that remakes a removed file: the recovery hint of a refusal
 
     def exists(self) -> bool:
         return self.path.is_file()
@@ -199,20 +200,36 @@ class Manifest:
             raise NatprintsError(f"{self.path} is not a valid manifest")
         return manifest
 
-    def verify(self) -> dict[str, Any]:
-        """The manifest, after checking every file it lists against its recorded sha256."""
-        manifest = self.read()
-        files = manifest.get("files")
+    def mismatched(self, names: Iterable[str] | None = None) -> list[str]:
+        """The files the manifest lists (only ``names`` of them, when given) that are missing or whose
+        sha256 differs from the recorded one."""
+        files = self.read().get("files")
         if not isinstance(files, dict) or not files:
             raise NatprintsError(f"{self.what} at {self.directory}: manifest lists no files")
-        for name, digest in files.items():
-            path = self.directory / name
-            if not path.is_file():
-                raise NatprintsError(f"{self.what} at {self.directory}: missing file {name}")
-            if sha256_file(path) != digest:
-                raise NatprintsError(
-                    f"{self.what} at {self.directory}: {name} does not match its manifest hash (tampered or corrupt)"
-                )
+        wanted = files if names is None else {n: files[n] for n in names if n in files}
+        return [
+            name
+            for name, digest in wanted.items()
+            if not (self.directory / name).is_file() or sha256_file(self.directory / name) != digest
+        ]
+
+    def refusal(self, name: str) -> str:
+        """The one-line error for a listed file that is missing or fails its hash, with the way back."""
+        path = self.directory / name
+        if not path.is_file():
+            problem = f"missing file {name}"
+            hint = f"; rerun `{self.remake}`" if self.remake else ""
+        else:
+            problem = f"{name} does not match its manifest hash (tampered or corrupt)"
+            hint = f"; remove {path} and rerun `{self.remake}`" if self.remake else ""
+        return f"{self.what} at {self.directory}: {problem}{hint}"
+
+    def verify(self, names: Iterable[str] | None = None) -> dict[str, Any]:
+        """The manifest, after checking every file it lists (or ``names`` of them) against its sha256."""
+        manifest = self.read()
+        bad = self.mismatched(names)
+        if bad:
+            raise NatprintsError(self.refusal(bad[0]))
         return manifest
 
     def is_current(self, key: str, *, refuse_other: str | None = None) -> bool:

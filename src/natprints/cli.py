@@ -1,18 +1,22 @@
 """The `natprints` command line: one Typer app, a thin layer over the importable stage functions.
 
-Every stage takes the same ``--config`` option and opens its run through :func:`open_run`. Heavy
-libraries are imported inside commands, so `natprints --help` and the n-gram `attribute` path start
-fast (an n-gram attributor never imports torch, a TF-IDF + logistic regression one not even
-scikit-learn). Every user-facing error is one line on stderr and exit code 1.
+Every stage takes the same ``--config`` (and ``--wait``) options and opens its run through
+:func:`running`, which holds the run's lock while it writes. Heavy libraries are imported inside
+commands, so `natprints --help` and the n-gram `attribute` path start fast (an n-gram attributor never
+imports torch, a TF-IDF + logistic regression one not even scikit-learn). Every user-facing error is
+one line on stderr and exit code 1; Ctrl-C says how to resume and exits 130.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
 import shutil
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NamedTuple
@@ -21,9 +25,18 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from natprints.config import DEFAULT_CONFIG, Config, LineageSettings, check_run_lock, load_config, offline_environment
+from natprints.config import (
+    DEFAULT_CONFIG,
+    HOME_VARIABLE,
+    Config,
+    LineageSettings,
+    check_run_lock,
+    home,
+    load_config,
+    offline_environment,
+)
 from natprints.errors import NatprintsError
-from natprints.runtime import output_changed, stage_timer
+from natprints.runtime import exclusive_run, output_changed, stage_timer
 
 if TYPE_CHECKING:
     from natprints.attribution.attributor import Prediction
@@ -40,13 +53,22 @@ app = typer.Typer(
 _CONFIG_HELP = "Run config (TOML)."
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help=_CONFIG_HELP)]
 MaybeConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help=_CONFIG_HELP + " Default: none.")]
+WaitOpt = Annotated[
+    bool, typer.Option("--wait", help="When another natprints process is writing this run, wait for it.")
+]
 
 
-def open_run(config: Path) -> Config:
-    """Load a config and check that its run name is not reused with other settings."""
+@contextmanager
+def running(config: Path, wait: bool = False) -> Iterator[Config]:
+    """Open a run for writing: load its config, hold the run's lock for the body (one writing process
+    per run: another gets "run NAME is busy (pid N)"), and check the run name is not reused with other
+    settings."""
     cfg = load_config(config)
-    check_run_lock(cfg, config)
-    return cfg
+    with exclusive_run(cfg, wait=wait):
+        check_run_lock(cfg, config)
+        if cfg.run.executor == "ray":  # every job's paths absolute: a Ray worker has its own working directory
+            os.environ[HOME_VARIABLE] = str(home().resolve())
+        yield cfg
 
 
 def _fail(message: str) -> typer.Exit:
@@ -55,12 +77,11 @@ def _fail(message: str) -> typer.Exit:
 
 
 @app.command()
-def data(config: ConfigOpt = DEFAULT_CONFIG) -> None:
+def data(config: ConfigOpt = DEFAULT_CONFIG, wait: WaitOpt = False) -> None:
     """Read the corpus, split train/held-out, train the shared tokenizer."""
     from natprints.corpus import build_corpus
 
-    cfg = open_run(config)
-    with stage_timer(cfg, "data") as run:
+    with running(config, wait) as cfg, stage_timer(cfg, "data") as run:
         run.did_work = not (cfg.paths.corpus / "manifest.json").is_file()
         manifest = build_corpus(cfg)
     c = manifest["counts"]
@@ -75,44 +96,45 @@ def zoo(
     config: ConfigOpt = DEFAULT_CONFIG,
     model: list[str] = typer.Option(None, "--model", help="Train only this model id (repeatable)."),
     stop_after: int = typer.Option(None, "--stop-after", help="Stop each model at this step (resumable)."),
+    wait: WaitOpt = False,
 ) -> None:
     """Train every model of the config's conditions (resumes interrupted training)."""
     from natprints.reports.index import write_zoo_report
     from natprints.zoo.stage import build_zoo
 
-    cfg = open_run(config)
-    with stage_timer(cfg, "zoo") as run:
-        trained = build_zoo(cfg, only=model or None, stop_after=stop_after)
-        run.did_work = bool(trained) and not model
-    typer.echo(f"zoo: trained {len(trained)} model(s) now")
-    if stop_after is None:
-        typer.echo(f"wrote {write_zoo_report(cfg)}")
+    with running(config, wait) as cfg:
+        with stage_timer(cfg, "zoo") as run:
+            trained = build_zoo(cfg, only=model or None, stop_after=stop_after)
+            run.did_work = bool(trained) and not model
+        typer.echo(f"zoo: trained {len(trained)} model(s) now")
+        if stop_after is None:
+            typer.echo(f"wrote {write_zoo_report(cfg)}")
 
 
 @app.command()
-def derive(config: ConfigOpt = DEFAULT_CONFIG) -> None:
+def derive(config: ConfigOpt = DEFAULT_CONFIG, wait: WaitOpt = False) -> None:
     """Continue the chosen zoo models on the shift corpus (the derived models of lineage tests)."""
     from natprints.reports.index import write_zoo_report
     from natprints.zoo.stage import build_derived
 
-    cfg = open_run(config)
-    with stage_timer(cfg, "derive") as run:
-        trained = build_derived(cfg)
-        run.did_work = bool(trained)
-    typer.echo(f"derive: trained {len(trained)} derived model(s) now")
-    typer.echo(f"wrote {write_zoo_report(cfg)}")
+    with running(config, wait) as cfg:
+        with stage_timer(cfg, "derive") as run:
+            trained = build_derived(cfg)
+            run.did_work = bool(trained)
+        typer.echo(f"derive: trained {len(trained)} derived model(s) now")
+        typer.echo(f"wrote {write_zoo_report(cfg)}")
 
 
 @app.command()
 def generate(
     config: ConfigOpt = DEFAULT_CONFIG,
     max_chunks: int = typer.Option(None, "--max-chunks", help="Generate at most this many chunks per model."),
+    wait: WaitOpt = False,
 ) -> None:
     """Sample every zoo model on the held-out prompts, plus the null control."""
     from natprints.generate.stage import generate_all
 
-    cfg = open_run(config)
-    with stage_timer(cfg, "generate") as run:
+    with running(config, wait) as cfg, stage_timer(cfg, "generate") as run:
         manifest = generate_all(cfg, max_chunks=max_chunks)
         run.did_work = manifest["added"] > 0 and manifest["complete"]
     state = "complete" if manifest["complete"] else "partial"
@@ -120,12 +142,11 @@ def generate(
 
 
 @app.command()
-def likelihood(config: ConfigOpt = DEFAULT_CONFIG) -> None:
+def likelihood(config: ConfigOpt = DEFAULT_CONFIG, wait: WaitOpt = False) -> None:
     """Score every text the tables use under every model of its conditions (the exact ceiling)."""
     from natprints.likelihood.stage import score_all
 
-    cfg = open_run(config)
-    with stage_timer(cfg, "likelihood") as run:
+    with running(config, wait) as cfg, stage_timer(cfg, "likelihood") as run:
         manifest = score_all(cfg)
         run.did_work = manifest["scored"] > 0
     rows = sum(entry["rows"] for entry in manifest["scorers"].values())
@@ -135,12 +156,11 @@ def likelihood(config: ConfigOpt = DEFAULT_CONFIG) -> None:
 
 
 @app.command()
-def reference(config: ConfigOpt = DEFAULT_CONFIG) -> None:
+def reference(config: ConfigOpt = DEFAULT_CONFIG, wait: WaitOpt = False) -> None:
     """Train the auditor's reference LM, fine-tune it per candidate, score the texts (black-box)."""
     from natprints.attribution.reference import build_reference
 
-    cfg = open_run(config)
-    with stage_timer(cfg, "reference") as run:
+    with running(config, wait) as cfg, stage_timer(cfg, "reference") as run:
         manifest = build_reference(cfg)
         run.did_work = manifest["scored"] > 0 or manifest["trained_now"] > 0
     typer.echo(
@@ -150,11 +170,12 @@ def reference(config: ConfigOpt = DEFAULT_CONFIG) -> None:
 
 
 @app.command()
-def report(config: ConfigOpt = DEFAULT_CONFIG) -> None:
+def report(config: ConfigOpt = DEFAULT_CONFIG, wait: WaitOpt = False) -> None:
     """Render reports/<run>/index.md and zoo.md from the records and manifests."""
     from natprints.reports.index import write_index
 
-    typer.echo(f"wrote {write_index(open_run(config))}")
+    with running(config, wait) as cfg:
+        typer.echo(f"wrote {write_index(cfg)}")
 
 
 @app.command()
@@ -162,44 +183,47 @@ def bench(
     config: ConfigOpt = DEFAULT_CONFIG,
     section: list[str] = typer.Option(None, "--section", help="Run only this section (repeatable)."),
     reps: int = typer.Option(3, "--reps", min=1, help="Timed repetitions per figure (after one warm-up)."),
+    wait: WaitOpt = False,
 ) -> None:
     """Time every hot path against the plain alternative; writes reports/bench/bench.json and bench.md."""
     from natprints.bench import SECTIONS, bench_dir, run_bench
     from natprints.runtime import quiet_transformers
 
-    cfg = open_run(config)
-    quiet_transformers()
-    run_bench(cfg, section or list(SECTIONS), reps, log=lambda line: typer.echo(line, err=True))
-    typer.echo(f"wrote {bench_dir(cfg) / 'bench.md'}")
+    with running(config, wait) as cfg:
+        quiet_transformers()
+        run_bench(cfg, section or list(SECTIONS), reps, log=lambda line: typer.echo(line, err=True))
+        typer.echo(f"wrote {bench_dir(cfg) / 'bench.md'}")
 
 
 @app.command()
 def clean(
     config: ConfigOpt = DEFAULT_CONFIG,
     reports: bool = typer.Option(False, "--reports", help="Also remove reports/<run>/."),
+    wait: WaitOpt = False,
 ) -> None:
     """Remove a run's data and models (and, with --reports, its reports)."""
     cfg = load_config(config)
     p = cfg.paths
     targets = [p.corpus, p.shift_corpus, p.generated, p.models] + ([p.reports] if reports else [])
-    for target in targets:
-        if target.exists():
-            shutil.rmtree(target)
-            typer.echo(f"removed {target}")
+    with exclusive_run(cfg, wait=wait):  # never pull a run out from under the process writing it
+        for target in targets:
+            if target.exists():
+                shutil.rmtree(target)
+                typer.echo(f"removed {target}")
 
 
 @app.command()
 def experiments(
     config: ConfigOpt = DEFAULT_CONFIG,
     force: Annotated[bool, typer.Option("--force", help="Redo every condition, even when up to date.")] = False,
+    wait: WaitOpt = False,
 ) -> None:
     """Fit every condition's pipelines; write results.jsonl, accuracy.csv and the attributors."""
     from natprints.attribution.experiments import run_experiments
     from natprints.records import accuracy_table, load_records
 
     try:
-        cfg = open_run(config)
-        with stage_timer(cfg, "experiments") as run:
+        with running(config, wait) as cfg, stage_timer(cfg, "experiments") as run:
             with output_changed(cfg.paths.reports / "experiments.json") as changed:
                 run_experiments(cfg, force=force)
             run.did_work = changed()
@@ -769,12 +793,12 @@ def identify_cmd(
 def run_cmd(
     config: ConfigOpt = DEFAULT_CONFIG,
     force: Annotated[bool, typer.Option(help="Recompute even when the outputs are current.")] = False,
+    wait: WaitOpt = False,
 ) -> None:
     """Lineage experiments over the run's zoo: reports/<run>/lineage.csv, lineage.json, figures."""
     from natprints.lineage.experiments import run_lineage
 
-    cfg = open_run(config)
-    with stage_timer(cfg, "lineage") as run:
+    with running(config, wait) as cfg, stage_timer(cfg, "lineage") as run:
         with output_changed(cfg.paths.reports / "lineage.json") as changed:
             summary = run_lineage(cfg, force=force)
         run.did_work = changed()
@@ -790,6 +814,12 @@ def run_cmd(
 app.add_typer(lineage_app, name="lineage")
 
 
+def _interrupted() -> None:
+    """Ctrl-C: say how to go on (every stage resumes where it stopped) and exit 130, as shells expect."""
+    typer.echo(f"interrupted; rerun `{shlex.join(['natprints', *sys.argv[1:]])}` to resume", err=True)
+    sys.exit(130)
+
+
 def main() -> None:
     offline_environment()
     try:
@@ -798,5 +828,8 @@ def main() -> None:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        typer.echo("interrupted; rerun the same command to resume", err=True)
-        sys.exit(130)
+        _interrupted()
+    except SystemExit as exc:
+        if exc.code == 130:  # Typer turns Ctrl-C into a silent exit 130 before it reaches us
+            _interrupted()
+        raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +44,27 @@ class RunSettings(_Section):
     threads: int = Field(0, ge=0)  # torch threads per process; 0 = leave torch's default
     workers: int = Field(1, ge=1)  # models trained / sampled at once, each in its own process
     train_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    # where jobs run: worker processes of this machine, or Ray tasks (num_cpus = threads, one GPU on CUDA)
+    executor: Literal["local", "ray"] = "local"
+    # executor = "ray": "" starts a local Ray instance of workers x threads CPUs; "auto" joins the
+    # cluster this machine belongs to, "ray://host:port" (Ray Client) or "host:port" (GCS) another
+    ray_address: str = ""
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address_form(cls, value: str) -> str:
+        if value in ("", "auto") or re.fullmatch(r"(ray://)?[A-Za-z0-9_.-]+:[0-9]{1,5}", value):
+            return value
+        raise ValueError("must be '' (a local Ray instance), 'auto', 'ray://host:port' or 'host:port'")
+
+    @model_validator(mode="after")
+    def _executor_options(self) -> RunSettings:
+        if self.ray_address and self.executor != "ray":
+            raise ValueError("ray_address is only used with executor = 'ray'")
+        if self.executor == "ray" and self.threads == 0:
+            # a task reserves num_cpus = threads, and torch's default thread count differs from node to node
+            raise ValueError("executor = 'ray' needs threads >= 1 (each job is a Ray task with num_cpus = threads)")
+        return self
 
 
 class CorpusSettings(_Section):
@@ -89,17 +111,18 @@ class TrainSettings(_Section):
     size: str = "s"
     init_seed: int = Field(0, ge=0)
     data_seed: int = Field(0, ge=0)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
     batch_size: int = Field(32, ge=1)
-    seq_len: int = Field(128, ge=8)
+    # tokens per training block; the zoo stage also checks it against the corpus's token counts
+    seq_len: int = Field(128, ge=8, le=4096)
     steps: int = Field(1000, ge=1)
     warmup_steps: int = Field(50, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
+    weight_decay: float = Field(0.1, ge=0, allow_inf_nan=False)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip: float = Field(1.0, ge=0)  # 0 = no clipping
+    grad_clip: float = Field(1.0, ge=0, allow_inf_nan=False)  # 0 = no clipping
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(8, ge=1)
     checkpoint_steps: list[int] = []  # intermediate checkpoints kept (fingerprint emergence)
@@ -122,6 +145,9 @@ class GenerateSettings(_Section):
     prompt_tokens: int = Field(16, ge=1)
     new_tokens: int = Field(64, ge=1)
     samples_per_prompt: int = Field(1, ge=1)
+    # continuations per training-split prompt (0 = samples_per_prompt): more texts to learn from, while
+    # the test and calibration texts stay the ones samples_per_prompt gives
+    train_samples_per_prompt: int = Field(0, ge=0)
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0)  # 0 = off
     top_p: float = Field(1.0, gt=0, le=1)
@@ -133,7 +159,14 @@ class GenerateSettings(_Section):
     def _distinct_seeds(self) -> GenerateSettings:
         if self.seed == self.null_seed:
             raise ValueError("null_seed must differ from seed")
+        if 0 < self.train_samples_per_prompt < self.samples_per_prompt:
+            raise ValueError("train_samples_per_prompt must be 0 or at least samples_per_prompt")
         return self
+
+    @property
+    def train_samples(self) -> int:
+        """Continuations generated per training-split prompt."""
+        return self.train_samples_per_prompt or self.samples_per_prompt
 
 
 class AttributionSettings(_Section):
@@ -142,8 +175,11 @@ class AttributionSettings(_Section):
     test_fraction: float = Field(0.25, gt=0, lt=1)
     split_seed: int = Field(0, ge=0)
     max_features: int = Field(50000, ge=10)
-    evidence_tokens: list[int] = [8, 16, 32, 64, 0]  # 0 = the whole continuation
-    evidence_train_fractions: list[float] = [0.1, 0.25, 0.5, 1.0]
+    evidence_tokens: list[Annotated[int, Field(ge=0)]] = [8, 16, 32, 64, 0]  # 0 = the whole continuation
+    evidence_train_fractions: list[Annotated[float, Field(gt=0, le=1)]] = [0.1, 0.25, 0.5, 1.0]
+    # accuracy against continuations per training prompt (each <= generate.train_samples_per_prompt),
+    # for the best pipeline, the baseline and the reference LMs (fine-tuned once per value)
+    evidence_train_samples: list[Annotated[int, Field(ge=1)]] = []
     top_ngrams: int = Field(10, ge=1)
     embed_batch_size: int = Field(64, ge=1)
     open_set_reject_rate: float = Field(0.05, ge=0, lt=1)  # share of known texts rejected
@@ -166,6 +202,11 @@ class ReferenceSettings(_Section):
     seed: int = Field(1000, ge=0)  # init and data-order seed of the reference LM: no zoo model's
     epochs: int = Field(4, ge=1)  # passes over a candidate's training-split texts
     lr: float = Field(1e-3, gt=0)  # constant fine-tuning learning rate
+    # a classification head on the reference LM, fine-tuned end to end per condition (reflm+head)
+    head: bool = False
+    head_epochs: int = Field(3, ge=1)
+    head_lr: float = Field(1e-4, gt=0)
+    head_batch_size: int = Field(32, ge=1)
 
 
 class LineageSettings(_Section):
@@ -229,6 +270,12 @@ class Config(_Section):
         for size in [self.train.size, *self.conditions.size]:
             if size not in self.sizes:
                 raise ValueError(f"unknown size preset {size!r} (known: {', '.join(self.sizes)})")
+        too_many = [n for n in self.attribution.evidence_train_samples if n > self.generate.train_samples]
+        if too_many:
+            raise ValueError(
+                f"attribution.evidence_train_samples: {too_many} exceed the {self.generate.train_samples} "
+                "continuations generated per training prompt (generate.train_samples_per_prompt)"
+            )
         unknown = set(self.lineage.derive_conditions) - set(ConditionSettings.model_fields)
         if unknown:
             raise ValueError(f"lineage.derive_conditions: unknown condition(s) {sorted(unknown)}")
@@ -355,10 +402,12 @@ def load_config(path: Path | str) -> Config:
 
 # Keys a run may change without changing any result, so the run lock ignores them. `run.workers` only
 # says how many jobs run at once: each job runs in its own process with the same torch threads, and
-# the work is cut into the same chunks whatever the count (natprints.runtime.run_jobs). `run.threads`
-# is not here: torch's CPU reductions and matrix products split their work by thread count, so
-# floating point, and with it weights and texts, can differ from one thread count to another.
-RESULT_NEUTRAL_KEYS = frozenset({"run.workers"})
+# the work is cut into the same chunks whatever the count (natprints.runtime.run_jobs). `run.executor`
+# and `run.ray_address` only say where those processes run (a test checks that the local and the Ray
+# executor write byte-identical artifacts). `run.threads` is not here: torch's CPU reductions and
+# matrix products split their work by thread count, so floating point, and with it weights and texts,
+# can differ from one thread count to another.
+RESULT_NEUTRAL_KEYS = frozenset({"run.workers", "run.executor", "run.ray_address"})
 
 
 def _diff_keys(old: object, new: object, prefix: str = "") -> list[str]:

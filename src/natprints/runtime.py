@@ -1,20 +1,31 @@
 """Where and how stages compute: device, torch threads, quiet Hugging Face logging, loading a
-causal LM from a directory, the job executor that fans a stage out over worker processes, and the
-per-stage wall-time and memory record.
+causal LM from a directory, the job executor that fans a stage out over worker processes or Ray
+tasks, the per-run lock, and the per-stage wall-time and memory record.
 
 Each job runs with ``[run] threads`` torch threads in its own process, so its numbers do not depend
-on how jobs are scheduled: two 1-thread workers give the same weights as one, only sooner. With
-one worker, jobs run in this process and show their own progress bars.
+on how jobs are scheduled: two 1-thread workers give the same weights as one, only sooner, and Ray
+tasks the same as local workers. With one local worker, jobs run in this process and show their own
+progress bars. No executor leaves a worker behind when its parent is killed, kill -9 included.
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
+import logging
 import multiprocessing
+import os
 import resource
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from natprints.errors import NatprintsError
 
 if TYPE_CHECKING:
-    from natprints.config import Config
+    from natprints.config import Config, RunSettings
 
 
 def resolve_device(setting: str) -> str:
@@ -89,24 +100,377 @@ def load_lm(directory: Path | str, *, verify: bool = True, device: str = "cpu") 
     return model.to(device).eval()
 
 
-def run_jobs(workers: int, fn: Callable[..., Any], jobs: Sequence[tuple], label: str) -> list[Any]:
-    """``[fn(*job) for job in jobs]``, in ``workers`` processes when more than one; results in order."""
+def run_jobs(run: RunSettings | int, fn: Callable[..., Any], jobs: Sequence[tuple], label: str) -> list[Any]:
+    """``[fn(*job) for job in jobs]`` on the run's executor; results in job order.
+
+    ``run`` is the run's ``[run]`` settings, or (as the stages pass it) its worker count, in which case
+    the settings come from the :class:`~natprints.config.Config` every stage passes as its jobs' first
+    argument. ``executor = "local"``: ``workers`` processes of this machine, or this process when one
+    worker or one job is left; ``"ray"``: one Ray task per job (see :func:`ray_session`). Either way a
+    line per finished job gives done/total and an ETA, and a killed parent leaves no worker behind.
+    """
+    settings = _run_settings(run, jobs)
+    workers = run if isinstance(run, int) else settings.workers if settings else 1
+    if not jobs:
+        return []
+    progress = JobProgress(label, len(jobs))
+    if settings is not None and settings.executor == "ray":
+        return _run_ray(settings, fn, jobs, progress)
     if workers <= 1 or len(jobs) <= 1:
         results = []
         for i, job in enumerate(jobs, 1):
             print(f"[{label} {i}/{len(jobs)}] {job[1]}", flush=True)
             results.append(fn(*job, progress=True))
+            progress.finished(job[1])
         return results
+    return _run_local(min(workers, len(jobs)), fn, jobs, progress)
+
+
+def _run_settings(run: RunSettings | int, jobs: Sequence[tuple]) -> RunSettings | None:
+    from natprints.config import Config, RunSettings
+
+    if isinstance(run, RunSettings):
+        return run
+    first = jobs[0][0] if jobs and jobs[0] else None
+    return first.run if isinstance(first, Config) else None
+
+
+class JobProgress:
+    """One line per finished job: ``[label done/total, elapsed, ETA] job``."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total, self.done = label, total, 0
+        self.start = time.perf_counter()
+
+    def finished(self, name: object) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        print(
+            f"[{self.label} {self.done}/{self.total} done, {_duration(elapsed)} elapsed, ETA {_duration(eta)}] {name}",
+            flush=True,
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+# -- the local executor: worker processes that die with their parent ---------------------------------
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _worker_init(parent: int) -> None:
+    """Runs first in every local worker: die with the parent, even on its kill -9, and leave Ctrl-C to
+    the parent (which stops the workers itself)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Workers draw no progress bars, so tqdm needs no lock shared between processes: its default one
+    # is a named semaphore that a killed worker leaves behind, and that multiprocessing then reports
+    # as leaked below the line saying how to resume.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the kernel kills us when the parent dies
+        except (OSError, AttributeError):
+            pass  # the watchdog below still ends us
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), name="natprints-parent-watchdog", daemon=True).start()
+
+
+def _watch_parent(parent: int, every: float = 1.0) -> None:
+    """The fallback where no death signal exists: exit once this process has been re-parented."""
+    while True:
+        time.sleep(every)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _run_local(workers: int, fn: Callable[..., Any], jobs: Sequence[tuple], progress: JobProgress) -> list[Any]:
+    from concurrent.futures.process import BrokenProcessPool
+
     results: list[Any] = [None] * len(jobs)
-    start = time.time()
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch thread pools
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
+    try:
         futures = {pool.submit(fn, *job, progress=False): i for i, job in enumerate(jobs)}
-        for done, future in enumerate(as_completed(futures), 1):
+        for future in as_completed(futures):
             i = futures[future]
-            results[i] = future.result()
-            print(f"[{label} {done}/{len(jobs)} done after {time.time() - start:.0f}s] {jobs[i][1]}", flush=True)
+            try:
+                results[i] = future.result()
+            except BrokenProcessPool:
+                raise NatprintsError(
+                    f"a {progress.label} worker process died (killed, or out of memory?) during {jobs[i][1]}; "
+                    "rerun the command to resume"
+                ) from None
+            progress.finished(jobs[i][1])
+    except BaseException:  # an error or Ctrl-C: stop the other jobs now rather than let them run on
+        _kill_pool(pool)
+        raise
+    pool.shutdown(wait=True)
     return results
+
+
+def _kill_pool(pool: ProcessPoolExecutor) -> None:
+    """Kill the pool's workers, drop its queued jobs, and wait for its manager thread to wind up."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    manager = getattr(pool, "_executor_manager_thread", None)
+    for process in processes:
+        with suppress(OSError, ValueError):
+            process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with suppress(OSError, ValueError, AssertionError):
+            process.join(timeout=5)
+    if manager is not None:
+        manager.join(timeout=10)
+
+
+# -- the Ray executor ------------------------------------------------------------------------------
+
+REAPER_TOKEN = "NATPRINTS_RAY_REAPER_TOKEN"  # marks every process of a local Ray instance we started
+_ray_state: dict[str, Any] = {}
+
+
+def ray_session(run: RunSettings) -> Any:
+    """This process's Ray connection, made on first use and kept until exit (Ray shuts it down).
+
+    ``ray_address`` empty: start a local instance with ``workers * threads`` CPUs, and a reaper process
+    that kills every process of it once this process is gone, kill -9 included. ``"auto"`` or
+    ``ray://host:port``: join that cluster (a job's tasks die with their driver there). Then check that
+    every node sees the run's root (:func:`check_shared_storage`).
+    """
+    try:
+        import ray
+    except ImportError:
+        raise NatprintsError("executor = 'ray' needs Ray: pip install 'natprints[ray]'") from None
+    if ray.is_initialized():
+        return ray
+    from natprints.config import HOME_VARIABLE, home
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # offline: no usage report
+    root = home().resolve()
+    env = {HOME_VARIABLE: str(root)}
+    env.update({k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
+    options: dict[str, Any] = {
+        "runtime_env": {"env_vars": env},
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+        "log_to_driver": True,
+    }
+    start = time.perf_counter()
+    try:
+        if run.ray_address:
+            ray.init(address=run.ray_address, **options)
+            how = f"joined the Ray cluster at {run.ray_address}"
+        else:
+            token = secrets.token_hex(16)
+            _ray_state["reaper"] = _start_reaper(token)
+            os.environ[REAPER_TOKEN] = token  # inherited by the instance's processes, and theirs
+            try:
+                ray.init(num_cpus=run.workers * max(run.threads, 1), **options)
+            finally:
+                os.environ.pop(REAPER_TOKEN, None)
+            how = "started a local Ray instance"
+    except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError, ... with long texts
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = f"join the Ray cluster at {run.ray_address!r}" if run.ray_address else "start a local Ray instance"
+        raise NatprintsError(f"cannot {where}: {first}") from None
+    nodes = _job_nodes(ray)
+    check_shared_storage(root, lambda probe, args: _on_every_node(ray, nodes, probe, args))
+    resources = ray.cluster_resources()
+    print(
+        f"ray: {how} ({len(nodes)} node(s), {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs) "
+        f"and checked that every node sees {root}, in {time.perf_counter() - start:.1f}s",
+        flush=True,
+    )
+    return ray
+
+
+_FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_HOME")
+
+
+def _job_nodes(ray: Any) -> list[dict]:
+    """The live nodes that can run a job (those with CPUs or GPUs)."""
+    return [
+        n
+        for n in ray.nodes()
+        if n.get("Alive") and (n["Resources"].get("CPU", 0) > 0 or n["Resources"].get("GPU", 0) > 0)
+    ]
+
+
+def _on_every_node(ray: Any, nodes: list[dict], fn: Callable[..., Any], args: tuple) -> list[Any]:
+    """``fn(*args)`` once on each node, pinned there; the results in node order."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    remote = ray.remote(fn)
+    refs = [
+        remote.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            n["NodeManagerAddress"], *args
+        )
+        for n in nodes
+    ]
+    return ray.get(refs)
+
+
+def storage_probe(node: str, directory: str, token: str) -> tuple[str, str | None]:
+    """Run on a node: read the driver's probe file, write this node's. Returns (node, what it read)."""
+    probe = Path(directory)
+    try:
+        seen = (probe / "driver").read_text(encoding="utf-8")
+    except OSError:
+        seen = None
+    with suppress(OSError):
+        (probe / f"node-{node}").write_text(token, encoding="utf-8")
+    return node, seen
+
+
+def check_shared_storage(root: Path, on_every_node: Callable[[Callable[..., Any], tuple], list[Any]]) -> None:
+    """Refuse to start when some node does not see the run's root: each node reads a file the driver
+    wrote under it, and the driver reads a file each node wrote."""
+    token = secrets.token_hex(8)
+    probe = root / f".natprints-storage-probe-{token}"
+    probe.mkdir(parents=True, exist_ok=True)
+    try:
+        (probe / "driver").write_text(token, encoding="utf-8")
+        for node, seen in on_every_node(storage_probe, (str(probe), token)):
+            back = probe / f"node-{node}"
+            if seen != token or not back.is_file() or back.read_text(encoding="utf-8") != token:
+                raise NatprintsError(
+                    f"Ray node {node} does not see the run root {root} (a probe file written there by one side "
+                    f"was not read by the other): put {root} on storage every node mounts at the same path, "
+                    "or set NATPRINTS_HOME to such a directory"
+                )
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
+def _start_reaper(token: str) -> subprocess.Popen:
+    """A small process that outlives this one and kills every process carrying ``token`` in its
+    environment once this one is gone: its standard input closes when this process exits, however."""
+    code = "import sys; from natprints.runtime import reap; reap(sys.argv[1])"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, token],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,  # neither Ctrl-C at the terminal nor a kill of our group reaches it
+    )
+
+
+def reap(token: str, *, within: float = 20.0) -> None:
+    """The reaper's body: wait for the parent to exit, then SIGKILL the token's processes until none is left."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.stdin.buffer.read()  # returns at end of file: the parent has exited
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        victims = [pid for pid in _pids_with_env(REAPER_TOKEN, token) if pid != os.getpid()]
+        if not victims:
+            return
+        for pid in victims:
+            with suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
+def _pids_with_env(name: str, value: str) -> list[int]:
+    """Processes (Linux /proc) whose environment holds ``name=value``."""
+    entry = f"{name}={value}".encode()
+    pids = []
+    for path in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if entry in path.read_bytes().split(b"\0"):
+                pids.append(int(path.parent.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def _ray_call(fn: Callable[..., Any], job: tuple) -> Any:
+    return fn(*job, progress=False)
+
+
+def _run_ray(run: RunSettings, fn: Callable[..., Any], jobs: Sequence[tuple], progress: JobProgress) -> list[Any]:
+    """One Ray task per job, ``num_cpus = threads`` each (and one GPU when the jobs run on CUDA)."""
+    ray = ray_session(run)
+    from ray.exceptions import RayTaskError
+
+    progress.start = time.perf_counter()  # the ETA counts from the first task, not from Ray's start-up
+
+    gpus = run.device == "cuda" or (run.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+    task = ray.remote(_ray_call).options(num_cpus=max(run.threads, 1), num_gpus=int(gpus), max_retries=0)
+    refs = {task.remote(fn, job): i for i, job in enumerate(jobs)}
+    results: list[Any] = [None] * len(jobs)
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            i = refs[ready[0]]
+            try:
+                results[i] = ray.get(ready[0])
+            except RayTaskError as exc:
+                cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                raise cause from (None if isinstance(cause, NatprintsError) else exc)
+            except ray.exceptions.RayError as exc:  # a worker or node died: killed, out of memory, lost
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise NatprintsError(
+                    f"Ray lost the {progress.label} job {jobs[i][1]} ({first}); rerun the command to resume"
+                ) from None
+            progress.finished(jobs[i][1])
+    except BaseException:
+        for ref in pending:
+            with suppress(Exception):
+                ray.cancel(ref, force=True)
+        raise
+    return results
+
+
+BUSY_LOCK = ".lock"  # models/<run>/.lock: held (flock) by the one process writing the run
+
+
+@contextmanager
+def exclusive_run(cfg: Config, *, wait: bool = False) -> Iterator[None]:
+    """Hold the run's lock for the body: one writing process per run. Another holder is an error
+    naming its pid ("run NAME is busy (pid N)"), or, with ``wait``, something to wait for. The kernel
+    drops the lock when its holder exits, kill -9 included, so a stale lock file means nothing."""
+    path = cfg.paths.models / BUSY_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # not inherited by children (PEP 446)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            busy = f"run {cfg.run.name} is busy (pid {_lock_holder(fd)})"
+            if not wait:
+                raise NatprintsError(f"{busy}; wait for it to finish, or rerun with --wait") from None
+            print(f"{busy}; waiting for it", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(fd: int, patience: float = 1.0) -> str:
+    """The pid the lock's holder wrote (it writes right after taking the lock: allow it a moment)."""
+    deadline = time.monotonic() + patience
+    while True:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text.isdigit() or time.monotonic() > deadline:
+            return text or "unknown"
+        time.sleep(0.05)
 
 
 @dataclass
@@ -149,5 +513,6 @@ def stage_timer(cfg: Config, stage: str) -> Iterator[StageRun]:
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "workers": cfg.run.workers,
         "threads": cfg.run.threads,
+        "executor": cfg.run.executor,  # under Ray, peak RSS covers this process and its local workers only
     }
     write_timings(cfg.paths.reports, timings)

@@ -24,6 +24,7 @@ REQUIRED_COLUMNS = (
     "prompt_id",
     "text",
     "token_ids",
+    "sample_index",
     "sampling_seed",
     "temperature",
     "top_k",
@@ -60,7 +61,7 @@ def load_conditions(cfg: Config) -> dict[str, ConditionData]:
     manifest = Manifest(gen_dir, "generated corpora").read()
     if manifest.get("complete") is False:
         raise NatprintsError(f"generated corpora at {gen_dir} are incomplete; rerun `natprints generate`")
-    Manifest(gen_dir, "generated corpora").verify()
+    Manifest(gen_dir, "generated corpora", remake="natprints generate").verify()
     models = manifest.get("models")
     conditions = manifest.get("conditions")
     if not isinstance(models, dict) or not isinstance(conditions, dict):

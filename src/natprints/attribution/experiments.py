@@ -33,8 +33,9 @@ from natprints.attribution.attributor import (
 from natprints.attribution.ceiling import LikelihoodView
 from natprints.attribution.data import CALIBRATION_FRACTION, ConditionData, load_conditions, run_split, split_parts
 from natprints.attribution.estimators import THREADS, compatible, make_classifier, quiet_fit
+from natprints.attribution.head import load_head
 from natprints.attribution.reference import _manifest as reference_manifest
-from natprints.attribution.reference import reference_key
+from natprints.attribution.reference import reference_key, subset_id
 from natprints.config import CLASSIFIERS, FEATURIZERS, NULL_CONDITION, Config
 from natprints.errors import NatprintsError
 from natprints.likelihood.stage import likelihood_key, load_scores
@@ -49,6 +50,8 @@ BASELINE = ("word1", "logreg")
 CEILING = ("likelihood", "bayes")
 # Black-box generative: per-candidate LMs fine-tuned from the auditor's own reference LM.
 REFERENCE = ("reflm", "lm")
+# Black-box discriminative: a classification head on the reference LM, fine-tuned per condition.
+HEAD = ("reflm", "head")
 OPEN_SET_POOLS = (1, 4, 16)  # texts per pool in the open-set test of the likelihood attributor
 EXPLAIN = ("word12", "logreg")
 # A default for a setting that has no config key (yet).
@@ -215,6 +218,20 @@ def _truncated(setup: _Setup, frame: pd.DataFrame, n_tokens: int) -> list[str]:
     return out
 
 
+def _too_few(clf: str, labels: pd.Series, k: int) -> str | None:
+    """Why ``clf`` cannot fit on so few training texts, or None: every model needs a text, the SVM
+    calibrates over 3 folds, the MLP stops early on a tenth of the texts that must hold 2."""
+    counts = labels.value_counts()
+    per_model = int(counts.min()) if len(counts) == k else 0
+    if per_model < 1:
+        return "no training text for some model"
+    if clf == "svm" and per_model < 3:
+        return f"{per_model} training text(s) per model, the svm's 3-fold calibration needs 3"
+    if clf == "mlp" and math.ceil(0.1 * len(labels)) < 2:
+        return f"{len(labels)} training texts, the mlp's early-stopping tenth needs 2 (11 texts)"
+    return None
+
+
 def _evidence(
     setup: _Setup, data: ConditionData, parts: dict[str, pd.DataFrame], grid: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -250,12 +267,22 @@ def _evidence(
             subset = train[train["prompt_id"].astype(str).isin(keep)]
             if len(keep) == len(prompt_order) and (feat, clf) in by_pipeline:
                 y_pred = np.asarray(by_pipeline[feat, clf]["y_pred"])
-            elif subset["label"].nunique() < len(data.labels):
-                continue  # too few prompts to see every model
+            elif reason := _too_few(clf, subset["label"], len(data.labels)):
+                _stderr(f"{data.name}: evidence point train_fraction = {fraction:g} of {feat}+{clf} left out: {reason}")
+                continue
             else:
                 _, y_pred = _fit_predict(setup, feat, clf, subset, test)
             records.append(
                 _evidence_record(data, feat, clf, role, "train_fraction", fraction, len(subset), y_test, y_pred)
+            )
+        for samples in setup.settings.evidence_train_samples:
+            subset = train[train["sample_index"] < samples]
+            if len(subset) == len(train) and (feat, clf) in by_pipeline:
+                y_pred = np.asarray(by_pipeline[feat, clf]["y_pred"])
+            else:
+                _, y_pred = _fit_predict(setup, feat, clf, subset, test)
+            records.append(
+                _evidence_record(data, feat, clf, role, "train_samples", samples, len(subset), y_test, y_pred)
             )
     return records
 
@@ -481,7 +508,11 @@ def _white_box(
     records: list[dict[str, Any]] = []
     log_scores: dict[str, tuple[tuple[str, str], np.ndarray]] = {}
     n_train = len(parts["train"])
-    for role, key, name, white in (("ceiling", CEILING, "test", True), ("reflm", REFERENCE, "ref_test", False)):
+    for role, key, name, white in (
+        ("ceiling", CEILING, "test", True),
+        ("reflm", REFERENCE, "ref_test", False),
+        ("head", HEAD, "head_test", False),
+    ):
         if name not in views:
             continue
         view = views[name]
@@ -489,9 +520,18 @@ def _white_box(
         records.append(record | {"best": False, "white_box": white})
         for n_tokens in setup.settings.evidence_tokens:
             full = n_tokens <= 0 or n_tokens >= max_tokens
+            if not full and not view.prefix:
+                continue  # a classifier of whole texts
             y_pred = ceiling.bayes_predict(view.loglik if full else view.prefix[n_tokens])
             records.append(_evidence_record(data, *key, role, "tokens", n_tokens, n_train, y_test, y_pred))
         log_scores[role] = (key, ceiling.log_posterior(view.loglik))
+    train = parts["train"]
+    for role, key, name in (("reflm", REFERENCE, "ref_test"), ("head", HEAD, "head_test")):
+        for samples in setup.settings.evidence_train_samples if name in views else []:
+            view = views.get(f"{name}@{samples}", views[name])  # absent: the full training split
+            n = int((train["sample_index"] < samples).sum())
+            y_pred = ceiling.bayes_predict(view.loglik)
+            records.append(_evidence_record(data, *key, role, "train_samples", samples, n, y_test, y_pred))
     for role, (key, proba) in black_box.items():
         log_scores[role] = (key, np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-300, 1.0)))
     sample_ids = test["sample_id"].astype(str).tolist()
@@ -784,7 +824,33 @@ def _ref_views(
     for name, data in pending.items():
         parts = split_parts(data, split)
         out[name] = {f"ref_{s}": ceiling.condition_view(data, parts[s], refs, prefixes) for s in ("test", "cal")}
+        for samples in cfg.attribution.evidence_train_samples:
+            # the reference LMs fine-tuned on the first `samples` continuations of each training prompt
+            subset = {
+                m: refs[subset_id(m, samples)]
+                for m in data.frame["model_id"].astype(str).unique()
+                if subset_id(m, samples) in refs
+            }
+            if subset:
+                out[name][f"ref_test@{samples}"] = ceiling.condition_view(data, parts["test"], subset, [])
+        for tag in [name, *(f"{name}@s{n}" for n in cfg.attribution.evidence_train_samples)]:
+            head = load_head(cfg.paths.reference_scores, tag)
+            if head is not None:
+                view = "head_test" + tag[len(name) :].replace("@s", "@")
+                out[name][view] = _head_view(parts["test"], head)
     return out
+
+
+def _head_view(frame: pd.DataFrame, head: pd.DataFrame) -> LikelihoodView:
+    """A classifier's log-probabilities of ``frame``'s texts as a view: its argmax is the verdict and
+    its softmax the posterior, as for likelihoods (no prefixes: it saw whole texts only)."""
+    sample_ids = frame["sample_id"].astype(str).to_numpy()
+    missing = set(sample_ids) - set(head.index)
+    if missing:
+        raise NatprintsError(f"the classifier head lacks {len(missing)} test text(s); rerun `natprints reference`")
+    scores = np.stack(head.loc[sample_ids, "log_proba"].to_numpy()).astype(np.float64)
+    zeros = np.zeros_like(scores)
+    return LikelihoodView(sample_ids, scores, {}, zeros, zeros, np.zeros(len(sample_ids), dtype=np.int64))
 
 
 def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> None:

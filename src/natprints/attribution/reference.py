@@ -18,6 +18,7 @@ import pandas as pd
 
 from natprints.artifacts import Manifest, hash_obj
 from natprints.attribution.data import load_conditions, run_split
+from natprints.attribution.head import HeadTask, head_manifest, train_head
 from natprints.config import Config
 from natprints.errors import NatprintsError
 from natprints.runtime import run_jobs
@@ -82,8 +83,15 @@ def _train_reference(cfg: Config, *, progress: bool) -> bool:
     return done is not None
 
 
-def _finetune_job(cfg: Config, model_id: str, train: np.ndarray, heldout: np.ndarray, *, progress: bool) -> bool:
-    """One candidate's LM: the reference continued on the candidate's training-split texts."""
+def subset_id(model_id: str, samples: int) -> str:
+    """The name of the LM fine-tuned on the first ``samples`` continuations of each training prompt."""
+    return f"{model_id}@s{samples}"
+
+
+def _finetune_job(
+    cfg: Config, name: str, model_id: str, train: np.ndarray, heldout: np.ndarray, *, progress: bool
+) -> bool:
+    """One candidate's LM (``name``): the reference continued on the candidate's training-split texts."""
     from natprints.zoo.stage import train_one
 
     fields = {
@@ -95,12 +103,9 @@ def _finetune_job(cfg: Config, model_id: str, train: np.ndarray, heldout: np.nda
         "texts_sha256": hash_obj(train.tolist()),
     }
     spec = _finetune_spec(cfg, len(train))
-    out = reference_dir(cfg) / model_id
+    out = reference_dir(cfg) / name
     ref = reference_dir(cfg) / "reference"
-    return (
-        train_one(cfg, model_id, spec, fields, train, heldout, init_from=ref, progress=progress, out_dir=out)
-        is not None
-    )
+    return train_one(cfg, name, spec, fields, train, heldout, init_from=ref, progress=progress, out_dir=out) is not None
 
 
 def _manifest(cfg: Config) -> Manifest:
@@ -126,38 +131,84 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
         for model_id, frame in data.frame.groupby("model_id"):
             if str(model_id) in rows:
                 frames.setdefault(str(model_id), frame)
-    jobs = []
+    subsets = [n for n in cfg.attribution.evidence_train_samples if n < cfg.generate.train_samples]
+    jobs, scoring = [], {}
+    test_ids = {
+        str(i)
+        for data in conditions.values()
+        for i, p in zip(data.frame["sample_id"], data.frame["prompt_id"], strict=True)
+        if split.get(str(p)) == "test"
+    }
     for model_id in rows:
         frame = frames[model_id]
         where = frame["prompt_id"].astype(str).map(split)
-        jobs.append(
-            (
-                cfg,
-                model_id,
-                _stream(frame[where == "train"], prompts, eos),
-                _stream(frame[where == "cal"], prompts, eos),
-            )
-        )
+        heldout = _stream(frame[where == "cal"], prompts, eos)
+        jobs.append((cfg, model_id, model_id, _stream(frame[where == "train"], prompts, eos), heldout))
+        scoring[model_id] = rows[model_id]
+        for n in subsets:  # the training-size curve: scored on test texts only
+            train = frame[(where == "train") & (frame["sample_index"] < n)]
+            jobs.append((cfg, subset_id(model_id, n), model_id, _stream(train, prompts, eos), heldout))
+            scoring[subset_id(model_id, n)] = rows[model_id][rows[model_id]["sample_id"].isin(test_ids)]
     tuned = sum(run_jobs(cfg.run.workers, _finetune_job, jobs, "finetune"))
     out = cfg.paths.reference_scores
     out.mkdir(parents=True, exist_ok=True)
-    scoring = [(cfg, reference_dir(cfg) / m, rows[m], out / f"{m}.parquet") for m in rows]
-    scored = sum(run_jobs(cfg.run.workers, score_model, scoring, "reference scores"))
+    work = [(cfg, reference_dir(cfg) / m, r, out / f"{m}.parquet") for m, r in scoring.items()]
+    scored = sum(run_jobs(cfg.run.workers, score_model, work, "reference scores"))
+    heads = _head_tasks(cfg, conditions, split, prompts, subsets) if cfg.reference.head else []
+    ref = reference_dir(cfg) / "reference"
+    head_jobs = [(cfg, t.name, t, ref, out) for t in heads]
+    trained_heads = sum(run_jobs(cfg.run.workers, train_head, head_jobs, "classifier head"))
     fields = {
         "stage": "reference",
         "run": cfg.run.name,
+        "heads": [t.name for t in heads],
         "settings": cfg.reference.model_dump(mode="json"),
-        "scorers": {m: {"file": f"{m}.parquet", "rows": len(r)} for m, r in rows.items()},
-        "trained_now": int(trained) + tuned,
+        "scorers": {m: {"file": f"{m}.parquet", "rows": len(r)} for m, r in scoring.items()},
+        "trained_now": int(trained) + tuned + trained_heads,
     }
     key = hash_obj(
         {
             "version": REFERENCE_VERSION,
-            "rows": {m: hash_obj(sorted(r["row_key"])) for m, r in sorted(rows.items())},
-            "models": {m: Manifest(reference_dir(cfg) / m, m).read()["files"] for m in sorted(rows)},
+            "rows": {m: hash_obj(sorted(r["row_key"])) for m, r in sorted(scoring.items())},
+            "models": {m: Manifest(reference_dir(cfg) / m, m).read()["files"] for m in sorted(scoring)},
+            "heads": {t.name: head_manifest(out, t.name).read()["key"] for t in heads},
         }
     )
-    return {**_manifest(cfg).write(key, fields, [f"{m}.parquet" for m in rows]), "scored": scored}
+    return {**_manifest(cfg).write(key, fields, [f"{m}.parquet" for m in scoring]), "scored": scored}
+
+
+def _head_tasks(
+    cfg: Config, conditions: dict, split: dict[str, str], prompts: pd.Series, subsets: list[int]
+) -> list[HeadTask]:
+    """One classifier per condition on its training texts, and one per training-size point."""
+    tasks = []
+    for name, data in conditions.items():
+        frame = data.frame
+        where = frame["prompt_id"].astype(str).map(split)
+        scored = frame[where.isin(["test", "cal"])]
+
+        def texts(rows: pd.DataFrame) -> list[tuple[list[int], list[int]]]:
+            return [
+                ([int(t) for t in prompts.loc[p]], [int(t) for t in ids])
+                for p, ids in zip(rows["prompt_id"], rows["token_ids"], strict=True)
+            ]
+
+        cal = (where[scored.index] == "cal").to_numpy()
+        cal_labels = np.where(cal, scored["label"].to_numpy(), -1)
+        for n in [*subsets, None]:
+            train = frame[(where == "train") & (frame["sample_index"] < n if n else True)]
+            tasks.append(
+                HeadTask(
+                    name=name if n is None else f"{name}@s{n}",
+                    n_classes=len(data.labels),
+                    train=texts(train),
+                    train_labels=train["label"].to_numpy(),
+                    scored_ids=scored["sample_id"].astype(str).tolist(),
+                    scored=texts(scored),
+                    cal_labels=cal_labels,
+                )
+            )
+    return sorted(tasks, key=lambda t: -len(t.train))  # largest first: the workers finish together
 
 
 def reference_key(cfg: Config) -> str | None:

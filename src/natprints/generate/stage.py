@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from natprints.artifacts import Manifest, hash_obj, read_manifest, sha256_text, temp_path_for
+from natprints.artifacts import Manifest, hash_obj, read_manifest, sha256_file, sha256_text, temp_path_for
 from natprints.config import Config, GenerateSettings
 from natprints.errors import NatprintsError
 from natprints.generate.sampler import sample_batch
@@ -73,16 +73,43 @@ def sample_id(model_id: str, prompt_id: str, index: int, seed: int) -> str:
     return sha256_text(f"{model_id}|{prompt_id}|{index}|{seed}")[:20]
 
 
-def plan_rows(model_id: str, prompts: pd.DataFrame, g: GenerateSettings, seed: int) -> pd.DataFrame:
-    """Every row to generate for one model, in a fixed order; ``chunk`` groups rows sampled together."""
-    rows = [
-        {"sample_id": sample_id(model_id, pid, j, seed), "prompt_id": pid, "sample_index": j, "prompt_row": i}
-        for i, pid in enumerate(prompts["prompt_id"])
-        for j in range(g.samples_per_prompt)
-    ]
-    plan = pd.DataFrame(rows)
-    plan["chunk"] = np.arange(len(plan)) // g.batch_size
-    return plan
+def plan_rows(
+    model_id: str, prompts: pd.DataFrame, g: GenerateSettings, seed: int, train_prompts: frozenset[str] = frozenset()
+) -> pd.DataFrame:
+    """Every row to generate for one model, in a fixed order; ``chunk`` groups rows sampled together.
+
+    The extra continuations of training prompts (``train_samples_per_prompt``) come after the
+    ``samples_per_prompt`` rows of every prompt, in chunks of their own: the first rows, and so their
+    texts, are the same whether extras are asked for or not.
+    """
+
+    def rows(counts: list[tuple[int, str, range]]) -> pd.DataFrame:
+        return pd.DataFrame(
+            [
+                {"sample_id": sample_id(model_id, pid, j, seed), "prompt_id": pid, "sample_index": j, "prompt_row": i}
+                for i, pid, indices in counts
+                for j in indices
+            ],
+            columns=["sample_id", "prompt_id", "sample_index", "prompt_row"],
+        )
+
+    ids = list(enumerate(prompts["prompt_id"]))
+    base = rows([(i, pid, range(g.samples_per_prompt)) for i, pid in ids])
+    base["chunk"] = np.arange(len(base)) // g.batch_size
+    extra = rows([(i, pid, range(g.samples_per_prompt, g.train_samples)) for i, pid in ids if pid in train_prompts])
+    extra["chunk"] = -(-len(base) // g.batch_size) + np.arange(len(extra)) // g.batch_size
+    return pd.concat([base, extra], ignore_index=True) if len(extra) else base
+
+
+def train_prompt_ids(cfg: Config, prompts: pd.DataFrame) -> frozenset[str]:
+    """The prompts of the attribution training split (they get ``train_samples_per_prompt`` texts)."""
+    from natprints.attribution.data import CALIBRATION_FRACTION, split_prompts
+
+    if cfg.generate.train_samples == cfg.generate.samples_per_prompt:
+        return frozenset()
+    a = cfg.attribution
+    split = split_prompts(prompts["prompt_id"], a.test_fraction, CALIBRATION_FRACTION, a.split_seed)
+    return frozenset(p for p, part in split.items() if part == "train")
 
 
 def _chunk_seed(model_id: str, seed: int, chunk: int) -> int:
@@ -101,14 +128,72 @@ def _read_existing(path: Path, plan: pd.DataFrame) -> pd.DataFrame:
     return existing
 
 
+ROWS_DIGEST = b"natprints_rows_sha256"  # parquet metadata: a digest of the file's rows, written with them
+
+
+def _rows_digest(table) -> str:
+    return hash_obj(table.replace_schema_metadata(None).to_pylist())
+
+
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), ROWS_DIGEST: _rows_digest(table).encode()})
     tmp = temp_path_for(path)
     try:
-        frame.to_parquet(tmp, index=False)
+        pq.write_table(table, tmp)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _own_rows(path: Path) -> bool:
+    """True when the file carries the digest of its own rows, as :func:`_write_parquet` wrote it."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception:  # a truncated or foreign file is not one this stage wrote
+        return False
+    recorded = (table.schema.metadata or {}).get(ROWS_DIGEST)
+    return recorded is not None and recorded.decode() == _rows_digest(table)
+
+
+def check_existing(cfg: Config, paths: list[Path], model_sha256: dict[str, str]) -> None:
+    """Refuse to skip or extend a generated file this stage did not write as it is now.
+
+    A file must match the hash the stage manifest records, or carry the digest of its own rows (a file
+    a killed run was still filling): re-hashing an edited file into the manifest would launder it.
+    Texts of a model whose weights changed since (``model_sha256``: model id -> the zoo's hash now)
+    are refused too.
+    """
+    out = cfg.paths.generated
+    manifest = Manifest(out, "generated corpora")
+    try:
+        recorded = manifest.read() if manifest.exists() else {}
+    except NatprintsError:
+        recorded = {}  # an unreadable manifest is rewritten; each file still has to prove itself
+    files = recorded.get("files") if isinstance(recorded.get("files"), dict) else {}
+    models = recorded.get("models") if isinstance(recorded.get("models"), dict) else {}
+    for path in paths:
+        if not path.is_file():
+            continue
+        name = str(path.relative_to(out))
+        if files.get(name) != sha256_file(path) and not _own_rows(path):
+            raise NatprintsError(
+                f"{path} does not match the manifest that wrote it (tampered or corrupt); "
+                "remove it and rerun `natprints generate`"
+            )
+        model_id = next((m for m in model_sha256 if name in (f"{m}.parquet", f"null/{m}.parquet")), None)
+        entry = models.get(model_id) if model_id else None
+        if isinstance(entry, dict) and entry.get("model_sha256") not in (None, model_sha256[model_id]):
+            raise NatprintsError(
+                f"{path} was generated by other weights of {model_id} than the zoo holds now; "
+                "remove it and rerun `natprints generate`"
+            )
 
 
 def generate_for_model(
@@ -118,6 +203,7 @@ def generate_for_model(
     out_path: Path,
     seed: int,
     max_chunks: int | None = None,
+    train_prompts: frozenset[str] = frozenset(),
     *,
     progress: bool = True,
 ) -> int:
@@ -128,7 +214,7 @@ def generate_for_model(
     from natprints.corpus import load_tokenizer
 
     g = cfg.generate
-    plan = plan_rows(model_id, prompts, g, seed)
+    plan = plan_rows(model_id, prompts, g, seed, train_prompts)
     existing = _read_existing(out_path, plan)
     missing = plan[~plan["sample_id"].isin(set(existing["sample_id"]))]
     if missing.empty:
@@ -186,25 +272,30 @@ def generate_for_model(
 
 
 def stage_key(cfg: Config) -> str:
-    return hash_obj({"generate": cfg.generate.model_dump(), "train": cfg.train.model_dump()})
+    parts = {"generate": cfg.generate.model_dump(), "train": cfg.train.model_dump()}
+    if cfg.generate.train_samples != cfg.generate.samples_per_prompt:  # the split picks the prompts
+        parts["split"] = [cfg.attribution.test_fraction, cfg.attribution.split_seed]
+    return hash_obj(parts)
 
 
 def generate_all(cfg: Config, *, max_chunks: int | None = None) -> dict:
     """The generate stage over the whole zoo plus the null control; writes the generated manifest."""
     from natprints.zoo import condition_members, zoo_specs
+    from natprints.zoo.stage import verified_model
 
     start = time.time()
     out = cfg.paths.generated
     specs = zoo_specs(cfg)
-    for model_id in specs:
-        if not (cfg.paths.zoo / model_id / "manifest.json").is_file():
-            raise NatprintsError(f"zoo model {model_id} is missing; run `natprints zoo` first")
+    weights = {m: verified_model(cfg, m)["files"]["model.safetensors"] for m in specs}
     prompts = build_prompts(cfg)
     base = next(iter(specs))
-    jobs = [(cfg, m, prompts, out / f"{m}.parquet", cfg.generate.seed, max_chunks) for m in specs]
-    jobs.append((cfg, base, prompts, out / "null" / f"{base}.parquet", cfg.generate.null_seed, max_chunks))
+    train = train_prompt_ids(cfg, prompts)
+    jobs = [(cfg, m, prompts, out / f"{m}.parquet", cfg.generate.seed, max_chunks, train) for m in specs]
+    jobs.append((cfg, base, prompts, out / "null" / f"{base}.parquet", cfg.generate.null_seed, max_chunks, train))
+    check_existing(cfg, [job[3] for job in jobs], weights)
     added = sum(run_jobs(cfg.run.workers, generate_for_model, jobs, "generate"))
-    expected = len(prompts) * cfg.generate.samples_per_prompt
+    g = cfg.generate
+    expected = len(prompts) * g.samples_per_prompt + len(train) * (g.train_samples - g.samples_per_prompt)
     counts = {str(job[3].relative_to(out)): len(pd.read_parquet(job[3], columns=["sample_id"])) for job in jobs}
     complete = all(n == expected for n in counts.values())
     fields = {

@@ -179,16 +179,17 @@ def stage_key(cfg: Config, rows: dict[str, pd.DataFrame]) -> str:
 
 
 def _manifest(cfg: Config) -> Manifest:
-    return Manifest(cfg.paths.likelihood, "likelihood scores")
+    return Manifest(cfg.paths.likelihood, "likelihood scores", remake="natprints likelihood")
 
 
 def score_all(cfg: Config, *, progress: bool = True) -> dict:
     """The `likelihood` stage; returns its manifest (``scored``: rows scored by this call)."""
+    from natprints.zoo.stage import verified_model
+
     conditions = load_conditions(cfg)
     rows = scoring_rows(cfg, conditions)
     for model_id in rows:
-        if not (cfg.paths.zoo / model_id / "manifest.json").is_file():
-            raise NatprintsError(f"zoo model {model_id} is missing; run `natprints zoo` first")
+        verified_model(cfg, model_id)  # cached scores of weights that changed on disk are not trusted
     key = stage_key(cfg, rows)
     manifest = _manifest(cfg)
     if manifest.is_current(key):

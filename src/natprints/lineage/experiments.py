@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +36,7 @@ from natprints.config import Config, LineageSettings
 from natprints.errors import NatprintsError
 from natprints.lineage import seedprints as sp
 from natprints.lineage import weightstd as ws
-from natprints.lineage.models import Entry, discover_zoo, inspect_model, library_entries, model_digest
+from natprints.lineage.models import Entry, Incomparable, discover_zoo, inspect_model, library_entries, model_digest
 from natprints.records import LINEAGE_JSON, write_lineage
 from natprints.runtime import setup_torch
 
@@ -471,6 +472,14 @@ def stage_key(cfg: Config, entries: list[Entry], digests: dict[str, str]) -> str
     )
 
 
+def missing_derived(cfg: Config, entries: list[Entry]) -> list[str]:
+    """The derived models the config asks for that the zoo does not hold (yet)."""
+    from natprints.zoo.stage import derived_ids
+
+    present = {e.model_id for e in entries if e.kind == "derived"}
+    return sorted(set(derived_ids(cfg)) - present)
+
+
 def run_lineage(cfg: Config, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Score every pair in the run's zoo by both methods and write ``reports/<run>/lineage.*``.
 
@@ -484,6 +493,14 @@ def run_lineage(cfg: Config, *, force: bool = False, progress: bool = True) -> d
     settings = cfg.lineage
     reports = cfg.paths.reports
     entries = discover_zoo(cfg.paths.zoo)
+    missing = missing_derived(cfg, entries)
+    if missing:
+        print(
+            f"warning: {len(missing)} derived model(s) missing ({', '.join(missing)}); lineage results leave "
+            "them out: run `natprints derive` first to include them",
+            file=sys.stderr,
+            flush=True,
+        )
     # checkpoints only matter for emergence, which covers the `seed` condition's models
     entries = [e for e in entries if e.kind != "checkpoint" or "seed" in e.conditions]
     infos = {e.label: inspect_model(e.path) for e in entries}
@@ -515,6 +532,7 @@ def run_lineage(cfg: Config, *, force: bool = False, progress: bool = True) -> d
         "zoo": str(cfg.paths.zoo),
         "entries": [e.summary() | {"digest": digests[e.label]} for e in matrix_entries],
         "num_layers": sorted({e.arch["num_layers"] for e in matrix_entries}),
+        "missing_derived": missing,
         "methods": {m: method_summary(rows, m) for m in METHODS},
         "checks": expectation_checks(rows, matrix_entries),
         "seedprints": {
@@ -679,8 +697,8 @@ def compare(
             else:
                 w = ws.weights_compare(info_a.path, info_b.path, settings.weights_threshold)
                 results[name] = w.to_dict() | {"verdict": "related" if w.related else "unrelated"}
-        except NatprintsError as exc:
-            if method != "all" or "cannot compare" not in str(exc):
+        except Incomparable as exc:
+            if method != "all":
                 raise
             results[name] = {"verdict": "incomparable", "reason": str(exc)}
     if all(r["verdict"] == "incomparable" for r in results.values()):

@@ -15,6 +15,12 @@ from natprints.artifacts import MANIFEST, Manifest, hash_obj, sha256_file
 from natprints.errors import NatprintsError
 
 
+class Incomparable(NatprintsError):
+    """A lineage method cannot read or compare a pair (another shape, weights it does not know): with
+    ``--method all`` it is reported and the other method still answers. A corrupt file or non-finite
+    weights stay errors."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a Hugging Face causal-LM directory holds, read from its ``config.json``."""

@@ -44,7 +44,7 @@ from scipy.stats import kendalltau, norm
 from natprints.artifacts import atomic_write_bytes, hash_obj
 from natprints.config import LineageSettings
 from natprints.errors import NatprintsError
-from natprints.lineage.models import ModelInfo, inspect_model, model_digest
+from natprints.lineage.models import Incomparable, ModelInfo, inspect_model, model_digest
 from natprints.runtime import load_lm, resolve_device
 
 FEATURES_VERSION = 1
@@ -96,11 +96,14 @@ def compute_features(info: ModelInfo, settings: LineageSettings, device: Any) ->
     import torch
 
     if info.max_positions is not None and settings.seedprints_seq_len > info.max_positions:
-        raise NatprintsError(
+        raise Incomparable(
             f"seedprints_seq_len {settings.seedprints_seq_len} exceeds {info.path}'s "
             f"max_position_embeddings {info.max_positions}"
         )
     model = load_lm(info.path, verify=False, device=device)  # the caller verified the digest
+    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise NatprintsError(f"{info.path}: {bad} holds non-finite values (NaN or inf); no SeedPrints verdict")
     inputs = random_inputs(
         info.vocab_size, settings.seedprints_inputs, settings.seedprints_seq_len, settings.seedprints_seed
     )
@@ -111,6 +114,8 @@ def compute_features(info: ModelInfo, settings: LineageSettings, device: Any) ->
             hidden = model.base_model(input_ids=batch).last_hidden_state[:, -1, :]
             out.append(hidden.float().cpu().numpy())
     features = np.concatenate(out)
+    if not np.isfinite(features).all():
+        raise NatprintsError(f"{info.path}: hidden states are non-finite (NaN or inf weights); no SeedPrints verdict")
     if features.shape != (settings.seedprints_inputs, info.hidden_size):
         raise NatprintsError(
             f"{info.path}: final hidden state has shape {features.shape}, "
@@ -347,7 +352,7 @@ def check_comparable(a: ModelInfo, b: ModelInfo) -> None:
         if getattr(a, name) != getattr(b, name)
     ]
     if diffs:
-        raise NatprintsError(
+        raise Incomparable(
             f"SeedPrints cannot compare {a.path} and {b.path}: {'; '.join(diffs)} "
             "(it needs the same hidden size and vocabulary)"
         )

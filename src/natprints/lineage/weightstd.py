@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from natprints.errors import NatprintsError
-from natprints.lineage.models import ModelInfo, inspect_model, model_digest
+from natprints.lineage.models import Incomparable, ModelInfo, inspect_model, model_digest
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Z-scored over 2 layers every sequence is (-1, 1) or (1, -1), so every correlation is +-1: a pair
@@ -92,16 +92,16 @@ def weight_profile(path: Path | str | ModelInfo) -> WeightProfile:
         found[proj][layer] = sd
     missing = [p for p in PROJECTIONS if not found[p]]
     if missing:
-        raise NatprintsError(
+        raise Incomparable(
             f"{info.path}: no {', '.join(missing)} weights found (the weight-std fingerprint needs "
             "Llama-like attention projections named q_proj, k_proj, v_proj, o_proj)"
         )
     layers = sorted(found[PROJECTIONS[0]])
     for proj in PROJECTIONS:
         if sorted(found[proj]) != layers or layers != list(range(len(layers))):
-            raise NatprintsError(f"{info.path}: {proj} weights are not present for every layer")
+            raise Incomparable(f"{info.path}: {proj} weights are not present for every layer")
     if len(layers) != info.num_layers:
-        raise NatprintsError(
+        raise Incomparable(
             f"{info.path}: found attention projections for {len(layers)} layers, config.json says {info.num_layers}"
         )
     return WeightProfile(info.path, {p: np.array([found[p][i] for i in layers]) for p in PROJECTIONS})
@@ -163,7 +163,7 @@ def incomparable_reason(a: WeightProfile, b: WeightProfile) -> str | None:
 def check_comparable(a: WeightProfile, b: WeightProfile) -> None:
     reason = incomparable_reason(a, b)
     if reason is not None:
-        raise NatprintsError(reason)
+        raise Incomparable(reason)
 
 
 def compare_profiles(a: WeightProfile, b: WeightProfile, threshold: float = 0.9) -> WeightsResult:

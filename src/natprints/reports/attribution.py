@@ -79,7 +79,8 @@ APPROACHES = (
     ("BPE token n-grams", lambda f, c: f == "tok13" and c != "nb"),
     ("naive Bayes on n-grams (generative)", lambda f, c: c == "nb"),
     ("sentence embeddings (embed, union)", lambda f, c: f in ("embed", "union")),
-    ("reference LMs fine-tuned per model", lambda f, c: f == "reflm"),
+    ("reference LMs fine-tuned per model", lambda f, c: f == "reflm" and c == "lm"),
+    ("classification head on the reference LM", lambda f, c: f == "reflm" and c == "head"),
 )
 
 
@@ -490,6 +491,20 @@ def render_section(cfg: Config) -> str:
         plot_evidence(train, "n_train", "training texts", figures / "evidence_train.png")
         parts.append(f"![evidence: training size]({FIGURES}/evidence_train.png)\n")
         parts.append(_evidence_md(train, "train_fraction"))
+    samples = evidence_table(records, "train_samples")
+    if not samples.empty:
+        ticks = {int(v): f"{int(v)}×" for v in sorted(samples["value"].unique())}
+        plot_evidence(
+            samples, "value", "continuations per training prompt (× texts)", figures / "evidence_samples.png", ticks
+        )
+        parts.append(
+            "### More training texts\n\nAccuracy against the continuations generated per training prompt "
+            "(`generate.train_samples_per_prompt`; the test texts stay one per prompt): the best pipeline and "
+            "the baseline refitted on the first N continuations of each training prompt, and the reference "
+            "LMs fine-tuned on them.\n\n"
+            f"![evidence: training texts per prompt]({FIGURES}/evidence_samples.png)\n"
+        )
+        parts.append(_evidence_md(samples, "train_samples"))
     pooled = pooled_points(records)
     if not pooled.empty:
         plot_evidence(
@@ -680,6 +695,7 @@ def _evidence_md(points: pd.DataFrame, axis: str) -> str:
     label = {
         "tokens": lambda v: "all" if v == 0 else f"{int(v)} tok",
         "train_fraction": lambda v: f"{v:g} of train",
+        "train_samples": lambda v: f"{int(v)}× texts",
         "pooled": lambda v: f"k={int(v)}",
     }
     rows = []

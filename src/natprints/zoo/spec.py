@@ -77,13 +77,16 @@ def zoo_specs(cfg: Config) -> dict[str, tuple[ModelSpec, list[str]]]:
 
 
 def condition_members(cfg: Config) -> dict[str, list[str]]:
-    """Condition -> model ids (base first), plus ``all``; only conditions the config declares."""
+    """Condition -> model ids (base first), plus ``all`` unless one condition already holds every model;
+    only conditions the config declares."""
     members: dict[str, list[str]] = {}
     for model_id, (_, conditions) in zoo_specs(cfg).items():
         for condition in conditions:
             members.setdefault(condition, []).append(model_id)
     ordered = {c: members[c] for c in CONDITIONS if c in members}
-    ordered["all"] = list(zoo_specs(cfg))
+    everyone = list(zoo_specs(cfg))
+    if all(set(m) != set(everyone) for m in ordered.values()):
+        ordered["all"] = everyone
     return ordered
 
 

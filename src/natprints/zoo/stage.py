@@ -7,6 +7,8 @@ Each model lives at ``models/<run>/zoo/<model-id>/``: a Hugging Face directory (
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from pathlib import Path
 
@@ -31,9 +33,54 @@ def _spec_fields(spec: ModelSpec, cfg: Config) -> dict:
 
 
 def _model_done(out_dir: Path, spec_fields: dict, model_id: str) -> bool:
-    return Manifest(out_dir, f"model {model_id}").is_current(
-        hash_obj(spec_fields), refuse_other="use a new [run] name or `natprints clean`"
-    )
+    """True when the model is complete; a complete model whose files fail their hashes is retrained."""
+    manifest = Manifest(out_dir, f"model {model_id}")
+    key = hash_obj(spec_fields)
+    if manifest.exists() and manifest.read().get("key") == key:
+        bad = manifest.mismatched()
+        if bad:
+            what = f"{', '.join(bad)} {'does' if len(bad) == 1 else 'do'} not match its manifest hash (corrupt)"
+            print(f"model {model_id}: {what}; retraining it", file=sys.stderr, flush=True)
+            manifest.invalidate()
+            for name in bad:
+                (out_dir / name).unlink(missing_ok=True)
+            return False
+    return manifest.is_current(key, refuse_other="use a new [run] name or `natprints clean`")
+
+
+def verified_model(cfg: Config, model_id: str) -> dict:
+    """A zoo or derived model's manifest, after checking its config and weights against it and that
+    its training ended finite: a stage that uses a model, even one that then skips, refuses a bad one."""
+    directory = cfg.paths.zoo / model_id
+    manifest = Manifest(directory, f"zoo model {model_id}")
+    stage = "derive" if "+" in model_id else "zoo"  # derived ids are <parent>+<source>
+    if not manifest.exists():
+        raise NatprintsError(f"zoo model {model_id} is missing; run `natprints {stage}` first")
+    fields = manifest.read()
+    stage = "derive" if fields.get("parent") else "zoo"
+    bad = manifest.mismatched(("config.json", "model.safetensors"))
+    if bad:
+        raise NatprintsError(
+            f"zoo model {model_id}: {bad[0]} does not match its manifest hash (tampered or corrupt); "
+            f"rerun `natprints {stage}` to retrain it"
+        )
+    loss = fields.get("final_heldout_loss")
+    if not isinstance(loss, int | float) or not math.isfinite(loss):
+        raise NatprintsError(f"zoo model {model_id}: training ended with held-out loss {loss}; it is not used")
+    return fields
+
+
+def _check_fits(specs: list[ModelSpec], counts: dict) -> None:
+    """Refuse, before any training, a block length the corpus cannot fill: one held-out block and a
+    batch of distinct training blocks (rather than train on repeats, or run out of memory)."""
+    for spec in specs:
+        blocks = (counts["train_tokens"] - 1) // spec.seq_len
+        if counts["heldout_tokens"] < spec.seq_len + 1 or blocks < spec.batch_size:
+            raise NatprintsError(
+                f"train.seq_len = {spec.seq_len} is too long for the corpus: {counts['heldout_tokens']} held-out "
+                f"tokens (needs {spec.seq_len + 1}) and {blocks} training blocks (needs a batch of {spec.batch_size}); "
+                "lower train.seq_len or use more text (corpus.max_chars, corpus.heldout_fraction)"
+            )
 
 
 def train_one(
@@ -132,8 +179,9 @@ def build_zoo(cfg: Config, only: list[str] | None = None, stop_after: int | None
     """Train every model of the config (or ``only`` these ids); returns the ids trained now."""
     from natprints.corpus import corpus_manifest
 
-    corpus_manifest(cfg)
+    corpus = corpus_manifest(cfg)
     specs = zoo_specs(cfg)
+    _check_fits([spec for spec, _ in specs.values()], corpus["counts"])
     if only:
         unknown = [m for m in only if m not in specs]
         if unknown:
@@ -235,8 +283,7 @@ def build_derived(cfg: Config) -> list[str]:
     if not derived:
         return []
     for parent_id in derived.values():
-        if not (cfg.paths.zoo / parent_id / "manifest.json").is_file():
-            raise NatprintsError(f"zoo model {parent_id} is missing; run `natprints zoo` first")
+        verified_model(cfg, parent_id)
     shift_corpus(cfg)
     jobs = [(cfg, model_id, parent_id) for model_id, parent_id in derived.items()]
     done = run_jobs(cfg.run.workers, _derive_job, jobs, "derive")

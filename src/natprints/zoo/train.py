@@ -11,7 +11,9 @@ import contextlib
 import hashlib
 import json
 import math
+import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from natprints.artifacts import atomic_write_json, temp_path_for
+from natprints.artifacts import Manifest, atomic_write_json, temp_path_for
 from natprints.config import SizePreset
+from natprints.errors import NatprintsError
 from natprints.zoo.spec import ModelSpec
 
 RESUME_POINTER = "resume.json"
+RESUME_FILES = ("model.safetensors", "optimizer.pt", "state.json")
+_RESUME_DIR = re.compile(r"^resume-\d+$")
 
 
 def llama_config(preset: SizePreset, vocab_size: int, seq_len: int, eos_id: int):
@@ -161,31 +166,81 @@ def _save_resume(out_dir: Path, model, opt, state: TrainState) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     atomic_write_json(tmp / "state.json", state.__dict__)
+    Manifest(tmp, "resume state").write(name, {"step": state.step}, RESUME_FILES)
     target = out_dir / name
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     atomic_write_json(out_dir / RESUME_POINTER, {"dir": name})
-    for old in out_dir.glob("resume-*"):
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
+    for old in _resume_dirs(out_dir)[2:]:  # the one before stays: the fallback when this one is unreadable
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _resume_dirs(out_dir: Path) -> list[Path]:
+    """The resume states in ``out_dir``, newest first."""
+    return sorted((p for p in out_dir.glob("resume-*") if _RESUME_DIR.match(p.name)), reverse=True)
+
+
+def _read_resume(src: Path, model) -> tuple[dict, dict, TrainState]:
+    """A resume state's weights, optimizer state and train state, checked before any is applied."""
+    from safetensors.torch import load_file
+
+    manifest = Manifest(src, "resume state")
+    bad = manifest.mismatched() if manifest.exists() else []  # older states without one are only parsed
+    if bad:
+        raise ValueError(f"{bad[0]} does not match its hash")
+    weights = load_file(str(src / "model.safetensors"))
+    expected = model.state_dict()
+    if weights.keys() != expected.keys() or any(weights[k].shape != expected[k].shape for k in expected):
+        raise ValueError("its weights do not fit the model")
+    optimizer = torch.load(src / "optimizer.pt", weights_only=True)
+    return weights, optimizer, TrainState(**json.loads((src / "state.json").read_text()))
 
 
 def _load_resume(out_dir: Path, model, opt) -> TrainState | None:
-    from safetensors.torch import load_file
-
+    """The newest readable resume state, applied to ``model`` and ``opt``; an unreadable one (a
+    truncated file, a failed hash) falls back to the one before it, then to step 0, and says so."""
     pointer = out_dir / RESUME_POINTER
     if not pointer.is_file():
         return None
-    src = out_dir / json.loads(pointer.read_text())["dir"]
-    model.load_state_dict(load_file(str(src / "model.safetensors")))
-    opt.load_state_dict(torch.load(src / "optimizer.pt", weights_only=True))
-    return TrainState(**json.loads((src / "state.json").read_text()))
+    try:
+        newest = out_dir / json.loads(pointer.read_text())["dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        newest = None
+    candidates = [p for p in [newest, *_resume_dirs(out_dir)] if p is not None and p.is_dir()]
+    candidates = list(dict.fromkeys(candidates))
+    for i, src in enumerate(candidates):
+        try:
+            weights, optimizer, state = _read_resume(src, model)
+            opt.load_state_dict(optimizer)  # checks the groups before it changes anything
+        except Exception as exc:  # safetensors, torch and json raise many types for a damaged state
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            then = candidates[i + 1].name if i + 1 < len(candidates) else "step 0"
+            print(
+                f"model {out_dir.name}: resume state {src.name} is unreadable ({reason}); resuming from {then}",
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
+        model.load_state_dict(weights)
+        return state
+    if not candidates:
+        print(f"model {out_dir.name}: no resume state found; training from step 0", file=sys.stderr, flush=True)
+    return None
 
 
 def clear_resume(out_dir: Path) -> None:
     (out_dir / RESUME_POINTER).unlink(missing_ok=True)
     for old in out_dir.glob("resume-*"):
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_finite(out_dir: Path, which: str, loss: float, step: int) -> None:
+    """Stop a diverged model: no non-finite weights are saved as a finished model or passed on."""
+    if not math.isfinite(loss):
+        raise NatprintsError(
+            f"model {out_dir.name} diverged: {which} loss is {loss} at step {step}; "
+            "it is not saved (lower train.lr, under a new [run] name)"
+        )
 
 
 def train(
@@ -229,12 +284,14 @@ def train(
         opt.step()
         opt.zero_grad(set_to_none=True)
         state.interval_losses.append(loss.item())
+        _check_finite(out_dir, "training", state.interval_losses[-1], step + 1)
         state.step = step + 1
 
         if state.step % spec.eval_every == 0 or state.step == spec.steps:
             state.train_curve.append([state.step, float(np.mean(state.interval_losses))])
             state.interval_losses = []
             val_loss = heldout_loss(model, val, spec.batch_size, autocast, device)
+            _check_finite(out_dir, "held-out", val_loss, state.step)
             state.heldout_curve.append([state.step, val_loss])
             bar.set_postfix(loss=f"{state.train_curve[-1][1]:.3f}", val=f"{val_loss:.3f}")
         if state.step in spec.checkpoint_steps and state.step < spec.steps:

@@ -1,0 +1,300 @@
+"""The job executors and one run at a time: the executor keys, Ray against the local executor (byte
+for byte), the shared-storage check, the per-run lock, Ctrl-C's resume line, no worker left after a
+kill -9 of the parent under either executor, and the paper-scale config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from natprints.config import check_run_lock, load_config
+from natprints.errors import NatprintsError
+from natprints.runtime import check_shared_storage, exclusive_run, storage_probe
+from tests.conftest import ROOT, SMOKE, copy_stage, run_cli
+
+PAPER = ROOT / "configs" / "paper.toml"
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+def _smoke_variant(path: Path, run_extra: str = "", **replace: str) -> Path:
+    """The smoke config with keys added to [run] and ``old=new`` line replacements."""
+    text = SMOKE.read_text().replace("[run]\n", f"[run]\n{run_extra}", 1)
+    for old, new in replace.items():
+        assert f"\n{old}\n" in text, old
+        text = text.replace(f"\n{old}\n", f"\n{new}\n", 1)
+    path.write_text(text)
+    return path
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("run", "message"),
+    [
+        ('threads = 1\nexecutor = "dask"\n', r"'run\.executor': Input should be 'local' or 'ray'"),
+        ('threads = 1\nexecutor = "ray"\nray_address = "x"\n', r"'run\.ray_address': must be '' \(a local Ray"),
+        ('threads = 1\nray_address = "auto"\n', r"'run': ray_address is only used with executor = 'ray'"),
+        ('threads = 0\nexecutor = "ray"\n', r"'run': executor = 'ray' needs threads >= 1"),
+    ],
+)
+def test_executor_keys_are_validated(tmp_path, run, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[run]\nname = 't'\n{run}")
+    with pytest.raises(NatprintsError, match=message):
+        load_config(path)
+
+
+@pytest.mark.parametrize("address", ["", "auto", "ray://head.example:10001", "10.0.0.5:6379"])
+def test_ray_addresses_accepted(tmp_path, address):
+    path = tmp_path / "ok.toml"
+    path.write_text(f"[run]\nname = 't'\nthreads = 2\nexecutor = 'ray'\nray_address = '{address}'\n")
+    assert load_config(path).run.ray_address == address
+
+
+def test_executor_does_not_lock_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("NATPRINTS_HOME", str(tmp_path))
+    path = tmp_path / "run.toml"
+    path.write_text("[run]\nname = 't'\nthreads = 1\n")
+    check_run_lock(load_config(path), path)
+    path.write_text("[run]\nname = 't'\nthreads = 1\nexecutor = 'ray'\nray_address = 'auto'\n")
+    check_run_lock(load_config(path), path)  # where the jobs run changes no result
+    path.write_text("[run]\nname = 't'\nthreads = 2\nexecutor = 'ray'\n")
+    with pytest.raises(NatprintsError, match=r"changed: run\.threads"):
+        check_run_lock(load_config(path), path)
+
+
+# --- the paper-scale config -------------------------------------------------------------------------
+
+
+def test_paper_config_validates_and_its_models_build():
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from natprints.zoo.spec import condition_members, zoo_specs
+    from natprints.zoo.train import llama_config
+
+    cfg = load_config(PAPER)
+    assert (cfg.run.executor, cfg.run.device, cfg.run.train_dtype) == ("ray", "auto", "auto")
+    specs = {model_id: spec for model_id, (spec, _) in zoo_specs(cfg).items()}
+    assert len({s.init_seed for s in specs.values()}) >= 4
+    assert len({s.data_seed for s in specs.values()}) >= 2
+    assert len({s.size for s in specs.values()}) == 2
+    assert len({s.lr for s in specs.values()}) == 2
+    assert set(condition_members(cfg)) >= {"seed", "init", "data_order", "size", "lr", "all"}
+    base = cfg.sizes[cfg.train.size]
+    assert (base.num_layers, base.hidden_size) == (12, 768)
+    params = {}
+    for spec in specs.values():
+        config = llama_config(cfg.sizes[spec.size], cfg.tokenizer.vocab_size, spec.seq_len, 0)
+        with torch.device("meta"):  # the architecture, without allocating or initializing weights
+            model = LlamaForCausalLM(config)
+        assert model.config.num_hidden_layers == cfg.sizes[spec.size].num_layers
+        params[spec.size] = sum(p.numel() for p in model.parameters())
+    # 12 x (4 x 768^2 + 3 x 768 x 2048) + 2 x 32000 x 768 + norms: the SeedPrints toy scale
+    assert 130e6 < params["toy-768"] < 140e6 and params["toy-512"] < params["toy-768"]
+
+
+# --- the shared-storage check ---------------------------------------------------------------------
+
+
+def test_shared_storage_check(tmp_path):
+    root = tmp_path / "shared"
+
+    def same_disk(probe, args):  # every node mounts the run root: the check passes and cleans up
+        return [probe(node, *args) for node in ("10.0.0.1", "10.0.0.2")]
+
+    check_shared_storage(root, same_disk)
+    assert list(root.iterdir()) == []
+
+    def one_local_disk(probe, args):  # node 10.0.0.2 has its own disk at the same path
+        directory, token = args
+        local = tmp_path / "node-local" / Path(directory).name
+        local.mkdir(parents=True)
+        return [probe("10.0.0.1", directory, token), storage_probe("10.0.0.2", str(local), token)]
+
+    with pytest.raises(NatprintsError, match=r"^Ray node 10\.0\.0\.2 does not see the run root .*shared"):
+        check_shared_storage(root, one_local_disk)
+
+
+# --- one run at a time, Ctrl-C, kill -9 -----------------------------------------------------------
+
+
+def test_busy_run_is_refused_and_waited_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("NATPRINTS_HOME", str(tmp_path))
+    cfg = load_config(SMOKE)
+    with exclusive_run(cfg):
+        proc = run_cli("zoo", "--config", str(SMOKE), home=tmp_path, check=False)
+        assert proc.returncode == 1
+        assert proc.stderr.strip().splitlines() == [
+            f"error: run smoke is busy (pid {os.getpid()}); wait for it to finish, or rerun with --wait"
+        ]
+        waiting = _start_cli(tmp_path, "clean", "--config", str(SMOKE), "--wait")
+        _wait_for(lambda: "waiting for it" in waiting.stderr_text(), 30, "the waiting line")
+        assert waiting.poll() is None  # still waiting while the lock is held
+    assert waiting.wait(timeout=60) == 0  # and it ran once the lock was released
+    assert f"removed {tmp_path / 'models' / 'smoke'}" in waiting.stdout_text()
+
+
+class _Cli(subprocess.Popen):
+    """`natprints ARGS` in the background, in a session of its own, with its output in files."""
+
+    def stderr_text(self) -> str:
+        return Path(self.err_path).read_text()
+
+    def stdout_text(self) -> str:
+        return Path(self.out_path).read_text()
+
+
+def _start_cli(home: Path, *args: str) -> _Cli:
+    env = {**os.environ, "NATPRINTS_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out, err = home / f".cli-{time.monotonic_ns()}.out", home / f".cli-{time.monotonic_ns()}.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = _Cli(
+            [sys.executable, "-c", "from natprints.cli import main; main()", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,  # its session id is its pid: every process it starts can be found
+        )
+    proc.out_path, proc.err_path = out, err
+    return proc
+
+
+def _session(sid: int) -> dict[int, str]:
+    """Live (non-zombie) processes of session ``sid``: pid -> command line."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields: state, ppid, pgrp, session, ...
+            found[int(stat.parent.name)] = cmdline.strip()
+    return found
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds}s waiting for {what}")
+        time.sleep(0.2)
+
+
+WORKER_MARK = {"local": "multiprocessing.spawn import spawn_main", "ray": "ray::_ray_call"}
+
+
+@pytest.fixture
+def long_zoo(tmp_path, smoke_home) -> tuple[Path, Path]:
+    """A scratch home with the smoke corpus and a smoke config whose models train for long."""
+    copy_stage(smoke_home, tmp_path, "data", "corpus", "smoke")
+    config = _smoke_variant(
+        tmp_path / "long.toml", **{"steps = 40": "steps = 5000", "resume_every = 10": "resume_every = 1000"}
+    )
+    return tmp_path, config
+
+
+def _start_training(home: Path, config: Path, executor: str) -> _Cli:
+    """`natprints zoo` with two workers, returned once both train (their models' inits are on disk)."""
+    proc = _start_cli(home, "zoo", "--config", str(config))
+    zoo = home / "models" / "smoke" / "zoo"
+
+    def training() -> bool:
+        assert proc.poll() is None, proc.stderr_text()
+        workers = [c for c in _session(proc.pid).values() if WORKER_MARK[executor] in c]
+        return len(workers) >= 2 and len(list(zoo.glob("*/init/model.safetensors"))) >= 2
+
+    _wait_for(training, 180, f"two {executor} workers training")
+    return proc
+
+
+@linux_only
+def test_ctrl_c_prints_the_resume_line_and_stops_the_workers(long_zoo):
+    home, config = long_zoo
+    proc = _start_training(home, config, "local")
+    second = run_cli("generate", "--config", str(config), home=home, check=False)
+    assert second.returncode == 1
+    assert f"error: run smoke is busy (pid {proc.pid})" in second.stderr
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    assert proc.stderr_text().strip().splitlines()[-1] == (
+        f"interrupted; rerun `natprints zoo --config {config}` to resume"
+    )
+    _wait_for(lambda: not _session(proc.pid), 15, "the workers to exit")
+
+
+@linux_only
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_kill_9_of_the_parent_leaves_no_worker(long_zoo, executor):
+    home, config = long_zoo
+    if executor == "ray":
+        text = config.read_text().replace("[run]\n", '[run]\nexecutor = "ray"\n', 1)
+        config.write_text(text)
+    started = time.time()
+    proc = _start_training(home, config, executor)
+    before = _session(proc.pid)
+    assert sum(WORKER_MARK[executor] in c for c in before.values()) >= 2
+    proc.kill()
+    proc.wait(timeout=10)
+    _wait_for(lambda: not _session(proc.pid), 20, f"every process of the killed run to exit: {_session(proc.pid)}")
+    if executor == "ray":  # the reaper that cleaned up (a session of its own) is gone as well
+        _wait_for(lambda: not _reapers_since(started), 20, "the reaper to exit")
+
+
+def _reapers_since(t0: float) -> list[int]:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["cmdline", "create_time", "status"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        recent = p.info["create_time"] >= t0 - 1
+        if "natprints.runtime import reap" in cmdline and recent and p.info["status"] != psutil.STATUS_ZOMBIE:
+            out.append(p.pid)
+    return out
+
+
+# --- Ray against the local executor ---------------------------------------------------------------
+
+
+def _artifact_digests(home: Path, models: set[str] | None = None) -> dict[str, object]:
+    """sha256 of every file of the zoo's models (``models``: these only) and of the generated corpora;
+    for a manifest, the file hashes it records and its key (not its timestamps or provenance)."""
+    out: dict[str, object] = {}
+    zoo, generated = home / "models" / "smoke" / "zoo", home / "data" / "generated" / "smoke"
+    dirs = [generated] + [d for d in sorted(zoo.iterdir()) if models is None or d.name in models]
+    for directory in dirs:
+        for path in sorted(directory.rglob("*")):
+            if not path.is_file():
+                continue
+            if path.name == "manifest.json":
+                manifest = json.loads(path.read_text())
+                value: object = {"files": manifest["files"], "key": manifest["key"]}
+            else:
+                value = hashlib.sha256(path.read_bytes()).hexdigest()
+            out[str(path.relative_to(home))] = value
+    return out
+
+
+def test_ray_executor_writes_the_local_executors_artifacts(tmp_path, smoke_home):
+    copy_stage(smoke_home, tmp_path, "data", "corpus", "smoke")
+    config = _smoke_variant(tmp_path / "smoke-ray.toml", run_extra='executor = "ray"\n')
+    for stage in ("zoo", "generate"):
+        proc = run_cli(stage, "--config", str(config), home=tmp_path)
+        assert "ray: started a local Ray instance (1 node(s), 2 CPUs," in proc.stdout
+    ray = _artifact_digests(tmp_path)
+    models = {Path(k).parts[3] for k in ray if k.startswith("models/")}
+    assert models == {d.name for d in (smoke_home / "models" / "smoke" / "zoo").iterdir() if "+" not in d.name}
+    local = _artifact_digests(smoke_home, models)
+    assert len(ray) == len(local) > 50
+    assert [k for k in local if ray.get(k) != local[k]] == []
