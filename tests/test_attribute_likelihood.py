@@ -372,10 +372,12 @@ def test_zoo_models_of_a_run_condition(zoo, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert set(json.loads(result.stdout)["loglik"]) == set(members)
     result = invoke("attribute", *text, "--method", "likelihood", "--config", config, "--condition", "lr")
-    assert result.exit_code == 1 and "no condition 'lr' in run 'lk' (it has: seed, all)" in result.stderr
+    assert result.exit_code == 1 and "no condition 'lr' in run 'lk' (it has: seed)" in result.stderr
     result = invoke("attribute", *text, "--method", "likelihood", "--run", "lk")
     assert result.exit_code == 1 and "no run 'lk'" in result.stderr  # no run lock recorded its config
     check_run_lock(cfg, config)  # what every stage does first: --run NAME then reads the config from it
     result = invoke("attribute", *text, "--method", "likelihood", "--run", "lk", "--json")
     assert result.exit_code == 0, result.output
-    assert set(json.loads(result.stdout)["loglik"]) == set(condition_members(cfg)["all"])
+    # `all` (the default) is the one condition that holds every model: no separate copy of it
+    assert "all" not in condition_members(cfg)
+    assert set(json.loads(result.stdout)["loglik"]) == set(condition_members(cfg)["seed"])

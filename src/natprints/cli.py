@@ -243,6 +243,7 @@ def _attributor_dir(
 ) -> tuple[Path, int | None]:
     """Where the attributor is, and the config's text size limit when a config was read."""
     from natprints.config import RunPaths, home
+    from natprints.zoo.spec import resolve_condition
 
     if attributor is not None:
         if condition is not None or run is not None:
@@ -254,7 +255,13 @@ def _attributor_dir(
     if run is None:
         cfg = load_config(config or DEFAULT_CONFIG)
         run, limit = cfg.run.name, cfg.attribution.max_text_bytes
-    return RunPaths(home(), run).attributors / (condition or "all"), limit
+    paths = RunPaths(home(), run)
+    if condition is None and not (paths.attributors / "all").is_dir():
+        # a run whose one condition holds every model has no separate `all`: that condition is it
+        manifest = paths.generated / "manifest.json"
+        members = json.loads(manifest.read_text(encoding="utf-8")).get("conditions", {}) if manifest.is_file() else {}
+        condition = resolve_condition(members if isinstance(members, dict) else {}, "all")
+    return paths.attributors / (condition or "all"), limit
 
 
 def _read_inputs(files: list[str], max_bytes: int) -> list[tuple[str, str | None, str | None]]:
@@ -385,6 +392,7 @@ def _likelihood_library(
     """--models (labels: directory names), else the run's zoo models of --condition; and the tokenizer."""
     from natprints.config import RunPaths, home
     from natprints.zoo import condition_members
+    from natprints.zoo.spec import resolve_condition
 
     if run is not None and config is not None:
         raise NatprintsError("give --run NAME or --config PATH, not both")
@@ -408,7 +416,7 @@ def _likelihood_library(
         return _Library(library, tokenizer, cfg)
     cfg = cfg or (_recorded_config(run) if run is not None else load_config(DEFAULT_CONFIG))
     members = condition_members(cfg)
-    condition = condition or "all"
+    condition = resolve_condition(members, condition or "all")
     if condition not in members:
         raise NatprintsError(f"no condition '{condition}' in run '{cfg.run.name}' (it has: {', '.join(members)})")
     zoo_dir = cfg.paths.zoo

@@ -90,6 +90,14 @@ def condition_members(cfg: Config) -> dict[str, list[str]]:
     return ordered
 
 
+def resolve_condition(members: dict[str, list[str]], name: str) -> str:
+    """``name``, or for ``all`` when a run lists no separate one, the condition that holds every model."""
+    if name in members or name != "all":
+        return name
+    everyone = {m for ids in members.values() for m in ids}
+    return next((c for c, ids in members.items() if set(ids) == everyone), name)
+
+
 def size_preset(cfg: Config, spec: ModelSpec) -> SizePreset:
     return cfg.sizes[spec.size]
 
