@@ -220,6 +220,7 @@ def _start_training(home: Path, config: Path, executor: str) -> _Cli:
 
 
 @linux_only
+@pytest.mark.process_faults
 def test_ctrl_c_prints_the_resume_line_and_stops_the_workers(long_zoo):
     home, config = long_zoo
     proc = _start_training(home, config, "local")
@@ -235,6 +236,7 @@ def test_ctrl_c_prints_the_resume_line_and_stops_the_workers(long_zoo):
 
 
 @linux_only
+@pytest.mark.process_faults
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_kill_9_of_the_parent_leaves_no_worker(long_zoo, executor):
     home, config = long_zoo
