@@ -165,6 +165,9 @@ def _start_cli(home: Path, *args: str) -> _Cli:
             stdout=stdout,
             stderr=stderr,
             start_new_session=True,  # its session id is its pid: every process it starts can be found
+            # as from a terminal: Ctrl-C is live even when this test runs with SIGINT ignored (a
+            # background job of a non-interactive shell), which the child would inherit
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     proc.out_path, proc.err_path = out, err
     return proc
