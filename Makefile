@@ -7,7 +7,7 @@ NP := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/natprints
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help all texts test data zoo generate derive lineage likelihood reference experiments report bench lint format clean venv
+.PHONY: help all texts long test data zoo generate derive lineage likelihood reference experiments emergence report bench lint format clean venv
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## Create .venv and install natprints with its pinned dependencies
 
-all: $(STAMP) ## The whole pipeline on CONFIG: data, zoo, generate, derive, lineage, likelihood, reference, experiments, report
+all: $(STAMP) ## The whole pipeline on CONFIG: data, zoo, generate, derive, lineage, likelihood, reference, experiments, emergence, report
 	$(NP) data --config $(CONFIG)
 	$(NP) zoo --config $(CONFIG)
 	$(NP) generate --config $(CONFIG)
@@ -30,11 +30,15 @@ all: $(STAMP) ## The whole pipeline on CONFIG: data, zoo, generate, derive, line
 	$(NP) likelihood --config $(CONFIG)
 	$(NP) reference --config $(CONFIG)
 	$(NP) experiments --config $(CONFIG)
+	$(NP) emergence --config $(CONFIG)
 	$(NP) report --config $(CONFIG)
 
 texts: $(STAMP) ## More training texts (configs/texts.toml): the seed condition at 1x, 4x and 16x the default's texts
-	for stage in data zoo generate likelihood reference experiments report; do \
+	for stage in data zoo generate likelihood reference experiments emergence report; do \
 		$(NP) $$stage --config configs/texts.toml || exit 1; done
+
+long: $(STAMP) ## Training 4x longer (configs/long.toml): the seed condition to step 960, the fingerprint at every saved step
+	$(MAKE) all CONFIG=configs/long.toml
 
 test: $(STAMP) ## Run the test suite (includes the smoke pipeline end to end)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/pytest -q -m 'not process_faults'
@@ -65,6 +69,9 @@ reference: likelihood ## The auditor's reference LM, fine-tuned per candidate mo
 
 experiments: reference ## Attribution experiments per condition (ceiling included), saved attributors
 	$(NP) experiments --config $(CONFIG)
+
+emergence: experiments ## The text fingerprint over training: [emergence] condition's models at every saved step
+	$(NP) emergence --config $(CONFIG)
 
 report: $(STAMP) ## Render reports/<run>/index.md from records and manifests
 	$(NP) report --config $(CONFIG)

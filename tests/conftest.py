@@ -38,6 +38,7 @@ SMOKE_STAGES = (
     ("likelihood",),
     ("reference",),
     ("experiments",),
+    ("emergence",),
     ("report",),
 )
 

@@ -59,7 +59,7 @@ def test_bench_stages_and_render(smoke_cfg, tmp_path, monkeypatch):
     record = run_bench(smoke_cfg, ["stages"], reps=1, log=lambda line: None)
     stages = record["sections"]["stages"]["results"]
     assert set(stages["stage_wall_s"]) == {
-        "data", "zoo", "generate", "derive", "lineage", "likelihood", "reference", "experiments"
+        "data", "zoo", "generate", "derive", "lineage", "likelihood", "reference", "experiments", "emergence"
     }  # fmt: skip
     assert stages["stage_total_wall_min"] == round(sum(stages["stage_wall_s"].values()) / 60, 1)
     out = smoke_cfg.paths.reports.parent / "bench"

@@ -160,9 +160,13 @@ def reference(config: ConfigOpt = DEFAULT_CONFIG, wait: WaitOpt = False) -> None
     """Train the auditor's reference LM, fine-tune it per candidate, score the texts (black-box)."""
     from natprints.attribution.reference import build_reference
 
-    with running(config, wait) as cfg, stage_timer(cfg, "reference") as run:
-        manifest = build_reference(cfg)
-        run.did_work = manifest["scored"] > 0 or manifest["trained_now"] > 0
+    with running(config, wait) as cfg:
+        if not cfg.reference.enabled:
+            typer.echo("reference: off in this config ([reference] enabled = false)")
+            return
+        with stage_timer(cfg, "reference") as run:
+            manifest = build_reference(cfg)
+            run.did_work = manifest["scored"] > 0 or manifest["trained_now"] > 0
     typer.echo(
         f"reference: {len(manifest['scorers'])} fine-tuned LMs, {manifest['trained_now']} trained now, "
         f"{manifest['scored']} texts scored now"
@@ -236,6 +240,32 @@ def experiments(
             f"[{row.ci_low:.3f}, {row.ci_high:.3f}], chance {row.chance:.3f}, p = {row.p_value:.2g}"
         )
     typer.echo(f"wrote {cfg.paths.reports / 'accuracy.csv'} and {cfg.paths.attributors}/")
+
+
+@app.command()
+def emergence(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    max_chunks: int = typer.Option(None, "--max-chunks", help="Generate at most this many chunks per checkpoint."),
+    wait: WaitOpt = False,
+) -> None:
+    """The text fingerprint over training: one condition's models at every saved step ([emergence])."""
+    from natprints.emergence import run_emergence
+    from natprints.records import TEXT_EMERGENCE_CSV
+
+    with running(config, wait) as cfg:
+        if not cfg.emergence.enabled:
+            typer.echo("emergence: off in this config ([emergence] enabled = false)")
+            return
+        with stage_timer(cfg, "emergence") as run:
+            manifest = run_emergence(cfg, max_chunks=max_chunks)
+            run.did_work = manifest["added"] > 0 and manifest["complete"]
+    if not manifest["complete"]:
+        typer.echo(f"emergence: {manifest['added']} texts generated now (partial)")
+        return
+    typer.echo(
+        f"emergence: {cfg.emergence.condition} at steps {', '.join(map(str, manifest['steps']))}; "
+        f"{manifest['added']} texts generated now; wrote {cfg.paths.reports / TEXT_EMERGENCE_CSV}"
+    )
 
 
 def _attributor_dir(

@@ -180,6 +180,8 @@ class AttributionSettings(_Section):
     # accuracy against continuations per training prompt (each <= generate.train_samples_per_prompt),
     # for the best pipeline, the baseline and the reference LMs (fine-tuned once per value)
     evidence_train_samples: list[Annotated[int, Field(ge=1)]] = []
+    # combined+product: the reference LMs' posterior times the best pipeline's calibrated posterior
+    combine_reference: bool = False
     top_ngrams: int = Field(10, ge=1)
     embed_batch_size: int = Field(64, ge=1)
     open_set_reject_rate: float = Field(0.05, ge=0, lt=1)  # share of known texts rejected
@@ -207,6 +209,30 @@ class ReferenceSettings(_Section):
     head_epochs: int = Field(3, ge=1)
     head_lr: float = Field(1e-4, gt=0)
     head_batch_size: int = Field(32, ge=1)
+
+
+class EmergenceSettings(_Section):
+    """The text fingerprint over training (`natprints emergence`): one condition's models at each saved step."""
+
+    enabled: bool = False
+    condition: Literal["seed", "init", "data_order", "size", "lr", "batch_size"] = "seed"
+    steps: list[Annotated[int, Field(ge=0)]] = []  # empty: step 0, every checkpoint and the final step
+    # black-box pipelines ("featurizer+classifier") fit anew at every step
+    pipelines: list[str] = ["word1+logreg", "word12+logreg", "char14+svm", "tok13+svm"]
+
+    @field_validator("pipelines")
+    @classmethod
+    def _known_pipelines(cls, value: list[str]) -> list[str]:
+        for name in value:
+            feat, _, clf = name.partition("+")
+            if feat not in FEATURIZERS or clf not in CLASSIFIERS or (clf == "nb" and feat in ("embed", "union")):
+                raise ValueError(
+                    f"unknown pipeline {name!r}: featurizer+classifier with featurizer in {', '.join(FEATURIZERS)} "
+                    f"and classifier in {', '.join(CLASSIFIERS)} (nb takes n-gram counts only)"
+                )
+        if not value:
+            raise ValueError("needs at least one pipeline")
+        return value
 
 
 class LineageSettings(_Section):
@@ -257,6 +283,7 @@ class Config(_Section):
     likelihood: LikelihoodSettings = LikelihoodSettings()
     reference: ReferenceSettings = ReferenceSettings()
     lineage: LineageSettings = LineageSettings()
+    emergence: EmergenceSettings = EmergenceSettings()
 
     @field_validator("sizes", mode="before")
     @classmethod
@@ -275,6 +302,10 @@ class Config(_Section):
             raise ValueError(
                 f"attribution.evidence_train_samples: {too_many} exceed the {self.generate.train_samples} "
                 "continuations generated per training prompt (generate.train_samples_per_prompt)"
+            )
+        if self.emergence.enabled and not getattr(self.conditions, self.emergence.condition):
+            raise ValueError(
+                f"emergence.condition = {self.emergence.condition!r}: the config declares no such condition"
             )
         unknown = set(self.lineage.derive_conditions) - set(ConditionSettings.model_fields)
         if unknown:
@@ -345,6 +376,10 @@ class RunPaths:
     @property
     def reference_scores(self) -> Path:
         return self.root / "data" / "reference" / self.run
+
+    @property
+    def emergence(self) -> Path:
+        return self.root / "data" / "emergence" / self.run
 
     @property
     def cache(self) -> Path:

@@ -118,6 +118,7 @@ LINEAGE_JSON = "lineage.json"
 
 
 EMERGENCE_CSV = "lineage_emergence.csv"
+TEXT_EMERGENCE_CSV = "emergence.csv"  # the text fingerprint over training (natprints.emergence)
 
 
 TIMINGS_FILE = "timings.json"

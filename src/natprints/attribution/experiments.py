@@ -52,6 +52,8 @@ CEILING = ("likelihood", "bayes")
 REFERENCE = ("reflm", "lm")
 # Black-box discriminative: a classification head on the reference LM, fine-tuned per condition.
 HEAD = ("reflm", "head")
+# Black-box, both kinds: the reference LMs' posterior times the best pipeline's calibrated one.
+COMBINED = ("combined", "product")
 OPEN_SET_POOLS = (1, 4, 16)  # texts per pool in the open-set test of the likelihood attributor
 EXPLAIN = ("word12", "logreg")
 # A default for a setting that has no config key (yet).
@@ -534,6 +536,13 @@ def _white_box(
             records.append(_evidence_record(data, *key, role, "train_samples", samples, n, y_test, y_pred))
     for role, (key, proba) in black_box.items():
         log_scores[role] = (key, np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-300, 1.0)))
+    if setup.settings.combine_reference and "reflm" in log_scores and "best" in log_scores:
+        # a product of experts with equal weights (no weight is fit): log p_reflm + log p_best, renormalized
+        combined = ceiling.log_posterior(log_scores["reflm"][1] + log_scores["best"][1])
+        members = ["+".join(REFERENCE), "+".join(black_box["best"][0])]
+        record = _pipeline_record(data, *COMBINED, n_train, y_test, ceiling.bayes_predict(combined), members=members)
+        records.append(record | {"best": False, "white_box": False})
+        log_scores["combined"] = (COMBINED, combined)
     sample_ids = test["sample_id"].astype(str).tolist()
     for role, (key, scores) in log_scores.items():
         records.append(

@@ -204,10 +204,15 @@ def generate_for_model(
     seed: int,
     max_chunks: int | None = None,
     train_prompts: frozenset[str] = frozenset(),
+    model_dir: Path | None = None,
     *,
     progress: bool = True,
 ) -> int:
-    """Fill the missing rows of one model's file; returns how many rows were generated now."""
+    """Fill the missing rows of one model's file; returns how many rows were generated now.
+
+    ``model_id`` names the rows and seeds the sampler; the weights are the zoo model's, or those at
+    ``model_dir`` (a checkpoint of it, named ``model@step``).
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -224,7 +229,7 @@ def generate_for_model(
     eos = tokenizer.eos_token_id
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    model = load_lm(cfg.paths.zoo / model_id, device=device)
+    model = load_lm(model_dir or cfg.paths.zoo / model_id, device=device)
     frames = [existing] if len(existing) else []
     added = 0
     chunks = sorted(missing["chunk"].unique())[:max_chunks]

@@ -55,19 +55,24 @@ def scoring_rows(cfg: Config, conditions: dict[str, ConditionData]) -> dict[str,
             rows = wanted.setdefault(scorer, {})
             for row in frame.itertuples(index=False):
                 rows.setdefault(str(row.sample_id), row)
-    out = {}
-    for scorer, rows in wanted.items():
-        records = []
-        for sample_id, row in rows.items():
-            prompt = [int(t) for t in prompts.loc[row.prompt_id]]
-            tokens = [int(t) for t in row.token_ids]
-            transform = (float(row.temperature), int(row.top_k), float(row.top_p), int(row.new_tokens))
-            key = _row_key(sample_id, prompt, tokens, transform)
-            records.append((key, sample_id, prompt, tokens, *transform))
-        out[scorer] = pd.DataFrame(
-            records, columns=["row_key", "sample_id", "prompt", "tokens", "temperature", "top_k", "top_p", "new_tokens"]
+    return {scorer: text_rows(list(rows.values()), prompts) for scorer, rows in wanted.items()}
+
+
+ROW_COLUMNS = ["row_key", "sample_id", "prompt", "tokens", "temperature", "top_k", "top_p", "new_tokens"]
+
+
+def text_rows(texts: list, prompts: pd.Series) -> pd.DataFrame:
+    """Generated rows (with ``sample_id``, ``prompt_id``, ``token_ids`` and the sampling transform) as
+    the rows :func:`score_model` scores; ``prompts``: prompt id -> its token ids."""
+    records = []
+    for row in texts:
+        prompt = [int(t) for t in prompts.loc[row.prompt_id]]
+        tokens = [int(t) for t in row.token_ids]
+        transform = (float(row.temperature), int(row.top_k), float(row.top_p), int(row.new_tokens))
+        records.append(
+            (_row_key(str(row.sample_id), prompt, tokens, transform), str(row.sample_id), prompt, tokens, *transform)
         )
-    return out
+    return pd.DataFrame(records, columns=ROW_COLUMNS)
 
 
 def _model_sha256(model_dir: Path) -> str:
@@ -105,8 +110,13 @@ def _write(path: Path, frame: pd.DataFrame, model_sha256: str) -> None:
         raise
 
 
-def score_model(cfg: Config, model_dir: Path, rows: pd.DataFrame, path: Path, *, progress: bool = True) -> int:
-    """Score the rows the model at ``model_dir`` lacks in ``path``; returns how many were scored now."""
+def score_model(
+    cfg: Config, model_dir: Path, rows: pd.DataFrame, path: Path, sha: str | None = None, *, progress: bool = True
+) -> int:
+    """Score the rows the model at ``model_dir`` lacks in ``path``; returns how many were scored now.
+
+    ``sha``: the weights' hash the cache is keyed by (default: from the model's own manifest).
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -114,7 +124,7 @@ def score_model(cfg: Config, model_dir: Path, rows: pd.DataFrame, path: Path, *,
     from natprints.likelihood.scorer import score_texts
 
     model_id = model_dir.name
-    sha = _model_sha256(model_dir)
+    sha = sha or _model_sha256(model_dir)
     cached = _read_cache(path, sha)
     cached = cached[cached["row_key"].isin(set(rows["row_key"]))]
     missing = rows[~rows["row_key"].isin(set(cached["row_key"]))]

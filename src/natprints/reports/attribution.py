@@ -81,6 +81,7 @@ APPROACHES = (
     ("sentence embeddings (embed, union)", lambda f, c: f in ("embed", "union")),
     ("reference LMs fine-tuned per model", lambda f, c: f == "reflm" and c == "lm"),
     ("classification head on the reference LM", lambda f, c: f == "reflm" and c == "head"),
+    ("reference LMs × best pipeline (product of posteriors)", lambda f, c: f == "combined" and c == "product"),
 )
 
 

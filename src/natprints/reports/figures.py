@@ -180,3 +180,33 @@ def plot_kl_heatmap(labels: Sequence[str], matrix: np.ndarray, path: Path) -> No
     ax.set_title("Text fingerprint distance: KL(a || b) per token", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label("nats per token", fontsize=8)
     save(fig, path, tight=True)
+
+
+def plot_text_emergence(table: pd.DataFrame, path: Path) -> None:
+    """Per training step: the ceiling and the best black-box pipeline (95% intervals) against chance;
+    beside it the mean KL between the models (min-max band) and their mean held-out loss."""
+    steps = sorted(table["step"].unique())
+    top = table[table["white_box"]].set_index("step").loc[steps]
+    best = table[table["best"] & ~table["white_box"]].set_index("step").loc[steps]
+    fig = _figure(9.5, 3.6)
+    left, right = fig.subplots(1, 2)
+    for rows, name, color in ((top, "ceiling (likelihood)", "C0"), (best, "best black-box", "C1")):
+        left.plot(steps, rows["accuracy"], marker="o", ms=3, color=color, label=name)
+        left.fill_between(steps, rows["ci_low"], rows["ci_high"], color=color, alpha=0.2, lw=0)
+    left.axhline(float(top["chance"].iloc[0]), color="0.5", lw=0.8, ls="--", label="chance")
+    left.set_ylim(0, 1)
+    left.set_ylabel("test accuracy")
+    left.legend(fontsize=7)
+    right.plot(steps, top["kl_per_token"], marker="o", ms=3, color="C3", label="mean KL between models")
+    right.fill_between(steps, top["kl_min"], top["kl_max"], color="C3", alpha=0.2, lw=0)
+    right.set_ylabel("KL (nats per token)", color="C3")
+    loss = right.twinx()
+    loss.plot(steps, top["heldout_loss"], marker="s", ms=3, color="0.3", label="held-out loss")
+    loss.set_ylabel("held-out loss (nats per token)", color="0.3")
+    linthresh = next((s for s in steps if s > 0), 1)
+    for ax in (left, right):
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_xlabel("training step (0 = init)")
+        ax.set_xticks(steps, [str(s) for s in steps], fontsize=7)
+    fig.suptitle(f"Text fingerprint over training: condition {top['condition'].iloc[0]}", fontsize=9)
+    save(fig, path)

@@ -7,9 +7,20 @@ from pathlib import Path
 from natprints.artifacts import atomic_write_text, read_manifest
 from natprints.config import Config
 from natprints.errors import NatprintsError
-from natprints.records import LINEAGE_CSV, RESULTS_FILE, read_timings
+from natprints.records import LINEAGE_CSV, RESULTS_FILE, TEXT_EMERGENCE_CSV, read_timings
 
-STAGE_ORDER = ("data", "zoo", "generate", "derive", "lineage", "likelihood", "reference", "experiments", "report")
+STAGE_ORDER = (
+    "data",
+    "zoo",
+    "generate",
+    "derive",
+    "lineage",
+    "likelihood",
+    "reference",
+    "experiments",
+    "emergence",
+    "report",
+)
 
 
 def relative_improvement_last_20pct(curve: list[list[float]], steps: int) -> float | None:
@@ -109,6 +120,10 @@ def write_index(cfg: Config) -> Path:
         from natprints.reports.lineage import render_section as render_lineage
 
         sections.append(render_lineage(cfg))
+    if (cfg.paths.reports / TEXT_EMERGENCE_CSV).is_file():
+        from natprints.reports.emergence import render_section as render_emergence
+
+        sections.append(render_emergence(cfg))
     timings = render_timings(cfg)
     if timings:
         sections.append(timings)
