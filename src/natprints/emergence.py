@@ -307,23 +307,10 @@ def _acc(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def _fit_predict(cfg: Config, pipeline: str, parts: dict[str, pd.DataFrame]) -> np.ndarray:
-    from natprints.attribution import features
-    from natprints.attribution.estimators import make_classifier, quiet_fit
+    """The experiments stage's own fit: ``pipeline`` on the training texts only, then the test texts."""
+    from natprints.attribution.experiments import _fit_predict as fit_predict
+    from natprints.attribution.experiments import _Setup
 
     feat, _, clf = pipeline.partition("+")
-    a = cfg.attribution
-    tokenizer = cfg.paths.tokenizer / "tokenizer.json"
-    featurizer = features.make_featurizer(
-        feat,
-        max_features=a.max_features,
-        cache_dir=cfg.paths.cache / "embeddings",
-        embed_batch_size=a.embed_batch_size,
-        device=cfg.run.device,
-        threads=cfg.run.threads,
-        tokenizer=tokenizer.read_text(encoding="utf-8") if tokenizer.is_file() else "",
-    )
-    classifier = make_classifier(clf, a.split_seed)
-    train, test = parts["train"], parts["test"]
-    with quiet_fit():
-        classifier.fit(featurizer.fit_transform(train["text"].tolist()), train["label"].to_numpy())
-    return np.asarray(classifier.predict(featurizer.transform(test["text"].tolist())), dtype=np.int64)
+    setup = _Setup(cfg, split={}, tokenizer=None, progress=False)
+    return fit_predict(setup, feat, clf, parts["train"], parts["test"])[1]
