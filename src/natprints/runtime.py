@@ -48,11 +48,80 @@ def resolve_device(setting: str) -> str:
     return setting
 
 
+# `train_dtype = "auto"` on a CPU: bf16 autocast only when a measured training step is at least this
+# much faster than fp32 (bf16 costs precision; a smaller gain is within the noise of a shared machine).
+BF16_MIN_SPEEDUP = 1.25
+TRAIN_DTYPE_FILE = "train_dtype.json"  # under models/<run>/: the run's measured choice, made once
+
+
 def use_autocast(cfg: Config, device: str) -> bool:
-    """bf16 autocast on CUDA; fp32 on CPU, where bf16 autocast measured far slower (see make bench)."""
-    if cfg.run.train_dtype == "auto":
-        return device == "cuda"
-    return cfg.run.train_dtype == "bf16"
+    """Whether training runs under bf16 autocast: the config's ``train_dtype``; for ``auto``, bf16 on
+    CUDA and on a CPU the run's measured choice (:func:`train_dtype_choice`)."""
+    if cfg.run.train_dtype != "auto":
+        return cfg.run.train_dtype == "bf16"
+    if device == "cuda":
+        return True
+    return train_dtype_choice(cfg)["train_dtype"] == "bf16-autocast"
+
+
+def train_dtype_choice(cfg: Config) -> dict[str, Any]:
+    """fp32 or bf16 autocast for ``auto`` on a CPU, by a measured step of the run's base model.
+
+    One optimizer step in each dtype (after a warm-up of each), timed side by side on the run's torch
+    threads; bf16 when it is at least ``BF16_MIN_SPEEDUP`` times faster. Measured once per run and kept
+    in ``models/<run>/train_dtype.json``, so every model of the run (and every resume) trains alike;
+    each model's manifest records it.
+    """
+    import json
+
+    from natprints.artifacts import atomic_write_json, machine
+
+    path = cfg.paths.models / TRAIN_DTYPE_FILE
+    with suppress(OSError, ValueError):
+        recorded = json.loads(path.read_text())
+        if isinstance(recorded, dict) and recorded.get("train_dtype") in ("fp32", "bf16-autocast"):
+            return recorded
+    seconds = _measure_train_step(cfg)
+    speedup = seconds["fp32"] / seconds["bf16"]
+    choice = {
+        "train_dtype": "bf16-autocast" if speedup >= BF16_MIN_SPEEDUP else "fp32",
+        "step_s": {k: round(v, 4) for k, v in seconds.items()},
+        "bf16_speedup": round(speedup, 3),
+        "min_speedup": BF16_MIN_SPEEDUP,
+        "machine": machine(),
+    }
+    atomic_write_json(path, choice)
+    return choice
+
+
+def _measure_train_step(cfg: Config, reps: int = 2) -> dict[str, float]:
+    """Median seconds of one optimizer step of the run's base model, fp32 and bf16 autocast, interleaved."""
+    import torch
+
+    from natprints.zoo.spec import base_spec, size_preset
+    from natprints.zoo.train import init_model, loss_of
+
+    spec = base_spec(cfg)
+    vocab = cfg.tokenizer.vocab_size
+    previous = torch.get_num_threads()
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    try:
+        model = init_model(size_preset(cfg, spec), vocab, spec.seq_len, 0, spec.init_seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
+        block = torch.randint(0, vocab, (spec.batch_size, spec.seq_len + 1), generator=torch.Generator().manual_seed(0))
+        times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+        for rep in range(reps + 1):  # the first round is the warm-up
+            for name in times:
+                start = time.perf_counter()
+                loss_of(model, block, name == "bf16", "cpu").backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if rep:
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def quiet_transformers() -> None:

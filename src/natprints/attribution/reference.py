@@ -21,7 +21,7 @@ from natprints.attribution.data import load_conditions, run_split
 from natprints.attribution.head import HeadTask, head_manifest, train_head
 from natprints.config import Config
 from natprints.errors import NatprintsError
-from natprints.runtime import run_jobs
+from natprints.runtime import resolve_device, run_jobs, use_autocast
 
 REFERENCE_VERSION = 1
 
@@ -123,6 +123,7 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
     conditions = load_conditions(cfg)
     split = run_split(cfg, conditions)
     rows = scoring_rows(cfg, conditions)
+    use_autocast(cfg, resolve_device(cfg.run.device))  # `auto` decides once, before the workers start
     trained = _train_reference(cfg, progress=progress)
     eos = load_tokenizer(cfg.paths.tokenizer).eos_token_id
     prompts = build_prompts(cfg).set_index("prompt_id")["prompt_token_ids"]

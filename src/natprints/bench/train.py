@@ -108,6 +108,20 @@ def _hf_trainer(model, spec, schedule, steps: int, workdir: Path):
     return Trainer(model=model, args=args, train_dataset=Batches(), optimizers=(opt, sched))
 
 
+def _dtype_reason(cfg: Config) -> str:
+    """Why the run trains in its dtype: the config says so, or `auto`'s measured choice."""
+    from natprints.runtime import BF16_MIN_SPEEDUP, train_dtype_choice
+
+    if cfg.run.train_dtype != "auto":
+        return f'`train_dtype = "{cfg.run.train_dtype}"` in the config.'
+    choice = train_dtype_choice(cfg)
+    return (
+        f'`train_dtype = "auto"` measured bf16 autocast at {choice["bf16_speedup"]:.2f}x the fp32 step '
+        f"on its base model and takes bf16 only from {BF16_MIN_SPEEDUP}x (models/<run>/train_dtype.json; "
+        "bf16 autocast on CUDA)."
+    )
+
+
 def bench_train(cfg: Config, *, steps: int = 8, reps: int = 3, workdir: Path | None = None) -> dict[str, Any]:
     """Tokens/s of our loop and of ``transformers.Trainer``, model FLOP utilization, bf16 vs fp32."""
     import torch
@@ -214,7 +228,7 @@ def bench_train(cfg: Config, *, steps: int = 8, reps: int = 3, workdir: Path | N
             "and warmup + cosine schedule; its collation, loss, clipping and step loop are its own. "
             "Each timed run includes its setup (the Trainer's accelerator, our optimizer).",
             f"bf16 autocast on this CPU: one step took {step_bf16:.2f} s against {step_fp32:.2f} s in fp32 "
-            f"(peak matmul {peaks['bf16'] / 1e9:.1f} vs {peaks['fp32'] / 1e9:.1f} GFLOP/s), so training "
-            'uses fp32 here (`train_dtype = "auto"`) and bf16 autocast on CUDA.',
+            f"(peak matmul {peaks['bf16'] / 1e9:.1f} vs {peaks['fp32'] / 1e9:.1f} GFLOP/s). The run trains in "
+            f"{dtype}: {_dtype_reason(cfg)}",
         ],
     }
