@@ -113,3 +113,25 @@ def test_draw_tokens_across_block_edges():
     freq = torch.bincount(tokens, minlength=200).float() / 20_000
     assert set(tokens.unique().tolist()) <= {0, 63, 64, 127, 199}
     assert torch.allclose(freq, probs, atol=0.012)
+
+
+def test_a_section_measured_elsewhere_says_where(smoke_cfg):
+    out = smoke_cfg.paths.reports.parent / "bench"
+    path = out / "bench.json"
+    before = path.read_text() if path.is_file() else None
+    other = {"cpu": "Other CPU", "cores": 8, "torch_threads": 1, "torch_cpu_capability": "AVX2"}
+    old = {"wall_s": 1.0, "reps": 1, "results": {}, "profile": [], "notes": []}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"sections": {"train": old}, "run": "default", "machine": other}))
+    try:
+        record = run_bench(smoke_cfg, ["stages"], reps=1, log=lambda line: None)
+        md = (out / "bench.md").read_text()
+        train, stages = md.split("## train")[1].split("## ")[0], md.split("## stages")[1]
+        assert "Measured in run `default` on Other CPU, CPU capability AVX2." in train
+        assert "Measured in" not in stages and record["sections"]["stages"]["run"] == "smoke"
+        assert record["sections"]["train"]["machine"] == other and record["machine"] != other
+    finally:
+        if before is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(before)

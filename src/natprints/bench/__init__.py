@@ -184,6 +184,10 @@ def run_bench(cfg: Config, sections: list[str], reps: int, *, log: Callable[[str
     out = bench_dir(cfg)
     path = out / "bench.json"
     record = json.loads(path.read_text()) if path.is_file() else {"sections": {}}
+    for kept in record["sections"].values():  # sections measured earlier keep where they were measured
+        kept.setdefault("run", record.get("run"))
+        kept.setdefault("machine", record.get("machine"))
+    here = machine()
     with tempfile.TemporaryDirectory(prefix="natprints-bench-") as tmp:
         for name in sections:
             log(f"bench: {name} ...")
@@ -191,12 +195,13 @@ def run_bench(cfg: Config, sections: list[str], reps: int, *, log: Callable[[str
             section = _run_section(name, cfg, reps, Path(tmp))
             section["wall_s"] = round(time.perf_counter() - t0, 1)
             section["reps"] = reps
+            section["run"], section["machine"] = cfg.run.name, here
             record["sections"][name] = section
             log(f"bench: {name} done in {section['wall_s']} s")
     record.update(
         {
             "run": cfg.run.name,
-            "machine": machine(),
+            "machine": here,
             "package_versions": package_versions(),
             "git_revision": git_revision(),
             "results": {
@@ -223,10 +228,11 @@ def render_bench(record: dict[str, Any]) -> str:
     lines = [
         "# natprints bench",
         "",
-        f"Produced by `make bench` (run `{record['run']}`). Machine: {m['cpu']}, {m['cores']} cores, "
+        f"Produced by `make bench`, last in run `{record['run']}`. Machine: {m['cpu']}, {m['cores']} cores, "
         f"torch threads {m['torch_threads']} on both sides of every comparison, CPU capability "
-        f"{m['torch_cpu_capability']}. Each figure is the median of the repetitions listed in bench.json, "
-        "after a warm-up; contenders ran round-robin in one process.",
+        f"{m['torch_cpu_capability']}; a section measured in another run or on another machine says where. "
+        "Each figure is the median of the repetitions listed in bench.json, after a warm-up; contenders ran "
+        "round-robin in one process.",
         "",
         "## Targets",
         "",
@@ -244,7 +250,17 @@ def render_bench(record: dict[str, Any]) -> str:
         section = record["sections"].get(name)
         if not section:
             continue
-        lines += ["", f"## {name}", "", f"Section wall time {section['wall_s']} s, {section['reps']} repetitions.", ""]
+        where = ""
+        if section.get("machine") and (section["machine"] != m or section.get("run") != record["run"]):
+            sm = section["machine"]
+            where = f" Measured in run `{section['run']}` on {sm['cpu']}, CPU capability {sm['torch_cpu_capability']}."
+        lines += [
+            "",
+            f"## {name}",
+            "",
+            f"Section wall time {section['wall_s']} s, {section['reps']} repetitions.{where}",
+            "",
+        ]
         lines += ["| key | value |", "|---|---|"]
         lines += [f"| `{k}` | {_fmt(v)} |" for k, v in section["results"].items()]
         if section["notes"]:
