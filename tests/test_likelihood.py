@@ -306,7 +306,9 @@ def test_bench_likelihood(model):
     results = record["results"]
     for name in ("ours", "naive", "limit"):
         assert results[f"likelihood_{name}_tokens_per_s"] > 0
-    assert {"likelihood_ratio_vs_naive", "likelihood_ratio_vs_limit"} <= set(results)
+    assert {"likelihood_ratio_vs_naive", "likelihood_ratio_vs_limit", "likelihood_normalizer_ratio_vs_limit"} <= set(
+        results
+    )
     assert results["likelihood_agree"] is True and results["likelihood_max_token_diff"] <= 1e-5
     assert record["events"] == 8 * 8 + 4 + 1 and record["threads"] == 1
     json.dumps(record)

@@ -5,7 +5,9 @@ filters, so the plain loop computes the same numbers):
 - ``ours``: :func:`natprints.likelihood.score_texts` (log p of each event, entropy and variance);
 - ``naive``: per batch of rows in input order, ``model(ids).logits``, ``log_softmax``, ``gather``;
 - ``limit``: only the trunk forward ``model.model(ids)`` and the LM head on the event positions,
-  on our batches: what any exact scorer has to compute.
+  on our batches;
+- ``normalizer``: the limit plus ``logsumexp`` and ``gather``, the least an exact log p needs (ours
+  adds each position's entropy and variance of log p).
 Throughput counts scored events (continuation tokens plus EOS events) per second; each figure is the
 median of ``reps`` round-robin repetitions after one warm-up of each.
 """
@@ -54,6 +56,15 @@ def _limit(model: Any, batches) -> None:
             pass
 
 
+def _normalizer(model: Any, batches) -> None:
+    """The limit plus the softmax normalizer and the target's logit: exact log p and nothing more."""
+    import torch
+
+    for batch in batches:
+        for span, logits in head_chunks(model, event_hidden(model, batch)):
+            logits.gather(1, batch.targets[span, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
 def bench_likelihood(
     model: Any,
     prompts: Sequence[Sequence[int]],
@@ -84,6 +95,7 @@ def bench_likelihood(
                     ),
                     "naive": lambda: _naive_scores(model, prompts, continuations, **kwargs),
                     "limit": lambda: _limit(model, batches),
+                    "normalizer": lambda: _normalizer(model, batches),
                 },
                 reps=reps,
             )
@@ -100,6 +112,8 @@ def bench_likelihood(
             "likelihood_limit_tokens_per_s": round(rate["limit"], 1),
             "likelihood_ratio_vs_naive": round(rate["ours"] / rate["naive"], 3),
             "likelihood_ratio_vs_limit": round(rate["ours"] / rate["limit"], 3),
+            "likelihood_normalizer_tokens_per_s": round(rate["normalizer"], 1),
+            "likelihood_normalizer_ratio_vs_limit": round(rate["normalizer"] / rate["limit"], 3),
             "likelihood_agree": bool(token_diff <= TOLERANCE),
             "likelihood_max_token_diff": token_diff,
             "likelihood_max_text_diff": text_diff,
