@@ -108,6 +108,41 @@ def test_open_set_false_rejections_stay_within_alpha(smoke_cfg):
     assert all(0 <= r["unknown_rejected_n"] <= r["n_unknown"] for r in rows)
 
 
+def test_moments_are_scored_only_for_the_open_set_test_texts(smoke_cfg, tmp_path):
+    """Entropy and variance exist exactly for the test texts of conditions with an open-set test; a
+    row that comes to need them is scored again, and a cached complete row is not."""
+    import shutil
+
+    from natprints.attribution import ceiling
+    from natprints.attribution.data import load_conditions, run_split
+    from natprints.likelihood.stage import load_scores, score_model, scoring_rows
+
+    conditions = load_conditions(smoke_cfg)
+    split = run_split(smoke_cfg, conditions)
+    expected: dict[str, set[str]] = {}
+    for data in conditions.values():
+        tested = data.frame[data.frame["prompt_id"].astype(str).map(split) == "test"]
+        for model_id in data.frame["model_id"].astype(str).unique():
+            ids = set(tested["sample_id"].astype(str)) if ceiling.open_set_applies(data) else set()
+            expected.setdefault(model_id, set()).update(ids)
+    assert not ceiling.open_set_applies(conditions["null_control"])
+    for model_id, table in load_scores(smoke_cfg).items():
+        with_moments = set(table.loc[table["entropy_sum"].notna(), "sample_id"])
+        assert with_moments == expected[model_id] and with_moments, model_id
+        lacking = table[table["entropy_sum"].isna()]
+        assert len(lacking) and lacking["token_entropy"].isna().all() and lacking["variance_sum"].isna().all()
+    rows = scoring_rows(smoke_cfg, conditions)[BASE]
+    path = tmp_path / f"{BASE}.parquet"
+    shutil.copy(smoke_cfg.paths.likelihood / f"{BASE}.parquet", path)
+    assert score_model(smoke_cfg, smoke_cfg.paths.zoo / BASE, rows, path, progress=False) == 0
+    wanted = rows.assign(moments=True)
+    assert score_model(smoke_cfg, smoke_cfg.paths.zoo / BASE, wanted, path, progress=False) == (~rows["moments"]).sum()
+    rescored = pd.read_parquet(path).set_index("row_key")
+    assert rescored["entropy_sum"].notna().all() and len(rescored) == len(rows)
+    before = load_scores(smoke_cfg)[BASE].set_index("row_key")
+    assert rescored.loc[before.index, "loglik"].tolist() == before["loglik"].tolist()
+
+
 def test_kl_table_is_zero_on_the_diagonal_and_not_negative(smoke_cfg):
     kl = pd.read_csv(smoke_cfg.paths.reports / "kl.csv")
     same = kl[kl["model_a"] == kl["model_b"]]

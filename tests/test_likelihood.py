@@ -250,6 +250,20 @@ def test_padding_and_order_invariance(model):
             np.testing.assert_allclose(getattr(b, field), getattr(s, field), rtol=0, atol=1e-5)
 
 
+def test_without_moments_log_p_is_unchanged(model):
+    rng = np.random.default_rng(9)
+    prompts, conts = random_rows(rng, [3, 8, 5, 2], [0, 10, 4, 10])
+    kw = {"eos_id": EOS, "new_tokens": 10, "temperature": 0.8, "top_k": 20, "top_p": 0.9}
+    full = score_texts(model, prompts, conts, **kw)
+    bare = score_texts(model, prompts, conts, moments=False, **kw)
+    for f, b in zip(full, bare, strict=True):
+        assert np.array_equal(f.token_logprobs, b.token_logprobs) and f.ends_with_eos == b.ends_with_eos
+        assert b.entropy is None and b.logprob_variance is None
+        assert (f.logprob_variance >= 0).all()
+    with pytest.raises(NatprintsError, match="moments"):
+        _ = bare[0].analytic_z
+
+
 def test_eos_term_and_empty_continuation(model):
     rng = np.random.default_rng(8)
     prompts, conts = random_rows(rng, [5, 5, 5], [6, 4, 0])
@@ -304,11 +318,10 @@ def test_bench_likelihood(model):
     prompts, conts = random_rows(rng, [6] * 10, [8] * 8 + [3, 0])
     record = bench.bench_likelihood(model, prompts, conts, eos_id=EOS, new_tokens=8, reps=1)
     results = record["results"]
-    for name in ("ours", "naive", "limit"):
+    for name in ("ours", "logp", "naive", "limit", "normalizer"):
         assert results[f"likelihood_{name}_tokens_per_s"] > 0
-    assert {"likelihood_ratio_vs_naive", "likelihood_ratio_vs_limit", "likelihood_normalizer_ratio_vs_limit"} <= set(
-        results
-    )
+    ratios = {"ratio_vs_naive", "ratio_vs_limit", "logp_ratio_vs_limit", "normalizer_ratio_vs_limit"}
+    assert {f"likelihood_{r}" for r in ratios} <= set(results)
     assert results["likelihood_agree"] is True and results["likelihood_max_token_diff"] <= 1e-5
     assert record["events"] == 8 * 8 + 4 + 1 and record["threads"] == 1
     json.dumps(record)

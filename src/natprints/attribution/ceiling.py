@@ -26,7 +26,15 @@ import pandas as pd
 from scipy.stats import norm
 
 from natprints.attribution.data import ConditionData
+from natprints.config import NULL_CONDITION
 from natprints.errors import NatprintsError
+
+OPEN_SET_MIN_MODELS = 3  # leaving one out must leave a known model and a best other one
+
+
+def open_set_applies(data: ConditionData) -> bool:
+    """Whether the condition gets the open-set test (its analytic test reads test-text moments)."""
+    return len(data.labels) >= OPEN_SET_MIN_MODELS and data.name != NULL_CONDITION
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,9 @@ def analytic_rejects(
     """Per pool: True when every known model's pooled discrepancy z is below the one-sided alpha level."""
     if not groups:
         return np.zeros(0, dtype=bool)
+    used = np.concatenate(list(groups))
+    if np.isnan(view.entropy[np.ix_(used, known)]).any():
+        raise NatprintsError("the analytic open-set test needs moments these scores lack; rerun `natprints likelihood`")
     limit = norm.ppf(alpha)
     centred = view.loglik + view.entropy
     out = []

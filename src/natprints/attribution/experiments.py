@@ -630,9 +630,9 @@ def _likelihood_open_set(
 ) -> list[dict[str, Any]]:
     """Leave each model out of the library in turn: how often its pools are called `unknown`, and how
     often known models' pools are (the false rejections the threshold controls)."""
-    k_models = len(data.labels)
-    if k_models < 3 or data.name == NULL_CONDITION:
+    if not ceiling.open_set_applies(data):
         return []
+    k_models = len(data.labels)
     settings = setup.cfg.likelihood
     alpha = settings.open_set_alpha
     test, cal = parts["test"], parts["cal"]

@@ -122,7 +122,7 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
         raise NatprintsError("[reference] enabled = false in this config; nothing to build")
     conditions = load_conditions(cfg)
     split = run_split(cfg, conditions)
-    rows = scoring_rows(cfg, conditions)
+    rows = {m: r.assign(moments=False) for m, r in scoring_rows(cfg, conditions).items()}  # log p alone
     use_autocast(cfg, resolve_device(cfg.run.device))  # `auto` decides once, before the workers start
     trained = _train_reference(cfg, progress=progress)
     eos = load_tokenizer(cfg.paths.tokenizer).eos_token_id

@@ -2,7 +2,9 @@
 
 All three score the same texts with the same model on the same torch threads (temperature 1, no
 filters, so the plain loop computes the same numbers):
-- ``ours``: :func:`natprints.likelihood.score_texts` (log p of each event, entropy and variance);
+- ``ours``: :func:`natprints.likelihood.score_texts` (log p of each event, entropy and variance: the
+  stage's test texts of a condition with an open-set test);
+- ``ours_logp``: the same without the moments (every other text the stages score);
 - ``naive``: per batch of rows in input order, ``model(ids).logits``, ``log_softmax``, ``gather``;
 - ``limit``: only the trunk forward ``model.model(ids)`` and the LM head on the event positions,
   on our batches;
@@ -93,6 +95,9 @@ def bench_likelihood(
                     "ours": lambda: score_texts(
                         model, prompts, continuations, batch_size=BATCH_SIZE, **kwargs, **sampling
                     ),
+                    "ours_logp": lambda: score_texts(
+                        model, prompts, continuations, batch_size=BATCH_SIZE, moments=False, **kwargs, **sampling
+                    ),
                     "naive": lambda: _naive_scores(model, prompts, continuations, **kwargs),
                     "limit": lambda: _limit(model, batches),
                     "normalizer": lambda: _normalizer(model, batches),
@@ -112,6 +117,8 @@ def bench_likelihood(
             "likelihood_limit_tokens_per_s": round(rate["limit"], 1),
             "likelihood_ratio_vs_naive": round(rate["ours"] / rate["naive"], 3),
             "likelihood_ratio_vs_limit": round(rate["ours"] / rate["limit"], 3),
+            "likelihood_logp_tokens_per_s": round(rate["ours_logp"], 1),
+            "likelihood_logp_ratio_vs_limit": round(rate["ours_logp"] / rate["limit"], 3),
             "likelihood_normalizer_tokens_per_s": round(rate["normalizer"], 1),
             "likelihood_normalizer_ratio_vs_limit": round(rate["normalizer"] / rate["limit"], 3),
             "likelihood_agree": bool(token_diff <= TOLERANCE),
@@ -125,7 +132,7 @@ def bench_likelihood(
         "reps": reps,
         "notes": [
             "tokens/s = scored events (continuation tokens + EOS events) per second, median of reps",
-            "ours also computes the entropy and variance of log p at every position; naive does not",
+            "ours also computes the entropy and variance of log p at every position, ours_logp and naive do not",
             f"agreement: max |log p| difference per event {token_diff:.2e} (tolerance {TOLERANCE:g})",
         ],
     }

@@ -4,8 +4,10 @@ The zoo's texts are ancestral samples: continuation token t was drawn from
 softmax(filter(logits_t / temperature, top_k, top_p)) (see ``natprints.generate``), and sampling
 stopped when EOS was drawn. Scoring a text by teacher forcing under the same transform gives the
 exact probability that the model wrote it: the Bayes posterior over a condition's models is the
-ceiling of attribution. Per position we also keep the transformed distribution's entropy and the
-variance of log p, for an analytic (Fast-DetectGPT-style) "did this model write it" test.
+ceiling of attribution. On request (``moments``) each position also gets the transformed
+distribution's entropy and the variance of log p, for an analytic (Fast-DetectGPT-style) "did this
+model write it" test; they cost about a third of the work beyond the trunk and the LM head, so
+callers ask for them only where that test reads them.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ class TextScore:
     """One text scored under one model; entry t of each array is the event at continuation position t.
 
     The arrays (float64) have one entry per continuation token, plus a last one for the EOS event when
-    the sampler stopped early (``ends_with_eos``: fewer than ``new_tokens`` tokens).
+    the sampler stopped early (``ends_with_eos``: fewer than ``new_tokens`` tokens). ``entropy`` and
+    ``logprob_variance`` are None when the text was scored without its moments.
     """
 
     token_logprobs: np.ndarray  # log p(event_t | prefix) under the transform; -inf outside its support
-    entropy: np.ndarray  # H_t = -sum_v p_v log p_v of the transformed distribution at position t
-    logprob_variance: np.ndarray  # Var_t[log p] under that same distribution
+    entropy: np.ndarray | None  # H_t = -sum_v p_v log p_v of the transformed distribution at position t
+    logprob_variance: np.ndarray | None  # Var_t[log p] under that same distribution
     ends_with_eos: bool
 
     @property
@@ -55,6 +58,8 @@ class TextScore:
         log p_t + H_t has mean 0 and variance Var_t given the prefix, so the sum is a martingale and the
         ratio is asymptotically standard normal (martingale CLT). A zero variance sum gives nan or +-inf.
         """
+        if self.entropy is None or self.logprob_variance is None:
+            raise NatprintsError("analytic_z needs the text scored with its moments (score_texts(..., moments=True))")
         with np.errstate(divide="ignore", invalid="ignore"):
             centred = np.float64(self.loglik) + self.entropy.sum()
             return float(centred / np.sqrt(self.logprob_variance.sum()))
@@ -79,15 +84,21 @@ def sampling_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p:
 
 
 def score_positions(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float, top_k: int, top_p: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    moments: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(N, vocab) float32 logits and their (N,) targets -> (log p of target, entropy, variance of log p).
 
-    Everything is under the transformed distribution. With x = z - max z and e = exp(x), s = sum e:
-    log p = x - log s, H = log s - E[x] and Var[log p] = Var[x], so one exponential pass gives all
-    three. ``logits`` is overwritten (callers pass the head's output for a chunk of positions).
+    Everything is under the transformed distribution. With x = z - max z, e = exp(x) and s = sum e:
+    log p = x - log s, and with m1 = sum(e x) / s and m2 = sum(e x^2) / s, H = log s - m1 and
+    Var[log p] = Var[x] = m2 - m1^2. One exponential pass and, for the moments, two in-place products
+    (e x, then e x^2) each summed. ``logits`` is overwritten (callers pass the head's output for a
+    chunk of positions). Without ``moments`` the entropy and variance are None.
     """
-    import torch
 
     x = sampling_logits(logits, temperature, top_k, top_p)
     x.sub_(x.amax(dim=-1, keepdim=True))
@@ -95,12 +106,15 @@ def score_positions(
     total = e.sum(dim=-1)
     log_total = total.log()
     picked = x.gather(1, targets[:, None]).squeeze(1) - log_total
+    if not moments:
+        return picked, None, None
     if top_k or top_p < 1.0:
         x.masked_fill_(e == 0, 0.0)  # dropped tokens (-inf): p = 0 and p log p counts as 0
-    mean = torch.linalg.vecdot(e, x) / total
-    x.sub_(mean[:, None]).square_()
-    variance = torch.linalg.vecdot(e, x) / total
-    return picked, log_total - mean, variance
+    ex = e.mul_(x)  # in place: a fresh product costs more than the multiply (and vecdot makes one)
+    m1 = ex.sum(dim=-1) / total
+    m2 = ex.mul_(x).sum(dim=-1) / total
+    # m2 - m1^2 loses ~1e-7 of m2 to rounding (|m1| is a few nats): clamp the rare tiny negative
+    return picked, log_total - m1, (m2 - m1.square()).clamp_(min=0.0)
 
 
 @dataclass(frozen=True)
@@ -212,6 +226,7 @@ def score_texts(
     top_p: float,
     batch_size: int = 64,
     device: Any = "cpu",
+    moments: bool = True,
 ) -> list[TextScore]:
     """Score each continuation given its prompt under ``model`` and the sampling transform, in input order.
 
@@ -219,6 +234,7 @@ def score_texts(
     ``.lm_head``) already on ``device``. Rows are teacher-forced in batches of ``batch_size``, sorted by
     length to limit padding; the LM head runs only on the positions that predict continuation tokens
     and the EOS event. Logits and per-position values are float32; the arrays returned are float64.
+    ``moments``: also each position's entropy and variance of log p (else None in every score).
     """
     import torch
 
@@ -239,17 +255,28 @@ def score_texts(
         for batch in batches:
             targets = batch.targets.to(device)
             parts = [
-                score_positions(logits, targets[span], temperature, top_k, top_p)
+                score_positions(logits, targets[span], temperature, top_k, top_p, moments)
                 for span, logits in head_chunks(model, event_hidden(model, batch, device))
             ]
-            picked, entropy, variance = (
-                torch.cat(v).cpu().numpy().astype(np.float64) for v in zip(*parts, strict=True)
-            )
+            picked = _float64([p for p, _, _ in parts])
+            entropy = _float64([h for _, h, _ in parts]) if moments else None
+            variance = _float64([v for _, _, v in parts]) if moments else None
             ends = np.cumsum(batch.events)
             for i, end, count, stops in zip(batch.rows, ends, batch.events, batch.ends_with_eos, strict=True):
                 span = slice(end - count, end)
-                scores[i] = TextScore(picked[span], entropy[span], variance[span], stops)
+                scores[i] = TextScore(
+                    picked[span],
+                    None if entropy is None else entropy[span],
+                    None if variance is None else variance[span],
+                    stops,
+                )
     return scores  # type: ignore[return-value]  # every row was filled
+
+
+def _float64(chunks: list) -> np.ndarray:
+    import torch
+
+    return torch.cat(chunks).cpu().numpy().astype(np.float64)
 
 
 def posterior(loglik: np.ndarray) -> np.ndarray:

@@ -5,7 +5,9 @@ member (the null control: the base model scores both of its sampling seeds' text
 scoring model (loaded once), ``[run] workers`` at a time, largest first. Each scorer's rows go to
 ``data/likelihood/<run>/<model-id>.parquet``, cached by the model's weights hash and a hash of each
 row (sample id, prompt and continuation tokens, sampling transform): a rerun scores only what is
-missing, and a retrained model is scored anew.
+missing, and a retrained model is scored anew. Each position's entropy and variance of log p are
+scored only for the rows the analytic open-set test reads (test-split texts of a condition with an
+open-set test); elsewhere they are NaN, and a row that comes to need them is scored again.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from natprints.errors import NatprintsError
 from natprints.runtime import load_lm, run_jobs, setup_torch
 
 SCORED_SPLITS = ("test", "cal")
-LIKELIHOOD_VERSION = 1
+LIKELIHOOD_VERSION = 2  # 2: moments only where the open-set test reads them
 COLUMNS = [
     "row_key",
     "sample_id",
@@ -42,36 +44,58 @@ def _row_key(sample_id: str, prompt: list[int], tokens: list[int], transform: tu
 
 
 def scoring_rows(cfg: Config, conditions: dict[str, ConditionData]) -> dict[str, pd.DataFrame]:
-    """Scoring model -> the rows it scores (each text of a scored split, once per model)."""
+    """Scoring model -> the rows it scores (each text of a scored split, once per model); a row's
+    ``moments`` is True where the analytic open-set test reads them: the test texts of a condition
+    that gets the test."""
+    from natprints.attribution.ceiling import open_set_applies
     from natprints.generate.stage import build_prompts
 
     prompts = build_prompts(cfg).set_index("prompt_id")["prompt_token_ids"]
     split = run_split(cfg, conditions)
     wanted: dict[str, dict[str, pd.Series]] = {}
+    needs: dict[str, set[str]] = {}
     for data in conditions.values():
-        frame = data.frame[data.frame["prompt_id"].astype(str).map(split).isin(SCORED_SPLITS)]
+        where = data.frame["prompt_id"].astype(str).map(split)
+        frame = data.frame[where.isin(SCORED_SPLITS)]
+        tested = where == "test" if open_set_applies(data) else pd.Series(False, index=where.index)
+        with_moments = set(data.frame.loc[tested, "sample_id"].astype(str))
         scorers = sorted(data.frame["model_id"].astype(str).unique())  # the null control: its one model
         for scorer in scorers:
             rows = wanted.setdefault(scorer, {})
             for row in frame.itertuples(index=False):
                 rows.setdefault(str(row.sample_id), row)
-    return {scorer: text_rows(list(rows.values()), prompts) for scorer, rows in wanted.items()}
+            needs.setdefault(scorer, set()).update(with_moments)
+    out = {}
+    for scorer, rows in wanted.items():
+        frame = text_rows(list(rows.values()), prompts)
+        out[scorer] = frame.assign(moments=frame["sample_id"].isin(needs[scorer]))
+    return out
 
 
-ROW_COLUMNS = ["row_key", "sample_id", "prompt", "tokens", "temperature", "top_k", "top_p", "new_tokens"]
+ROW_COLUMNS = [
+    "row_key",
+    "sample_id",
+    "prompt",
+    "tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "new_tokens",
+    "moments",
+]
 
 
-def text_rows(texts: list, prompts: pd.Series) -> pd.DataFrame:
+def text_rows(texts: list, prompts: pd.Series, *, moments: bool = False) -> pd.DataFrame:
     """Generated rows (with ``sample_id``, ``prompt_id``, ``token_ids`` and the sampling transform) as
-    the rows :func:`score_model` scores; ``prompts``: prompt id -> its token ids."""
+    the rows :func:`score_model` scores; ``prompts``: prompt id -> its token ids; ``moments``: whether
+    each row is scored with its per-position entropy and variance."""
     records = []
     for row in texts:
         prompt = [int(t) for t in prompts.loc[row.prompt_id]]
         tokens = [int(t) for t in row.token_ids]
         transform = (float(row.temperature), int(row.top_k), float(row.top_p), int(row.new_tokens))
-        records.append(
-            (_row_key(str(row.sample_id), prompt, tokens, transform), str(row.sample_id), prompt, tokens, *transform)
-        )
+        key = _row_key(str(row.sample_id), prompt, tokens, transform)
+        records.append((key, str(row.sample_id), prompt, tokens, *transform, moments))
     return pd.DataFrame(records, columns=ROW_COLUMNS)
 
 
@@ -90,7 +114,11 @@ def _read_cache(path: Path, model_sha256: str) -> pd.DataFrame:
     except Exception:  # a truncated or foreign file is rescored, not trusted
         return pd.DataFrame(columns=COLUMNS)
     meta = table.schema.metadata or {}
-    if meta.get(b"model_sha256", b"").decode() != model_sha256 or table.column_names != COLUMNS:
+    if (
+        meta.get(b"model_sha256", b"").decode() != model_sha256
+        or meta.get(b"likelihood_version", b"").decode() != str(LIKELIHOOD_VERSION)
+        or table.column_names != COLUMNS
+    ):
         return pd.DataFrame(columns=COLUMNS)
     return table.to_pandas()
 
@@ -100,7 +128,8 @@ def _write(path: Path, frame: pd.DataFrame, model_sha256: str) -> None:
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pandas(frame[COLUMNS], preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"model_sha256": model_sha256.encode()})
+    meta = {b"model_sha256": model_sha256.encode(), b"likelihood_version": str(LIKELIHOOD_VERSION).encode()}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
     tmp = temp_path_for(path)
     try:
         pq.write_table(table, tmp)
@@ -115,7 +144,8 @@ def score_model(
 ) -> int:
     """Score the rows the model at ``model_dir`` lacks in ``path``; returns how many were scored now.
 
-    ``sha``: the weights' hash the cache is keyed by (default: from the model's own manifest).
+    ``sha``: the weights' hash the cache is keyed by (default: from the model's own manifest). A row
+    with ``moments`` True whose cached score lacks them is scored again, with them.
     """
     import torch
     from tqdm.auto import tqdm
@@ -127,7 +157,12 @@ def score_model(
     sha = sha or _model_sha256(model_dir)
     cached = _read_cache(path, sha)
     cached = cached[cached["row_key"].isin(set(rows["row_key"]))]
-    missing = rows[~rows["row_key"].isin(set(cached["row_key"]))]
+    complete = set(cached["row_key"])
+    lacking = set(cached.loc[cached["entropy_sum"].isna(), "row_key"])  # scored without moments
+    needs = rows["moments"].to_numpy(dtype=bool) if "moments" in rows else np.ones(len(rows), dtype=bool)
+    missing = rows[~rows["row_key"].isin(complete) | (needs & rows["row_key"].isin(lacking))]
+    missing = missing.assign(moments=needs[rows.index.get_indexer(missing.index)])
+    cached = cached[~cached["row_key"].isin(set(missing["row_key"]))]
     if missing.empty:
         return 0
     device = setup_torch(cfg)
@@ -135,10 +170,10 @@ def score_model(
     model = load_lm(model_dir, device=device)
     frames = [cached] if len(cached) else []
     chunk = 4 * cfg.likelihood.batch_size
-    transforms = missing.groupby(["temperature", "top_k", "top_p", "new_tokens"], sort=True)
+    transforms = missing.groupby(["temperature", "top_k", "top_p", "new_tokens", "moments"], sort=True)
     bar = tqdm(total=len(missing), desc=f"likelihood {model_id}", unit="text", leave=False, disable=not progress)
     with torch.inference_mode():
-        for (temperature, top_k, top_p, new_tokens), group in transforms:
+        for (temperature, top_k, top_p, new_tokens, moments), group in transforms:
             for start in range(0, len(group), chunk):
                 part = group.iloc[start : start + chunk]
                 scores = score_texts(
@@ -152,6 +187,7 @@ def score_model(
                     top_p=float(top_p),
                     batch_size=cfg.likelihood.batch_size,
                     device=device,
+                    moments=bool(moments),
                 )
                 frames.append(
                     pd.DataFrame(
@@ -161,11 +197,11 @@ def score_model(
                             "events": [len(s.token_logprobs) for s in scores],
                             "ends_with_eos": [s.ends_with_eos for s in scores],
                             "loglik": [s.loglik for s in scores],
-                            "entropy_sum": [float(s.entropy.sum()) for s in scores],
-                            "variance_sum": [float(s.logprob_variance.sum()) for s in scores],
+                            "entropy_sum": [_sum(s.entropy) for s in scores],
+                            "variance_sum": [_sum(s.logprob_variance) for s in scores],
                             "token_logprobs": [s.token_logprobs for s in scores],
-                            "token_entropy": [s.entropy.astype(np.float32) for s in scores],
-                            "token_variance": [s.logprob_variance.astype(np.float32) for s in scores],
+                            "token_entropy": [_float32(s.entropy) for s in scores],
+                            "token_variance": [_float32(s.logprob_variance) for s in scores],
                         },
                         columns=COLUMNS,
                     )
@@ -178,14 +214,27 @@ def score_model(
     return len(missing)
 
 
+def _sum(values: np.ndarray | None) -> float:
+    return float("nan") if values is None else float(values.sum())
+
+
+def _float32(values: np.ndarray | None) -> np.ndarray | None:
+    return None if values is None else values.astype(np.float32)
+
+
 def stage_key(cfg: Config, rows: dict[str, pd.DataFrame]) -> str:
     return hash_obj(
         {
             "version": LIKELIHOOD_VERSION,
             "scorers": {m: _model_sha256(cfg.paths.zoo / m) for m in sorted(rows)},
-            "rows": {m: hash_obj(sorted(r["row_key"])) for m, r in sorted(rows.items())},
+            "rows": {m: _rows_hash(r) for m, r in sorted(rows.items())},
         }
     )
+
+
+def _rows_hash(rows: pd.DataFrame) -> str:
+    """What a scorer's rows are: their keys and which of them carry moments."""
+    return hash_obj(sorted([str(k), bool(m)] for k, m in zip(rows["row_key"], rows["moments"], strict=True)))
 
 
 def _manifest(cfg: Config) -> Manifest:
