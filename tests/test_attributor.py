@@ -124,6 +124,22 @@ def test_save_load_gives_identical_predictions(tmp_path, fake_encoder, featurize
     assert raw[:2] == b"PK" and b"pickle" not in raw  # a skops zip archive
 
 
+def test_saved_pipeline_bytes_do_not_depend_on_the_process(tmp_path):
+    """A vectorizer that has transformed caches id(stop_words), a memory address; the saved bytes must
+    not carry it (a Ray worker and a local one saving the same fit must agree)."""
+    from natprints.attribution.attributor import dump_pipeline
+
+    texts, y = corpus()
+    pipe = Pipeline([("features", make_featurizer("union", max_features=300)), ("clf", LogisticRegression())])
+    pipe.fit(texts, y)
+    first = dump_pipeline(pipe)
+    pipe.predict(texts)  # validates the stop words again: a fresh id cached
+    for part in pipe.get_params(deep=True).values():
+        if hasattr(part, "stop_words"):
+            part._stop_words_id = 12345
+    assert dump_pipeline(pipe) == first
+
+
 def _saved(tmp_path):
     texts, y = corpus()
     pipe = Pipeline([("features", make_featurizer("word1")), ("classifier", LogisticRegression())]).fit(texts, y)

@@ -426,8 +426,8 @@ def check_shared_storage(root: Path, on_every_node: Callable[[Callable[..., Any]
 
 
 def _start_reaper(token: str) -> subprocess.Popen:
-    """A small process that outlives this one and kills every process carrying ``token`` in its
-    environment once this one is gone: its standard input closes when this process exits, however."""
+    """A small process that outlives this one and kills every process of the Ray instance once this one
+    is gone: its standard input closes when this process exits, however."""
     code = "import sys; from natprints.runtime import reap; reap(sys.argv[1])"
     return subprocess.Popen(
         [sys.executable, "-c", code, token],
@@ -437,20 +437,71 @@ def _start_reaper(token: str) -> subprocess.Popen:
     )
 
 
-def reap(token: str, *, within: float = 20.0) -> None:
-    """The reaper's body: wait for the parent to exit, then SIGKILL the token's processes until none is left."""
+def reap(token: str, *, within: float = 20.0, every: float = 2.0) -> None:
+    """The reaper's body: while the parent lives, note its descendants and the token's processes every
+    ``every`` seconds; once it has exited, SIGKILL those and their descendants until none is left.
+
+    The token alone does not find them all: Ray's agents rename themselves (setproctitle), which can
+    overwrite the environment that ``/proc/<pid>/environ`` shows, so a process is also known by its
+    ancestry, noted while the parent was alive (a pid with its start time, so a reused pid is spared).
+    """
+    import select
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.stdin.buffer.read()  # returns at end of file: the parent has exited
+    parent, stdin = os.getppid(), sys.stdin.fileno()
+    known: dict[int, int] = {}  # pid -> start time (clock ticks after boot)
+    while True:
+        known.update(_instance_processes(token, parent, known))
+        ready, _, _ = select.select([stdin], [], [], every)
+        if ready and not os.read(stdin, 65536):  # end of file: the parent has exited
+            break
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        victims = [pid for pid in _pids_with_env(REAPER_TOKEN, token) if pid != os.getpid()]
+        known.update(_instance_processes(token, None, known))  # the parent's pid may be anyone's now
+        table = _process_table()
+        victims = [pid for pid, start in known.items() if pid in table and table[pid][1] == start]
         if not victims:
             return
         for pid in victims:
             with suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """Live processes (Linux /proc, zombies left out): pid -> (parent pid, start time)."""
+    table = {}
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = path.read_text().rsplit(")", 1)[1].split()  # after the command name: state, ppid, ...
+        except (OSError, IndexError):
+            continue
+        if fields[0] not in ("Z", "X"):
+            table[int(path.parent.name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def _instance_processes(token: str, parent: int | None, known: dict[int, int]) -> dict[int, int]:
+    """pid -> start time of the processes carrying ``token`` in their environment, the descendants of
+    ``parent`` (when given: it is still alive) and those of every ``known`` process (this one excluded)."""
+    table = _process_table()
+    found = {pid: table[pid][1] for pid in _pids_with_env(REAPER_TOKEN, token) if pid in table}
+    alive = {pid for pid, start in known.items() if pid in table and table[pid][1] == start}
+    roots = alive | set(found) | ({parent} if parent is not None else set())
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    stack = list(roots)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found[child] = table[child][1]
+                stack.append(child)
+    found.pop(os.getpid(), None)
+    if parent is not None:
+        found.pop(parent, None)  # the parent ends on its own; its pid is soon free for anyone
+    return found
 
 
 def _pids_with_env(name: str, value: str) -> list[int]:

@@ -81,6 +81,11 @@ def dump_pipeline(pipeline: Any) -> bytes:
     """A fitted pipeline in skops format; an untrusted type in it is an error, not a silent save."""
     import skops.io as sio
 
+    for part in [pipeline, *pipeline.get_params(deep=True).values()]:
+        # scikit-learn's vectorizers cache id(stop_words), a memory address, to skip re-validating
+        # them: dropped, so the same pipeline gives the same bytes in any process (it is re-derived)
+        if hasattr(part, "_stop_words_id"):
+            del part._stop_words_id
     data = sio.dumps(pipeline)
     untrusted = [t for t in sio.get_untrusted_types(data=data) if t not in TRUSTED_TYPES]
     if untrusted:

@@ -378,24 +378,33 @@ class SentenceEmbedder(_TextTransformer):
         known = cache.load(set(keys)) if cache is not None else {}
         missing = list(dict.fromkeys(k for k in keys if k not in known))
         if missing:
+            import torch
             from threadpoolctl import threadpool_limits
 
             text_of = dict(zip(keys, texts, strict=True))
             todo = [text_of[k] for k in missing]
             progress = len(missing) >= PROGRESS_MIN_TEXTS
-            with threadpool_limits(limits=self.threads or os.cpu_count(), user_api="openmp"):
-                model = self._model()
-                vectors = _encode_unpadded(
-                    model, todo, batch_size=self.batch_size, normalize=self.normalize, progress=progress
-                )
-                if vectors is None:
-                    vectors = model.encode(
-                        todo,
-                        batch_size=self.batch_size,
-                        normalize_embeddings=self.normalize,
-                        convert_to_numpy=True,
-                        show_progress_bar=progress,
+            threads = self.threads or os.cpu_count() or 1
+            previous = torch.get_num_threads()
+            # torch's own count too: an OpenMP limit alone leaves its matrix products on every core, and
+            # the thread count changes the float rounding (a Ray worker and a local one must agree)
+            torch.set_num_threads(threads)
+            try:
+                with threadpool_limits(limits=threads, user_api="openmp"):
+                    model = self._model()
+                    vectors = _encode_unpadded(
+                        model, todo, batch_size=self.batch_size, normalize=self.normalize, progress=progress
                     )
+                    if vectors is None:
+                        vectors = model.encode(
+                            todo,
+                            batch_size=self.batch_size,
+                            normalize_embeddings=self.normalize,
+                            convert_to_numpy=True,
+                            show_progress_bar=progress,
+                        )
+            finally:
+                torch.set_num_threads(previous)
             vectors = np.asarray(vectors, dtype=np.float32)
             if cache is not None:
                 cache.store(missing, vectors)
