@@ -92,7 +92,7 @@ def load_conditions(cfg: Config) -> dict[str, ConditionData]:
             continue  # one model is not a classification problem
         frame = pd.concat([model_frame(m) for m in ids], ignore_index=True)
         files = {models[m]["file"]: inputs[models[m]["file"]] for m in ids}
-        out[name] = _condition(name, frame, "model_id", files)
+        out[name] = condition_data(name, frame, "model_id", files)
     null = manifest.get("null_control")
     if isinstance(null, dict) and "file" in null:
         base_id = str(null["model_id"])
@@ -105,13 +105,13 @@ def load_conditions(cfg: Config) -> dict[str, ConditionData]:
         both["null_label"] = both["model_id"].astype(str) + "@seed" + both["sampling_seed"].astype(str)
         if both["null_label"].nunique() != 2:
             raise NatprintsError(f"{gen_dir}: the null control needs the base model under two sampling seeds")
-        out[NULL_CONDITION] = _condition(NULL_CONDITION, both, "null_label", files)
+        out[NULL_CONDITION] = condition_data(NULL_CONDITION, both, "null_label", files)
     if not out:
         raise NatprintsError(f"{gen_dir}: no condition with two or more models to attribute")
     return out
 
 
-def _condition(name: str, frame: pd.DataFrame, label_column: str, files: dict[str, str]) -> ConditionData:
+def condition_data(name: str, frame: pd.DataFrame, label_column: str, files: dict[str, str]) -> ConditionData:
     labels = sorted(frame[label_column].astype(str).unique())
     index = {m: i for i, m in enumerate(labels)}
     frame = frame.assign(label=frame[label_column].astype(str).map(index).astype(np.int64))

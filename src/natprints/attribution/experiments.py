@@ -71,7 +71,9 @@ def _stderr(msg: str) -> None:
 
 
 @dataclass
-class _Setup:
+class Setup:
+    """What every pipeline fit of a run shares: its config, prompt split, tokenizer and fit timings."""
+
     cfg: Config
     split: dict[str, str]
     tokenizer: Any
@@ -105,7 +107,7 @@ def _pipeline(featurizer: Any, classifier: Any) -> Any:
     return Pipeline([("features", featurizer), ("classifier", classifier)])
 
 
-def _fit(setup: _Setup, feat: str, clf: str, train: pd.DataFrame, texts: Callable | None = None) -> Any:
+def _fit(setup: Setup, feat: str, clf: str, train: pd.DataFrame, texts: Callable | None = None) -> Any:
     """Fit one (featurizer, classifier) pipeline on ``train`` only."""
     texts = texts or _full_texts
     pipe = _pipeline(setup.featurizer(feat), make_classifier(clf, setup.settings.split_seed))
@@ -114,8 +116,8 @@ def _fit(setup: _Setup, feat: str, clf: str, train: pd.DataFrame, texts: Callabl
     return pipe
 
 
-def _fit_predict(
-    setup: _Setup, feat: str, clf: str, train: pd.DataFrame, test: pd.DataFrame, texts: Callable | None = None
+def fit_predict(
+    setup: Setup, feat: str, clf: str, train: pd.DataFrame, test: pd.DataFrame, texts: Callable | None = None
 ) -> tuple[Any, np.ndarray]:
     """Fit on ``train`` only, then predict ``test``."""
     pipe = _fit(setup, feat, clf, train, texts)
@@ -150,7 +152,7 @@ def _pipeline_record(
 
 
 def _run_grid(
-    setup: _Setup, data: ConditionData, parts: dict[str, pd.DataFrame]
+    setup: Setup, data: ConditionData, parts: dict[str, pd.DataFrame]
 ) -> tuple[list[dict[str, Any]], dict[tuple[str, str], Any], dict[tuple[str, str], np.ndarray]]:
     """Every (featurizer, classifier) of the config: records, fitted pipelines, calibration probas.
 
@@ -208,7 +210,7 @@ def best_record(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return ranked[0]
 
 
-def _truncated(setup: _Setup, frame: pd.DataFrame, n_tokens: int) -> list[str]:
+def _truncated(setup: Setup, frame: pd.DataFrame, n_tokens: int) -> list[str]:
     """The first ``n_tokens`` generated tokens of each text (0 = all), decoded as the generator did."""
     if n_tokens <= 0:
         return frame["text"].tolist()
@@ -235,7 +237,7 @@ def _too_few(clf: str, labels: pd.Series, k: int) -> str | None:
 
 
 def _evidence(
-    setup: _Setup, data: ConditionData, parts: dict[str, pd.DataFrame], grid: list[dict[str, Any]]
+    setup: Setup, data: ConditionData, parts: dict[str, pd.DataFrame], grid: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Accuracy against tokens shown and against training-set size, for the best and the baseline."""
     train, test = parts["train"], parts["test"]
@@ -262,7 +264,7 @@ def _evidence(
                 def texts(f: pd.DataFrame, n: int = n) -> list[str]:
                     return _truncated(setup, f, n)
 
-                _, y_pred = _fit_predict(setup, feat, clf, train, test, texts)
+                _, y_pred = fit_predict(setup, feat, clf, train, test, texts)
             records.append(_evidence_record(data, feat, clf, role, "tokens", n_tokens, len(train), y_test, y_pred))
         for fraction in setup.settings.evidence_train_fractions:
             keep = set(prompt_order[: max(1, math.ceil(fraction * len(prompt_order)))])
@@ -273,7 +275,7 @@ def _evidence(
                 _stderr(f"{data.name}: evidence point train_fraction = {fraction:g} of {feat}+{clf} left out: {reason}")
                 continue
             else:
-                _, y_pred = _fit_predict(setup, feat, clf, subset, test)
+                _, y_pred = fit_predict(setup, feat, clf, subset, test)
             records.append(
                 _evidence_record(data, feat, clf, role, "train_fraction", fraction, len(subset), y_test, y_pred)
             )
@@ -282,7 +284,7 @@ def _evidence(
             if len(subset) == len(train) and (feat, clf) in by_pipeline:
                 y_pred = np.asarray(by_pipeline[feat, clf]["y_pred"])
             else:
-                _, y_pred = _fit_predict(setup, feat, clf, subset, test)
+                _, y_pred = fit_predict(setup, feat, clf, subset, test)
             records.append(
                 _evidence_record(data, feat, clf, role, "train_samples", samples, len(subset), y_test, y_pred)
             )
@@ -318,11 +320,11 @@ def _evidence_record(
 
 
 def _explanations(
-    setup: _Setup, data: ConditionData, parts: dict[str, pd.DataFrame], fitted: dict[tuple[str, str], Any]
+    setup: Setup, data: ConditionData, parts: dict[str, pd.DataFrame], fitted: dict[tuple[str, str], Any]
 ) -> list[dict[str, Any]]:
     """Per model, the word n-grams whose logistic-regression weights most favour it."""
     train = parts["train"]
-    pipe = fitted.get(EXPLAIN) or _fit_predict(setup, *EXPLAIN, train, parts["test"])[0]
+    pipe = fitted.get(EXPLAIN) or fit_predict(setup, *EXPLAIN, train, parts["test"])[0]
     vectorizer, model = pipe.named_steps["features"], pipe.named_steps["classifier"]
     names = vectorizer.get_feature_names_out()
     coef = np.asarray(model.coef_)
@@ -356,9 +358,7 @@ def _explanations(
     return records
 
 
-def _calibrate(
-    setup: _Setup, pipe: Any, labels: list[str], cal: pd.DataFrame, raw_cal: np.ndarray | None
-) -> Attributor:
+def _calibrate(setup: Setup, pipe: Any, labels: list[str], cal: pd.DataFrame, raw_cal: np.ndarray | None) -> Attributor:
     """Temperature and open-set threshold, both chosen on the held-out calibration prompts."""
     if raw_cal is None:
         raw_cal = np.asarray(pipe.predict_proba(cal["text"].tolist())) if len(cal) else np.zeros((0, len(labels)))
@@ -401,7 +401,7 @@ def _without(frame: pd.DataFrame, held: int) -> pd.DataFrame:
 
 
 def _open_set(
-    setup: _Setup, data: ConditionData, parts: dict[str, pd.DataFrame], best: dict[str, Any]
+    setup: Setup, data: ConditionData, parts: dict[str, pd.DataFrame], best: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """Leave one zoo model out: the share of its texts called `unknown` vs known texts rejected."""
     k = len(data.labels)
@@ -435,7 +435,7 @@ def _open_set(
 
 
 def run_condition(
-    setup: _Setup, data: ConditionData, views: dict[str, LikelihoodView] | None = None
+    setup: Setup, data: ConditionData, views: dict[str, LikelihoodView] | None = None
 ) -> tuple[list[dict[str, Any]], Attributor | None]:
     """All records of one condition, and its calibrated best pipeline (none for the null control).
 
@@ -493,7 +493,7 @@ def run_condition(
 
 
 def _white_box(
-    setup: _Setup,
+    setup: Setup,
     data: ConditionData,
     parts: dict[str, pd.DataFrame],
     views: dict[str, LikelihoodView] | None,
@@ -583,7 +583,7 @@ def _white_box(
 
 
 def _kl_records(
-    setup: _Setup, data: ConditionData, parts: dict[str, pd.DataFrame], views: dict[str, LikelihoodView]
+    setup: Setup, data: ConditionData, parts: dict[str, pd.DataFrame], views: dict[str, LikelihoodView]
 ) -> list[dict]:
     """Per ordered pair of the condition's models: the per-token KL divergence of their text distributions,
     estimated on the first model's own test and cal texts (only in `all`, which holds every pair); and
@@ -626,7 +626,7 @@ def _kl_records(
 
 
 def _likelihood_open_set(
-    setup: _Setup, data: ConditionData, parts: dict[str, pd.DataFrame], views: dict[str, LikelihoodView]
+    setup: Setup, data: ConditionData, parts: dict[str, pd.DataFrame], views: dict[str, LikelihoodView]
 ) -> list[dict[str, Any]]:
     """Leave each model out of the library in turn: how often its pools are called `unknown`, and how
     often known models' pools are (the false rejections the threshold controls)."""
@@ -762,7 +762,7 @@ def _condition_job(
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=THREADS):
-        setup = _Setup(cfg=cfg, split=split, tokenizer=_load_tokenizer(cfg), progress=progress)
+        setup = Setup(cfg=cfg, split=split, tokenizer=_load_tokenizer(cfg), progress=progress)
         start = time.perf_counter()
         done, attributor = run_condition(setup, data, views)
     if attributor is not None:
@@ -794,7 +794,7 @@ def _condition_job(
 
 def _embed_job(cfg: Config, label: str, texts: list[str], progress: bool = True) -> int:
     """Embed ``texts`` into the run's embedding cache (so condition workers only read it)."""
-    setup = _Setup(cfg=cfg, split={}, tokenizer=None, progress=progress)
+    setup = Setup(cfg=cfg, split={}, tokenizer=None, progress=progress)
     setup.featurizer("embed").fit(texts).transform(texts)
     return len(texts)
 

@@ -103,7 +103,7 @@ def _model_sha256(model_dir: Path) -> str:
     return read_manifest(model_dir, f"model {model_dir.name}")["files"]["model.safetensors"]
 
 
-def _read_cache(path: Path, model_sha256: str) -> pd.DataFrame:
+def read_cache(path: Path, model_sha256: str) -> pd.DataFrame:
     """The rows a scorer already has, when they were scored by these weights (else none)."""
     import pyarrow.parquet as pq
 
@@ -155,7 +155,7 @@ def score_model(
 
     model_id = model_dir.name
     sha = sha or _model_sha256(model_dir)
-    cached = _read_cache(path, sha)
+    cached = read_cache(path, sha)
     cached = cached[cached["row_key"].isin(set(rows["row_key"]))]
     complete = set(cached["row_key"])
     lacking = set(cached.loc[cached["entropy_sum"].isna(), "row_key"])  # scored without moments
