@@ -64,6 +64,14 @@ def smoke_home(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smoke_data_home(tmp_path_factory) -> Path:
+    """A directory holding only the smoke run's `data` stage (for tests that need no trained model)."""
+    home = tmp_path_factory.mktemp("smoke-data")
+    run_cli("data", "--config", str(SMOKE), home=home)
+    return home
+
+
+@pytest.fixture(scope="session")
 def smoke_cfg(smoke_home):
     """The smoke config, with NATPRINTS_HOME pointing at the smoke run for the session."""
     from natprints.config import load_config

@@ -199,9 +199,9 @@ WORKER_MARK = {"local": "multiprocessing.spawn import spawn_main", "ray": "ray::
 
 
 @pytest.fixture
-def long_zoo(tmp_path, smoke_home) -> tuple[Path, Path]:
+def long_zoo(tmp_path, smoke_data_home) -> tuple[Path, Path]:
     """A scratch home with the smoke corpus and a smoke config whose models train for long."""
-    copy_stage(smoke_home, tmp_path, "data", "corpus", "smoke")
+    copy_stage(smoke_data_home, tmp_path, "data", "corpus", "smoke")
     config = _smoke_variant(
         tmp_path / "long.toml", **{"steps = 40": "steps = 5000", "resume_every = 10": "resume_every = 1000"}
     )

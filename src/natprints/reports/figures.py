@@ -206,6 +206,7 @@ def plot_text_emergence(table: pd.DataFrame, path: Path) -> None:
     linthresh = next((s for s in steps if s > 0), 1)
     for ax in (left, right):
         ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_xlim(0, max(steps) * 1.15)  # the default margin would reach below step 0
         ax.set_xlabel("training step (0 = init)")
         ax.set_xticks(steps, [str(s) for s in steps], fontsize=7)
     fig.suptitle(f"Text fingerprint over training: condition {top['condition'].iloc[0]}", fontsize=9)
