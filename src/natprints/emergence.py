@@ -125,7 +125,7 @@ def _check_texts(cfg: Config, points: list[Point]) -> None:
     def recorded(fields: dict) -> dict[str, str | None]:
         return fields.get("weights") if isinstance(fields.get("weights"), dict) else {}
 
-    paths: dict[Path, tuple[str | None, str | None]] = {_text_path(cfg, p): (p.label, p.weights) for p in points}
+    paths = {_text_path(cfg, p): (p.label, p.weights) for p in points}
     check_written(_manifest(cfg), paths, recorded, "natprints emergence")
 
 

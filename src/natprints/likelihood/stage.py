@@ -157,11 +157,10 @@ def score_model(
     sha = sha or _model_sha256(model_dir)
     cached = read_cache(path, sha)
     cached = cached[cached["row_key"].isin(set(rows["row_key"]))]
-    complete = set(cached["row_key"])
+    rows = rows if "moments" in rows else rows.assign(moments=True)
     lacking = set(cached.loc[cached["entropy_sum"].isna(), "row_key"])  # scored without moments
-    needs = rows["moments"].to_numpy(dtype=bool) if "moments" in rows else np.ones(len(rows), dtype=bool)
-    missing = rows[~rows["row_key"].isin(complete) | (needs & rows["row_key"].isin(lacking))]
-    missing = missing.assign(moments=needs[rows.index.get_indexer(missing.index)])
+    keys = rows["row_key"]
+    missing = rows[~keys.isin(set(cached["row_key"])) | (rows["moments"].astype(bool) & keys.isin(lacking))]
     cached = cached[~cached["row_key"].isin(set(missing["row_key"]))]
     if missing.empty:
         return 0
