@@ -95,7 +95,8 @@ def train_dtype_choice(cfg: Config) -> dict[str, Any]:
 
 
 def _measure_train_step(cfg: Config, reps: int = 2) -> dict[str, float]:
-    """Median seconds of one optimizer step of the run's base model, fp32 and bf16 autocast, interleaved."""
+    """Seconds of one optimizer step of the run's base model, fp32 and bf16 autocast, interleaved: the upper
+    median of ``reps`` steps after a warm-up (with the default 2, the slower one)."""
     import torch
 
     from natprints.zoo.spec import base_spec, size_preset
@@ -458,11 +459,10 @@ def reap(token: str, *, within: float = 20.0, every: float = 2.0) -> None:
             break
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        known.update(_instance_processes(token, None, known))  # the parent's pid may be anyone's now
-        table = _process_table()
-        victims = [pid for pid, start in known.items() if pid in table and table[pid][1] == start]
+        victims = _instance_processes(token, None, known)  # the parent's pid may be anyone's now
         if not victims:
             return
+        known.update(victims)
         for pid in victims:
             with suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
@@ -483,12 +483,13 @@ def _process_table() -> dict[int, tuple[int, int]]:
 
 
 def _instance_processes(token: str, parent: int | None, known: dict[int, int]) -> dict[int, int]:
-    """pid -> start time of the processes carrying ``token`` in their environment, the descendants of
-    ``parent`` (when given: it is still alive) and those of every ``known`` process (this one excluded)."""
+    """pid -> start time of the live processes of the instance: those carrying ``token`` in their
+    environment, the ``known`` ones still running (same start time), and the descendants of all of
+    them and of ``parent`` (when given: it is still alive); this process excluded."""
     table = _process_table()
     found = {pid: table[pid][1] for pid in _pids_with_env(REAPER_TOKEN, token) if pid in table}
-    alive = {pid for pid, start in known.items() if pid in table and table[pid][1] == start}
-    roots = alive | set(found) | ({parent} if parent is not None else set())
+    found.update({pid: start for pid, start in known.items() if pid in table and table[pid][1] == start})
+    roots = set(found) | ({parent} if parent is not None else set())
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)

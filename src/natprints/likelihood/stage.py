@@ -85,17 +85,17 @@ ROW_COLUMNS = [
 ]
 
 
-def text_rows(texts: list, prompts: pd.Series, *, moments: bool = False) -> pd.DataFrame:
+def text_rows(texts: list, prompts: pd.Series) -> pd.DataFrame:
     """Generated rows (with ``sample_id``, ``prompt_id``, ``token_ids`` and the sampling transform) as
-    the rows :func:`score_model` scores; ``prompts``: prompt id -> its token ids; ``moments``: whether
-    each row is scored with its per-position entropy and variance."""
+    the rows :func:`score_model` scores; ``prompts``: prompt id -> its token ids. Each row's
+    ``moments`` (score its per-position entropy and variance too) is False."""
     records = []
     for row in texts:
         prompt = [int(t) for t in prompts.loc[row.prompt_id]]
         tokens = [int(t) for t in row.token_ids]
         transform = (float(row.temperature), int(row.top_k), float(row.top_p), int(row.new_tokens))
         key = _row_key(str(row.sample_id), prompt, tokens, transform)
-        records.append((key, str(row.sample_id), prompt, tokens, *transform, moments))
+        records.append((key, str(row.sample_id), prompt, tokens, *transform, False))
     return pd.DataFrame(records, columns=ROW_COLUMNS)
 
 
@@ -157,7 +157,6 @@ def score_model(
     sha = sha or _model_sha256(model_dir)
     cached = read_cache(path, sha)
     cached = cached[cached["row_key"].isin(set(rows["row_key"]))]
-    rows = rows if "moments" in rows else rows.assign(moments=True)
     lacking = set(cached.loc[cached["entropy_sum"].isna(), "row_key"])  # scored without moments
     keys = rows["row_key"]
     missing = rows[~keys.isin(set(cached["row_key"])) | (rows["moments"].astype(bool) & keys.isin(lacking))]
