@@ -135,3 +135,16 @@ def test_a_section_measured_elsewhere_says_where(smoke_cfg):
             path.unlink(missing_ok=True)
         else:
             path.write_text(before)
+
+
+def test_rounds_alternate_contenders_unit_by_unit_and_pair_their_ratios():
+    from natprints.bench.timing import paired_ratio, rounds
+
+    order: list[str] = []
+    timed = rounds({name: [lambda n=name, j=j: order.append(f"{n}{j}") for j in range(3)] for name in "ab"}, reps=2)
+    assert order == ["a0", "a1", "a2", "b0", "b1", "b2"] + ["a0", "b0", "a1", "b1", "a2", "b2"] * 2
+    assert len(timed["a"]["runs_s"]) == 2
+    fake = {"ours": {"runs_s": [2.0, 1.0, 4.0]}, "base": {"runs_s": [1.0, 1.0, 1.0]}}
+    assert paired_ratio(fake, "ours", "base") == 0.5  # median of 0.5, 1.0, 0.25
+    with pytest.raises(ValueError, match="same number of units"):
+        rounds({"a": [print], "b": [print, print]})

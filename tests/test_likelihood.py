@@ -281,9 +281,16 @@ def test_eos_term_and_empty_continuation(model):
 
 def test_rejects_inconsistent_rows(model):
     kw = {"eos_id": EOS, "new_tokens": 3, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-    for prompts, conts in [([[1]], [[2, EOS]]), ([[1]], [[2, 3, 4, 5]]), ([[]], [[2]]), ([[1]], [[VOCAB]])]:
-        with pytest.raises(NatprintsError):
-            score_texts(model, prompts, conts, **kw)
+    for conts, problem in [
+        ([[2, EOS]], f"row 1 holds EOS \\({EOS}\\) inside its continuation"),
+        ([[2, 3, 4, 5]], "row 1 has 4 tokens, more than new_tokens=3"),
+        ([[VOCAB]], f"row 1 holds a token id outside the vocabulary \\[0, {VOCAB}\\)"),
+        ([[-1]], "row 1 holds a token id outside the vocabulary"),
+    ]:
+        with pytest.raises(NatprintsError, match=problem):
+            score_texts(model, [[1], [1]], [[2]] + conts, **kw)
+    with pytest.raises(NatprintsError, match="row 1 has an empty prompt"):
+        score_texts(model, [[1], []], [[2], [2]], **kw)
     with pytest.raises(NatprintsError, match="temperature"):
         score_texts(model, [[1]], [[2]], **{**kw, "temperature": 0.0})
 

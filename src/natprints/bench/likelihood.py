@@ -10,18 +10,21 @@ filters, so the plain loop computes the same numbers):
   on our batches;
 - ``normalizer``: the limit plus ``logsumexp`` and ``gather``, the least an exact log p needs (ours
   adds each position's entropy and variance of log p).
-Throughput counts scored events (continuation tokens plus EOS events) per second; each figure is the
-median of ``reps`` round-robin repetitions after one warm-up of each.
+Throughput counts scored events (continuation tokens plus EOS events) per second. The timing unit is one
+batch of rows (a quarter of a second): each of ``reps`` rounds runs every contender on batch j before
+any on batch j + 1 (:func:`natprints.bench.timing.rounds`), so all see the same machine speed; tokens/s
+come from the median round, and each ratio is the median over rounds of that round's paired ratio.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from natprints.bench.timing import interleaved
+from natprints.bench.timing import paired_ratio, rounds
 from natprints.likelihood.scorer import event_hidden, head_chunks, plan_batches, score_texts
 
 BATCH_SIZE = 64
@@ -90,17 +93,25 @@ def bench_likelihood(
         with torch.inference_mode():
             ours = score_texts(model, prompts, continuations, batch_size=BATCH_SIZE, **kwargs, **sampling)
             naive = _naive_scores(model, prompts, continuations, **kwargs)
-            timed = interleaved(
+            # one unit per batch of rows: sub-second turns, so every contender sees the same machine speed
+            ours_rows = [([prompts[i] for i in b.rows], [continuations[i] for i in b.rows]) for b in batches]
+            naive_rows = [
+                (prompts[start : start + BATCH_SIZE], continuations[start : start + BATCH_SIZE])
+                for start in range(0, len(prompts), BATCH_SIZE)
+            ]
+            timed = rounds(
                 {
-                    "ours": lambda: score_texts(
-                        model, prompts, continuations, batch_size=BATCH_SIZE, **kwargs, **sampling
-                    ),
-                    "ours_logp": lambda: score_texts(
-                        model, prompts, continuations, batch_size=BATCH_SIZE, moments=False, **kwargs, **sampling
-                    ),
-                    "naive": lambda: _naive_scores(model, prompts, continuations, **kwargs),
-                    "limit": lambda: _limit(model, batches),
-                    "normalizer": lambda: _normalizer(model, batches),
+                    "ours": [
+                        partial(score_texts, model, p, c, batch_size=BATCH_SIZE, **kwargs, **sampling)
+                        for p, c in ours_rows
+                    ],
+                    "ours_logp": [
+                        partial(score_texts, model, p, c, batch_size=BATCH_SIZE, moments=False, **kwargs, **sampling)
+                        for p, c in ours_rows
+                    ],
+                    "naive": [partial(_naive_scores, model, p, c, **kwargs) for p, c in naive_rows],
+                    "limit": [partial(_limit, model, [b]) for b in batches],
+                    "normalizer": [partial(_normalizer, model, [b]) for b in batches],
                 },
                 reps=reps,
             )
@@ -115,12 +126,12 @@ def bench_likelihood(
             "likelihood_ours_tokens_per_s": round(rate["ours"], 1),
             "likelihood_naive_tokens_per_s": round(rate["naive"], 1),
             "likelihood_limit_tokens_per_s": round(rate["limit"], 1),
-            "likelihood_ratio_vs_naive": round(rate["ours"] / rate["naive"], 3),
-            "likelihood_ratio_vs_limit": round(rate["ours"] / rate["limit"], 3),
+            "likelihood_ratio_vs_naive": round(paired_ratio(timed, "ours", "naive"), 3),
+            "likelihood_ratio_vs_limit": round(paired_ratio(timed, "ours", "limit"), 3),
             "likelihood_logp_tokens_per_s": round(rate["ours_logp"], 1),
-            "likelihood_logp_ratio_vs_limit": round(rate["ours_logp"] / rate["limit"], 3),
+            "likelihood_logp_ratio_vs_limit": round(paired_ratio(timed, "ours_logp", "limit"), 3),
             "likelihood_normalizer_tokens_per_s": round(rate["normalizer"], 1),
-            "likelihood_normalizer_ratio_vs_limit": round(rate["normalizer"] / rate["limit"], 3),
+            "likelihood_normalizer_ratio_vs_limit": round(paired_ratio(timed, "normalizer", "limit"), 3),
             "likelihood_agree": bool(token_diff <= TOLERANCE),
             "likelihood_max_token_diff": token_diff,
             "likelihood_max_text_diff": text_diff,
@@ -131,7 +142,8 @@ def bench_likelihood(
         "threads": threads,
         "reps": reps,
         "notes": [
-            "tokens/s = scored events (continuation tokens + EOS events) per second, median of reps",
+            "tokens/s = scored events (continuation tokens + EOS events) per second in the median of reps rounds;"
+            " ratios = median over rounds of the paired ratio (contenders alternate batch by batch)",
             "ours also computes the entropy and variance of log p at every position, ours_logp and naive do not",
             f"agreement: max |log p| difference per event {token_diff:.2e} (tolerance {TOLERANCE:g})",
         ],

@@ -7,7 +7,7 @@ import io
 import pstats
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -35,6 +35,44 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, reps: int = 5, warmup: int
             fn()
             runs[name].append(time.perf_counter() - t0)
     return {name: {"median_s": statistics.median(r), "runs_s": [round(x, 6) for x in r]} for name, r in runs.items()}
+
+
+def rounds(
+    units: dict[str, Sequence[Callable[[], Any]]], *, reps: int = 5, warmup: int = 1
+) -> dict[str, dict[str, Any]]:
+    """Time contenders in fine turns. Each contender is a list of units (the parts of one job); a round
+    runs unit j of every contender before unit j + 1 of any, and a contender's round time is the sum of
+    its units' times. Same return shape as :func:`interleaved`, one entry of ``runs_s`` per round.
+
+    On a shared machine whose speed drifts by ~10% over seconds, whole-job turns leave that drift in a
+    ratio of medians; sub-second turns put every contender in the same patch, and the per-round ratio
+    (:func:`paired_ratio`) compares them within a patch.
+    """
+    sizes = {len(parts) for parts in units.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"rounds: every contender needs the same number of units, got {sorted(sizes)}")
+    n_units = sizes.pop()
+    for parts in units.values():
+        for _ in range(warmup):
+            for unit in parts:
+                unit()
+    runs: dict[str, list[float]] = {name: [] for name in units}
+    for _ in range(reps):
+        spent = dict.fromkeys(units, 0.0)
+        for j in range(n_units):
+            for name, parts in units.items():
+                t0 = time.perf_counter()
+                parts[j]()
+                spent[name] += time.perf_counter() - t0
+        for name, seconds in spent.items():
+            runs[name].append(seconds)
+    return {name: {"median_s": statistics.median(r), "runs_s": [round(x, 6) for x in r]} for name, r in runs.items()}
+
+
+def paired_ratio(timed: dict[str, dict[str, Any]], name: str, baseline: str) -> float:
+    """``name``'s speed relative to ``baseline``: the median over rounds of time(baseline) / time(name)."""
+    pairs = zip(timed[name]["runs_s"], timed[baseline]["runs_s"], strict=True)
+    return statistics.median(base / own for own, base in pairs)
 
 
 def python_profile(fn: Callable[[], Any], top: int = 8) -> list[str]:
