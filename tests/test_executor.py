@@ -7,10 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -326,17 +330,49 @@ def _artifact_digests(home: Path) -> dict[str, object]:
     return out
 
 
-def test_ray_executor_writes_the_local_executors_artifacts(tmp_path, smoke_home):
-    """Every stage of the smoke pipeline under a local Ray instance: every artifact equals the local
-    executor's, byte for byte (JSON records up to their timings and provenance)."""
+@contextmanager
+def _ray_head(log: Path, cpus: int) -> Iterator[str]:
+    """A Ray cluster of one node, as `ray start --head` makes it (its output in ``log``): yields its
+    GCS address once it is up, then kills every process of it."""
+    import psutil
+
+    with socket.socket() as probe:  # a free port for the GCS
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--num-cpus={cpus}"]
+    command += [f"--port={port}", "--include-dashboard=false", "--disable-usage-stats"]
+    with log.open("w") as out:
+        head = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (found := re.search(r"ray start --address='([^']+)'", log.read_text())):
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield found.group(1)
+    finally:
+        with suppress(psutil.NoSuchProcess):
+            processes = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
+            for process in processes:
+                with suppress(psutil.NoSuchProcess):
+                    process.kill()
+            psutil.wait_procs(processes, timeout=30)
+
+
+def test_ray_executor_writes_the_local_executors_artifacts(tmp_path, smoke_home, monkeypatch):
+    """Every stage of the smoke pipeline on a Ray cluster it joins by address (one head started for
+    the test, as `ray start` makes it): every artifact equals the local executor's, byte for byte (JSON
+    records up to their timings and provenance). The local instance a run starts itself is in the
+    kill -9 test."""
     from tests.conftest import SMOKE_STAGES
 
     copy_stage(smoke_home, tmp_path, "data", "corpus", "smoke")
-    config = _smoke_variant(tmp_path / "smoke-ray.toml", run_extra='executor = "ray"\n')
-    for stage in SMOKE_STAGES[1:]:
-        proc = run_cli(*stage, "--config", str(config), home=tmp_path)
-        if stage[0] in ("zoo", "generate", "likelihood", "experiments"):
-            assert "ray: started a local Ray instance (1 node(s), 2 CPUs," in proc.stdout, stage
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # `ray start` enables token authentication (Ray >= 2.59)
+    with _ray_head(tmp_path / "ray-head.log", cpus=2) as address:
+        config = _smoke_variant(tmp_path / "smoke-ray.toml", run_extra=f'executor = "ray"\nray_address = "{address}"\n')
+        for stage in SMOKE_STAGES[1:]:
+            proc = run_cli(*stage, "--config", str(config), home=tmp_path)
+            if stage[0] in ("zoo", "generate", "likelihood", "experiments"):
+                assert f"ray: joined the Ray cluster at {address} (1 node(s), 2 CPUs," in proc.stdout, stage
     ray, local = _artifact_digests(tmp_path), _artifact_digests(smoke_home)
     assert sorted(ray) == sorted(local)
     kinds = {Path(k).parts[0] + "/" + Path(k).parts[1] for k in ray}

@@ -356,7 +356,10 @@ def ray_session(run: RunSettings) -> Any:
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError, ... with long texts
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = f"join the Ray cluster at {run.ray_address!r}" if run.ray_address else "start a local Ray instance"
-        raise NatprintsError(f"cannot {where}: {first}") from None
+        hint = ""
+        if run.ray_address and not os.environ.get("RAY_AUTH_MODE"):
+            hint = " (a cluster `ray start` made since Ray 2.59 wants its token: set RAY_AUTH_MODE=token)"
+        raise NatprintsError(f"cannot {where}: {first}{hint}") from None
     nodes = _job_nodes(ray)
     check_shared_storage(root, lambda probe, args: _on_every_node(ray, nodes, probe, args))
     resources = ray.cluster_resources()
