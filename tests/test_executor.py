@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -245,13 +246,15 @@ def test_ctrl_c_prints_the_resume_line_and_stops_the_workers(long_zoo):
 @linux_only
 @pytest.mark.process_faults
 @pytest.mark.parametrize("executor", ["local", "ray"])
-def test_kill_9_of_the_parent_leaves_no_worker(long_zoo, executor):
+def test_kill_9_of_the_parent_leaves_no_worker(long_zoo, executor, monkeypatch):
     """Under Ray too: the dashboard and runtime-env agents rename themselves, which can hide the
     reaper's token in their environment; the reaper also knows them by their ancestry."""
     home, config = long_zoo
     if executor == "ray":
         text = config.read_text().replace("[run]\n", '[run]\nexecutor = "ray"\n', 1)
         config.write_text(text)
+        # ray_address = "" starts an instance of its own, never the cluster the environment names
+        monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
     started = time.time()
     proc = _start_training(home, config, executor)
     before = _session(proc.pid)
@@ -343,6 +346,7 @@ def _ray_head(log: Path, cpus: int) -> Iterator[str]:
     command += [f"--port={port}", "--include-dashboard=false", "--disable-usage-stats"]
     with log.open("w") as out:
         head = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    found = None
     try:
         deadline = time.monotonic() + 120
         while not (found := re.search(r"ray start --address='([^']+)'", log.read_text())):
@@ -356,6 +360,11 @@ def _ray_head(log: Path, cpus: int) -> Iterator[str]:
                 with suppress(psutil.NoSuchProcess):
                     process.kill()
             psutil.wait_procs(processes, timeout=30)
+        # `ray start` records its address for a later ray.init() on this machine: forget a dead cluster
+        latest = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
+        with suppress(OSError):
+            if found and latest.read_text().strip() == found.group(1):
+                latest.unlink()
 
 
 def test_ray_executor_writes_the_local_executors_artifacts(tmp_path, smoke_home, monkeypatch):

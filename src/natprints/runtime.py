@@ -349,7 +349,9 @@ def ray_session(run: RunSettings) -> Any:
             _ray_state["reaper"] = _start_reaper(token)
             os.environ[REAPER_TOKEN] = token  # inherited by the instance's processes, and theirs
             try:
-                ray.init(num_cpus=run.workers * max(run.threads, 1), **options)
+                # "local": a new instance even when RAY_ADDRESS or the last `ray start` on this machine
+                # (its address file outlives it) names another cluster, which ray.init() would join
+                ray.init(address="local", num_cpus=run.workers * max(run.threads, 1), **options)
             finally:
                 os.environ.pop(REAPER_TOKEN, None)
             how = "started a local Ray instance"
