@@ -1,6 +1,6 @@
 """Likelihood scoring throughput: ours against the loop a user would write and against the unavoidable work.
 
-All three score the same texts with the same model on the same torch threads (temperature 1, no
+All five contenders score the same texts with the same model on the same torch threads (temperature 1, no
 filters, so the plain loop computes the same numbers):
 - ``ours``: :func:`natprints.likelihood.score_texts` (log p of each event, entropy and variance: the
   stage's test texts of a condition with an open-set test);
