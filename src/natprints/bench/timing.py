@@ -24,17 +24,9 @@ def measure(fn: Callable[[], Any], *, reps: int = 5, warmup: int = 1) -> dict[st
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], *, reps: int = 5, warmup: int = 1) -> dict[str, dict[str, Any]]:
-    """Time several contenders round-robin (A B A B ...), so a slow patch on a shared machine hits both."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    runs: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            runs[name].append(time.perf_counter() - t0)
-    return {name: {"median_s": statistics.median(r), "runs_s": [round(x, 6) for x in r]} for name, r in runs.items()}
+    """Time several contenders round-robin (A B A B ...), so a slow patch on a shared machine hits both:
+    :func:`rounds` with each contender one unit."""
+    return rounds({name: [fn] for name, fn in fns.items()}, reps=reps, warmup=warmup)
 
 
 def rounds(
@@ -42,16 +34,16 @@ def rounds(
 ) -> dict[str, dict[str, Any]]:
     """Time contenders in fine turns. Each contender is a list of units (the parts of one job); a round
     runs unit j of every contender before unit j + 1 of any, and a contender's round time is the sum of
-    its units' times. Same return shape as :func:`interleaved`, one entry of ``runs_s`` per round.
+    its units' times: ``median_s`` and, one entry per round, ``runs_s``.
 
     On a shared machine whose speed drifts by ~10% over seconds, whole-job turns leave that drift in a
     ratio of medians; sub-second turns put every contender in the same patch, and the per-round ratio
     (:func:`paired_ratio`) compares them within a patch.
     """
     sizes = {len(parts) for parts in units.values()}
-    if len(sizes) != 1:
+    if len(sizes) > 1:
         raise ValueError(f"rounds: every contender needs the same number of units, got {sorted(sizes)}")
-    n_units = sizes.pop()
+    n_units = sizes.pop() if sizes else 0
     for parts in units.values():
         for _ in range(warmup):
             for unit in parts:
