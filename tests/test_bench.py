@@ -76,8 +76,7 @@ def test_bench_train_checks_same_work(smoke_cfg):
 
     r = bench_train(smoke_cfg, steps=2, reps=1)["results"]
     assert abs(r["train_heldout_loss_ours"] - r["train_heldout_loss_hf_trainer"]) <= 1e-3
-    choice = json.loads((smoke_cfg.paths.models / "train_dtype.json").read_text())["train_dtype"]
-    assert r["train_dtype"] == {"fp32": "fp32", "bf16-autocast": "bf16"}[choice] and 0 < r["train_mfu"] < 1
+    assert r["train_dtype"] == "fp32" and 0 < r["train_mfu"] < 1  # `auto` on a CPU
     assert r["train_tokens_per_s"] > 0 and r["train_batch_shape"] == [8, 64]
 
 

@@ -20,6 +20,19 @@ def test_defaults_and_smoke_load():
     assert load_config("configs/default.toml").run.name == "default"
 
 
+def test_workers_auto_is_the_default_and_fills_the_cores(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    run = Config.model_validate({"run": {"name": "x", "threads": 1}}).run
+    assert run.workers == "auto" and run.worker_count() == 16
+    assert Config.model_validate({"run": {"name": "x", "threads": 4}}).run.worker_count() == 4
+    assert Config.model_validate({"run": {"name": "x", "threads": 32}}).run.worker_count() == 1
+    assert Config.model_validate({"run": {"name": "x"}}).run.worker_count() == 1  # threads 0: torch takes every core
+    assert Config.model_validate({"run": {"name": "x", "threads": 1, "workers": 3}}).run.worker_count() == 3
+    assert load_config("configs/default.toml").run.workers == "auto"
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -34,6 +47,8 @@ def test_defaults_and_smoke_load():
         ('[run]\nname = "x"\n[conditions]\nsize = ["huge"]\n', "unknown size preset 'huge'"),
         ("[train]\nsteps = 3\n", "missing key 'run'"),
         ('[run]\nname = "x"\n[generate]\nseed = 1\nnull_seed = 1\n', "null_seed must differ"),
+        ('[run]\nname = "x"\nworkers = 0\n', "'run.workers"),
+        ('[run]\nname = "x"\nworkers = "all"\n', "'run.workers"),
     ],
 )
 def test_bad_config_is_one_line_naming_key_and_file(tmp_path, body, message):

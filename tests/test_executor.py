@@ -282,7 +282,7 @@ def _reapers_since(t0: float) -> list[int]:
 
 
 # Files that record when, where or how fast a run went (or the config file's path), not what it made.
-VOLATILE_FILES = {".lock", "run.json", "train_dtype.json", "timings.json", "zoo.md", "index.md"}
+VOLATILE_FILES = {".lock", "run.json", "timings.json", "zoo.md", "index.md"}
 VOLATILE_KEYS = {
     "seconds",
     "wall_s",
@@ -290,7 +290,6 @@ VOLATILE_KEYS = {
     "features_s",
     "train_seconds",
     "tokens_per_second",
-    "train_dtype_choice",
     "git_revision",
     "config_hash",
     "created_at",

@@ -42,7 +42,9 @@ class RunSettings(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0)  # torch threads per process; 0 = leave torch's default
-    workers: int = Field(1, ge=1)  # models trained / sampled at once, each in its own process
+    # jobs (models trained, sampled, scored; conditions fitted) at once, each in its own process with
+    # `threads` torch threads; "auto": as many as this machine's cores allow (a Ray instance's: its CPUs)
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     train_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     # where jobs run: worker processes of this machine, or Ray tasks (num_cpus = threads, one GPU on CUDA)
     executor: Literal["local", "ray"] = "local"
@@ -56,6 +58,13 @@ class RunSettings(_Section):
         if value in ("", "auto") or re.fullmatch(r"(ray://)?[A-Za-z0-9_.-]+:[0-9]{1,5}", value):
             return value
         raise ValueError("must be '' (a local Ray instance), 'auto', 'ray://host:port' or 'host:port'")
+
+    def worker_count(self) -> int:
+        """``workers`` as a number: for ``auto``, the cores this process may use over ``threads`` (at
+        least one). The count never changes a result (each job runs alone in its own process)."""
+        if self.workers != "auto":
+            return self.workers
+        return max(1, len(os.sched_getaffinity(0)) // max(self.threads, 1)) if self.threads else 1
 
     @model_validator(mode="after")
     def _executor_options(self) -> RunSettings:

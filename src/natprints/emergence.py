@@ -194,7 +194,7 @@ def run_emergence(cfg: Config, *, max_chunks: int | None = None) -> dict[str, An
         (sampling, p.label, prompts, _text_path(cfg, p), cfg.generate.seed, max_chunks, frozenset(), p.directory)
         for p in checkpoints
     ]
-    added = sum(run_jobs(cfg.run.workers, generate_for_model, jobs, "emergence generate"))
+    added = sum(run_jobs(cfg.run.worker_count(), generate_for_model, jobs, "emergence generate"))
     fields: dict[str, Any] = {"stage": "emergence", "run": cfg.run.name, "complete": False, "added": added}
     if max_chunks is not None:
         return fields
@@ -208,7 +208,7 @@ def run_emergence(cfg: Config, *, max_chunks: int | None = None) -> dict[str, An
         scored = texts[step][texts[step]["prompt_id"].astype(str).map(split).isin(("test", "cal"))]
         rows = text_rows(list(scored.itertuples(index=False)), token_ids)
         score_jobs += [(cfg, p.label, p, rows, _score_path(cfg, p)) for p in points]
-    losses = run_jobs(cfg.run.workers, _score_job, score_jobs, "emergence likelihood")
+    losses = run_jobs(cfg.run.worker_count(), _score_job, score_jobs, "emergence likelihood")
     heldout = {job[1]: float(loss) for job, loss in zip(score_jobs, losses, strict=True)}
     records = _records(cfg, members, steps, texts, split, heldout)
     reports = cfg.paths.reports

@@ -48,81 +48,13 @@ def resolve_device(setting: str) -> str:
     return setting
 
 
-# `train_dtype = "auto"` on a CPU: bf16 autocast only when a measured training step is at least this
-# much faster than fp32 (bf16 costs precision; a smaller gain is within the noise of a shared machine).
-BF16_MIN_SPEEDUP = 1.25
-TRAIN_DTYPE_FILE = "train_dtype.json"  # under models/<run>/: the run's measured choice, made once
-
-
 def use_autocast(cfg: Config, device: str) -> bool:
-    """Whether training runs under bf16 autocast: the config's ``train_dtype``; for ``auto``, bf16 on
-    CUDA and on a CPU the run's measured choice (:func:`train_dtype_choice`)."""
-    if cfg.run.train_dtype != "auto":
-        return cfg.run.train_dtype == "bf16"
-    if device == "cuda":
-        return True
-    return train_dtype_choice(cfg)["train_dtype"] == "bf16-autocast"
-
-
-def train_dtype_choice(cfg: Config) -> dict[str, Any]:
-    """fp32 or bf16 autocast for ``auto`` on a CPU, by a measured step of the run's base model.
-
-    One optimizer step in each dtype (after a warm-up of each), timed side by side on the run's torch
-    threads; bf16 when it is at least ``BF16_MIN_SPEEDUP`` times faster. Measured once per run and kept
-    in ``models/<run>/train_dtype.json``, so every model of the run (and every resume) trains alike;
-    each model's manifest records it.
-    """
-    import json
-
-    from natprints.artifacts import atomic_write_json, machine
-
-    path = cfg.paths.models / TRAIN_DTYPE_FILE
-    with suppress(OSError, ValueError):
-        recorded = json.loads(path.read_text())
-        if isinstance(recorded, dict) and recorded.get("train_dtype") in ("fp32", "bf16-autocast"):
-            return recorded
-    seconds = _measure_train_step(cfg)
-    speedup = seconds["fp32"] / seconds["bf16"]
-    choice = {
-        "train_dtype": "bf16-autocast" if speedup >= BF16_MIN_SPEEDUP else "fp32",
-        "step_s": {k: round(v, 4) for k, v in seconds.items()},
-        "bf16_speedup": round(speedup, 3),
-        "min_speedup": BF16_MIN_SPEEDUP,
-        "machine": machine(),
-    }
-    atomic_write_json(path, choice)
-    return choice
-
-
-def _measure_train_step(cfg: Config, reps: int = 2) -> dict[str, float]:
-    """Seconds of one optimizer step of the run's base model, fp32 and bf16 autocast, interleaved: the upper
-    median of ``reps`` steps after a warm-up (with the default 2, the slower one)."""
-    import torch
-
-    from natprints.zoo.spec import base_spec, size_preset
-    from natprints.zoo.train import init_model, loss_of
-
-    spec = base_spec(cfg)
-    vocab = cfg.tokenizer.vocab_size
-    previous = torch.get_num_threads()
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    try:
-        model = init_model(size_preset(cfg, spec), vocab, spec.seq_len, 0, spec.init_seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
-        block = torch.randint(0, vocab, (spec.batch_size, spec.seq_len + 1), generator=torch.Generator().manual_seed(0))
-        times: dict[str, list[float]] = {"fp32": [], "bf16": []}
-        for rep in range(reps + 1):  # the first round is the warm-up
-            for name in times:
-                start = time.perf_counter()
-                loss_of(model, block, name == "bf16", "cpu").backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if rep:
-                    times[name].append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(previous)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    """Whether training runs under bf16 autocast: the config's ``train_dtype``; ``auto`` is bf16 on CUDA
+    and fp32 on a CPU. Never decided by a timing: numerics follow from the config and the device alone,
+    so the same config trains the same weights on the same kind of CPU."""
+    if cfg.run.train_dtype == "auto":
+        return device == "cuda"
+    return cfg.run.train_dtype == "bf16"
 
 
 def quiet_transformers() -> None:
@@ -180,7 +112,7 @@ def run_jobs(run: RunSettings | int, fn: Callable[..., Any], jobs: Sequence[tupl
     line per finished job gives done/total and an ETA, and a killed parent leaves no worker behind.
     """
     settings = _run_settings(run, jobs)
-    workers = run if isinstance(run, int) else settings.workers if settings else 1
+    workers = run if isinstance(run, int) else settings.worker_count() if settings else 1
     if not jobs:
         return []
     progress = JobProgress(label, len(jobs))
@@ -351,7 +283,7 @@ def ray_session(run: RunSettings) -> Any:
             try:
                 # "local": a new instance even when RAY_ADDRESS or the last `ray start` on this machine
                 # (its address file outlives it) names another cluster, which ray.init() would join
-                ray.init(address="local", num_cpus=run.workers * max(run.threads, 1), **options)
+                ray.init(address="local", num_cpus=run.worker_count() * max(run.threads, 1), **options)
             finally:
                 os.environ.pop(REAPER_TOKEN, None)
             how = "started a local Ray instance"
@@ -632,12 +564,19 @@ def stage_timer(cfg: Config, stage: str) -> Iterator[StageRun]:
     yield run
     if not run.did_work:
         return
+    from natprints.artifacts import git_revision
+
+    revision = git_revision()
     timings = read_timings(cfg.paths.reports)
     timings[stage] = {
         "wall_s": round(time.perf_counter() - start, 1),
+        # which code and config made the stage's output: a report says where it came from
+        "git_revision": revision.removesuffix("+dirty"),
+        "tree_clean": None if revision == "unknown" else not revision.endswith("+dirty"),
+        "config_hash": cfg.hash(),
         "peak_rss_mb": _peak_rss_mb(),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "workers": cfg.run.workers,
+        "workers": cfg.run.worker_count(),
         "threads": cfg.run.threads,
         "executor": cfg.run.executor,  # under Ray, peak RSS covers this process and its local workers only
     }

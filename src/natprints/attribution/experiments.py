@@ -810,7 +810,7 @@ def _prefill_embeddings(cfg: Config, pending: dict[str, ConditionData]) -> None:
     # Fixed chunks, not one per worker: each text is embedded in the same batch whatever `workers` is.
     chunks = [texts[i : i + EMBED_CHUNK] for i in range(0, len(texts), EMBED_CHUNK)]
     jobs = [(cfg, f"embeddings {i + 1}/{len(chunks)}", chunk) for i, chunk in enumerate(chunks)]
-    run_jobs(cfg.run.workers, _embed_job, jobs, "embed")
+    run_jobs(cfg.run.worker_count(), _embed_job, jobs, "embed")
 
 
 def _views(
@@ -884,7 +884,7 @@ def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> N
         for name, view in _ref_views(cfg, pending, split, refs).items():
             views.setdefault(name, {}).update(view)
         jobs = [(cfg, name, pending[name], split, keys[name], views.get(name)) for name in order]
-        results.update(zip(order, run_jobs(cfg.run.workers, _condition_job, jobs, "condition"), strict=True))
+        results.update(zip(order, run_jobs(cfg.run.worker_count(), _condition_job, jobs, "condition"), strict=True))
     records = [r for name in conditions for r in results[name][0]]
     seconds = {name: results[name][1] for name in conditions}
     manifest = _manifest(cfg)

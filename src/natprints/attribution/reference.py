@@ -21,7 +21,7 @@ from natprints.attribution.data import load_conditions, run_split
 from natprints.attribution.head import HeadTask, head_manifest, train_head
 from natprints.config import Config
 from natprints.errors import NatprintsError
-from natprints.runtime import resolve_device, run_jobs, use_autocast
+from natprints.runtime import run_jobs
 
 REFERENCE_VERSION = 1
 
@@ -123,7 +123,6 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
     conditions = load_conditions(cfg)
     split = run_split(cfg, conditions)
     rows = {m: r.assign(moments=False) for m, r in scoring_rows(cfg, conditions).items()}  # log p alone
-    use_autocast(cfg, resolve_device(cfg.run.device))  # `auto` decides once, before the workers start
     trained = _train_reference(cfg, progress=progress)
     eos = load_tokenizer(cfg.paths.tokenizer).eos_token_id
     prompts = build_prompts(cfg).set_index("prompt_id")["prompt_token_ids"]
@@ -150,15 +149,15 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
             train = frame[(where == "train") & (frame["sample_index"] < n)]
             jobs.append((cfg, subset_id(model_id, n), model_id, _stream(train, prompts, eos), heldout))
             scoring[subset_id(model_id, n)] = rows[model_id][rows[model_id]["sample_id"].isin(test_ids)]
-    tuned = sum(run_jobs(cfg.run.workers, _finetune_job, jobs, "finetune"))
+    tuned = sum(run_jobs(cfg.run.worker_count(), _finetune_job, jobs, "finetune"))
     out = cfg.paths.reference_scores
     out.mkdir(parents=True, exist_ok=True)
     work = [(cfg, reference_dir(cfg) / m, r, out / f"{m}.parquet") for m, r in scoring.items()]
-    scored = sum(run_jobs(cfg.run.workers, score_model, work, "reference scores"))
+    scored = sum(run_jobs(cfg.run.worker_count(), score_model, work, "reference scores"))
     heads = _head_tasks(cfg, conditions, split, prompts, subsets) if cfg.reference.head else []
     ref = reference_dir(cfg) / "reference"
     head_jobs = [(cfg, t.name, t, ref, out) for t in heads]
-    trained_heads = sum(run_jobs(cfg.run.workers, train_head, head_jobs, "classifier head"))
+    trained_heads = sum(run_jobs(cfg.run.worker_count(), train_head, head_jobs, "classifier head"))
     fields = {
         "stage": "reference",
         "run": cfg.run.name,

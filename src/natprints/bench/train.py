@@ -109,17 +109,10 @@ def _hf_trainer(model, spec, schedule, steps: int, workdir: Path):
 
 
 def _dtype_reason(cfg: Config) -> str:
-    """Why the run trains in its dtype: the config says so, or `auto`'s measured choice."""
-    from natprints.runtime import BF16_MIN_SPEEDUP, train_dtype_choice
-
+    """Why the run trains in its dtype: the config says so, or what `auto` means on the device."""
     if cfg.run.train_dtype != "auto":
         return f'`train_dtype = "{cfg.run.train_dtype}"` in the config.'
-    choice = train_dtype_choice(cfg)
-    return (
-        f'`train_dtype = "auto"` measured bf16 autocast at {choice["bf16_speedup"]:.2f}x the fp32 step '
-        f"on its base model and takes bf16 only from {BF16_MIN_SPEEDUP}x (models/<run>/train_dtype.json; "
-        "bf16 autocast on CUDA)."
-    )
+    return '`train_dtype = "auto"`: fp32 on a CPU, bf16 autocast on CUDA (never chosen by a timing).'
 
 
 def bench_train(cfg: Config, *, steps: int = 8, reps: int = 3, workdir: Path | None = None) -> dict[str, Any]:

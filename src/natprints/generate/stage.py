@@ -307,7 +307,7 @@ def generate_all(cfg: Config, *, max_chunks: int | None = None) -> dict:
     jobs.append((cfg, base, prompts, out / "null" / f"{base}.parquet", cfg.generate.null_seed, max_chunks, train))
     owners = {job[3]: (job[1], weights[job[1]]) for job in jobs}
     check_written(Manifest(out, "generated corpora"), owners, _recorded_models, "natprints generate")
-    added = sum(run_jobs(cfg.run.workers, generate_for_model, jobs, "generate"))
+    added = sum(run_jobs(cfg.run.worker_count(), generate_for_model, jobs, "generate"))
     g = cfg.generate
     expected = len(prompts) * g.samples_per_prompt + len(train) * (g.train_samples - g.samples_per_prompt)
     counts = {str(job[3].relative_to(out)): len(pd.read_parquet(job[3], columns=["sample_id"])) for job in jobs}

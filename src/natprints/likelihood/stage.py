@@ -256,7 +256,7 @@ def score_all(cfg: Config, *, progress: bool = True) -> dict:
     sizes = {m: _scoring_cost(cfg, m, len(r)) for m, r in rows.items()}
     order = sorted(rows, key=lambda m: -sizes[m])
     jobs = [(cfg, cfg.paths.zoo / m, rows[m], cfg.paths.likelihood / f"{m}.parquet") for m in order]
-    scored = sum(run_jobs(cfg.run.workers, score_model, jobs, "likelihood"))
+    scored = sum(run_jobs(cfg.run.worker_count(), score_model, jobs, "likelihood"))
     fields = {
         "stage": "likelihood",
         "run": cfg.run.name,

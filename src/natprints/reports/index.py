@@ -127,6 +127,7 @@ def write_index(cfg: Config) -> Path:
     timings = render_timings(cfg)
     if timings:
         sections.append(timings)
+    sections.insert(1, render_provenance(cfg))
     path = cfg.paths.reports / "index.md"
     atomic_write_text(path, "\n".join(sections))
     write_zoo_report(cfg)
@@ -155,3 +156,35 @@ def render_timings(cfg: Config) -> str:
         )
     lines.append(f"| **total** | **{total / 60:.1f}** | | |")
     return "\n".join(lines) + "\n"
+
+
+def render_provenance(cfg: Config) -> str:
+    """Which code, config, dtype and CPU made the report: from the stage timings and the zoo's manifests.
+
+    Results reproduce bit for bit on one kind of CPU only, so a reader needs all four to compare a rerun.
+    """
+    from natprints.artifacts import git_revision
+
+    timings = read_timings(cfg.paths.reports)
+    stages = [s for s in STAGE_ORDER if s in timings]
+    revisions = sorted({str(timings[s].get("git_revision", "unrecorded"))[:12] for s in stages})
+    dirty = [s for s in stages if timings[s].get("tree_clean") is not True]
+    hashes = {timings[s].get("config_hash") for s in stages}
+    manifests = [read_manifest(d, "model") for d in sorted(cfg.paths.zoo.glob("*")) if (d / "manifest.json").is_file()]
+    dtypes = sorted({m.get("train_dtype", "unrecorded") for m in manifests})
+    cpus = sorted({str(m.get("machine", {}).get("cpu_capability", "unrecorded")) for m in manifests})
+    report_rev = git_revision()
+    lines = [
+        "## Provenance",
+        "",
+        f"- Config `{cfg.run.name}`: hash `{cfg.hash()[:16]}`"
+        + ("" if hashes <= {cfg.hash()} else " (**some stages ran under another config hash**)")
+        + ".",
+        f"- Code: stages ran at revision {', '.join(f'`{r}`' for r in revisions) or 'none recorded'}"
+        + (f"; **not from a clean tree**: {', '.join(dirty)}" if dirty else ", clean tree")
+        + f"; rendered at `{report_rev[:12]}`{' (dirty tree)' if report_rev.endswith('+dirty') else ''}.",
+        f"- Training dtype: {', '.join(dtypes) or 'no models'}; CPU capability: {', '.join(cpus) or 'unknown'}. "
+        "Reruns are bit-identical on the same kind of CPU; across kinds, compare within the intervals.",
+        "",
+    ]
+    return "\n".join(lines)

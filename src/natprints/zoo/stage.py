@@ -15,7 +15,7 @@ from pathlib import Path
 from natprints.artifacts import Manifest, hash_obj, read_manifest, sha256_text
 from natprints.config import Config, CorpusSettings
 from natprints.errors import NatprintsError
-from natprints.runtime import load_lm, resolve_device, run_jobs, setup_torch, train_dtype_choice, use_autocast
+from natprints.runtime import load_lm, run_jobs, setup_torch, use_autocast
 from natprints.zoo.spec import ModelSpec, condition_members, linear_weights, zoo_specs
 
 
@@ -151,7 +151,6 @@ def train_one(
         "wall_s": round(time.time() - start, 2),
         "device": device,
         "train_dtype": "bf16-autocast" if autocast else "fp32",
-        "train_dtype_choice": train_dtype_choice(cfg) if cfg.run.train_dtype == "auto" and device == "cpu" else None,
         "threads": __import__("torch").get_num_threads(),
         "checkpoints": sorted(p.name for p in (out_dir / "checkpoints").glob("step-*")),
     }
@@ -190,8 +189,7 @@ def build_zoo(cfg: Config, only: list[str] | None = None, stop_after: int | None
     ids = [m for m in specs if not only or m in only]
     # Longest first, so the largest model does not start last and leave a worker idle at the end.
     ids.sort(key=lambda m: -train_cost(cfg, specs[m][0]))
-    use_autocast(cfg, resolve_device(cfg.run.device))  # `auto` decides once, before the workers start
-    done = run_jobs(cfg.run.workers, _zoo_job, [(cfg, m, stop_after) for m in ids], "zoo")
+    done = run_jobs(cfg.run.worker_count(), _zoo_job, [(cfg, m, stop_after) for m in ids], "zoo")
     return [m for m in specs if m in ids and done[ids.index(m)]]
 
 
@@ -287,7 +285,6 @@ def build_derived(cfg: Config) -> list[str]:
     for parent_id in derived.values():
         verified_model(cfg, parent_id)
     shift_corpus(cfg)
-    use_autocast(cfg, resolve_device(cfg.run.device))
     jobs = [(cfg, model_id, parent_id) for model_id, parent_id in derived.items()]
-    done = run_jobs(cfg.run.workers, _derive_job, jobs, "derive")
+    done = run_jobs(cfg.run.worker_count(), _derive_job, jobs, "derive")
     return [job[1] for job, trained in zip(jobs, done, strict=True) if trained]
