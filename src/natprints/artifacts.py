@@ -123,14 +123,15 @@ def package_versions() -> dict[str, str]:
 
 
 def git_revision() -> str:
-    """The code revision that made an artifact, ``+dirty`` when the tree has local changes."""
+    """The code revision that made an artifact, ``+dirty`` when the tree has local changes outside
+    ``reports/`` (a run rewrites its own committed report as it goes; that is not a change of code)."""
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)reports"],
             cwd=here,
             capture_output=True,
             text=True,

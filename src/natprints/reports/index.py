@@ -108,7 +108,7 @@ def _generated_summary(cfg: Config) -> str:
 
 def write_index(cfg: Config) -> Path:
     """reports/<run>/index.md: the zoo, then the attribution and lineage sections where they exist."""
-    sections = [f"# natprints report: run `{cfg.run.name}`\n", render_zoo(cfg).split("\n", 2)[2]]
+    sections = [f"# natprints report: run `{cfg.run.name}`\n", "## Zoo\n\n" + render_zoo(cfg).split("\n", 2)[2]]
     summary = _generated_summary(cfg)
     if summary:
         sections.append(summary)
