@@ -43,6 +43,17 @@ SMOKE_STAGES = (
 )
 
 
+# Fixtures that run (part of) the smoke pipeline: a test that uses one is `slow`, so that
+# `pytest -m "not slow"` is the quick inner loop.
+SLOW_FIXTURES = frozenset({"smoke_home", "smoke_cfg", "smoke_data_home"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """Tests run tiny models, fastest on one thread; on a shared CPU more threads only contend."""

@@ -278,6 +278,35 @@ def _reapers_since(t0: float) -> list[int]:
     return out
 
 
+# --- results do not depend on the run's name, its worker count or its executor ----------------------
+
+
+def _weights(home: Path, run: str) -> dict[str, str]:
+    zoo = home / "models" / run / "zoo"
+    return {str(p.relative_to(zoo)): hashlib.sha256(p.read_bytes()).hexdigest() for p in zoo.rglob("*.safetensors")}
+
+
+def test_another_run_name_and_one_worker_train_the_same_weights_and_texts(tmp_path, smoke_home):
+    """The smoke run trains with two workers; the same config under another run name with one worker
+    (jobs in the parent process) trains byte-identical weights, inits and checkpoints, and samples the
+    same texts: nothing but the config and the kind of CPU decides a number."""
+    import pandas as pd
+
+    config = _smoke_variant(
+        tmp_path / "again.toml", **{'name = "smoke"': 'name = "again"', "workers = 2": "workers = 1"}
+    )
+    for stage in ("data", "zoo", "generate"):
+        run_cli(stage, "--config", str(config), home=tmp_path)
+    mine, smoke = _weights(tmp_path, "again"), _weights(smoke_home, "smoke")
+    assert len(mine) == 4 * 4  # four models: final weights, init and two checkpoints each
+    assert mine == {name: smoke[name] for name in mine}
+    generated = sorted((tmp_path / "data" / "generated" / "again").glob("*.parquet"))
+    assert len(generated) >= 4
+    for path in generated:
+        theirs = smoke_home / "data" / "generated" / "smoke" / path.name
+        pd.testing.assert_frame_equal(pd.read_parquet(path), pd.read_parquet(theirs))
+
+
 # --- Ray against the local executor ---------------------------------------------------------------
 
 
