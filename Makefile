@@ -7,7 +7,7 @@ NP := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/natprints
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help all texts long test data zoo generate derive lineage likelihood reference experiments emergence report bench lint format clean venv
+.PHONY: help all texts long test quick data zoo generate derive lineage likelihood reference experiments emergence report bench lint format clean venv
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -45,6 +45,9 @@ test: $(STAMP) ## Run the test suite (includes the smoke pipeline end to end)
 	# the kill -9 and Ctrl-C tests in a fresh pytest process: after the rest of the suite in one
 	# process, the Ctrl-C'd zoo and a killed Ray instance's agents were seen to outlive them
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/pytest -q -m process_faults
+
+quick: $(STAMP) ## The quick inner loop: every test that needs no smoke pipeline (pytest -m 'not slow')
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/pytest -q -m 'not slow and not process_faults'
 
 data: $(STAMP) ## Corpus split and shared BPE tokenizer
 	$(NP) data --config $(CONFIG)

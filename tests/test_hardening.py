@@ -333,7 +333,7 @@ def test_lineage_run_before_derive_says_so(smoke_home, tmp_path, monkeypatch, ca
     for derived in (tmp_path / "models" / "smoke" / "zoo").glob("*+kjv"):
         shutil.rmtree(derived)
     monkeypatch.setenv("NATPRINTS_HOME", str(tmp_path))
-    summary = lineage.run_lineage(load_config(SMOKE), progress=False)
+    summary = lineage.run_lineage(load_config(SMOKE))
     expected = ["xs-lr3e-3-bs8-init0-data0+kjv", "xs-lr3e-3-bs8-init1-data1+kjv", "xs-lr3e-3-bs8-init2-data2+kjv"]
     assert summary["missing_derived"] == expected
     assert (

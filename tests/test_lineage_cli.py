@@ -295,7 +295,7 @@ def test_run_writes_tables_and_is_idempotent(in_home, monkeypatch):
 
 def test_single_pair_uses_the_runs_calibrated_threshold(in_home):
     cfg = load_config(in_home / "t.toml")
-    summary = ex.run_lineage(cfg, progress=False)  # current after the run test; computed otherwise
+    summary = ex.run_lineage(cfg)  # current after the run test; computed otherwise
     threshold = summary["seedprints"]["calibration"]["threshold"]
     zoo, reports = _zoo(in_home), cfg.paths.reports
     settings, cache = cfg.lineage, cfg.paths.cache

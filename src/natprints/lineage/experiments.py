@@ -38,7 +38,7 @@ from natprints.lineage import seedprints as sp
 from natprints.lineage import weightstd as ws
 from natprints.lineage.models import Entry, Incomparable, discover_zoo, inspect_model, library_entries, model_digest
 from natprints.records import LINEAGE_JSON, write_lineage
-from natprints.runtime import setup_torch
+from natprints.runtime import run_jobs, setup_torch
 
 STAGE_VERSION = 2  # 2: SeedPrints at the authors' settings, calibrated verdicts
 METHODS = ("seedprints", "weights")
@@ -480,14 +480,19 @@ def missing_derived(cfg: Config, entries: list[Entry]) -> list[str]:
     return sorted(set(derived_ids(cfg)) - present)
 
 
-def run_lineage(cfg: Config, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
+def _features_job(cfg: Config, label: str, path: str, *, progress: bool) -> None:
+    """One model's SeedPrints features into the run's cache (a job: each runs with the run's threads,
+    so the features do not depend on where it ran)."""
+    device = setup_torch(cfg)
+    sp.model_features(Path(path), cfg.lineage, cache_dir=cfg.paths.cache, device=device)
+
+
+def run_lineage(cfg: Config, *, force: bool = False) -> dict[str, Any]:
     """Score every pair in the run's zoo by both methods and write ``reports/<run>/lineage.*``.
 
     Skips (returning the existing summary) when the outputs exist and match the config's lineage
     settings and the digests of every model read.
     """
-    from tqdm.auto import tqdm
-
     started = time.time()
     device = setup_torch(cfg)  # threads, quiet transformers, deterministic kernels; "auto" resolved
     settings = cfg.lineage
@@ -511,10 +516,13 @@ def run_lineage(cfg: Config, *, force: bool = False, progress: bool = True) -> d
         return manifest.read()
     manifest.invalidate()
 
-    features: dict[str, np.ndarray] = {}
     t0 = time.time()
-    for e in tqdm(entries, desc="seedprints features", unit="model", disable=not progress):
-        features[e.label] = sp.model_features(infos[e.label], settings, cache_dir=cfg.paths.cache, device=device)
+    # one forward pass per model, fanned out over the workers into the feature cache; then read back
+    jobs = [(cfg, e.label, str(e.path)) for e in entries]
+    run_jobs(cfg.run.worker_count(), _features_job, jobs, "seedprints features")
+    features = {
+        e.label: sp.model_features(infos[e.label], settings, cache_dir=cfg.paths.cache, device=device) for e in entries
+    }
     features_s = time.time() - t0
     matrix_entries = [e for e in entries if e.kind != "checkpoint"]
     profiles = {e.label: ws.weight_profile(infos[e.label]) for e in matrix_entries}
