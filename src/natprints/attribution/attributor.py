@@ -86,6 +86,10 @@ def dump_pipeline(pipeline: Any) -> bytes:
         # them: dropped, so the same pipeline gives the same bytes in any process (it is re-derived)
         if hasattr(part, "_stop_words_id"):
             del part._stop_words_id
+        # a vocabulary pruned to max_features maps terms to numpy ints, which skops stores as one array
+        # file each (tens of thousands, at a cost that grows with their square): plain ints, same lookups
+        if isinstance(getattr(part, "vocabulary_", None), dict):
+            part.vocabulary_ = {term: int(index) for term, index in part.vocabulary_.items()}
     data = sio.dumps(pipeline)
     untrusted = [t for t in sio.get_untrusted_types(data=data) if t not in TRUSTED_TYPES]
     if untrusted:
