@@ -7,7 +7,7 @@ NP := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/natprints
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help all texts long test quick data zoo generate derive lineage likelihood reference experiments emergence report bench lint format clean venv
+.PHONY: help all texts long families test quick data zoo generate derive lineage likelihood reference experiments emergence report bench lint format clean venv
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -39,6 +39,9 @@ texts: $(STAMP) ## More training texts (configs/texts.toml): the seed condition 
 
 long: $(STAMP) ## Training 4x longer (configs/long.toml): the seed condition to step 960, the fingerprint at every saved step
 	$(MAKE) all CONFIG=configs/long.toml
+
+families: $(STAMP) ## Model families on identical data (configs/families.toml): Llama, GPT-2, GPT-NeoX, Qwen2 at matched sizes
+	$(MAKE) all CONFIG=configs/families.toml
 
 test: $(STAMP) ## Run the test suite (includes the smoke pipeline end to end)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/pytest -q -m 'not process_faults'

@@ -15,7 +15,7 @@ SEED2 = "xs-lr3e-3-bs8-init2-data2"
 
 def test_accuracy_table_covers_every_condition_and_pipeline(smoke_cfg):
     acc = pd.read_csv(smoke_cfg.paths.reports / "accuracy.csv", keep_default_na=False)
-    assert set(acc["condition"]) == {"seed", "init", "all", "null_control"}
+    assert set(acc["condition"]) == {"seed", "init", "arch", "all", "null_control"}
     for condition, rows in acc.groupby("condition"):
         # 6 featurizers x 5 classifiers, less naive Bayes on embeddings (2), plus the ceiling, the reference
         # LMs and their product with the best pipeline (combine_reference)
@@ -146,7 +146,7 @@ def test_moments_are_scored_only_for_the_open_set_test_texts(smoke_cfg, tmp_path
 def test_kl_table_is_zero_on_the_diagonal_and_not_negative(smoke_cfg):
     kl = pd.read_csv(smoke_cfg.paths.reports / "kl.csv")
     same = kl[kl["model_a"] == kl["model_b"]]
-    assert (same["kl_per_token"] == 0).all() and len(same) == 4
+    assert (same["kl_per_token"] == 0).all() and len(same) == 6  # the six models of `all`
     other = kl[kl["model_a"] != kl["model_b"]]
     assert (other["kl_per_token"] + 3 * other["se"] >= 0).all()
 

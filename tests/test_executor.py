@@ -299,7 +299,7 @@ def test_another_run_name_and_one_worker_train_the_same_weights_and_texts(tmp_pa
     for stage in ("data", "zoo", "generate"):
         run_cli(stage, "--config", str(config), home=tmp_path)
     mine, smoke = _weights(tmp_path, "again"), _weights(smoke_home, "smoke")
-    assert len(mine) == 4 * 4  # four models: final weights, init and two checkpoints each
+    assert len(mine) == 6 * 4  # six models (three families): final weights, init and two checkpoints each
     assert mine == {name: smoke[name] for name in mine}
     generated = sorted((tmp_path / "data" / "generated" / "again").glob("*.parquet"))
     assert len(generated) >= 4

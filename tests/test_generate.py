@@ -14,7 +14,7 @@ def test_generated_files_schema_and_pairing(smoke_cfg):
     manifest = read_manifest(out)
     assert manifest["complete"] and manifest["base_model"] == BASE
     assert manifest["null_control"]["file"] == f"null/{BASE}.parquet"
-    assert set(manifest["conditions"]) == {"seed", "init", "all"}
+    assert set(manifest["conditions"]) == {"seed", "init", "arch", "all"}
     frames = {m: pd.read_parquet(out / info["file"]) for m, info in manifest["models"].items()}
     for model_id, df in frames.items():
         assert list(df.columns) == COLUMNS and len(df) == 24

@@ -313,7 +313,7 @@ def test_tiny_training_fraction_is_left_out_not_a_crash(smoke_home, tmp_path, mo
     cfg = cfg.model_copy(update={"attribution": cfg.attribution.model_copy(update=settings)})
     run_experiments(cfg, progress=False)
     err = capfd.readouterr().err
-    assert "all: evidence point train_fraction = 0.05 of word1+mlp left out: 4 training texts, " in err
+    assert "all: evidence point train_fraction = 0.05 of word1+mlp left out: 6 training texts, " in err
     points = [
         r for r in load_records(cfg.paths.reports) if r.get("axis") == "train_fraction" and r["condition"] == "all"
     ]
@@ -343,17 +343,17 @@ def test_lineage_run_before_derive_says_so(smoke_home, tmp_path, monkeypatch, ca
     assert not [e for e in summary["entries"] if e["kind"] == "derived"]
 
 
-def _gpt2(path: Path, seed: int) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
+def _bloom(path: Path, seed: int) -> Path:
+    """A family whose fused attention weights the weight-std fingerprint does not split."""
+    from transformers import BloomConfig, BloomForCausalLM
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=50, n_embd=32, n_layer=3, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
-    GPT2LMHeadModel(config).save_pretrained(path)
+    BloomForCausalLM(BloomConfig(vocab_size=50, hidden_size=32, n_layer=3, n_head=4)).save_pretrained(path)
     return path
 
 
 def test_a_method_that_cannot_read_a_model_is_incomparable(tmp_path):
-    a, b = _gpt2(tmp_path / "a", 0), _gpt2(tmp_path / "b", 1)
+    a, b = _bloom(tmp_path / "a", 0), _bloom(tmp_path / "b", 1)
     settings = lineage.LineageSettings(seedprints_inputs=16, seedprints_seq_len=16)
     out = lineage.compare(a, b, "all", settings, device="cpu")
     assert (

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from tests.test_zoo import BASE, INIT1, SEED1
+from tests.test_zoo import BASE, GPT2, GPTNEOX, INIT1, SEED1
 
 SEED2 = "xs-lr3e-3-bs8-init2-data2"
 TRAINED = [BASE, SEED1, SEED2, INIT1]
@@ -43,8 +43,9 @@ def test_calibrated_threshold_recorded(smoke_cfg):
     summary = json.loads((smoke_cfg.paths.reports / "lineage.json").read_text())
     calibration = summary["seedprints"]["calibration"]
     sp = _seedprints(smoke_cfg)
-    trained = list(TRAINED) + [f"{m}+kjv" for m in TRAINED if m != INIT1]
-    seed = {**INIT_SEED, **{f"{m}+kjv": s for m, s in INIT_SEED.items()}}
+    # the other families (init seed 0) are trained models too; derive covers the seed condition only
+    trained = list(TRAINED) + [f"{m}+kjv" for m in TRAINED if m != INIT1] + [GPT2, GPTNEOX]
+    seed = {**INIT_SEED, **{f"{m}+kjv": s for m, s in INIT_SEED.items()}, GPT2: 0, GPTNEOX: 0}
     unrelated = {tuple(sorted((a, b))) for a in trained for b in trained if seed[a] != seed[b]}
     assert calibration["pairs"] == len(unrelated) and calibration["target_fpr"] == smoke_cfg.lineage.alpha
     z = [sp.loc[pair, "score"] for pair in unrelated]

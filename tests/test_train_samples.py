@@ -82,7 +82,7 @@ def test_more_texts_reproduce_the_run_at_one_text_per_prompt(smoke_home, tmp_pat
             assert one["n_train"] == n_train[condition] and two["n_train"] == 2 * n_train[condition]
             assert one["accuracy"] == accuracy[condition, one["pipeline"]]
     heads = [r for r in new if r.get("kind") == "pipeline" and r["pipeline"] == "reflm+head"]
-    assert {r["condition"] for r in heads} == {"seed", "init", "all", "null_control"}
+    assert {r["condition"] for r in heads} == {"seed", "init", "arch", "all", "null_control"}
     for r in heads:  # the classifier's verdicts are its stored log-probabilities' argmax
         posterior = next(
             p for p in new if p.get("kind") == "posteriors" and p["condition"] == r["condition"] and p["role"] == "head"

@@ -11,16 +11,21 @@ from tests.conftest import SMOKE, copy_stage, run_cli
 BASE = "xs-lr3e-3-bs8-init0-data0"
 SEED1 = "xs-lr3e-3-bs8-init1-data1"
 INIT1 = "xs-lr3e-3-bs8-init1-data0"
+GPT2 = f"gpt2-{BASE}"
+GPTNEOX = f"gptneox-{BASE}"
 
 
 def test_model_ids_and_conditions(smoke_cfg):
     specs = zoo_specs(smoke_cfg)
     assert {m: c for m, (_, c) in specs.items()} == {
-        BASE: ["seed", "init"],
+        BASE: ["seed", "init", "arch"],
         SEED1: ["seed"],
         "xs-lr3e-3-bs8-init2-data2": ["seed"],
         INIT1: ["init"],
+        GPT2: ["arch"],
+        GPTNEOX: ["arch"],
     }
+    assert {m: s.arch for m, (s, _) in specs.items() if s.arch != "llama"} == {GPT2: "gpt2", GPTNEOX: "gptneox"}
     assert [format_lr(x) for x in (1e-3, 3e-4, 0.0025, 0.01)] == ["1e-3", "3e-4", "2.5e-3", "1e-2"]
 
 

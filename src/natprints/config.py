@@ -25,7 +25,15 @@ DEFAULT_CONFIG = Path("configs/default.toml")
 HOME_VARIABLE = "NATPRINTS_HOME"  # where data/, models/ and reports/ live (default: the working directory)
 
 # The one registry of what a config can name: conditions, featurizers, classifiers, in report order.
-CONDITIONS = ("seed", "init", "data_order", "size", "lr", "batch_size")
+CONDITIONS = ("seed", "init", "data_order", "size", "lr", "batch_size", "arch")
+# Model families the zoo builds from config (transformers' classes, never downloaded), at matched
+# parameter counts: llama (the base), gpt2 (learned positions, LayerNorm, GELU MLP), gptneox (Pythia's:
+# parallel attention and MLP, partial rotary), qwen2 (Llama's shape with biased query/key/value).
+ARCHS = ("llama", "gpt2", "gptneox", "qwen2")
+Arch = Literal["llama", "gpt2", "gptneox", "qwen2"]
+# Settings added after configs were first hashed: left out of the hash while at these defaults, so a
+# run (and its committed report) made before they existed keeps its config hash.
+ADDED_SETTINGS = {("train", "arch"): "llama", ("conditions", "arch"): []}
 CONDITION_ORDER = (*CONDITIONS, "all")
 NULL_CONDITION = "null_control"  # one model under two sampling seeds: must come out at chance
 FEATURIZERS = ("word1", "word12", "char14", "tok13", "embed", "union")
@@ -118,6 +126,7 @@ class TrainSettings(_Section):
     """The base model's spec; conditions vary one factor of it."""
 
     size: str = "s"
+    arch: Arch = "llama"
     init_seed: int = Field(0, ge=0)
     data_seed: int = Field(0, ge=0)
     lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
@@ -147,6 +156,7 @@ class ConditionSettings(_Section):
     size: list[str] = []
     lr: list[float] = []
     batch_size: list[int] = []
+    arch: list[Arch] = []  # other model families on the identical token stream
 
 
 class GenerateSettings(_Section):
@@ -316,13 +326,29 @@ class Config(_Section):
             raise ValueError(
                 f"emergence.condition = {self.emergence.condition!r}: the config declares no such condition"
             )
+        if "gpt2" in (self.train.arch, *self.conditions.arch):
+            # GPT-2 learns one embedding per position of its training blocks and has no others
+            longest = {
+                "generate.prompt_tokens + generate.new_tokens": self.generate.prompt_tokens + self.generate.new_tokens,
+                "lineage.seedprints_seq_len": self.lineage.seedprints_seq_len,
+            }
+            for name, length in longest.items():
+                if length > self.train.seq_len:
+                    raise ValueError(
+                        f"{name} = {length} exceeds train.seq_len = {self.train.seq_len}, "
+                        "the positions a gpt2 model has"
+                    )
         unknown = set(self.lineage.derive_conditions) - set(ConditionSettings.model_fields)
         if unknown:
             raise ValueError(f"lineage.derive_conditions: unknown condition(s) {sorted(unknown)}")
         return self
 
     def hash(self) -> str:
-        return hash_obj(self.model_dump(mode="json"))
+        dump = self.model_dump(mode="json")
+        for (section, key), default in ADDED_SETTINGS.items():
+            if dump[section].get(key) == default:
+                del dump[section][key]
+        return hash_obj(dump)
 
     @property
     def paths(self) -> RunPaths:

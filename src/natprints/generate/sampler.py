@@ -115,6 +115,24 @@ class LeanDecoder:
         return inner.norm(h[:, -1]) @ self.head
 
 
+class CacheDecoder:
+    """Incremental decoding of any causal LM through its own forward and KV cache (``LeanDecoder`` is
+    written for Llama's modules; other families go this way)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = None
+
+    def step(self, input_ids):
+        out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True)
+        self.cache = out.cache
+        return out.logits[:, -1]
+
+
+def make_decoder(model, batch: int, capacity: int):
+    return LeanDecoder(model, batch, capacity) if type(model).__name__ == "LlamaForCausalLM" else CacheDecoder(model)
+
+
 SAMPLE_BLOCK = 64  # vocabulary entries per block of the two-level inverse CDF
 
 
@@ -172,7 +190,7 @@ def decode(model, prompt_ids, new_tokens: int, pick, eos_id: int, device: str):
     batch, prompt_len = prompt_ids.shape
     out = torch.full((batch, new_tokens), eos_id, dtype=torch.long)
     done = torch.zeros(batch, dtype=torch.bool)
-    decoder = LeanDecoder(model, batch, prompt_len + new_tokens)
+    decoder = make_decoder(model, batch, prompt_len + new_tokens)
     inputs = prompt_ids.to(device)
     for t in range(new_tokens):
         token = pick(decoder.step(inputs).float().cpu())

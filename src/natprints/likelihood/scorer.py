@@ -225,6 +225,33 @@ def head_chunks(model: Any, hidden: torch.Tensor) -> Iterator[tuple[slice, torch
         yield span, model.lm_head(hidden[span]).float()
 
 
+class _FullLogits:
+    """Any causal LM in the shape :func:`score_texts` reads (``.model``, ``.lm_head``, ``.config``).
+
+    The trunk returns the model's own final logits and the head is the identity, so whatever the
+    architecture applies after its output embedding (soft-capping, logit scales) is kept. It costs the
+    full (batch, length, vocab) logits; a Llama model is scored directly, from its hidden states.
+    """
+
+    def __init__(self, lm: Any):
+        import torch
+
+        self.config = lm.config
+        self._lm = lm
+        self.lm_head = torch.nn.Identity()
+        self.lm_head.out_features = lm.config.vocab_size
+
+    def model(self, input_ids: Any, use_cache: bool = False) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(last_hidden_state=self._lm(input_ids=input_ids, use_cache=use_cache).logits)
+
+
+def as_scorer(lm: Any) -> Any:
+    """``lm`` in the shape :func:`score_texts` reads: a Llama model as it is, any other through its full logits."""
+    return lm if type(lm).__name__ == "LlamaForCausalLM" else _FullLogits(lm)
+
+
 def score_texts(
     model: Any,
     prompts: Sequence[Sequence[int]],

@@ -151,7 +151,7 @@ def score_model(
     from tqdm.auto import tqdm
 
     from natprints.corpus import load_tokenizer
-    from natprints.likelihood.scorer import score_texts
+    from natprints.likelihood.scorer import as_scorer, score_texts
 
     model_id = model_dir.name
     sha = sha or _model_sha256(model_dir)
@@ -165,7 +165,7 @@ def score_model(
         return 0
     device = setup_torch(cfg)
     eos = load_tokenizer(cfg.paths.tokenizer).eos_token_id
-    model = load_lm(model_dir, device=device)
+    model = as_scorer(load_lm(model_dir, device=device))
     frames = [cached] if len(cached) else []
     chunk = 4 * cfg.likelihood.batch_size
     transforms = missing.groupby(["temperature", "top_k", "top_p", "new_tokens", "moments"], sort=True)

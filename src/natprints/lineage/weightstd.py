@@ -3,8 +3,10 @@
 Per layer, the standard deviation of all elements of the Q, K, V and O projection weights gives
 four sequences over depth. Each is z-scored across layers; two models are compared by the Pearson
 correlation of each sequence, and the score is the mean of the four. Weights are read straight
-from the safetensors files (no model is built), with projections found by name, so any causal LM
-with Llama-like module names (``layers.<i>. ... q_proj.weight``) works.
+from the safetensors files (no model is built), with projections found by name: separate Llama-like
+ones (``layers.<i>. ... q_proj.weight``, also Qwen2's), GPT-2's fused ``attn.c_attn`` (a Conv1D whose
+columns are Q, K, V) with ``attn.c_proj``, and GPT-NeoX's fused ``attention.query_key_value`` (rows
+grouped per head as Q, K, V) with ``attention.dense``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Z-scored over 2 layers every sequence is (-1, 1) or (1, -1), so every correlation is +-1: a pair
 # needs at least this many layers for the score to say more than "rises or falls with depth".
 MIN_LAYERS = 3
-_NAME = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.(?:.+\.)?(q_proj|k_proj|v_proj|o_proj)\.weight$")
+_NAME = re.compile(
+    r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.(?:.+\.)?"
+    r"(q_proj|k_proj|v_proj|o_proj|attn\.c_attn|attn\.c_proj|attention\.query_key_value|attention\.dense)\.weight$"
+)
+_OUTPUT = {"attn.c_proj": "o_proj", "attention.dense": "o_proj"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,21 @@ def _iter_tensors(info: ModelInfo) -> Any:
                     yield name, tensor
 
 
+def _projections(kind: str, tensor: Any, info: ModelInfo) -> list[tuple[str, Any]]:
+    """(projection, weights) pairs of one named tensor: itself, or the Q, K and V inside a fused one."""
+    if kind in PROJECTIONS:
+        return [(kind, tensor)]
+    if kind in _OUTPUT:
+        return [(_OUTPUT[kind], tensor)]
+    if kind == "attn.c_attn":  # GPT-2's Conv1D: (hidden, 3 * hidden), columns Q | K | V
+        return list(zip(PROJECTIONS[:3], tensor.chunk(3, dim=1), strict=True))
+    heads = info.num_heads  # GPT-NeoX: (3 * hidden, hidden), rows per head as Q, K, V
+    if not heads or tensor.shape[0] % (3 * heads):
+        raise Incomparable(f"{info.path}: cannot split a fused query_key_value of shape {tuple(tensor.shape)}")
+    grouped = tensor.reshape(heads, 3, tensor.shape[0] // (3 * heads), tensor.shape[-1])
+    return [(proj, grouped[:, i]) for i, proj in enumerate(PROJECTIONS[:3])]
+
+
 def weight_profile(path: Path | str | ModelInfo) -> WeightProfile:
     """Read a model directory's per-layer Q/K/V/O weight standard deviations."""
     info = path if isinstance(path, ModelInfo) else inspect_model(path)
@@ -82,19 +103,20 @@ def weight_profile(path: Path | str | ModelInfo) -> WeightProfile:
     for name, tensor in _iter_tensors(info):
         match = _NAME.search(name)
         assert match is not None
-        layer, proj = int(match.group(1)), match.group(2)
-        # population std over all elements, in float64 so bf16 checkpoints lose nothing here
-        sd = float(tensor.double().std(correction=0))
-        if not math.isfinite(sd):
-            raise NatprintsError(
-                f"{info.path}: {name} holds non-finite values (NaN or inf); no weight-std fingerprint of it"
-            )
-        found[proj][layer] = sd
+        layer = int(match.group(1))
+        for proj, part in _projections(match.group(2), tensor, info):
+            # population std over all elements, in float64 so bf16 checkpoints lose nothing here
+            sd = float(part.double().std(correction=0))
+            if not math.isfinite(sd):
+                raise NatprintsError(
+                    f"{info.path}: {name} holds non-finite values (NaN or inf); no weight-std fingerprint of it"
+                )
+            found[proj][layer] = sd
     missing = [p for p in PROJECTIONS if not found[p]]
     if missing:
         raise Incomparable(
             f"{info.path}: no {', '.join(missing)} weights found (the weight-std fingerprint needs "
-            "Llama-like attention projections named q_proj, k_proj, v_proj, o_proj)"
+            "attention projections named q_proj, k_proj, v_proj, o_proj, or GPT-2's or GPT-NeoX's fused ones)"
         )
     layers = sorted(found[PROJECTIONS[0]])
     for proj in PROJECTIONS:

@@ -13,6 +13,7 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     size: str
+    arch: str = "llama"
     init_seed: int
     data_seed: int
     lr: float
@@ -34,7 +35,8 @@ class ModelSpec(BaseModel):
     @property
     def model_id(self) -> str:
         lr = format_lr(self.lr)
-        return f"{self.size}-lr{lr}-bs{self.batch_size}-init{self.init_seed}-data{self.data_seed}"
+        family = "" if self.arch == "llama" else f"{self.arch}-"  # Llama ids predate the arch factor
+        return f"{family}{self.size}-lr{lr}-bs{self.batch_size}-init{self.init_seed}-data{self.data_seed}"
 
 
 def format_lr(lr: float) -> str:
@@ -66,6 +68,7 @@ def zoo_specs(cfg: Config) -> dict[str, tuple[ModelSpec, list[str]]]:
         "size": [base.model_copy(update={"size": s}) for s in cfg.conditions.size],
         "lr": [base.model_copy(update={"lr": v}) for v in cfg.conditions.lr],
         "batch_size": [base.model_copy(update={"batch_size": v}) for v in cfg.conditions.batch_size],
+        "arch": [base.model_copy(update={"arch": a}) for a in cfg.conditions.arch if a != base.arch],
     }
     out: dict[str, tuple[ModelSpec, list[str]]] = {base.model_id: (base, [])}
     for condition in CONDITIONS:
@@ -103,7 +106,10 @@ def size_preset(cfg: Config, spec: ModelSpec) -> SizePreset:
 
 
 def linear_weights(cfg: Config, spec: ModelSpec) -> int:
-    """Weights of the model's linear maps, LM head included: its cost per token, up to a constant."""
+    """Weights of the model's linear maps, LM head included: its cost per token, up to a constant.
+
+    The same for every architecture at one size: their MLPs are sized to match (see ``zoo.train``).
+    """
     p = size_preset(cfg, spec)
     per_layer = 4 * p.hidden_size**2 + 3 * p.hidden_size * p.intermediate_size
     return p.num_layers * per_layer + p.hidden_size * cfg.tokenizer.vocab_size

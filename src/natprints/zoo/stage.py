@@ -29,7 +29,9 @@ def _file_list(directory: Path) -> list[str]:
 
 def _spec_fields(spec: ModelSpec, cfg: Config) -> dict:
     preset = cfg.sizes[spec.size]
-    return {"spec": spec.model_dump(mode="json"), "architecture": preset.model_dump()}
+    # a Llama model's key leaves out `arch`: models trained before the factor existed stay complete
+    dump = spec.model_dump(mode="json", exclude={"arch"} if spec.arch == "llama" else None)
+    return {"spec": dump, "architecture": preset.model_dump()}
 
 
 def _model_done(out_dir: Path, spec_fields: dict, model_id: str) -> bool:
@@ -109,7 +111,9 @@ def train_one(
     start = time.time()
     if init_from is None:
         tokenizer = load_tokenizer(cfg.paths.tokenizer)
-        model = init_model(cfg.sizes[spec.size], len(tokenizer), spec.seq_len, tokenizer.eos_token_id, spec.init_seed)
+        model = init_model(
+            cfg.sizes[spec.size], len(tokenizer), spec.seq_len, tokenizer.eos_token_id, spec.init_seed, spec.arch
+        )
         if not (out_dir / "init" / "model.safetensors").is_file():
             _save_hf(model, out_dir / "init")
     else:

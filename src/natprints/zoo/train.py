@@ -50,13 +50,70 @@ def llama_config(preset: SizePreset, vocab_size: int, seq_len: int, eos_id: int)
     )
 
 
-def init_model(preset: SizePreset, vocab_size: int, seq_len: int, eos_id: int, init_seed: int):
-    """A freshly initialized Llama-style model; the init depends only on the preset and the seed."""
-    from transformers import LlamaForCausalLM
+def model_config(arch: str, preset: SizePreset, vocab_size: int, seq_len: int, eos_id: int):
+    """The transformers config of one architecture at one size preset, at matched parameter counts.
 
+    Every family gets 4 h² attention weights and 3·h·i MLP weights per layer, an untied LM head and no
+    dropout: Llama and Qwen2 have three MLP matrices of width i (Qwen2 adds query/key/value biases),
+    GPT-2 and GPT-NeoX two of width 3i/2 (with biases; GPT-2 also learns an embedding for each of the
+    ``seq_len`` positions it trains on, and reads no longer text).
+    """
+    from transformers import GPT2Config, GPTNeoXConfig, Qwen2Config
+
+    if arch == "llama":
+        return llama_config(preset, vocab_size, seq_len, eos_id)
+    h, layers, heads, positions = preset.hidden_size, preset.num_layers, preset.num_heads, max(seq_len, 512)
+    two_matrix_width = 3 * preset.intermediate_size // 2
+    tokens = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id, "tie_word_embeddings": False}
+    if arch == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=seq_len,
+            n_embd=h,
+            n_layer=layers,
+            n_head=heads,
+            n_inner=two_matrix_width,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **tokens,
+        )
+    if arch == "gptneox":
+        return GPTNeoXConfig(
+            vocab_size=vocab_size,
+            hidden_size=h,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=two_matrix_width,
+            max_position_embeddings=positions,
+            attention_dropout=0.0,
+            hidden_dropout=0.0,
+            use_parallel_residual=True,
+            **tokens,
+        )
+    if arch == "qwen2":
+        return Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=h,
+            intermediate_size=preset.intermediate_size,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=positions,
+            use_sliding_window=False,
+            **tokens,
+        )
+    raise NatprintsError(f"unknown architecture {arch!r}")
+
+
+def init_model(preset: SizePreset, vocab_size: int, seq_len: int, eos_id: int, init_seed: int, arch: str = "llama"):
+    """A freshly initialized model of ``arch``; the init depends only on the architecture, preset and seed."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(arch, preset, vocab_size, seq_len, eos_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        model = LlamaForCausalLM(llama_config(preset, vocab_size, seq_len, eos_id))
+        model = AutoModelForCausalLM.from_config(config)
     return model
 
 
