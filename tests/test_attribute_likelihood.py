@@ -164,6 +164,92 @@ def test_any_causal_lm_scores_from_its_own_logits(zoo):
         assert p.loglik["gpt2"] == pytest.approx(loglik, abs=1e-5)
 
 
+def trained_tokenizer(kind: str, texts: list[str]) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2's kind) or a unigram with SentencePiece's word marks, trained on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if kind == "bytebpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+        tok.train_from_iterator(texts, trainer)
+        return transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+        )
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=40, special_tokens=["<s>", "</s>", "<unk>"], unk_token="<unk>")
+    tok.train_from_iterator(texts, trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def test_models_of_three_families_each_read_the_text_with_their_own_tokenizer(zoo):
+    """Llama with the word-level tokenizer, GPT-2 with a byte-level BPE, GPT-NeoX with a unigram: every
+    log-likelihood equals the model's own logits on its own tokenizer's ids, after its own start token."""
+    corpus = zoo.texts["b"] + zoo.texts["d"]
+    gpt2_tok, neox_tok = trained_tokenizer("bytebpe", corpus), trained_tokenizer("unigram", corpus)
+    torch.manual_seed(11)
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=len(gpt2_tok), n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    ).eval()
+    neox = transformers.GPTNeoXForCausalLM(
+        transformers.GPTNeoXConfig(
+            vocab_size=len(neox_tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+    ).eval()
+    for name, model, tok in (("gpt2-own", gpt2, gpt2_tok), ("neox-own", neox, neox_tok)):
+        model.save_pretrained(zoo.root / name)
+        tok.save_pretrained(zoo.root / name)
+    library = {"a": zoo.dirs["a"], "gpt2-own": zoo.root / "gpt2-own", "neox-own": zoo.root / "neox-own"}
+    texts = zoo.texts["b"][:3]
+    predictions = attribute_by_likelihood(texts, library)  # no shared tokenizer: each model has its own
+    for p, text in zip(predictions, texts, strict=True):
+        for name, model, tok, start in (
+            ("a", zoo.models["a"], zoo.tokenizer, EOS),
+            ("gpt2-own", gpt2, gpt2_tok, gpt2_tok.bos_token_id),
+            ("neox-own", neox, neox_tok, neox_tok.bos_token_id),
+        ):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert p.model_tokens[name] == len(ids)
+            assert p.loglik[name] == pytest.approx(direct(model, [start], ids)[0], abs=1e-4)
+    assert len(set(predictions[0].model_tokens.values())) == 3  # three tokenizations of one string
+    # With a prompt: each tokenizer encodes prompt and text apart.
+    prompt = "w10 w11"
+    p = attribute_by_likelihood(texts[:1], library, prompts=[" ".join([prompt])])[0]
+    ids = neox_tok(texts[0], add_special_tokens=False)["input_ids"]
+    context = neox_tok(prompt, add_special_tokens=False)["input_ids"]
+    assert p.loglik["neox-own"] == pytest.approx(direct(neox, context, ids)[0], abs=1e-4)
+    # The command, per text and pooled, with no --tokenizer.
+    models = [arg for directory in library.values() for arg in ("--models", directory)]
+    result = invoke("attribute", *zoo.files("b", 3), "--method", "likelihood", *models, "--json")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["loglik"]["gpt2-own"] for r in records] == pytest.approx([p.loglik["gpt2-own"] for p in predictions])
+    result = invoke("attribute", *zoo.files("b", 3), "--method", "likelihood", *models, "--pool", "--json")
+    pooled = json.loads(result.stdout)
+    assert pooled["texts"] == 3
+    assert pooled["loglik"]["neox-own"] == pytest.approx(sum(p.loglik["neox-own"] for p in predictions))
+    # The model holding a tokenizer with other ids for the same words is read with its own.
+    other = zoo.root / "other-vocab"
+    shutil.copytree(zoo.dirs["b"], other, dirs_exist_ok=True)
+    swapped = word_tokenizer(WORDS[:2] + WORDS[2:][::-1])
+    swapped.save_pretrained(other)
+    p = attribute_by_likelihood(texts[:1], {"other": other}, zoo.tokenizer)[0]
+    ids = swapped(texts[0], add_special_tokens=False)["input_ids"]
+    assert p.loglik["other"] == pytest.approx(direct(zoo.models["b"], [EOS], ids)[0], abs=1e-5)
+
+
 def test_true_model_wins_and_an_outsider_is_unknown(zoo):
     own = attribute_by_likelihood(zoo.texts["b"], zoo.library(), zoo.tokenizer)
     accuracy = np.mean([p.label == "b" for p in own])
@@ -306,7 +392,6 @@ def test_bad_models_and_texts_are_one_line_errors(zoo):
         (["--models", not_model], "not a model directory (no config.json)"),
         (["--models", zoo.root / "missing"], "model directory not found"),
         ([*ok, "--models", small], "model small"),
-        ([*ok, "--models", other], "model other-vocab"),
         ([*ok, "--models", zoo.root / "b"], "two --models are named 'b'"),
         ([*ok, "--condition", "seed"], "not both"),
         ([*ok, "--attributor", zoo.root], "--attributor is for --method attributor"),
@@ -340,7 +425,8 @@ def test_bad_inputs_among_good_ones(zoo, tmp_path):
     assert result.exit_code == 1
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 4 and all(e.startswith("error: ") for e in errors)
-    for fragment in ["no such file", "empty text", "holds the EOS token", "64 tokens, more than the models' context"]:
+    too_long = "1 context + 64 text tokens exceed model a's context of 64 positions"
+    for fragment in ["no such file", "empty text", "holds the EOS token", too_long]:
         assert any(fragment in e for e in errors), fragment
     assert len(result.stdout.splitlines()) == 3 and "Traceback" not in result.output
     # --pool: one verdict over the good files, each bad one an error line, exit 1.

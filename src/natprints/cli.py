@@ -243,6 +243,45 @@ def experiments(
 
 
 @app.command()
+def collected(
+    corpus: Annotated[
+        Path,
+        typer.Argument(
+            metavar="CORPUS",
+            help="Labelled texts: JSONL, CSV or parquet with `text` and `source` (optional `prompt`, `group`), "
+            "or a folder with one subfolder per source, one text per file.",
+        ),
+    ],
+    name: Annotated[
+        str | None, typer.Option("--name", help="Name of its reports and attributor (default: the corpus's stem).")
+    ] = None,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    force: Annotated[bool, typer.Option("--force", help="Redo the experiments even when up to date.")] = False,
+) -> None:
+    """Attribution experiments on texts you collected: tables, confusion matrices, a saved attributor."""
+    from natprints.attribution.collected import COLLECTED_MANIFEST, collected_config, run_collected
+    from natprints.records import accuracy_table
+    from natprints.reports.index import write_collected_index
+
+    try:
+        cfg = load_config(config)
+        result = run_collected(cfg, corpus, name=name, force=force)
+        index = write_collected_index(collected_config(cfg, name or corpus.stem), COLLECTED_MANIFEST)
+    except NatprintsError as exc:
+        raise _fail(str(exc)) from None
+    table = accuracy_table(result.records)
+    lengths = {r["condition"]: r for r in result.records if r["kind"] == "length_control"}
+    for row in table[table["best"]].itertuples():
+        length = lengths[row.condition]
+        typer.echo(
+            f"{row.condition}: {row.pipeline} accuracy {row.accuracy:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}], "
+            f"chance {row.chance:.3f}; length only {length['accuracy']:.3f}"
+            + (" (length leaks)" if length["leaks"] else "")
+        )
+    typer.echo(f"{'wrote' if result.did_work else 'up to date:'} {index} and {result.attributor}/")
+
+
+@app.command()
 def emergence(
     config: ConfigOpt = DEFAULT_CONFIG,
     max_chunks: int = typer.Option(None, "--max-chunks", help="Generate at most this many chunks per checkpoint."),
@@ -286,6 +325,9 @@ def _attributor_dir(
         cfg = load_config(config or DEFAULT_CONFIG)
         run, limit = cfg.run.name, cfg.attribution.max_text_bytes
     paths = RunPaths(home(), run)
+    saved = sorted(p for p in paths.attributors.glob("*") if (p / "manifest.json").is_file())
+    if condition is None and len(saved) == 1:  # e.g. `natprints collected`: one attributor, its own name
+        return saved[0], limit
     if condition is None and not (paths.attributors / "all").is_dir():
         # a run whose one condition holds every model has no separate `all`: that condition is it
         manifest = paths.generated / "manifest.json"
@@ -458,20 +500,6 @@ def _likelihood_library(
     return _Library({m: zoo_dir / m for m in members[condition]}, tokenizer or cfg.paths.tokenizer, cfg)
 
 
-def _load_tokenizer(directory: Path):
-    from natprints.corpus import load_tokenizer
-
-    if not (directory / "tokenizer.json").is_file():
-        raise NatprintsError(f"no tokenizer at {directory} (no tokenizer.json); give --tokenizer DIR")
-    try:
-        return load_tokenizer(directory)
-    except NatprintsError:
-        raise
-    except Exception as exc:  # transformers raises many types for a corrupt tokenizer
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NatprintsError(f"cannot load the tokenizer at {directory}: {first}") from None
-
-
 def _without_final_newline(text: str) -> str:
     """A file's last line ending is the file's, not the text's (`echo TEXT > FILE` adds one)."""
     return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
@@ -495,49 +523,44 @@ def _attribute_likelihood(
     from natprints.attribution.attributor import DEFAULT_MAX_TEXT_BYTES
     from natprints.likelihood.attribute import (
         attribute_by_likelihood,
-        check_models,
-        check_tokens,
-        encode_texts,
-        max_text_tokens,
+        encode_for,
+        has_tokenizer,
+        load_candidates,
+        load_model_tokenizer,
     )
     from natprints.lineage.models import inspect_model
 
     try:
         for directory in library.models.values():  # a directory that is no model: said before the tokenizer
             inspect_model(directory)
-        tokenizer = _load_tokenizer(library.tokenizer)
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            raise NatprintsError(f"the tokenizer at {library.tokenizer} has no EOS token")
-        infos = check_models(library.models, tokenizer)  # every directory checked before any text is read
-        context = [eos] if prompt is None else encode_texts(tokenizer, [prompt])[0]
-        if not context:
-            raise NatprintsError("--prompt is empty after tokenization")
+        shared = None
+        if not all(has_tokenizer(d) for d in library.models.values()):  # some model reads the shared one
+            shared = load_model_tokenizer(library.tokenizer)
+        candidates = load_candidates(library.models, shared)  # every directory checked before any text is read
     except NatprintsError as exc:
         raise _fail(str(exc)) from None
     cfg = library.cfg
-    room = max_text_tokens(infos, len(context))
     limit = max_bytes or (cfg.attribution.max_text_bytes if cfg else None) or DEFAULT_MAX_TEXT_BYTES
-    inputs: list[tuple[str, str | None, str | None]] = []
-    for name, text, error in _read_inputs(files, limit):
-        if text is not None:
-            text = _without_final_newline(text)
-            try:
-                ids = encode_texts(tokenizer, [text])[0]
-                check_tokens(ids, eos, name)
-                if room is not None and len(ids) > room:
-                    raise NatprintsError(f"{name}: {len(ids)} tokens, more than the models' context leaves ({room})")
-            except NatprintsError as exc:
-                text, error = None, str(exc)
-        inputs.append((name, text, error))
+    inputs = [
+        (name, None if text is None else _without_final_newline(text), error)
+        for name, text, error in _read_inputs(files, limit)
+    ]
+    readable = [i for i, (_, text, _) in enumerate(inputs) if text is not None]
+    _, errors = encode_for(
+        candidates,
+        [inputs[i][1] for i in readable],
+        None if prompt is None else [prompt] * len(readable),
+        [inputs[i][0] for i in readable],
+    )
+    for j, error in errors.items():
+        inputs[readable[j]] = (inputs[readable[j]][0], None, error)
     good = [(name, text) for name, text, error in inputs if error is None]
     result = []
     if good:
         try:
             result = attribute_by_likelihood(
                 [text for _, text in good],
-                library.models,
-                tokenizer,
+                candidates,
                 prompts=None if prompt is None else [prompt] * len(good),
                 temperature=temperature,
                 top_k=top_k,
@@ -590,16 +613,17 @@ def attribute(
         typer.Option(
             "--models",
             "--model",
-            help="likelihood: a causal LM directory, labelled by its name (repeat for each model; they share "
-            "one tokenizer). Default: the run's zoo models of --condition.",
+            help="likelihood: a causal LM directory of any family, labelled by its name (repeat for each "
+            "model); each reads the texts with the tokenizer saved in it, else --tokenizer. Default: the run's "
+            "zoo models of --condition.",
         ),
     ] = None,
     tokenizer: Annotated[
         Path | None,
         typer.Option(
             "--tokenizer",
-            help="likelihood: the models' tokenizer directory (default: the first --models directory's, "
-            "else the run's).",
+            help="likelihood: the tokenizer of models that hold none of their own (default: the first --models "
+            "directory's, else the run's).",
         ),
     ] = None,
     prompt: Annotated[

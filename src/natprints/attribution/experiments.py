@@ -44,7 +44,8 @@ from natprints.runtime import run_jobs
 from natprints.stats import classification_summary
 
 # 2: the null control is named `null_control` in every record (pandas reads `null` as NaN).
-EXPERIMENTS_VERSION = 2  # bump when the records change meaning: cached results are then redone
+# 3: a length-only control per condition.
+EXPERIMENTS_VERSION = 3  # bump when the records change meaning: cached results are then redone
 BASELINE = ("word1", "logreg")
 # The white-box attributor: every candidate model's exact likelihood of the text (the ceiling).
 CEILING = ("likelihood", "bayes")
@@ -76,9 +77,15 @@ class Setup:
 
     cfg: Config
     split: dict[str, str]
-    tokenizer: Any
+    tokenizer: Any  # None for texts the run did not generate: evidence is then counted in words
     progress: bool
     timings: dict[str, float] = field(default_factory=dict)
+    open_set: tuple[str, ...] = ("all",)  # the conditions whose models are left out one at a time
+
+    @property
+    def unit(self) -> str:
+        """What the evidence curve counts: generated tokens, or words of texts without them."""
+        return "words" if self.tokenizer is None else "tokens"
 
     @property
     def settings(self) -> Any:
@@ -196,6 +203,46 @@ def _run_grid(
     return records, fitted, cal_proba
 
 
+def length_features(frame: pd.DataFrame) -> tuple[list[str], np.ndarray]:
+    """Each text's length only: characters, words and, where the frame has them, generated tokens
+    (else UTF-8 bytes), on a log scale."""
+    texts = frame["text"].astype(str).tolist()
+    columns = {"characters": [len(t) for t in texts], "words": [len(t.split()) for t in texts]}
+    if "token_ids" in frame.columns:
+        columns["tokens"] = [len(ids) for ids in frame["token_ids"]]
+    else:
+        columns["bytes"] = [len(t.encode("utf-8")) for t in texts]
+    return list(columns), np.log1p(np.asarray(list(columns.values()), dtype=np.float64).T)
+
+
+def _length_control(data: ConditionData, parts: dict[str, pd.DataFrame]) -> dict[str, Any]:
+    """Logistic regression on the texts' lengths alone: at chance unless length gives the source away."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train, test = parts["train"], parts["test"]
+    names, x_train = length_features(train)
+    _, x_test = length_features(test)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    with quiet_fit():
+        model.fit(x_train, train["label"].to_numpy())
+    y_test = test["label"].to_numpy()
+    summary = classification_summary(y_test, np.asarray(model.predict(x_test), dtype=np.int64), len(data.labels))
+    return {
+        "kind": "length_control",
+        "condition": data.name,
+        "pipeline": "length+logreg",
+        "features": names,
+        "labels": data.labels,
+        "n_classes": len(data.labels),
+        "n_train": len(train),
+        **summary,
+        # above chance beyond its interval: length alone tells the sources apart
+        "leaks": bool(summary["ci_low"] > summary["chance"]),
+    }
+
+
 def _order_key(record: dict[str, Any]) -> tuple[int, int]:
     f, c = record["featurizer"], record["classifier"]
     return (
@@ -210,10 +257,20 @@ def best_record(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return ranked[0]
 
 
+def _lengths(setup: Setup, frame: pd.DataFrame) -> list[int]:
+    """Each text's length in the evidence curve's unit."""
+    if setup.tokenizer is None:
+        return [len(t.split()) for t in frame["text"]]
+    return [len(ids) for ids in frame["token_ids"]]
+
+
 def _truncated(setup: Setup, frame: pd.DataFrame, n_tokens: int) -> list[str]:
-    """The first ``n_tokens`` generated tokens of each text (0 = all), decoded as the generator did."""
+    """The first ``n_tokens`` generated tokens of each text (0 = all), decoded as the generator did;
+    without a tokenizer, the first ``n_tokens`` whitespace-separated words."""
     if n_tokens <= 0:
         return frame["text"].tolist()
+    if setup.tokenizer is None:
+        return [" ".join(t.split()[:n_tokens]) for t in frame["text"]]
     out = frame["text"].tolist()
     cut = [i for i, ids in enumerate(frame["token_ids"]) if len(ids) > n_tokens]
     decoded = setup.tokenizer.batch_decode([[int(t) for t in frame["token_ids"].iloc[i][:n_tokens]] for i in cut])
@@ -246,7 +303,7 @@ def _evidence(
     if BASELINE not in pipelines:
         pipelines.append(BASELINE)
     by_pipeline = {(r["featurizer"], r["classifier"]): r for r in grid}
-    max_tokens = int(max(len(t) for t in data.frame["token_ids"]))
+    max_tokens = max(_lengths(setup, data.frame))
     train_prompts = sorted(train["prompt_id"].astype(str).unique())
     shuffle = np.random.default_rng(setup.settings.split_seed).permutation(len(train_prompts))
     prompt_order = [train_prompts[i] for i in shuffle]
@@ -265,7 +322,7 @@ def _evidence(
                     return _truncated(setup, f, n)
 
                 _, y_pred = fit_predict(setup, feat, clf, train, test, texts)
-            records.append(_evidence_record(data, feat, clf, role, "tokens", n_tokens, len(train), y_test, y_pred))
+            records.append(_evidence_record(data, feat, clf, role, setup.unit, n_tokens, len(train), y_test, y_pred))
         for fraction in setup.settings.evidence_train_fractions:
             keep = set(prompt_order[: max(1, math.ceil(fraction * len(prompt_order)))])
             subset = train[train["prompt_id"].astype(str).isin(keep)]
@@ -461,6 +518,7 @@ def run_condition(
     ]
     grid, fitted, cal_proba = _run_grid(setup, data, parts)
     records += grid
+    records.append(_length_control(data, parts))
     best = next(r for r in grid if r["best"])
     key = (best["featurizer"], best["classifier"])
     test_texts = test["text"].tolist()
@@ -484,7 +542,7 @@ def run_condition(
     fitted.clear()  # free the other pipelines before the refits below
     records += _evidence(setup, data, parts, grid)
     records += explanations
-    records += _open_set(setup, data, parts, best) if data.name == "all" else []
+    records += _open_set(setup, data, parts, best) if data.name in setup.open_set else []
     records += _white_box(setup, data, parts, views, black_box)
     return records, attributor
 

@@ -2,25 +2,33 @@
 
 The zoo's texts are ancestral samples of known models, so scoring a text under every candidate (with
 the sampling transform it was drawn with) gives the Bayes posterior with equal priors: the ceiling
-that no text classifier beats. Each text is re-tokenized with the models' shared tokenizer (no
-special tokens) and scored as a whole continuation of its prompt, or of the EOS token alone (the
-corpus separates paragraphs with EOS); where it stops carries no evidence (no EOS event). Models are
-loaded one at a time. The open set is the analytic (Fast-DetectGPT) test of each model: a model is
-rejected when its discrepancy z = (loglik + sum H) / sqrt(sum Var) is below ``norm.ppf(alpha)`` (the
-text is less likely than that model's own samples are), and the label is ``unknown`` when every
-model is rejected. Pooling treats all texts as from one source: their log-likelihoods, z numerators
-and variances add up to one verdict.
+that no text classifier beats. The candidates may be of any causal-LM family, each reading the text
+with its own tokenizer (the one saved in its directory, else a shared one): the score is
+log p(continuation string | prompt string) under that model, so models with different vocabularies
+compete on the same string. Models are loaded one at a time. The open set is the analytic
+(Fast-DetectGPT) test of each model: a model is rejected when its discrepancy
+z = (loglik + sum H) / sqrt(sum Var) is below ``norm.ppf(alpha)`` (the text is less likely than that
+model's own samples are), and the label is ``unknown`` when every model is rejected. Pooling treats
+all texts as from one source: their log-likelihoods, z numerators and variances add up to one verdict.
 
-A re-tokenized text is the tokenizer's canonical tokenization; a sample drawn as another token
-sequence of the same string scores lower than the sample itself did (the text's probability sums
-over every tokenization; this scores one).
+**The token boundary.** Without a prompt a text continues the tokenizer's BOS token (EOS where it has
+none: the zoo's corpus separates paragraphs with EOS); where it stops carries no evidence (no EOS
+event). With a prompt, prompt and text are tokenized apart, as a generator that continues the prompt's
+tokens produced them. Byte-level BPE (the zoo's, GPT-2's, Pythia's) keeps a text's leading space in its
+first token, so the pair is exact. A tokenizer that marks word starts inside tokens (SentencePiece's
+"▁") reads the text as starting a new word after the prompt, which is how its decoder writes a
+continuation that begins with one: decoded alone, the leading "▁" leaves no space.
+
+A text is scored as its canonical tokenization; a sample drawn as another token sequence of the same
+string scores lower than the sample itself did (the string's probability sums over every
+tokenization; this scores one).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
@@ -39,8 +47,9 @@ if TYPE_CHECKING:
 class LikelihoodPrediction(Prediction):
     """A :class:`Prediction` from log-likelihoods, with each model's log-likelihood and discrepancy z.
 
-    ``loglik`` and ``z`` are keyed by model label; ``tokens`` counts the scored tokens, ``texts`` the
-    texts behind the verdict (more than one when pooled). ``alpha`` is the open-set test's level.
+    ``loglik`` and ``z`` are keyed by model label; ``tokens`` counts the tokens scored under the best
+    model (``model_tokens``: under each model's own tokenizer), ``texts`` the texts behind the verdict
+    (more than one when pooled). ``alpha`` is the open-set test's level.
     """
 
     loglik: dict[str, float]
@@ -48,6 +57,7 @@ class LikelihoodPrediction(Prediction):
     tokens: int
     texts: int
     alpha: float
+    model_tokens: dict[str, int] = field(default_factory=dict)  # tokens scored under each model's tokenizer
 
     @property
     def rejected(self) -> list[str]:
@@ -64,6 +74,7 @@ class LikelihoodPrediction(Prediction):
             "rejected": self.rejected,
             "alpha": self.alpha,
             "tokens": self.tokens,
+            "model_tokens": self.model_tokens,
             "texts": self.texts,
         }
 
@@ -80,90 +91,155 @@ def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
-def check_tokens(ids: Sequence[int], eos_id: int, name: str) -> None:
+def check_tokens(ids: Sequence[int], eos_id: int | None, name: str) -> None:
     """A text must tokenize to something, and hold no EOS: it is one continuation, not several."""
     if not ids:
         raise NatprintsError(f"{name}: empty text after tokenization")
-    if eos_id in ids:
+    if eos_id is not None and eos_id in ids:
         raise NatprintsError(f"{name}: holds the EOS token; give each paragraph as its own text")
 
 
-def check_models(model_dirs: Mapping[str, Path | str], tokenizer: Any) -> dict[str, ModelInfo]:
-    """Read each model directory's config and check that it shares the tokenizer's vocabulary.
+@dataclass
+class Candidate:
+    """One model to score texts under, and the tokenizer it reads them with."""
 
-    A vocabulary smaller than the tokenizer's, or a tokenizer saved with the model that maps tokens
-    to other ids, is an error naming the model: its log-likelihoods would be of other texts.
+    label: str
+    info: ModelInfo
+    tokenizer: Any
+
+    @property
+    def start(self) -> int:
+        """The token a text without a prompt continues: BOS, else EOS."""
+        tok = self.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if start is None:
+            raise NatprintsError(
+                f"model {self.label}: its tokenizer has neither a BOS nor an EOS token to start a text; give a prompt"
+            )
+        return int(start)
+
+    @property
+    def pad(self) -> int:
+        """The id that pads batches (and marks the end event): EOS, else the pad or start token."""
+        tok = self.tokenizer
+        return next(int(i) for i in (tok.eos_token_id, tok.pad_token_id, self.start) if i is not None)
+
+    def encode(self, text: str, prompt: str | None, name: str) -> tuple[list[int], list[int]]:
+        """(context ids, text ids) for this model's tokenizer; see the module's note on the boundary."""
+        ids = encode_texts(self.tokenizer, [text])[0]
+        if prompt is None:
+            context = [self.start]
+        else:
+            context = encode_texts(self.tokenizer, [prompt])[0]
+            if not context:
+                raise NatprintsError(f"{name}: its prompt is empty after tokenization by model {self.label}")
+        check_tokens(ids, self.tokenizer.eos_token_id, name)
+        return context, ids
+
+    def check_room(self, context: Sequence[int], ids: Sequence[int], name: str) -> None:
+        limit = self.info.max_positions
+        if limit and len(context) + len(ids) > limit:
+            raise NatprintsError(
+                f"{name}: {len(context)} context + {len(ids)} text tokens exceed model {self.label}'s "
+                f"context of {limit} positions"
+            )
+
+
+Pairs = tuple[list[list[int]], list[list[int]]]  # each text's context ids and text ids
+
+
+def encode_for(
+    candidates: Mapping[str, Candidate], texts: Sequence[str], prompts: Sequence[str] | None, names: Sequence[str]
+) -> tuple[dict[str, Pairs], dict[int, str]]:
+    """Every text tokenized for every candidate (once per tokenizer), and each failing text's first error.
+
+    A text fails when some candidate cannot score it (empty, holding EOS, longer than its context).
     """
+    by_tokenizer: dict[int, list[tuple[list[int], list[int]] | str]] = {}
+    errors: dict[int, str] = {}
+    out = {}
+    for label, candidate in candidates.items():
+        key = id(candidate.tokenizer)
+        if key not in by_tokenizer:
+            rows: list[tuple[list[int], list[int]] | str] = []
+            for i, text in enumerate(texts):
+                try:
+                    rows.append(candidate.encode(text, None if prompts is None else prompts[i], names[i]))
+                except NatprintsError as exc:
+                    rows.append(str(exc))
+            by_tokenizer[key] = rows
+        rows = by_tokenizer[key]
+        for i, row in enumerate(rows):
+            if isinstance(row, str):
+                errors.setdefault(i, row)
+                continue
+            try:
+                candidate.check_room(*row, names[i])
+            except NatprintsError as exc:
+                errors.setdefault(i, str(exc))
+        good = [row if not isinstance(row, str) else ([], []) for row in rows]
+        out[label] = ([c for c, _ in good], [t for _, t in good])
+    return out, dict(sorted(errors.items()))
+
+
+def load_model_tokenizer(directory: Path | str) -> Any:
+    """The tokenizer saved in a model (or tokenizer) directory, read offline; a one-line error if unusable."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    if not directory.is_dir() or not any(
+        (directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    ):
+        raise NatprintsError(f"no tokenizer at {directory} (no tokenizer.json); give --tokenizer DIR")
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a corrupt tokenizer
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NatprintsError(f"cannot load the tokenizer at {directory}: {first}") from None
+
+
+def has_tokenizer(directory: Path | str) -> bool:
+    return (Path(directory) / "tokenizer.json").is_file() or (Path(directory) / "tokenizer_config.json").is_file()
+
+
+def load_candidates(model_dirs: Mapping[str, Path | str], tokenizer: Any = None) -> dict[str, Candidate]:
+    """Each model with the tokenizer in its own directory, else ``tokenizer`` (shared by the rest).
+
+    A model whose vocabulary is smaller than its tokenizer's is an error naming it: its
+    log-likelihoods would be of other texts. One tokenizer object per distinct tokenizer file.
+    """
+    from natprints.artifacts import sha256_file
     from natprints.lineage.models import inspect_model
 
     if not model_dirs:
         raise NatprintsError("likelihood attribution needs at least one model")
-    size = len(tokenizer)
-    vocab = None
-    infos = {}
-    for label, directory in model_dirs.items():
-        info = inspect_model(directory)
-        if info.vocab_size < size:
+    infos = {label: inspect_model(directory) for label, directory in model_dirs.items()}  # all checked first
+    loaded: dict[str, Any] = {}
+    out = {}
+    for label, info in infos.items():
+        own = info.path / "tokenizer.json"
+        if has_tokenizer(info.path):
+            key = sha256_file(own) if own.is_file() else str(info.path)
+            if key not in loaded:
+                loaded[key] = load_model_tokenizer(info.path)
+            tok = loaded[key]
+        elif tokenizer is not None:
+            tok = tokenizer
+        else:
+            raise NatprintsError(f"model {label} ({info.path}) has no tokenizer of its own; give --tokenizer DIR")
+        if info.vocab_size < len(tok):
             raise NatprintsError(
                 f"model {label} ({info.path}) has vocab_size {info.vocab_size}, smaller than the tokenizer's "
-                f"{size}: it does not share this tokenizer"
+                f"{len(tok)}: it does not read this tokenizer's ids"
             )
-        own = info.path / "tokenizer.json"
-        if own.is_file():
-            vocab = vocab if vocab is not None else tokenizer.get_vocab()
-            if _tokenizer_vocab(own) != vocab:
-                raise NatprintsError(
-                    f"model {label} ({info.path}) holds a tokenizer whose vocabulary differs from the one in use"
-                )
-        infos[label] = info
-    return infos
-
-
-def _tokenizer_vocab(path: Path) -> dict[str, int]:
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
-    except Exception as exc:  # tokenizers raises its own exception types for a corrupt file
-        raise NatprintsError(f"{path}: not a readable tokenizer ({str(exc).strip() or type(exc).__name__})") from None
-
-
-def max_text_tokens(infos: Mapping[str, ModelInfo], context_tokens: int) -> int | None:
-    """The longest text every model can score after ``context_tokens`` of context (None: no limit known)."""
-    limits = [info.max_positions for info in infos.values() if info.max_positions]
-    return min(limits) - context_tokens if limits else None
-
-
-class _FullLogits:
-    """Any causal LM in the shape :func:`score_texts` reads (``.model``, ``.lm_head``, ``.config``).
-
-    The trunk returns the model's own final logits and the head is the identity, so whatever the
-    architecture applies after its output embedding (soft-capping, logit scales) is kept. It costs the
-    full (batch, length, vocab) logits; a Llama model is scored directly, from its hidden states.
-    """
-
-    def __init__(self, lm: Any):
-        import torch
-
-        self.config = lm.config
-        self._lm = lm
-        self.lm_head = torch.nn.Identity()
-        self.lm_head.out_features = lm.config.vocab_size
-
-    def model(self, input_ids: Any, use_cache: bool = False) -> Any:
-        from types import SimpleNamespace
-
-        return SimpleNamespace(last_hidden_state=self._lm(input_ids=input_ids, use_cache=use_cache).logits)
-
-
-def _scorer(lm: Any) -> Any:
-    return lm if type(lm).__name__ == "LlamaForCausalLM" else _FullLogits(lm)
+        out[label] = Candidate(label, info, tok)
+    return out
 
 
 def attribute_by_likelihood(
     texts: Sequence[str],
-    model_dirs: Mapping[str, Path | str],
-    tokenizer: Any,
+    model_dirs: Mapping[str, Path | str] | Mapping[str, Candidate],
+    tokenizer: Any = None,
     *,
     prompts: Sequence[str] | None = None,
     temperature: float = 1.0,
@@ -178,15 +254,16 @@ def attribute_by_likelihood(
 ) -> list[LikelihoodPrediction] | LikelihoodPrediction:
     """Attribute each text (or, with ``pool``, all of them together) to the model most likely to have written it.
 
-    ``model_dirs`` maps labels to causal-LM directories sharing ``tokenizer`` (a
-    ``PreTrainedTokenizerFast``); ``prompts`` gives each text's prompt (default: the EOS token alone).
-    ``temperature``, ``top_k`` and ``top_p`` are the transform the texts were sampled with. Returns one
-    :class:`LikelihoodPrediction` per text in order, or one when ``pool``; ``top`` candidates each.
+    ``model_dirs`` maps labels to causal-LM directories (or :func:`load_candidates`' candidates); each
+    reads the texts with the tokenizer in its directory, else ``tokenizer``. ``prompts`` gives each
+    text's prompt (default: none, see the module's note on the boundary). ``temperature``, ``top_k`` and
+    ``top_p`` are the transform the texts were sampled with. Returns one :class:`LikelihoodPrediction`
+    per text in order, or one when ``pool``; ``top`` candidates each.
     """
     import torch
     from tqdm.auto import tqdm
 
-    from natprints.likelihood.scorer import score_texts
+    from natprints.likelihood.scorer import as_scorer, score_texts
     from natprints.runtime import load_lm, resolve_device
 
     if not texts:
@@ -199,37 +276,30 @@ def attribute_by_likelihood(
         )
     if not 0 < alpha < 1 or top < 1 or batch_size < 1:
         raise NatprintsError(f"need 0 < alpha < 1, top >= 1 and batch_size >= 1, got {alpha}, {top} and {batch_size}")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise NatprintsError("the tokenizer has no EOS token (it pads the batches and starts a text without a prompt)")
-    infos = check_models(model_dirs, tokenizer)
-    continuations = encode_texts(tokenizer, texts)
-    for i, ids in enumerate(continuations):
-        check_tokens(ids, eos, f"text {i}")
-    contexts = [[eos]] * len(texts) if prompts is None else encode_texts(tokenizer, prompts)
-    for i, (context, ids) in enumerate(zip(contexts, continuations, strict=True)):
-        if not context:
-            raise NatprintsError(f"text {i}: its prompt is empty after tokenization")
-        for label, info in infos.items():
-            # the input is context + text (the EOS event after the longest row's end is scored, then dropped)
-            if info.max_positions and len(context) + len(ids) > info.max_positions:
-                raise NatprintsError(
-                    f"text {i}: {len(context)} context + {len(ids)} text tokens exceed model {label}'s "
-                    f"context of {info.max_positions} positions"
-                )
+    candidates = (
+        dict(model_dirs)
+        if model_dirs and all(isinstance(c, Candidate) for c in model_dirs.values())
+        else load_candidates(model_dirs, tokenizer)
+    )
+    # every text checked under every model (one encoding per tokenizer) before any model is loaded
+    pairs, errors = encode_for(candidates, texts, prompts, [f"text {i}" for i in range(len(texts))])
+    if errors:
+        raise NatprintsError(next(iter(errors.values())))
     device = resolve_device(device)
-    labels = list(model_dirs)
+    labels = list(candidates)
     n, k = len(texts), len(labels)
     loglik, entropy, variance = (np.zeros((n, k)) for _ in range(3))
-    new_tokens = max(len(ids) for ids in continuations)
+    tokens = np.zeros((n, k), dtype=np.int64)
     for j, label in enumerate(tqdm(labels, desc="likelihood", unit="model", disable=None if progress else True)):
-        lm = load_lm(infos[label].path, device=device)
+        candidate = candidates[label]
+        contexts, continuations = pairs[label]
+        lm = load_lm(candidate.info.path, device=device)
         scores = score_texts(
-            _scorer(lm),
+            as_scorer(lm),
             contexts,
             continuations,
-            eos_id=eos,
-            new_tokens=new_tokens,
+            eos_id=candidate.pad,
+            new_tokens=max(len(ids) for ids in continuations),
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
@@ -241,13 +311,13 @@ def attribute_by_likelihood(
             loglik[i, j] = score.token_logprobs[:m].sum()
             entropy[i, j] = score.entropy[:m].sum()
             variance[i, j] = score.logprob_variance[:m].sum()
+            tokens[i, j] = m
         del lm, scores
         if device == "cuda":
             torch.cuda.empty_cache()
-    tokens = np.array([len(ids) for ids in continuations])
     if pool:
-        return _predict(labels, loglik.sum(0), entropy.sum(0), variance.sum(0), int(tokens.sum()), n, alpha, top)
-    return [_predict(labels, loglik[i], entropy[i], variance[i], int(tokens[i]), 1, alpha, top) for i in range(n)]
+        return _predict(labels, loglik.sum(0), entropy.sum(0), variance.sum(0), tokens.sum(0), n, alpha, top)
+    return [_predict(labels, loglik[i], entropy[i], variance[i], tokens[i], 1, alpha, top) for i in range(n)]
 
 
 def _ranked(log_scores: np.ndarray, top: int) -> tuple[np.ndarray, list[int]]:
@@ -263,7 +333,7 @@ def _predict(
     loglik: np.ndarray,
     entropy: np.ndarray,
     variance: np.ndarray,
-    tokens: int,
+    tokens: np.ndarray,
     texts: int,
     alpha: float,
     top: int,
@@ -281,9 +351,10 @@ def _predict(
         unknown=unknown,
         loglik={m: float(v) for m, v in zip(labels, loglik, strict=True)},
         z={m: float(v) for m, v in zip(labels, z, strict=True)},
-        tokens=tokens,
+        tokens=int(tokens[order[0]]),
         texts=texts,
         alpha=alpha,
+        model_tokens={m: int(t) for m, t in zip(labels, tokens, strict=True)},
     )
 
 

@@ -43,10 +43,12 @@ def _conditions(table: pd.DataFrame) -> list[str]:
 def headline_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Per condition: the best pipeline and the unigram baseline, with chance and intervals."""
     table = accuracy_table(records)
+    lengths = {r["condition"]: r for r in _of(records, "length_control")}
     rows = []
     for condition in _conditions(table):
         sub = table[table["condition"] == condition]
         best = sub[sub["best"]].iloc[0]
+        length = lengths.get(condition, {})
         base = sub[(sub["featurizer"] == BASELINE[0]) & (sub["classifier"] == BASELINE[1])]
         top = sub[sub["pipeline"] == CEILING_PIPELINE]
         rows.append(
@@ -69,6 +71,10 @@ def headline_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
                 "ceiling_ci_high": float(top["ci_high"].iloc[0]) if len(top) else math.nan,
                 "ceiling_share": float(best["ceiling_share"]) if len(top) else math.nan,
                 "baseline_share": float(base["ceiling_share"].iloc[0]) if len(top) and len(base) else math.nan,
+                "length": float(length.get("accuracy", math.nan)),
+                "length_ci_low": float(length.get("ci_low", math.nan)),
+                "length_ci_high": float(length.get("ci_high", math.nan)),
+                "length_leaks": bool(length.get("leaks", False)),
             }
         )
     return pd.DataFrame(rows)
@@ -212,8 +218,8 @@ def _null_section(table: pd.DataFrame, records: Sequence[dict[str, Any]]) -> tup
         "max": null.sort_values("accuracy").iloc[-1],
     }
     text = (
-        f"### Null control\n\nThe base model sampled twice with different sampling seeds "
-        f"(`{labels[0]}` vs `{labels[1]}`), labelled as two classes, must come out at chance (0.5). "
+        f"### Null control\n\n{_null_what(labels)} (`{labels[0]}` vs `{labels[1]}`), labelled as two classes, "
+        "must come out at chance (0.5). "
         f"The {ref['pipeline']} pipeline scores {_acc(ref['accuracy'], ref['ci_low'], ref['ci_high'])} "
         f"(p = {_p(ref['p_value'])}, {int(ref['n_test'])} test texts). Across all {len(null)} pipelines, chance "
         f"lies inside the 95% interval for {inside} and {significant} reach p < {SIGNIFICANCE} "
@@ -221,6 +227,14 @@ def _null_section(table: pd.DataFrame, records: Sequence[dict[str, Any]]) -> tup
         f"{facts['max']['pipeline']} at {facts['max']['accuracy']:.3f}.\n"
     )
     return text, facts
+
+
+def _null_what(labels: Sequence[str]) -> str:
+    """The run's null control is one model under two sampling seeds; a collected corpus's, one source's
+    texts halved at random (labels ``source@a`` and ``source@b``)."""
+    if all(label.rsplit("@", 1)[-1] in ("a", "b") for label in labels):
+        return "One source's texts split at random in two, by group,"
+    return "The base model sampled twice with different sampling seeds"
 
 
 def _explanation_section(records: Sequence[dict[str, Any]]) -> str:
@@ -403,6 +417,12 @@ def render_section(cfg: Config) -> str:
             "text alone can beat it. *Share of ceiling* = (accuracy − chance) / (ceiling − chance): the part of "
             "the margin above chance that the text carries which a black-box pipeline captures.\n"
         )
+    if not has_ceiling:
+        parts.append(
+            "**No ceiling.** There are no likelihood scores of these texts (they come without the weights that "
+            "wrote them, or the likelihood stage has not run), so the table has no Bayes-optimal ceiling and no "
+            "share of it.\n"
+        )
     parts.append(
         _md_table(
             [
@@ -418,6 +438,7 @@ def render_section(cfg: Config) -> str:
                 "macro-F1",
                 "p",
                 "unigram baseline (word1+logreg)",
+                "length only [95% CI]",
             ],
             [
                 [
@@ -433,11 +454,13 @@ def render_section(cfg: Config) -> str:
                     f"{r.macro_f1:.3f}",
                     _p(r.p_value),
                     "–" if math.isnan(r.baseline) else _acc(r.baseline, r.baseline_ci_low, r.baseline_ci_high),
+                    _length_cell(r),
                 ]
                 for r in head.itertuples()
             ],
         )
     )
+    parts.append(_length_note(head))
     approaches = approach_table(records)
     if has_ceiling and not approaches.empty:
         rows = [
@@ -472,22 +495,23 @@ def render_section(cfg: Config) -> str:
     if images:
         parts.append("### Confusion matrices (best pipeline per condition)\n\n" + "\n".join(images) + "\n")
 
-    tokens = evidence_table(records, "tokens")
+    # generated tokens for the run's own texts, words for collected ones (no tokenizer wrote them)
+    unit = "tokens" if not evidence_table(records, "tokens").empty else "words"
+    tokens = evidence_table(records, unit)
     train = evidence_table(records, "train_fraction")
     if not tokens.empty:
+        shown = "generated tokens" if unit == "tokens" else "words"
         max_tok = max(int(tokens["value"].max()), 1)
         all_at = max_tok * 2
         plot_tokens = tokens.assign(x=tokens["value"].where(tokens["value"] > 0, all_at))
         ticks = {int(v): ("all" if v == all_at else str(int(v))) for v in sorted(plot_tokens["x"].unique())}
-        plot_evidence(
-            plot_tokens, "x", "generated tokens shown to the classifier", figures / "evidence_tokens.png", ticks
-        )
+        plot_evidence(plot_tokens, "x", f"{shown} shown to the classifier", figures / f"evidence_{unit}.png", ticks)
         parts.append(
-            "### Evidence curves\n\nAccuracy against the number of generated tokens shown (train and test "
-            "texts cut to their first N tokens), and against the number of training texts.\n\n"
-            f"![evidence: tokens]({FIGURES}/evidence_tokens.png)\n"
+            f"### Evidence curves\n\nAccuracy against the number of {shown} shown (train and test "
+            f"texts cut to their first N {unit}), and against the number of training texts.\n\n"
+            f"![evidence: {unit}]({FIGURES}/evidence_{unit}.png)\n"
         )
-        parts.append(_evidence_md(tokens, "tokens"))
+        parts.append(_evidence_md(tokens, unit))
     if not train.empty:
         plot_evidence(train, "n_train", "training texts", figures / "evidence_train.png")
         parts.append(f"![evidence: training size]({FIGURES}/evidence_train.png)\n")
@@ -536,6 +560,31 @@ def render_section(cfg: Config) -> str:
         parts.append(lik_text)
     parts.append(_findings(head, null_facts, tokens, open_facts, pooled, lik_facts))
     return "\n".join(p for p in parts if p)
+
+
+def _length_cell(row: Any) -> str:
+    if math.isnan(row.length):
+        return "–"
+    cell = _acc(row.length, row.length_ci_low, row.length_ci_high)
+    return f"**{cell} leaks**" if row.length_leaks else cell
+
+
+def _length_note(head: pd.DataFrame) -> str:
+    """What the length-only control says: at chance, or which conditions length gives away."""
+    if head["length"].isna().all():
+        return ""
+    note = (
+        "*Length only* is a control: logistic regression on each continuation's length alone (characters, "
+        "words, and generated tokens or, for texts without them, UTF-8 bytes). "
+    )
+    leaks = head[head["length_leaks"]]
+    if leaks.empty:
+        return note + "Its interval holds chance in every condition: length does not tell the sources apart.\n"
+    names = ", ".join(f"`{c}`" for c in leaks["condition"])
+    return note + (
+        f"**Length leaks** in {names}: its interval lies above chance, so part of what a pipeline scores there "
+        "is how long the texts are, not how they are written.\n"
+    )
 
 
 def _kl_order(cfg: Config, labels: list[str]) -> list[str]:
@@ -695,6 +744,7 @@ def _evidence_md(points: pd.DataFrame, axis: str) -> str:
     values = sorted(points["value"].unique(), key=lambda v: (v == 0, v))
     label = {
         "tokens": lambda v: "all" if v == 0 else f"{int(v)} tok",
+        "words": lambda v: "all" if v == 0 else f"{int(v)} words",
         "train_fraction": lambda v: f"{v:g} of train",
         "train_samples": lambda v: f"{int(v)}× texts",
         "pooled": lambda v: f"k={int(v)}",

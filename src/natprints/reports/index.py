@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from natprints.artifacts import atomic_write_text, read_manifest
+from natprints.artifacts import Manifest, atomic_write_text, read_manifest
 from natprints.config import Config
 from natprints.errors import NatprintsError
 from natprints.records import LINEAGE_CSV, RESULTS_FILE, TEXT_EMERGENCE_CSV, read_timings
@@ -188,3 +188,36 @@ def render_provenance(cfg: Config) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def write_collected_index(cfg: Config, manifest_name: str) -> Path:
+    """reports/<name>/index.md for a labelled corpus the user collected: where the texts came from,
+    then the attribution section (tables, confusion matrices, evidence, explanations, open set)."""
+    from natprints.artifacts import git_revision
+    from natprints.records import load_records
+    from natprints.reports.attribution import render_section
+
+    m = Manifest(cfg.paths.reports, "collected-text experiments", manifest_name).read()
+    split = next(
+        (r for r in load_records(cfg.paths.reports) if r["kind"] == "split" and r["condition"] == cfg.run.name), None
+    )
+    skipped = m.get("skipped") or {}
+    left_out = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())) if skipped else "none"
+    inputs = ", ".join(f"`{f}` (sha256 `{h[:16]}`)" for f, h in sorted(m["inputs"].items()))
+    lines = [
+        f"# natprints report: collected texts `{cfg.run.name}`\n",
+        f"- Corpus: {inputs}; texts left out: {left_out}.",
+    ]
+    if split:
+        lines.append(
+            f"- {len(split['labels'])} sources; {split['n_train']} training, {split['n_cal']} calibration and "
+            f"{split['n_test']} test texts, split by group ({split['prompts']['train']}, {split['prompts']['cal']} "
+            f"and {split['prompts']['test']} groups)."
+        )
+    lines.append(
+        f"- Rendered at revision `{git_revision()[:12]}` with the attribution settings of config "
+        f"`{cfg.run.name}` (hash `{cfg.hash()[:16]}`); the attributor is at `{cfg.paths.attributors / cfg.run.name}`.\n"
+    )
+    path = cfg.paths.reports / "index.md"
+    atomic_write_text(path, "\n".join(lines) + "\n" + render_section(cfg))
+    return path
