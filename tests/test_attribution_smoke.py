@@ -131,7 +131,7 @@ def test_moments_are_scored_only_for_the_open_set_test_texts(smoke_cfg, tmp_path
         assert with_moments == expected[model_id] and with_moments, model_id
         lacking = table[table["entropy_sum"].isna()]
         assert len(lacking) and lacking["token_entropy"].isna().all() and lacking["variance_sum"].isna().all()
-    rows = scoring_rows(smoke_cfg, conditions)[BASE]
+    rows = scoring_rows(smoke_cfg, conditions, canonical=True)[BASE]  # as the stage scores them
     path = tmp_path / f"{BASE}.parquet"
     shutil.copy(smoke_cfg.paths.likelihood / f"{BASE}.parquet", path)
     assert score_model(smoke_cfg, smoke_cfg.paths.zoo / BASE, rows, path, progress=False) == 0
@@ -199,3 +199,32 @@ def test_combined_is_the_product_of_the_reference_and_best_posteriors(smoke_home
         total = np.array(post["reflm"]["log_posterior"]) + np.array(post["best"]["log_posterior"])
         assert combined["y_pred"] == total.argmax(axis=1).tolist()
         assert np.allclose(np.exp(post["combined"]["log_posterior"]).sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_string_ceiling_scores_the_canonical_tokenization_and_agrees_on_a_shared_tokenizer(smoke_cfg):
+    """Test texts whose re-tokenization differs are scored again as those ids (no end event); on the
+    smoke zoo's one tokenizer the string-level ceiling sits inside the token-level one's interval."""
+    from natprints.corpus import load_tokenizer
+    from natprints.likelihood.stage import CANONICAL, load_scores
+    from natprints.records import load_records
+
+    records = load_records(smoke_cfg.paths.reports)
+    strings = {r["condition"]: r for r in records if r["kind"] == "string_ceiling"}
+    assert set(strings) == {"seed", "init", "arch", "all"}
+    for r in strings.values():
+        assert r["agrees"], r
+        assert 0.2 < r["differs"] < 1.0 and r["n_differs"] == round(r["differs"] * r["n_test"])
+        assert set(r["differs_by_model"]) == set(r["labels"])
+    tokenizer = load_tokenizer(smoke_cfg.paths.tokenizer)
+    generated = pd.read_parquet(smoke_cfg.paths.generated / f"{BASE}.parquet").set_index("sample_id")
+    scores = load_scores(smoke_cfg)[BASE]
+    canonical = scores[scores["sample_id"].str.endswith(CANONICAL)]
+    assert len(canonical) > 0
+    for row in canonical.head(5).itertuples():
+        sample_id = row.sample_id[: -len(CANONICAL)]
+        text = generated.loc[sample_id, "text"] if sample_id in generated.index else None
+        if text is None:
+            continue  # another model's text, scored by the base model
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids != list(generated.loc[sample_id, "token_ids"]) and row.events == len(ids) and not row.ends_with_eos
+        assert row.loglik == pytest.approx(float(np.sum(row.token_logprobs)))

@@ -344,11 +344,16 @@ class Config(_Section):
         return self
 
     def hash(self) -> str:
+        return hash_obj(self.keyed_dump())
+
+    def keyed_dump(self) -> dict:
+        """The settings as hashes and stage keys read them: without the :data:`ADDED_SETTINGS` at their
+        defaults, so that adding a setting changes no key of a run made before it."""
         dump = self.model_dump(mode="json")
         for (section, key), default in ADDED_SETTINGS.items():
             if dump[section].get(key) == default:
                 del dump[section][key]
-        return hash_obj(dump)
+        return dump
 
     @property
     def paths(self) -> RunPaths:

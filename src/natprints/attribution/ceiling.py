@@ -85,6 +85,40 @@ def condition_view(
     return LikelihoodView(sample_ids, loglik, prefix, entropy, variance, events)
 
 
+@dataclass(frozen=True)
+class StringView:
+    """Test texts scored two ways under each label's model, both without the end event: as the ids
+    they were sampled as, and as their canonical tokenization (what a scorer of the string sees)."""
+
+    sampled: np.ndarray  # (n, k)
+    canonical: np.ndarray  # (n, k): equal to ``sampled`` where the two tokenizations agree
+    differs: np.ndarray  # (n,) bool: the canonical tokenization is not the sampled one
+
+
+def string_view(data: ConditionData, frame: pd.DataFrame, scores: dict[str, pd.DataFrame]) -> StringView:
+    """The rows of ``frame`` as a :class:`StringView`; a text has a ``<id>~canonical`` score exactly when
+    its canonical tokenization differs (the likelihood stage scores those)."""
+    from natprints.likelihood.stage import CANONICAL
+
+    scorer = {j: str(data.frame.loc[data.frame["label"] == j, "model_id"].iloc[0]) for j in range(len(data.labels))}
+    sample_ids = frame["sample_id"].astype(str).to_numpy()
+    lengths = np.array([len(ids) for ids in frame["token_ids"]])
+    n, k = len(sample_ids), len(data.labels)
+    sampled, canonical = np.zeros((n, k)), np.zeros((n, k))
+    differs = np.zeros(n, dtype=bool)
+    for j in range(k):
+        table = scores[scorer[j]]
+        rows = table.loc[sample_ids, "token_logprobs"].to_numpy()
+        sampled[:, j] = [float(np.sum(t[:m])) for t, m in zip(rows, lengths, strict=True)]
+        keys = np.char.add(sample_ids.astype(str), CANONICAL)
+        present = np.isin(keys, table.index.to_numpy())
+        differs |= present
+        canonical[:, j] = sampled[:, j]
+        if present.any():
+            canonical[present, j] = table.loc[keys[present], "loglik"].to_numpy(dtype=np.float64)
+    return StringView(sampled, canonical, differs)
+
+
 def bayes_predict(loglik: np.ndarray) -> np.ndarray:
     """The Bayes-optimal label of each row (equal priors); ties go to the first."""
     return np.asarray(np.argmax(loglik, axis=1), dtype=np.int64)

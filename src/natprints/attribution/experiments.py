@@ -44,7 +44,7 @@ from natprints.runtime import run_jobs
 from natprints.stats import classification_summary
 
 # 2: the null control is named `null_control` in every record (pandas reads `null` as NaN).
-# 3: a length-only control per condition.
+# 3: a length-only control per condition; the string-level ceiling (canonical tokenization).
 EXPERIMENTS_VERSION = 3  # bump when the records change meaning: cached results are then redone
 BASELINE = ("word1", "logreg")
 # The white-box attributor: every candidate model's exact likelihood of the text (the ceiling).
@@ -637,7 +637,39 @@ def _white_box(
             )
     if "test" not in views:
         return records
+    if "string" in views:
+        records.append(_string_ceiling(data, parts, views["string"]))
     return records + _likelihood_open_set(setup, data, parts, views) + _kl_records(setup, data, parts, views)
+
+
+def _string_ceiling(data: ConditionData, parts: dict[str, pd.DataFrame], view: ceiling.StringView) -> dict[str, Any]:
+    """The ceiling on strings: the Bayes attributor scoring each test text as its canonical
+    tokenization, against scoring the ids it was sampled as (both without the end event), with how
+    often the two tokenizations differ per model."""
+    y = parts["test"]["label"].to_numpy()
+    k = len(data.labels)
+    token = classification_summary(y, ceiling.bayes_predict(view.sampled), k)
+    string = classification_summary(y, ceiling.bayes_predict(view.canonical), k)
+    on = view.differs
+    true_rank = {
+        name: float((ceiling.bayes_predict(scores[on]) == y[on]).mean()) if on.any() else float("nan")
+        for name, scores in (("token", view.sampled), ("string", view.canonical))
+    }
+    return {
+        "kind": "string_ceiling",
+        "condition": data.name,
+        "labels": data.labels,
+        "n_test": int(len(y)),
+        "differs": float(on.mean()) if len(y) else 0.0,
+        "differs_by_model": {m: float(on[y == i].mean()) if (y == i).any() else 0.0 for i, m in enumerate(data.labels)},
+        "n_differs": int(on.sum()),
+        "token": {key: token[key] for key in ("accuracy", "ci_low", "ci_high", "n_correct")},
+        "string": {key: string[key] for key in ("accuracy", "ci_low", "ci_high", "n_correct")},
+        "token_on_differing": true_rank["token"],
+        "string_on_differing": true_rank["string"],
+        # the string-level ceiling inside the token-level one's 95% interval
+        "agrees": bool(token["ci_low"] <= string["accuracy"] <= token["ci_high"]),
+    }
 
 
 def _kl_records(
@@ -877,7 +909,10 @@ def _views(
     """The condition's test and cal texts scored under each label's model, at every evidence length."""
     parts = split_parts(data, split)
     prefixes = [n for n in cfg.attribution.evidence_tokens if n > 0]
-    return {s: ceiling.condition_view(data, parts[s], scores, prefixes) for s in ("test", "cal")}
+    views: dict[str, Any] = {s: ceiling.condition_view(data, parts[s], scores, prefixes) for s in ("test", "cal")}
+    if data.name != NULL_CONDITION:
+        views["string"] = ceiling.string_view(data, parts["test"], scores)
+    return views
 
 
 def _ref_views(

@@ -285,7 +285,7 @@ def generate_for_model(
 
 
 def stage_key(cfg: Config) -> str:
-    parts = {"generate": cfg.generate.model_dump(), "train": cfg.train.model_dump()}
+    parts = {"generate": cfg.generate.model_dump(), "train": cfg.keyed_dump()["train"]}
     if cfg.generate.train_samples != cfg.generate.samples_per_prompt:  # the split picks the prompts
         parts["split"] = [cfg.attribution.test_fraction, cfg.attribution.split_seed]
     return hash_obj(parts)

@@ -8,6 +8,10 @@ row (sample id, prompt and continuation tokens, sampling transform): a rerun sco
 missing, and a retrained model is scored anew. Each position's entropy and variance of log p are
 scored only for the rows the analytic open-set test reads (test-split texts of a condition with an
 open-set test); elsewhere they are NaN, and a row that comes to need them is scored again.
+
+Each test text whose canonical tokenization (the text re-tokenized) differs from the ids it was
+sampled as is also scored as those canonical ids, under the sample id ``<id>~canonical`` and without
+an end event: what a scorer that sees only the string can compute (the string-level ceiling).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from natprints.errors import NatprintsError
 from natprints.runtime import load_lm, run_jobs, setup_torch
 
 SCORED_SPLITS = ("test", "cal")
+CANONICAL = "~canonical"  # a sample id with this suffix: the text's canonical tokenization
 LIKELIHOOD_VERSION = 2  # 2: moments only where the open-set test reads them
 COLUMNS = [
     "row_key",
@@ -43,10 +48,13 @@ def _row_key(sample_id: str, prompt: list[int], tokens: list[int], transform: tu
     return sha256_text(f"{sample_id}|{prompt}|{tokens}|{transform}")[:24]
 
 
-def scoring_rows(cfg: Config, conditions: dict[str, ConditionData]) -> dict[str, pd.DataFrame]:
+def scoring_rows(
+    cfg: Config, conditions: dict[str, ConditionData], *, canonical: bool = False
+) -> dict[str, pd.DataFrame]:
     """Scoring model -> the rows it scores (each text of a scored split, once per model); a row's
     ``moments`` is True where the analytic open-set test reads them: the test texts of a condition
-    that gets the test."""
+    that gets the test. ``canonical``: also each test text's canonical tokenization where it differs
+    from the sampled ids (:func:`canonical_rows`)."""
     from natprints.attribution.ceiling import open_set_applies
     from natprints.generate.stage import build_prompts
 
@@ -54,9 +62,11 @@ def scoring_rows(cfg: Config, conditions: dict[str, ConditionData]) -> dict[str,
     split = run_split(cfg, conditions)
     wanted: dict[str, dict[str, pd.Series]] = {}
     needs: dict[str, set[str]] = {}
+    tests: dict[str, set[str]] = {}
     for data in conditions.values():
         where = data.frame["prompt_id"].astype(str).map(split)
         frame = data.frame[where.isin(SCORED_SPLITS)]
+        test_ids = set(data.frame.loc[where == "test", "sample_id"].astype(str))
         tested = where == "test" if open_set_applies(data) else pd.Series(False, index=where.index)
         with_moments = set(data.frame.loc[tested, "sample_id"].astype(str))
         scorers = sorted(data.frame["model_id"].astype(str).unique())  # the null control: its one model
@@ -65,11 +75,48 @@ def scoring_rows(cfg: Config, conditions: dict[str, ConditionData]) -> dict[str,
             for row in frame.itertuples(index=False):
                 rows.setdefault(str(row.sample_id), row)
             needs.setdefault(scorer, set()).update(with_moments)
+            tests.setdefault(scorer, set()).update(test_ids)
     out = {}
+    canonical_ids = _canonical_ids(cfg, [r for rows in wanted.values() for r in rows.values()]) if canonical else {}
     for scorer, rows in wanted.items():
         frame = text_rows(list(rows.values()), prompts)
-        out[scorer] = frame.assign(moments=frame["sample_id"].isin(needs[scorer]))
+        frame = frame.assign(moments=frame["sample_id"].isin(needs[scorer]))
+        if canonical:
+            tested = [row for sid, row in rows.items() if sid in tests[scorer]]
+            frame = pd.concat([frame, canonical_rows(tested, prompts, canonical_ids)], ignore_index=True)
+        out[scorer] = frame
     return out
+
+
+def _canonical_ids(cfg: Config, texts: list) -> dict[str, list[int]]:
+    """Sample id -> the run tokenizer's ids of the text, for texts whose ids differ from the sampled ones
+    (and hold no EOS: a continuation never does)."""
+    from natprints.corpus import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.paths.tokenizer)
+    unique = list({str(row.sample_id): row for row in texts}.values())
+    ids = tokenizer([str(row.text) for row in unique], add_special_tokens=False)["input_ids"] if unique else []
+    out = {}
+    for row, canonical in zip(unique, ids, strict=True):
+        canonical = [int(t) for t in canonical]
+        if canonical and canonical != [int(t) for t in row.token_ids] and tokenizer.eos_token_id not in canonical:
+            out[str(row.sample_id)] = canonical
+    return out
+
+
+def canonical_rows(texts: list, prompts: pd.Series, canonical: dict[str, list[int]]) -> pd.DataFrame:
+    """Rows scoring each text's canonical ids (where ``canonical`` has them) with no end event:
+    ``new_tokens`` is their count, so the scorer adds no EOS after them."""
+    records = []
+    for row in texts:
+        ids = canonical.get(str(row.sample_id))
+        if ids is None:
+            continue
+        prompt = [int(t) for t in prompts.loc[row.prompt_id]]
+        transform = (float(row.temperature), int(row.top_k), float(row.top_p), len(ids))
+        sample_id = str(row.sample_id) + CANONICAL
+        records.append((_row_key(sample_id, prompt, ids, transform), sample_id, prompt, ids, *transform, False))
+    return pd.DataFrame(records, columns=ROW_COLUMNS)
 
 
 ROW_COLUMNS = [
@@ -244,7 +291,7 @@ def score_all(cfg: Config, *, progress: bool = True) -> dict:
     from natprints.zoo.stage import verified_model
 
     conditions = load_conditions(cfg)
-    rows = scoring_rows(cfg, conditions)
+    rows = scoring_rows(cfg, conditions, canonical=True)
     for model_id in rows:
         verified_model(cfg, model_id)  # cached scores of weights that changed on disk are not trusted
     key = stage_key(cfg, rows)

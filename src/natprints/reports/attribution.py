@@ -479,6 +479,7 @@ def render_section(cfg: Config) -> str:
             "(text only, no weights of the zoo): what each reached, including what did not help.\n\n"
             + _md_table(["condition", "approach", "best of it", "accuracy [95% CI]", "share of ceiling"], rows)
         )
+    parts.append(_string_section(records))
     parts.append("### Every pipeline\n\nAccuracy [95% CI] on the test prompts; the best per condition in bold.\n")
     parts.append(_full_table(table))
     null_text, null_facts = _null_section(table, records)
@@ -560,6 +561,50 @@ def render_section(cfg: Config) -> str:
         parts.append(lik_text)
     parts.append(_findings(head, null_facts, tokens, open_facts, pooled, lik_facts))
     return "\n".join(p for p in parts if p)
+
+
+def _string_section(records: Sequence[dict[str, Any]]) -> str:
+    """The ceiling scored on strings (canonical tokenization) against the sampled ids."""
+    rows = _of(records, "string_ceiling")
+    if not rows:
+        return ""
+    table = []
+    for r in rows:
+        shares = list(r["differs_by_model"].values())
+        t, s = r["token"], r["string"]
+        table.append(
+            [
+                f"`{r['condition']}`",
+                f"{r['differs']:.2f} ({r['n_differs']}/{r['n_test']}; per model {min(shares):.2f}–{max(shares):.2f})",
+                _acc(t["accuracy"], t["ci_low"], t["ci_high"]),
+                _acc(s["accuracy"], s["ci_low"], s["ci_high"]),
+                f"{t['accuracy'] - s['accuracy']:+.3f}",
+                "–"
+                if math.isnan(r["token_on_differing"])
+                else f"{r['token_on_differing']:.3f} → {r['string_on_differing']:.3f}",
+                "yes" if r["agrees"] else "**no**",
+            ]
+        )
+    return (
+        "### The ceiling on strings\n\nThe likelihood attributor above scores the token ids each text was "
+        "sampled as. A scorer that has only the string (another model family, another tokenizer) scores its "
+        "canonical tokenization, the text re-tokenized, which is often another path to the same string: it "
+        "scores that one path, while the string's probability sums over every path. Both ceilings here leave "
+        "out the end event (where a text stopped), so they can read a little below the one above. *Agrees*: "
+        "the string-level ceiling inside the token-level one's 95% interval.\n\n"
+        + _md_table(
+            [
+                "condition",
+                "texts re-tokenized otherwise",
+                "ceiling, sampled ids [95% CI]",
+                "ceiling, canonical string [95% CI]",
+                "lost",
+                "on those texts: sampled → string",
+                "agrees",
+            ],
+            table,
+        )
+    )
 
 
 def _length_cell(row: Any) -> str:
