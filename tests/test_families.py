@@ -22,10 +22,13 @@ SIZE = load_config(SMOKE).sizes["xs"]
 def test_each_family_has_the_llama_parameter_count_within_four_percent(arch):
     llama = sum(p.numel() for p in init_model(SIZE, 512, 64, 0, 0).parameters())
     model = init_model(SIZE, 512, 64, 0, 0, arch)
-    expected = {"llama": "Llama", "gpt2": "GPT2LMHead", "gptneox": "GPTNeoXForCausal", "qwen2": "Qwen2ForCausal"}
-    assert type(model).__name__ == expected[arch] + (
-        "ForCausalLM" if arch == "llama" else "LM" if arch != "gpt2" else "Model"
-    )
+    classes = {
+        "llama": "LlamaForCausalLM",
+        "gpt2": "GPT2LMHeadModel",
+        "gptneox": "GPTNeoXForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+    }
+    assert type(model).__name__ == classes[arch]
     assert model.config.tie_word_embeddings is False and model_config(arch, SIZE, 512, 64, 0).vocab_size == 512
     assert abs(sum(p.numel() for p in model.parameters()) / llama - 1) < 0.04
     again = init_model(SIZE, 512, 64, 0, 0, arch)  # the init is a function of (arch, size, seed)
