@@ -264,6 +264,50 @@ def test_fingerprints_found_and_null_control_at_chance(synth_run):
     assert row["ci_low"] <= 0.5 <= row["ci_high"]
 
 
+def test_best_pipeline_is_chosen_on_the_calibration_split(synth_run):
+    grid = [r for r in _records(synth_run) if r["kind"] == "pipeline" and r.get("cal_accuracy") is not None]
+    for condition in {r["condition"] for r in grid}:
+        rows = [r for r in grid if r["condition"] == condition]
+        (best,) = [r for r in rows if r["best"]]
+        # the highest calibration accuracy, ties to the earlier (simpler) pipeline of the grid order
+        assert best["cal_accuracy"] == max(r["cal_accuracy"] for r in rows), condition
+        first = next(r for r in rows if r["cal_accuracy"] == best["cal_accuracy"])
+        assert best["pipeline"] == first["pipeline"] and best["selected_by"] == "calibration"
+        assert best["n_cal"] > 0
+
+
+def test_best_record_never_looks_at_the_test_accuracy():
+    def row(feat, clf, test, cal):
+        return {"featurizer": feat, "classifier": clf, "accuracy": test, "macro_f1": test, "cal_accuracy": cal}
+
+    rows = [row("word1", "logreg", 0.50, 0.40), row("word12", "svm", 0.90, 0.45), row("char14", "nb", 0.60, 0.55)]
+    assert ex.best_record(rows)["featurizer"] == "char14"  # not word12, the test-set maximum
+    tie = [row("char14", "svm", 0.5, 0.5), row("word12", "logreg", 0.9, 0.5)]
+    assert ex.best_record(tie)["featurizer"] == "word12"  # ties go to the earlier pipeline of the grid
+    # without calibration texts: the baseline, fixed in advance
+    blind = [{**r, "cal_accuracy": None} for r in rows]
+    assert (ex.best_record(blind)["featurizer"], ex.best_record(blind)["classifier"]) == ex.BASELINE
+
+
+def test_a_failed_null_control_is_flagged_and_the_test_maximum_corrected(synth_run):
+    from natprints.reports.attribution import _null_section, test_maximum
+
+    records = _records(synth_run)
+    table = rec.accuracy_table(records)
+    null = table[(table["condition"] == "null_control") & ~table["white_box"].astype(bool)]
+    top = test_maximum(null)
+    assert top["accuracy"] == null["accuracy"].max()
+    assert top["p_bonferroni"] == pytest.approx(min(1.0, top["p_value"] * len(null)))
+    text, facts = _null_section(table, records)
+    assert not facts["failed"] and "The null control failed" not in text
+    # a chosen pipeline whose interval excludes chance fails the control, loudly
+    chosen = table.index[(table["condition"] == "null_control") & table["best"].astype(bool)]
+    failing = table.copy()
+    failing.loc[chosen, ["accuracy", "ci_low", "ci_high"]] = [0.75, 0.62, 0.85]
+    text, facts = _null_section(failing, records)
+    assert facts["failed"] and "**The null control failed**" in text and "0.750" in text
+
+
 def test_evidence_explanations_open_set_attributor_records(synth_run):
     records = _records(synth_run)
     evidence = [r for r in records if r["kind"] == "evidence" and r["condition"] == "all"]
@@ -359,3 +403,73 @@ def test_same_config_gives_identical_records_and_attributors(synth_run, tmp_path
         for name in ("pipeline.skops", "attributor.json"):
             a = (first.attributors / condition / name).read_bytes()
             assert (second.attributors / condition / name).read_bytes() == a, (condition, name)
+
+
+def test_summary_json_restates_the_headline_table(synth_run):
+    from natprints.reports.attribution import headline_table
+    from natprints.reports.summary import write_summary
+
+    path = write_summary(synth_run)
+    summary = json.loads(path.read_text())
+    assert summary["config_hash"] == synth_run.hash() and summary["run"] == synth_run.run.name
+    head = headline_table(_records(synth_run)).set_index("condition")
+    assert set(summary["conditions"]) == set(head.index)
+    for condition, entry in summary["conditions"].items():
+        row = head.loc[condition]
+        assert entry["best"]["pipeline"] == row["best"] and entry["best"]["selected_on"] == "calibration split"
+        assert entry["best"]["accuracy"] == pytest.approx(row["accuracy"])
+        assert entry["best"]["ci"] == pytest.approx([row["ci_low"], row["ci_high"]])
+        assert entry["baseline"]["accuracy"] == pytest.approx(row["baseline"])
+        assert entry["test_maximum"]["accuracy"] >= entry["best"]["accuracy"]
+        assert entry["length_control"]["leaks"] is False
+        assert "ceiling" not in entry  # the synthetic run has no likelihood scores
+    assert summary["conditions"]["null_control"]["verdict"] == "at chance"
+    assert summary["conditions"]["all"]["open_set_attributor"]["held_out_models"] == 3
+    assert "lineage" not in summary
+
+
+def test_short_labels_keep_what_tells_models_apart():
+    from natprints.reports.figures import short_labels
+
+    ids = ["s-lr2e-3-bs32-init1-data1", "s-lr2e-3-bs32-init2-data2", "s-lr2e-3-bs32-init3-data3"]
+    assert short_labels(ids) == (["init1-data1", "init2-data2", "init3-data3"], "s-lr2e-3-bs32")
+    mixed = ["s-lr2e-3-bs32-init0-data0", "s-lr4e-3-bs32-init0-data0", "m-lr2e-3-bs32-init0-data0"]
+    assert short_labels(mixed) == (["s-lr2e-3", "s-lr4e-3", "m-lr2e-3"], "bs32-init0-data0")
+    # ids of different shapes (another family's prefix) stay whole
+    assert short_labels(["gpt2-xs-lr3e-3", "xs-lr3e-3"]) == (["gpt2-xs-lr3e-3", "xs-lr3e-3"], "")
+
+
+def test_confusion_with_unknown_column_and_calibration_error(synth_run):
+    from natprints.reports.attribution import confusion_panels, expected_calibration_error
+
+    records = _records(synth_run)
+    for attributor in [r for r in records if r["kind"] == "attributor"]:
+        best = next(
+            r for r in records if r["kind"] == "pipeline" and r["best"] and r["condition"] == attributor["condition"]
+        )
+        ((title, matrix, columns),) = confusion_panels(best, None, attributor)
+        k = len(best["labels"])
+        assert matrix.shape == (k, k + 1) and columns[-1] == "unknown"
+        confidence = np.array(attributor["confidence"])
+        assert matrix[:, k].sum() == (confidence < attributor["threshold"]).sum()
+        assert matrix.sum() == attributor["n_test"]
+        assert matrix.sum(axis=1).tolist() == np.bincount(attributor["y_true"], minlength=k).tolist()
+        # accepted texts: the diagonal counts exactly the accepted, correct verdicts
+        right = (np.array(attributor["y_true"]) == np.array(attributor["y_pred"])) & ~(
+            confidence < attributor["threshold"]
+        )
+        assert np.trace(matrix[:, :k]) == right.sum()
+        # ECE by hand, 10 equal bins of the top probability
+        correct = np.array(attributor["y_true"]) == np.array(attributor["y_pred"])
+        ece = 0.0
+        for b in range(10):
+            lo, hi = b / 10, (b + 1) / 10
+            inside = (confidence >= lo) & ((confidence < hi) if b < 9 else (confidence <= hi))
+            if inside.any():
+                ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+        assert expected_calibration_error(attributor) == pytest.approx(ece)
+    from natprints.reports.attribution import render_section
+
+    markdown = render_section(synth_run)
+    assert "### Calibration of the saved attributors" in markdown and "unknown" in markdown
+    assert (synth_run.paths.reports / "figures" / "reliability.png").read_bytes()[:4] == b"\x89PNG"

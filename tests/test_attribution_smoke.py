@@ -228,3 +228,22 @@ def test_string_ceiling_scores_the_canonical_tokenization_and_agrees_on_a_shared
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert ids != list(generated.loc[sample_id, "token_ids"]) and row.events == len(ids) and not row.ends_with_eos
         assert row.loglik == pytest.approx(float(np.sum(row.token_logprobs)))
+
+
+def test_summary_json_holds_each_condition_and_the_lineage_headline(smoke_cfg):
+    summary = json.loads((smoke_cfg.paths.reports / "summary.json").read_text())
+    assert summary["config_hash"] == smoke_cfg.hash()
+    assert set(summary["conditions"]) == {"seed", "init", "arch", "all", "null_control"}
+    acc = pd.read_csv(smoke_cfg.paths.reports / "accuracy.csv", keep_default_na=False)
+    for condition, entry in summary["conditions"].items():
+        ceiling = acc[(acc["condition"] == condition) & (acc["pipeline"] == "likelihood+bayes")]
+        assert entry["ceiling"]["accuracy"] == pytest.approx(ceiling["accuracy"].item())
+        best = acc[(acc["condition"] == condition) & (acc["best"].astype(str) == "True")]
+        assert entry["best"]["pipeline"] == best["pipeline"].item()
+        assert entry["best"]["selected_on"] == "calibration split"
+        assert entry["reference_lms"]["accuracy"] == pytest.approx(
+            acc[(acc["condition"] == condition) & (acc["pipeline"] == "reflm+lm")]["accuracy"].item()
+        )
+    assert summary["conditions"]["null_control"]["verdict"] in ("at chance", "failed")
+    lineage = json.loads((smoke_cfg.paths.reports / "lineage.json").read_text())
+    assert summary["lineage"]["seedprints"]["auc"] == lineage["methods"]["seedprints"]["auc"]

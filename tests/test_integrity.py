@@ -194,3 +194,60 @@ def test_seq_len_longer_than_the_corpus_allows(smoke_home, tmp_path, monkeypatch
     with pytest.raises(NatprintsError, match=expected):
         build_zoo(cfg, only=[next(iter(zoo_specs(cfg)))])
     assert not list((home / "models").rglob("*.safetensors"))
+
+
+# --- score caches and saved attributors ------------------------------------------------------------
+
+
+def _edit_score(path: Path) -> None:
+    """Change one log-likelihood and keep the file's own metadata (weights hash, version, digest), as a
+    careful forger would."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    loglik = table.column("loglik").to_pylist()
+    loglik[0] += 5.0
+    index = table.schema.get_field_index("loglik")
+    edited = table.set_column(index, "loglik", pa.array(loglik, type=table.schema.field("loglik").type))
+    pq.write_table(edited.replace_schema_metadata(table.schema.metadata), path)
+
+
+@pytest.mark.parametrize(("stage", "folder"), [("likelihood", "likelihood"), ("reference", "reference")])
+def test_an_edited_score_cache_is_refused_not_rehashed(smoke_home, tmp_path, stage, folder):
+    home = _copy_run(smoke_home, tmp_path)
+    path = home / "data" / folder / "smoke" / f"{OTHER}.parquet"
+    original = pd.read_parquet(path)
+    manifest = path.parent / "manifest.json"
+    recorded = json.loads(manifest.read_text())["files"][path.name]
+    _edit_score(path)
+    line = _error_line(run_cli(stage, "--config", str(SMOKE), home=home, check=False))
+    assert line == (
+        f"error: {path} does not match the scores written to it (tampered or corrupt); "
+        f"remove it and rerun `natprints {stage}`"
+    )
+    assert not manifest.exists() or json.loads(manifest.read_text())["files"][path.name] == recorded
+    # every reader refuses it too: the edited value never reaches a table
+    line = _error_line(run_cli("experiments", "--force", "--config", str(SMOKE), home=home, check=False))
+    assert path.name in line and "remove" in line
+    path.unlink()  # the recovery the message gives: the rows are scored again, to the same values
+    run_cli(stage, "--config", str(SMOKE), home=home)
+    pd.testing.assert_frame_equal(pd.read_parquet(path), original)
+
+
+def test_a_damaged_saved_attributor_is_rebuilt_not_reported_up_to_date(smoke_home, tmp_path):
+    home = _copy_run(smoke_home, tmp_path)
+    shutil.copytree(smoke_home / "reports", home / "reports")
+    saved = home / "models" / "smoke" / "attributors" / "seed"
+    good = {p.name: p.read_bytes() for p in saved.iterdir()}
+    _flip_byte(saved / "pipeline.skops")
+    text = tmp_path / "a.txt"
+    text.write_text("The state of the Union is strong and the Congress")
+    attribute = ("attribute", str(text), "--config", str(SMOKE), "--condition", "seed")
+    line = _error_line(run_cli(*attribute, home=home, check=False))
+    assert "pipeline.skops does not match its manifest hash" in line
+    assert line.endswith(f"remove {saved / 'pipeline.skops'} and rerun `natprints experiments`")
+    proc = run_cli("experiments", "--config", str(SMOKE), home=home)
+    assert "up to date" not in proc.stderr + proc.stdout
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == good  # rebuilt byte for byte
+    run_cli(*attribute, home=home)

@@ -279,7 +279,8 @@ def test_run_writes_tables_and_is_idempotent(in_home, monkeypatch):
     assert "init vs its own trained model: 3/3 pairs at p < 0.01" in section
     assert f"z > {calibration['threshold']:.2f}, the 99% quantile of z over 3 known-unrelated pairs" in section
     assert "Init ↔ its own trained model: linked 3/3" in section and "two-sided 2 sf(|z|)" in section
-    assert f"TPR {target['tp']}/4" in section and "FPR ≤ 0.05 over all different-seed pairs" in section
+    assert f"TPR {target['tp']}/4" in section and "with FPR ≤ 0.05)" in section
+    assert f"FPR {target['fp']}/{target['negatives']} (" in section and "in-sample (no held-out estimate)" in section
     assert "no leave-one-seed-out estimate with 2 seeds" in section
     assert "lineage_heatmap_seedprints.png" in section
 

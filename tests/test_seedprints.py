@@ -371,3 +371,17 @@ def test_tampered_weights_fail_manifest_check(tmp_path):
     (model / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     with pytest.raises(NatprintsError, match="does not match the hash"):
         sp.model_features(model, device="cpu")
+
+
+def test_target_line_judges_the_held_out_false_positive_rate():
+    from natprints.reports.lineage import _target_line
+
+    target = {"goal_tpr": 0.9, "goal_fpr": 0.01, "tp": 15, "positives": 16, "fp": 0, "negatives": 198, "met": True}
+    # in-sample 0 false links, held out 2 of 138 (1.4%): above 1%, so not met
+    line = _target_line(target, {"evaluated": 138, "false": 2})
+    assert "**FPR leave-one-seed-out 2/138 (1%)**" in line and line.endswith("— **not met**.")
+    assert "in-sample over all different-seed pairs 0/198" in line
+    assert _target_line(target, {"evaluated": 138, "false": 1}).endswith("— met.")
+    assert _target_line({**target, "tp": 10}, {"evaluated": 138, "false": 1}).endswith("— **not met**.")
+    # no held-out estimate: the in-sample verdict is labelled as such
+    assert _target_line(target, {}).endswith("in-sample (no held-out estimate) — met in-sample only.")

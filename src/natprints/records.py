@@ -35,6 +35,7 @@ ACCURACY_COLUMNS = (
     "ci_high",
     "macro_f1",
     "p_value",
+    "cal_accuracy",  # on the calibration split, where the best pipeline is chosen (grid pipelines only)
     "best",
     "white_box",
     "ceiling",

@@ -318,7 +318,7 @@ def load_attributor(directory: Path | str, *, light: bool = False) -> Attributor
     directory = Path(directory)
     if not directory.is_dir():
         raise NatprintsError(f"no attributor at {directory} (run `natprints experiments` first)")
-    manifest = Manifest(directory, "attributor").verify()
+    manifest = Manifest(directory, "attributor", remake="natprints experiments").verify()
     if manifest.get("kind") != KIND:
         raise NatprintsError(f"{directory} is not a natprints attributor (foreign artifact)")
     if manifest.get("format_version") != FORMAT_VERSION:

@@ -116,7 +116,7 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
     """The `reference` stage: the reference LM, one fine-tuned copy per candidate, their scores."""
     from natprints.corpus import load_tokenizer
     from natprints.generate.stage import build_prompts
-    from natprints.likelihood.stage import score_model, scoring_rows
+    from natprints.likelihood.stage import recorded_files, score_model, scoring_rows
 
     if not cfg.reference.enabled:
         raise NatprintsError("[reference] enabled = false in this config; nothing to build")
@@ -152,7 +152,10 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
     tuned = sum(run_jobs(cfg.run.worker_count(), _finetune_job, jobs, "finetune"))
     out = cfg.paths.reference_scores
     out.mkdir(parents=True, exist_ok=True)
-    work = [(cfg, reference_dir(cfg) / m, r, out / f"{m}.parquet") for m, r in scoring.items()]
+    trusted = recorded_files(_manifest(cfg))
+    _manifest(cfg).invalidate()
+    command = "natprints reference"
+    work = [(cfg, reference_dir(cfg) / m, r, out / f"{m}.parquet", None, trusted, command) for m, r in scoring.items()]
     scored = sum(run_jobs(cfg.run.worker_count(), score_model, work, "reference scores"))
     heads = _head_tasks(cfg, conditions, split, prompts, subsets) if cfg.reference.head else []
     ref = reference_dir(cfg) / "reference"

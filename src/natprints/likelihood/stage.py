@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from natprints.artifacts import Manifest, hash_obj, read_manifest, sha256_text, temp_path_for
+from natprints.artifacts import Manifest, hash_obj, read_manifest, sha256_file, sha256_text, temp_path_for
 from natprints.attribution.data import ConditionData, load_conditions, run_split
 from natprints.config import Config
 from natprints.errors import NatprintsError
@@ -150,23 +150,53 @@ def _model_sha256(model_dir: Path) -> str:
     return read_manifest(model_dir, f"model {model_dir.name}")["files"]["model.safetensors"]
 
 
-def read_cache(path: Path, model_sha256: str) -> pd.DataFrame:
-    """The rows a scorer already has, when they were scored by these weights (else none)."""
+SCORES_DIGEST = b"natprints_scores_sha256"  # parquet metadata: a digest of the file's rows, written with them
+
+
+def _decoded_digest(table) -> str:
+    """sha256 of the rows as parquet decodes them (Arrow IPC bytes, metadata left out): the same for
+    the table a writer hands to parquet and for the file read back, whatever its row groups."""
+    import hashlib
+
+    import pyarrow as pa
+
+    table = table.replace_schema_metadata(None).combine_chunks()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue()).hexdigest()
+
+
+def read_cache(
+    path: Path, model_sha256: str, trusted: frozenset[str] = frozenset(), command: str = "natprints likelihood"
+) -> pd.DataFrame:
+    """The rows a scorer already has, when they were scored by these weights (else none).
+
+    A file of these weights must prove its rows are the ones scored: it carries the digest written
+    with them, or it matches a hash in ``trusted`` (the file hashes the stage's manifest recorded,
+    for files written before the digest existed). Anything else is refused, naming the file, never
+    re-hashed into a manifest: an edited score would otherwise reach every table. ``command``: the
+    stage that rebuilds the file once it is removed.
+    """
     import pyarrow.parquet as pq
 
     if not path.is_file():
         return pd.DataFrame(columns=COLUMNS)
+    refusal = f"{path} does not match the scores written to it (tampered or corrupt); remove it and rerun `{command}`"
     try:
         table = pq.read_table(path)
-    except Exception:  # a truncated or foreign file is rescored, not trusted
-        return pd.DataFrame(columns=COLUMNS)
+    except Exception:
+        raise NatprintsError(refusal) from None
     meta = table.schema.metadata or {}
     if (
         meta.get(b"model_sha256", b"").decode() != model_sha256
         or meta.get(b"likelihood_version", b"").decode() != str(LIKELIHOOD_VERSION)
         or table.column_names != COLUMNS
     ):
-        return pd.DataFrame(columns=COLUMNS)
+        return pd.DataFrame(columns=COLUMNS)  # scores of other weights or another version: scored anew
+    recorded = meta.get(SCORES_DIGEST)
+    if (recorded is None or recorded.decode() != _decoded_digest(table)) and sha256_file(path) not in trusted:
+        raise NatprintsError(refusal)
     return table.to_pandas()
 
 
@@ -175,7 +205,14 @@ def _write(path: Path, frame: pd.DataFrame, model_sha256: str) -> None:
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pandas(frame[COLUMNS], preserve_index=False)
-    meta = {b"model_sha256": model_sha256.encode(), b"likelihood_version": str(LIKELIHOOD_VERSION).encode()}
+    encoded = pa.BufferOutputStream()
+    pq.write_table(table, encoded)
+    digest = _decoded_digest(pq.read_table(pa.BufferReader(encoded.getvalue())))
+    meta = {
+        b"model_sha256": model_sha256.encode(),
+        b"likelihood_version": str(LIKELIHOOD_VERSION).encode(),
+        SCORES_DIGEST: digest.encode(),
+    }
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
     tmp = temp_path_for(path)
     try:
@@ -186,13 +223,31 @@ def _write(path: Path, frame: pd.DataFrame, model_sha256: str) -> None:
         raise
 
 
+def recorded_files(manifest: Manifest) -> frozenset[str]:
+    """The file hashes a stage's manifest recorded (none when it is missing or unreadable)."""
+    try:
+        files = manifest.read().get("files") if manifest.exists() else None
+    except NatprintsError:
+        return frozenset()
+    return frozenset(files.values()) if isinstance(files, dict) else frozenset()
+
+
 def score_model(
-    cfg: Config, model_dir: Path, rows: pd.DataFrame, path: Path, sha: str | None = None, *, progress: bool = True
+    cfg: Config,
+    model_dir: Path,
+    rows: pd.DataFrame,
+    path: Path,
+    sha: str | None = None,
+    trusted: frozenset[str] = frozenset(),
+    command: str = "natprints likelihood",
+    *,
+    progress: bool = True,
 ) -> int:
     """Score the rows the model at ``model_dir`` lacks in ``path``; returns how many were scored now.
 
     ``sha``: the weights' hash the cache is keyed by (default: from the model's own manifest). A row
-    with ``moments`` True whose cached score lacks them is scored again, with them.
+    with ``moments`` True whose cached score lacks them is scored again, with them. ``trusted`` and
+    ``command``: see :func:`read_cache`.
     """
     import torch
     from tqdm.auto import tqdm
@@ -202,7 +257,7 @@ def score_model(
 
     model_id = model_dir.name
     sha = sha or _model_sha256(model_dir)
-    cached = read_cache(path, sha)
+    cached = read_cache(path, sha, trusted, command)
     cached = cached[cached["row_key"].isin(set(rows["row_key"]))]
     lacking = set(cached.loc[cached["entropy_sum"].isna(), "row_key"])  # scored without moments
     keys = rows["row_key"]
@@ -298,11 +353,12 @@ def score_all(cfg: Config, *, progress: bool = True) -> dict:
     manifest = _manifest(cfg)
     if manifest.is_current(key):
         return {**manifest.read(), "scored": 0}
+    trusted = recorded_files(manifest)
     manifest.invalidate()
     cfg.paths.likelihood.mkdir(parents=True, exist_ok=True)
     sizes = {m: _scoring_cost(cfg, m, len(r)) for m, r in rows.items()}
     order = sorted(rows, key=lambda m: -sizes[m])
-    jobs = [(cfg, cfg.paths.zoo / m, rows[m], cfg.paths.likelihood / f"{m}.parquet") for m in order]
+    jobs = [(cfg, cfg.paths.zoo / m, rows[m], cfg.paths.likelihood / f"{m}.parquet", None, trusted) for m in order]
     scored = sum(run_jobs(cfg.run.worker_count(), score_model, jobs, "likelihood"))
     fields = {
         "stage": "likelihood",

@@ -84,4 +84,17 @@ def render_section(cfg: Config) -> str:
         f"held-out loss falls from {first.heldout_loss:.3f} to {last.heldout_loss:.3f}.",
         "",
     ]
-    return "\n".join(out)
+    notes = []
+    if (top["kl_min"] < 0).any():
+        notes.append(
+            "A negative KL is estimator noise, not a divergence below zero: each pair's KL is the mean log-ratio "
+            "of the two models' likelihoods over one model's sampled texts, unbiased but with a standard error "
+            "(`kl.csv` gives it for the last step), so a pair whose distributions barely differ can come out "
+            "slightly below 0."
+        )
+    if (bb["ceiling_share"] < 0).any():
+        notes.append(
+            "A negative share of ceiling is a best pipeline below chance, within its interval: no fingerprint "
+            "captured at that step, not a harmful one."
+        )
+    return "\n".join(out + ([" ".join(notes), ""] if notes else []))

@@ -34,52 +34,134 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
-def plot_confusion(matrix: np.ndarray, labels: Sequence[str], title: str, path: Path) -> None:
-    """A confusion matrix as row shares, model ids on both axes."""
-    counts = np.asarray(matrix, dtype=float)
-    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+def short_labels(labels: Sequence[str]) -> tuple[list[str], str]:
+    """Model ids without the parts they all share: ``s-lr2e-3-bs32-init1-data1`` and
+    ``s-lr2e-3-bs32-init2-data2`` become ``init1-data1`` and ``init2-data2``, with ``s-lr2e-3-bs32``
+    returned as the common part (stated once, on the figure). Parts are split at a ``-`` before a
+    letter, so ``lr2e-3`` stays whole."""
+    import re
+
+    split = [re.split(r"-(?=[A-Za-z])", str(label)) for label in labels]
+    if len(labels) < 2 or len({len(parts) for parts in split}) != 1:
+        return [str(label) for label in labels], ""
+    shared = [i for i in range(len(split[0])) if len({parts[i] for parts in split}) == 1]
+    if len(shared) == len(split[0]):
+        return [str(label) for label in labels], ""
+    short = ["-".join(p for i, p in enumerate(parts) if i not in shared) for parts in split]
+    return short, "-".join(split[0][i] for i in shared)
+
+
+def plot_confusion(panels: Sequence[tuple[str, np.ndarray, list[str]]], labels: Sequence[str], path: Path) -> None:
+    """Confusion matrices side by side, one per (title, counts, predicted-column names): each cell the
+    count of test texts and, beneath it, the share of the true model's texts. Rows are ``labels``; a
+    panel may have more columns than rows (``unknown``). Labels are shortened to what tells the models
+    apart, and the part they share is stated once."""
+    short, common = short_labels(labels)
     k = len(labels)
-    size = 2.2 + 0.45 * k
-    fig = _figure(size + 0.8, size)
-    ax = fig.add_subplot()
-    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(k), labels, fontsize=8)
-    ax.set_xlabel("predicted model")
-    ax.set_ylabel("true model")
-    ax.set_title(title, fontsize=9)
-    if k <= 14:
-        for i in range(k):
-            for j in range(k):
-                color = "white" if shares[i, j] > 0.5 else "black"
-                ax.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", fontsize=6, color=color)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="share of true model's texts")
+    side = 1.4 + 0.5 * k
+    fig = _figure(side * len(panels) + 1.0, side + 0.6)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, matrix, columns) in zip(axes, panels, strict=True):
+        counts = np.asarray(matrix, dtype=float)
+        shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        cols = [short[labels.index(c)] if c in labels else c for c in columns]
+        ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(k), short, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_title(title, fontsize=8)
+        if k <= 14:
+            for i in range(k):
+                for j in range(len(cols)):
+                    color = "white" if shares[i, j] > 0.5 else "black"
+                    text = f"{int(counts[i, j])}\n{shares[i, j]:.2f}"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=5.5, color=color)
+    axes[0].set_ylabel("true model")
+    if common:
+        fig.suptitle(f"models: {common} + the part shown; cells: test texts and share of the row", fontsize=8)
     save(fig, path)
 
 
+def plot_reliability(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path, bins: int = 10) -> None:
+    """One reliability diagram per (title, confidence, correct): the accuracy of the texts whose top
+    calibrated probability falls in each bin against the bin's mean probability, with the share of
+    texts per bin beneath; the diagonal is perfect calibration."""
+    n = len(panels)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig = _figure(2.6 * cols, 2.6 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    edges = np.linspace(0, 1, bins + 1)
+    for ax, (title, confidence, correct) in zip(axes, panels, strict=False):
+        which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+        filled = [b for b in range(bins) if (which == b).any()]
+        mean_conf = [float(confidence[which == b].mean()) for b in filled]
+        accuracy = [float(correct[which == b].mean()) for b in filled]
+        ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
+        ax.plot(mean_conf, accuracy, marker="o", ms=3, color="C0")
+        share = np.bincount(which, minlength=bins) / max(len(confidence), 1)
+        ax.bar(edges[:-1], share, width=1 / bins, align="edge", color="C1", alpha=0.3)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    for ax in axes[:n:cols]:
+        ax.set_ylabel("accuracy (bars: share of texts)", fontsize=7)
+    for ax in axes[max(0, n - cols) : n]:
+        ax.set_xlabel("top calibrated probability", fontsize=7)
+    save(fig, path)
+
+
+ROLE_STYLES = {  # role -> (line style, colour, legend name)
+    "ceiling": ("-", "C3", "ceiling (likelihood)"),
+    "best": ("-", "C0", "best pipeline"),
+    "baseline": ("--", "C7", "baseline (word1+logreg)"),
+    "reflm": ("-.", "C2", "reference LMs"),
+    "head": (":", "C4", "reference-LM head"),
+}
+
+
 def plot_evidence(points: pd.DataFrame, x: str, xlabel: str, path: Path, tick_labels: dict | None = None) -> None:
-    """Accuracy against ``x`` per condition: the best pipeline solid, the baseline dashed, the ceiling dotted."""
-    fig = _figure(7.0, 4.2)
-    ax = fig.add_subplot()
-    colors = {}
-    for (condition, role), group in points.groupby(["condition", "role"], sort=False):
-        group = group.sort_values(x)
-        color = colors.setdefault(condition, f"C{len(colors) % 10}")
-        style = {"best": "-", "ceiling": "-."}.get(role, "--")
-        label = f"{condition}: {group['pipeline'].iloc[0]}" + {"baseline": " (baseline)", "ceiling": " (ceiling)"}.get(
-            role, ""
-        )
-        ax.plot(group[x], group["accuracy"], style, marker="o", ms=3, color=color, label=label)
-        ax.fill_between(group[x], group["ci_low"], group["ci_high"], color=color, alpha=0.08)
-        ax.axhline(group["chance"].iloc[0], color=color, lw=0.6, ls=":")
-    if tick_labels:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(list(tick_labels), list(tick_labels.values()))
-        ax.minorticks_off()
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy (95% Wilson band; dotted: chance)")
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=6, ncol=2, loc="lower right")
+    """Accuracy against ``x``, one panel per condition (the same axes in each): the ceiling, the best
+    pipeline, the baseline and the reference LMs where measured, each with its 95% band, and chance
+    dotted. One legend for all panels, beneath them."""
+    conditions = list(dict.fromkeys(points["condition"]))
+    cols = min(len(conditions), 4)
+    rows = math.ceil(len(conditions) / cols)
+    fig = _figure(2.7 * cols + 0.2, 2.4 * rows + 0.7)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False, sharex=bool(tick_labels), sharey=True)).ravel()
+    handles = {}
+    for ax, condition in zip(axes, conditions, strict=False):
+        sub = points[points["condition"] == condition]
+        for role, group in sub.groupby("role", sort=False):
+            group = group.sort_values(x)
+            style, color, name = ROLE_STYLES.get(str(role), ("--", "C5", str(role)))
+            (line,) = ax.plot(group[x], group["accuracy"], style, marker="o", ms=2.5, lw=1.3, color=color)
+            ax.fill_between(group[x], group["ci_low"], group["ci_high"], color=color, alpha=0.15, lw=0)
+            handles.setdefault(name, line)
+        ax.axhline(float(sub["chance"].iloc[0]), color="0.4", lw=0.8, ls=":")
+        best = sub.loc[sub["role"] == "best", "pipeline"]
+        ax.set_title(f"{condition}" + (f" (best: {best.iloc[0]})" if len(best) else ""), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_ylim(0, 1.02)
+        if tick_labels:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(list(tick_labels), list(tick_labels.values()))
+            ax.minorticks_off()
+    for ax in axes[len(conditions) :]:
+        ax.set_visible(False)
+    fig.supxlabel(xlabel, fontsize=8)
+    fig.supylabel("test accuracy (95% band; dotted: chance)", fontsize=8)
+    fig.legend(
+        list(handles.values()),
+        list(handles),
+        loc="outside upper center",
+        ncol=min(len(handles), 5),
+        fontsize=7,
+        handlelength=3.5,
+    )
     save(fig, path)
 
 
@@ -178,6 +260,13 @@ def plot_kl_heatmap(labels: Sequence[str], matrix: np.ndarray, path: Path) -> No
     ax.set_xlabel("model b")
     ax.set_ylabel("model a (whose samples)")
     ax.set_title("Text fingerprint distance: KL(a || b) per token", fontsize=9)
+    if n <= 16:
+        top = np.nanmax(matrix) if np.isfinite(matrix).any() else 0.0
+        for i in range(n):
+            for j in range(n):
+                if np.isfinite(matrix[i, j]):
+                    color = "white" if matrix[i, j] > 0.6 * top else "black"
+                    ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=5, color=color)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label("nats per token", fontsize=8)
     save(fig, path, tight=True)
 

@@ -131,6 +131,9 @@ def write_index(cfg: Config) -> Path:
     path = cfg.paths.reports / "index.md"
     atomic_write_text(path, "\n".join(sections))
     write_zoo_report(cfg)
+    from natprints.reports.summary import write_summary
+
+    write_summary(cfg)
     return path
 
 
@@ -219,5 +222,8 @@ def write_collected_index(cfg: Config, manifest_name: str) -> Path:
         f"`{cfg.run.name}` (hash `{cfg.hash()[:16]}`); the attributor is at `{cfg.paths.attributors / cfg.run.name}`.\n"
     )
     path = cfg.paths.reports / "index.md"
+    from natprints.reports.summary import write_summary
+
     atomic_write_text(path, "\n".join(lines) + "\n" + render_section(cfg))
+    write_summary(cfg)
     return path
