@@ -873,7 +873,9 @@ def _condition_job(
     """Run one condition (in a worker process or here), save its attributor and cache its records."""
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=THREADS):
+    # the full texts are in the cache already (_prefill_embeddings); the evidence curves' cut texts are
+    # embedded here but not stored, so the cache is the same whatever order the conditions ran in
+    with threadpool_limits(limits=THREADS), features.read_only_cache():
         setup = Setup(cfg=cfg, split=split, tokenizer=_load_tokenizer(cfg), progress=progress)
         start = time.perf_counter()
         done, attributor = run_condition(setup, data, views)

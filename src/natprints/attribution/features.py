@@ -13,7 +13,8 @@ Nothing here imports torch, sentence-transformers or xgboost at module import: t
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -299,7 +300,14 @@ def _encode_unpadded(
 
 
 class EmbeddingCache:
-    """Embeddings on disk, one ``.npz`` shard per batch of new texts (keys = text sha256)."""
+    """Embeddings on disk, one ``.npz`` shard per batch of new texts (keys = text sha256).
+
+    While :func:`read_only_cache` is active, new embeddings are used but not stored: jobs that run
+    side by side (the experiments stage's conditions) would otherwise write shards whose contents
+    depend on which job reached a text first, and the cache would differ from run to run.
+    """
+
+    read_only = False
 
     def __init__(self, directory: Path | str):
         self.directory = Path(directory)
@@ -322,10 +330,24 @@ class EmbeddingCache:
     def store(self, keys: Sequence[str], vectors: np.ndarray) -> None:
         import io
 
+        if EmbeddingCache.read_only:
+            return
+
         buf = io.BytesIO()
         np.savez(buf, keys=np.asarray(keys, dtype="U64"), vectors=vectors.astype(np.float32))
         name = f"shard-{sha256_text(''.join(keys))[:16]}.npz"
         atomic_write_bytes(self.directory / name, buf.getvalue())
+
+
+@contextmanager
+def read_only_cache() -> Iterator[None]:
+    """Embedding caches are read, never written, for the duration (see :class:`EmbeddingCache`)."""
+    before = EmbeddingCache.read_only
+    EmbeddingCache.read_only = True
+    try:
+        yield
+    finally:
+        EmbeddingCache.read_only = before
 
 
 class SentenceEmbedder(_TextTransformer):

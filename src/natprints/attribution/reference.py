@@ -116,7 +116,7 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
     """The `reference` stage: the reference LM, one fine-tuned copy per candidate, their scores."""
     from natprints.corpus import load_tokenizer
     from natprints.generate.stage import build_prompts
-    from natprints.likelihood.stage import recorded_files, score_model, scoring_rows
+    from natprints.likelihood.stage import check_caches, recorded_files, score_model, scoring_rows
 
     if not cfg.reference.enabled:
         raise NatprintsError("[reference] enabled = false in this config; nothing to build")
@@ -153,9 +153,10 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
     out = cfg.paths.reference_scores
     out.mkdir(parents=True, exist_ok=True)
     trusted = recorded_files(_manifest(cfg))
-    _manifest(cfg).invalidate()
     command = "natprints reference"
     work = [(cfg, reference_dir(cfg) / m, r, out / f"{m}.parquet", None, trusted, command) for m, r in scoring.items()]
+    check_caches(work, trusted, command)
+    _manifest(cfg).invalidate()
     scored = sum(run_jobs(cfg.run.worker_count(), score_model, work, "reference scores"))
     heads = _head_tasks(cfg, conditions, split, prompts, subsets) if cfg.reference.head else []
     ref = reference_dir(cfg) / "reference"

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from natprints.artifacts import MANIFEST as MANIFEST_NAME
 from natprints.artifacts import Manifest, hash_obj, read_manifest, sha256_file, sha256_text, temp_path_for
 from natprints.attribution.data import ConditionData, load_conditions, run_split
 from natprints.config import Config
@@ -223,6 +224,16 @@ def _write(path: Path, frame: pd.DataFrame, model_sha256: str) -> None:
         raise
 
 
+def check_caches(jobs: list[tuple], trusted: frozenset[str], command: str = "natprints likelihood") -> None:
+    """Refuse an edited score file before its stage's manifest is invalidated, so that a refusal
+    leaves the last good manifest in place (and the stages after it refusing too). ``jobs``: the
+    stage's :func:`score_model` jobs, ``(cfg, model_dir, rows, path, ...)``."""
+    for job in jobs:
+        model_dir, path = job[1], job[3]
+        if path.is_file() and (model_dir / MANIFEST_NAME).is_file():
+            read_cache(path, _model_sha256(model_dir), trusted, command)
+
+
 def recorded_files(manifest: Manifest) -> frozenset[str]:
     """The file hashes a stage's manifest recorded (none when it is missing or unreadable)."""
     try:
@@ -354,11 +365,12 @@ def score_all(cfg: Config, *, progress: bool = True) -> dict:
     if manifest.is_current(key):
         return {**manifest.read(), "scored": 0}
     trusted = recorded_files(manifest)
-    manifest.invalidate()
-    cfg.paths.likelihood.mkdir(parents=True, exist_ok=True)
     sizes = {m: _scoring_cost(cfg, m, len(r)) for m, r in rows.items()}
     order = sorted(rows, key=lambda m: -sizes[m])
     jobs = [(cfg, cfg.paths.zoo / m, rows[m], cfg.paths.likelihood / f"{m}.parquet", None, trusted) for m in order]
+    check_caches(jobs, trusted)
+    manifest.invalidate()
+    cfg.paths.likelihood.mkdir(parents=True, exist_ok=True)
     scored = sum(run_jobs(cfg.run.worker_count(), score_model, jobs, "likelihood"))
     fields = {
         "stage": "likelihood",
