@@ -93,5 +93,5 @@ format: $(STAMP) ## ruff format and autofix
 	$(BIN)/ruff format src tests
 	$(BIN)/ruff check --fix src tests
 
-clean: $(STAMP) ## Remove CONFIG's run data and models (reports stay)
-	$(NP) clean --config $(CONFIG)
+clean: $(STAMP) ## Remove CONFIG's run data, scores and models after asking (YES=1 skips the question; reports stay)
+	$(NP) clean --config $(CONFIG) $(if $(YES),--yes,)

@@ -376,6 +376,9 @@ def test_attributor_method_pools_log_probabilities(tmp_path):
     # Likelihood-only options are refused with the attributor method, not ignored.
     result = invoke("attribute", *files, "--attributor", directory, "--temperature", "0.7")
     assert result.exit_code == 1 and "--temperature: only with --method likelihood" in result.stderr
+    for flag in ("--temperature", "--top-k"):  # a value of 0 is given too, not taken for "not given"
+        result = invoke("attribute", *files, "--attributor", directory, flag, "0")
+        assert result.exit_code == 1 and f"{flag}: only with --method likelihood" in result.stderr
 
 
 def test_bad_models_and_texts_are_one_line_errors(zoo):

@@ -143,7 +143,7 @@ def test_busy_run_is_refused_and_waited_for(tmp_path, monkeypatch):
         assert proc.stderr.strip().splitlines() == [
             f"error: run smoke is busy (pid {os.getpid()}); wait for it to finish, or rerun with --wait"
         ]
-        waiting = _start_cli(tmp_path, "clean", "--config", str(SMOKE), "--wait")
+        waiting = _start_cli(tmp_path, "clean", "--config", str(SMOKE), "--wait", "--yes")
         _wait_for(lambda: "waiting for it" in waiting.stderr_text(), 30, "the waiting line")
         assert waiting.poll() is None  # still waiting while the lock is held
     assert waiting.wait(timeout=60) == 0  # and it ran once the lock was released

@@ -25,6 +25,7 @@ from natprints.errors import NatprintsError
 from natprints.lineage import experiments as lineage
 from natprints.lineage import weightstd as ws
 from natprints.lineage.models import inspect_model
+from tests.conftest import SMOKE, run_cli
 from tests.test_attribute_cli import GOOD, _fit
 
 RUNNER = CliRunner()
@@ -378,3 +379,32 @@ def test_non_finite_weights_get_an_error_not_a_verdict(tmp_path):
     for method in ("all", "seedprints", "weights"):
         with pytest.raises(NatprintsError, match="non-finite"):
             lineage.compare(path, _llama(tmp_path / "ok", 3), method, settings, device="cpu")
+
+
+def test_clean_needs_a_run_and_a_yes(tmp_path):
+    proc = run_cli("clean", home=tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "error: name the run to remove: natprints clean --config FILE (nothing is removed by default)"
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NATPRINTS_HOME", str(tmp_path))
+        paths = load_config(SMOKE).paths
+    for folder in (paths.models, paths.likelihood, paths.reference_scores, paths.generated, paths.reports):
+        folder.mkdir(parents=True)
+    proc = run_cli("clean", "--config", str(SMOKE), home=tmp_path, check=False)  # stdin is no terminal
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: would remove 4 folder(s) of run 'smoke'; confirm with --yes"
+    assert paths.models.is_dir() and paths.likelihood.is_dir()
+    proc = run_cli("clean", "--config", str(SMOKE), "--yes", home=tmp_path)
+    assert not paths.models.exists() and not paths.likelihood.exists() and not paths.reference_scores.exists()
+    assert paths.reports.is_dir()  # reports stay unless --reports
+    assert f"removed {paths.likelihood}" in proc.stdout
+
+
+@pytest.mark.parametrize("command", [("data",), ("zoo",), ("experiments",), ("report",), ("clean", "--yes")])
+def test_a_home_that_is_a_file_is_one_line(tmp_path, command):
+    home = tmp_path / "home"
+    home.write_text("not a folder")
+    proc = run_cli(*command, "--config", str(SMOKE), home=home, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: NATPRINTS_HOME={home} is not a directory"

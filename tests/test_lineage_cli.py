@@ -2,6 +2,7 @@
 SeedPrints' calibrated threshold for trained pairs."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -125,10 +126,21 @@ def test_compare_method_option_and_unrelated_pair(in_home):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)["results"]
     assert set(out) == {"seedprints"}
-    # two trained models and no run to calibrate on: no verdict, z shown
+    # two trained models and no run to calibrate on: the analytic test's answer, labelled uncalibrated
     seed = out["seedprints"]
     assert seed["verdict"] == "uncalibrated" and seed["same_lineage"] is None and seed["threshold"] is None
-    assert "no calibrated threshold" in seed["note"] and isinstance(seed["z"], float)
+    assert seed["note"].startswith("uncalibrated:") and isinstance(seed["z"], float)
+    assert seed["analytic_verdict"] == ("related" if seed["log10_p"] < math.log10(seed["alpha"]) else "unrelated")
+    text = runner.invoke(APP, args[:-3] + ["--config", config])
+    assert "by the analytic test, UNCALIBRATED (two trained models: may be a false link)" in text.stdout
+    # one model compared with itself (or a byte-identical copy): identical, by both methods
+    same = runner.invoke(APP, ["lineage", str(zoo / "s0"), str(zoo / "s0"), "--json", "--config", config])
+    results = json.loads(same.stdout)["results"]
+    assert {r["verdict"] for r in results.values()} == {"identical"} and set(results) == {"seedprints", "weights"}
+    assert (
+        "seedprints: identical — identical config and weights"
+        in runner.invoke(APP, ["lineage", str(zoo / "s0"), str(zoo / "s0"), "--config", config]).stdout
+    )
     weights = runner.invoke(APP, ["lineage", str(zoo / "s0"), str(zoo / "s1"), "--method", "weights", "--json"])
     assert set(json.loads(weights.stdout)["results"]) == {"weights"}
 

@@ -201,14 +201,27 @@ def bench(
 
 @app.command()
 def clean(
-    config: ConfigOpt = DEFAULT_CONFIG,
+    config: MaybeConfigOpt = None,
     reports: bool = typer.Option(False, "--reports", help="Also remove reports/<run>/."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking."),
     wait: WaitOpt = False,
 ) -> None:
-    """Remove a run's data and models (and, with --reports, its reports)."""
+    """Remove a run's data, scores and models (and, with --reports, its reports); asks first."""
+    if config is None:
+        raise _fail("name the run to remove: natprints clean --config FILE (nothing is removed by default)")
     cfg = load_config(config)
     p = cfg.paths
-    targets = [p.corpus, p.shift_corpus, p.generated, p.models] + ([p.reports] if reports else [])
+    targets = [p.corpus, p.shift_corpus, p.generated, p.likelihood, p.reference_scores, p.emergence, p.models]
+    targets = [t for t in targets + ([p.reports] if reports else []) if t.exists()]
+    if not targets:
+        typer.echo(f"run '{cfg.run.name}' has nothing to remove")
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise _fail(f"would remove {len(targets)} folder(s) of run '{cfg.run.name}'; confirm with --yes")
+        listing = "\n".join(f"  {t}" for t in targets)
+        if not typer.confirm(f"remove these folders of run '{cfg.run.name}'?\n{listing}\n"):
+            raise _fail("nothing removed")
     with exclusive_run(cfg, wait=wait):  # never pull a run out from under the process writing it
         for target in targets:
             if target.exists():
@@ -694,7 +707,7 @@ def attribute(
         "--top-p": top_p,
         "--alpha": alpha,
     }
-    misplaced = [flag for flag, value in given.items() if value]
+    misplaced = [flag for flag, value in given.items() if value is not None]  # 0 is given, too
     if misplaced:
         raise _fail(f"{', '.join(misplaced)}: only with --method likelihood")
     try:
@@ -803,10 +816,13 @@ def compare(
     for name, r in results.items():
         if r["verdict"] == "incomparable":
             typer.echo(f"{name}: incomparable — {r['reason']}")
+        elif r["verdict"] == "identical":
+            typer.echo(f"{name}: identical — {r['note']}")
         elif name == "seedprints":
             z = "n/a" if r["z"] is None else f"{r['z']:.2f}"
             if r["verdict"] == "uncalibrated":
-                verdict = "no calibrated threshold (two trained models): z alone, no verdict"
+                analytic = "same seed lineage" if r["analytic_verdict"] == "related" else "no evidence of shared seed"
+                verdict = f"{analytic} by the analytic test, UNCALIBRATED (two trained models: may be a false link)"
             else:
                 verdict = f"{'same seed lineage' if r['same_lineage'] else 'no evidence of shared seed'}"
             typer.echo(

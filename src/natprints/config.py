@@ -362,7 +362,10 @@ class Config(_Section):
 
 def home() -> Path:
     """The directory holding data/, models/ and reports/: ``NATPRINTS_HOME``, else the working one."""
-    return Path(os.environ.get(HOME_VARIABLE, "."))
+    root = Path(os.environ.get(HOME_VARIABLE, "."))
+    if root.exists() and not root.is_dir():
+        raise NatprintsError(f"{HOME_VARIABLE}={root} is not a directory")
+    return root
 
 
 @contextmanager

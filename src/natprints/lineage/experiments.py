@@ -618,9 +618,12 @@ def _seedprints_answer(
     out["threshold"] = threshold
     out["threshold_source"] = calibration["source"] if calibration and rule == "calibrated" else None
     if verdict == "uncalibrated":
+        # the analytic test's answer, labelled: between two trained models its p is too small (their
+        # z spreads wider than the null), so a `related` here may be a false link
+        out["analytic_verdict"] = "related" if result.same_lineage else "unrelated"
         out["note"] = (
-            "no calibrated threshold: two trained models (no init in the pair), where the analytic p "
-            "does not hold; z is shown, a `lineage run` of the zoo provides a threshold"
+            "uncalibrated: two trained models (no init in the pair), where the analytic p is too small "
+            "and its false-positive rate is not controlled; a `lineage run` of a zoo provides a threshold"
         )
     return out
 
@@ -694,6 +697,9 @@ def compare(
     settings = settings or LineageSettings()
     info_a, info_b = inspect_model(model_a), inspect_model(model_b)
     methods = list(METHODS) if method == "all" else [method]
+    if model_digest(info_a) == model_digest(info_b):  # the same config and weights, byte for byte
+        note = "identical config and weights: one model, so the same lineage by any method"
+        return {name: {"verdict": "identical", "same_lineage": True, "related": True, "note": note} for name in methods}
     results: dict[str, dict[str, Any]] = {}
     for name in methods:
         try:
