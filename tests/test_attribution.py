@@ -195,8 +195,11 @@ def test_fitting_never_sees_test_rows(tmp_path, monkeypatch, fake_encoder):
     monkeypatch.setattr(TfidfVectorizer, "fit_transform", recording_fit_transform)
     monkeypatch.setenv("NATPRINTS_HOME", str(tmp_path))
     cfg = load_config(make_run(tmp_path, ["word1"]))
+    # the run's split only: the repeated splits are other partitions (test_repeated_splits_...)
+    cfg = cfg.model_copy(update={"attribution": cfg.attribution.model_copy(update={"splits": 1})})
     ex.run_experiments(cfg, progress=False, log=lambda m: None)
     records = rec.load_records(cfg.paths.reports)
+    assert not [r for r in records if r["kind"] == "split_repeat"]
     frames = adata.load_conditions(cfg)
     test_ids = {sid for r in records if r["kind"] == "split" for sid in r["test_sample_ids"]}
     texts = pd.concat([d.frame for d in frames.values()])
@@ -473,3 +476,32 @@ def test_confusion_with_unknown_column_and_calibration_error(synth_run):
     markdown = render_section(synth_run)
     assert "### Calibration of the saved attributors" in markdown and "unknown" in markdown
     assert (synth_run.paths.reports / "figures" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_repeated_splits_refit_on_their_own_training_texts(synth_run):
+    from natprints.reports.attribution import split_table
+
+    records = _records(synth_run)
+    frames = adata.load_conditions(synth_run)
+    repeats = [r for r in records if r["kind"] == "split_repeat"]
+    assert len(repeats) == 4 * len(frames)  # splits = 5: the run's and four more, per condition
+    setup = ex.Setup(synth_run, split={}, tokenizer=None, progress=False)
+    s = synth_run.attribution
+    for r in repeats:
+        assert r["split_seed"] in (1, 2, 3, 4) and "ceiling" not in r  # no likelihood scores here
+        data = frames[r["condition"]]
+        fractions = (s.test_fraction, adata.CALIBRATION_FRACTION)
+        split = adata.split_prompts(data.frame["prompt_id"], *fractions, r["split_seed"])
+        parts = adata.split_parts(data, split)
+        assert (r["n_train"], r["n_test"]) == (len(parts["train"]), len(parts["test"]))
+        assert set(parts["train"]["prompt_id"]).isdisjoint(parts["test"]["prompt_id"])
+        feat, clf = r["baseline"]["pipeline"].split("+")
+        predicted = ex.fit_predict(setup, feat, clf, parts["train"], parts["test"])[1]
+        assert r["baseline"]["accuracy"] == pytest.approx((predicted == parts["test"]["label"].to_numpy()).mean())
+        chosen = next(p for p in records if p["kind"] == "pipeline" and p["best"] and p["condition"] == r["condition"])
+        assert r["best"]["pipeline"] == chosen["pipeline"]
+    table = split_table(records)
+    assert set(table["role"]) == {"best", "baseline"} and (table["splits"] == 5).all()
+    for row in table.itertuples():
+        values = [row.first] + [r[row.role]["accuracy"] for r in repeats if r["condition"] == row.condition]
+        assert row.mean == pytest.approx(np.mean(values)) and row.sd == pytest.approx(np.std(values, ddof=1))

@@ -242,8 +242,11 @@ def test_summary_json_holds_each_condition_and_the_lineage_headline(smoke_cfg):
         assert entry["best"]["pipeline"] == best["pipeline"].item()
         assert entry["best"]["selected_on"] == "calibration split"
         assert entry["reference_lms"]["accuracy"] == pytest.approx(
-            acc[(acc["condition"] == condition) & (acc["pipeline"] == "reflm+lm")]["accuracy"].item()
+            acc[(acc["condition"] == condition) & (acc["pipeline"] == "reflm+lm")]["accuracy"].item(), abs=1e-5
         )
+        # over 5 prompt splits: the ceiling on each split's scored test texts, the pipelines refit
+        assert set(entry["splits"]) == {"ceiling", "best", "baseline"} and entry["splits"]["ceiling"]["splits"] == 5
+        assert entry["splits"]["ceiling"]["min"] <= entry["ceiling"]["accuracy"] <= entry["splits"]["ceiling"]["max"]
     assert summary["conditions"]["null_control"]["verdict"] in ("at chance", "failed")
     lineage = json.loads((smoke_cfg.paths.reports / "lineage.json").read_text())
     assert summary["lineage"]["seedprints"]["auc"] == lineage["methods"]["seedprints"]["auc"]

@@ -31,7 +31,14 @@ from natprints.attribution.attributor import (
     save_attributor,
 )
 from natprints.attribution.ceiling import LikelihoodView
-from natprints.attribution.data import CALIBRATION_FRACTION, ConditionData, load_conditions, run_split, split_parts
+from natprints.attribution.data import (
+    CALIBRATION_FRACTION,
+    ConditionData,
+    load_conditions,
+    run_split,
+    split_parts,
+    split_prompts,
+)
 from natprints.attribution.estimators import THREADS, compatible, make_classifier, quiet_fit
 from natprints.attribution.head import load_head
 from natprints.attribution.reference import _manifest as reference_manifest
@@ -45,7 +52,7 @@ from natprints.stats import classification_summary
 
 # 2: the null control is named `null_control` in every record (pandas reads `null` as NaN).
 # 3: a length-only control per condition; the string-level ceiling (canonical tokenization).
-EXPERIMENTS_VERSION = 4  # bump when the records change meaning: cached results are then redone
+EXPERIMENTS_VERSION = 5  # bump when the records change meaning: cached results are then redone
 BASELINE = ("word1", "logreg")
 # The white-box attributor: every candidate model's exact likelihood of the text (the ceiling).
 CEILING = ("likelihood", "bayes")
@@ -467,6 +474,48 @@ def _attributor_record(
     }
 
 
+def _repeated_splits(
+    setup: Setup, data: ConditionData, best: tuple[str, str], views: dict[str, LikelihoodView] | None
+) -> list[dict[str, Any]]:
+    """The headline figures on further prompt splits (seeds ``split_seed + 1``, ...): the best
+    pipeline, as chosen on the run's split, and the baseline, each refit on the split's training
+    texts and scored on its test texts; the ceiling on the split's test texts that the likelihood
+    stage scored (the run's test and calibration texts: the ceiling learns nothing, so any of its
+    texts is a test text). The reference LMs are not repeated: each split would fine-tune them anew."""
+    settings = setup.settings
+    scored = ceiling.concat_views(views["test"], views["cal"]) if views and "cal" in views else None
+    row_of = {str(sid): i for i, sid in enumerate(scored.sample_ids)} if scored is not None else {}
+    out = []
+    for seed in range(settings.split_seed + 1, settings.split_seed + settings.splits):
+        split = split_prompts(data.frame["prompt_id"], settings.test_fraction, CALIBRATION_FRACTION, seed)
+        parts = split_parts(data, split)
+        train, test = parts["train"], parts["test"]
+        y = test["label"].to_numpy()
+        record: dict[str, Any] = {
+            "kind": "split_repeat",
+            "condition": data.name,
+            "split_seed": seed,
+            "n_train": len(train),
+            "n_test": len(test),
+            "chance": 1.0 / len(data.labels),
+        }
+        for role, (feat, clf) in (("best", best), ("baseline", BASELINE)):
+            if feat not in settings.featurizers or clf not in settings.classifiers or not compatible(feat, clf):
+                continue
+            if _too_few(clf, train["label"], len(data.labels)) or test.empty:
+                continue
+            predicted = fit_predict(setup, feat, clf, train, test)[1]
+            record[role] = {"pipeline": f"{feat}+{clf}", "accuracy": float((predicted == y).mean())}
+        rows = [row_of[sid] for sid in test["sample_id"].astype(str) if sid in row_of]
+        if rows:
+            labels = data.frame.set_index(data.frame["sample_id"].astype(str))["label"]
+            truth = labels.loc[scored.sample_ids[rows].astype(str)].to_numpy()
+            right = ceiling.bayes_predict(scored.loglik[rows]) == truth
+            record["ceiling"] = {"accuracy": float(right.mean()), "n_test": len(rows)}
+        out.append(record)
+    return out
+
+
 def _without(frame: pd.DataFrame, held: int) -> pd.DataFrame:
     """Drop one class and renumber the others 0..k-2, keeping their order."""
     sub = frame[frame["label"] != held]
@@ -541,6 +590,7 @@ def run_condition(
     black_box = (
         {"baseline": (BASELINE, np.asarray(fitted[BASELINE].predict_proba(test_texts)))} if BASELINE in fitted else {}
     )
+    records += _repeated_splits(setup, data, key, views)
     if data.name == NULL_CONDITION:
         black_box["best"] = (key, np.asarray(fitted[key].predict_proba(test_texts)))
         return records + _white_box(setup, data, parts, views, black_box), None

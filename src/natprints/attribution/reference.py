@@ -109,7 +109,7 @@ def _finetune_job(
 
 
 def _manifest(cfg: Config) -> Manifest:
-    return Manifest(cfg.paths.reference_scores, "reference-LM scores")
+    return Manifest(cfg.paths.reference_scores, "reference-LM scores", remake="natprints reference")
 
 
 def build_reference(cfg: Config, *, progress: bool = True) -> dict:

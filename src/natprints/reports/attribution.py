@@ -116,6 +116,67 @@ def approach_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def split_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Per condition and role (ceiling, best, baseline): the accuracy on the run's split and on each
+    repeated split, as mean, standard deviation, minimum and maximum over all of them."""
+    repeats = _of(records, "split_repeat")
+    if not repeats:
+        return pd.DataFrame()
+    head = headline_table(records).set_index("condition")
+    rows = []
+    for condition in dict.fromkeys(r["condition"] for r in repeats):
+        first = head.loc[condition]
+        mine = [r for r in repeats if r["condition"] == condition]
+        roles = (("ceiling", first["ceiling"]), ("best", first["accuracy"]), ("baseline", first["baseline"]))
+        for role, value in roles:
+            if math.isnan(value) or any(role not in r for r in mine):
+                continue
+            values = np.array([value, *(r[role]["accuracy"] for r in mine)])
+            pipeline = CEILING_PIPELINE if role == "ceiling" else mine[0][role]["pipeline"]
+            rows.append(
+                {
+                    "condition": condition,
+                    "role": role,
+                    "pipeline": pipeline,
+                    "splits": len(values),
+                    "first": float(value),
+                    "mean": float(values.mean()),
+                    "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                    "min": float(values.min()),
+                    "max": float(values.max()),
+                    "chance": float(first["chance"]),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _split_section(records: Sequence[dict[str, Any]]) -> str:
+    table = split_table(records)
+    if table.empty:
+        return ""
+    n = int(table["splits"].max())
+    rows = [
+        [
+            f"`{r.condition}`",
+            r.role,
+            r.pipeline,
+            f"{r.first:.3f}",
+            f"{r.mean:.3f} ± {r.sd:.3f}",
+            f"{r.min:.3f}–{r.max:.3f}",
+        ]
+        for r in table.itertuples()
+    ]
+    return (
+        f"### Over {n} prompt splits\n\nThe headline figures on the run's split and on {n - 1} more (other "
+        "`split_seed`s, the same fractions): the best pipeline as chosen on the run's split and the baseline are "
+        "refit on each split's training texts; the ceiling, which learns nothing, is scored on each split's test "
+        "texts that the likelihood stage scored. Mean ± standard deviation over the splits, and their range: how "
+        "much of a difference between conditions or pipelines one split can show by chance. The reference LMs "
+        "are not repeated (each split would fine-tune them anew).\n\n"
+        + _md_table(["condition", "role", "pipeline", "run's split", f"mean ± sd ({n} splits)", "range"], rows)
+    )
+
+
 def pooled_points(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Pooled-evidence points as evidence-curve rows: x = texts pooled, one line per (condition, role)."""
     table = pooled_table(records).rename(columns={"k": "value"})
@@ -536,6 +597,9 @@ def render_section(cfg: Config) -> str:
     )
     parts.append(_length_note(head))
     parts.append(_test_max_note(table))
+    splits = _split_section(records)
+    if splits:
+        parts.append(splits)
     approaches = approach_table(records)
     if has_ceiling and not approaches.empty:
         rows = [

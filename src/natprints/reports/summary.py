@@ -23,6 +23,7 @@ from natprints.reports.attribution import (
     headline_table,
     likelihood_open_set_table,
     open_set_table,
+    split_table,
     test_maximum,
 )
 
@@ -45,6 +46,7 @@ def condition_summaries(records: list[dict[str, Any]]) -> dict[str, dict[str, An
     head = headline_table(records)
     open_set = open_set_table(records)
     lik_open = likelihood_open_set_table(records)
+    splits = split_table(records)
     attributors = {r["condition"]: r for r in records if r.get("kind") == "attributor"}
     out: dict[str, dict[str, Any]] = {}
     for r in head.to_dict("records"):
@@ -115,6 +117,12 @@ def condition_summaries(records: list[dict[str, Any]]) -> dict[str, dict[str, An
                 }
                 for row in lik.to_dict("records")
             ]
+        spread = splits[splits["condition"] == name] if len(splits) else splits
+        if len(spread):
+            entry["splits"] = {
+                str(row["role"]): {k: row[k] for k in ("pipeline", "splits", "mean", "sd", "min", "max")}
+                for row in spread.to_dict("records")
+            }
         out[name] = entry
     return out
 
