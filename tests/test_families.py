@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from natprints.artifacts import hash_obj
-from natprints.config import ARCHS, Config, load_config
+from natprints.config import ADDED_SETTINGS, ARCHS, Config, load_config
 from natprints.generate.sampler import CacheDecoder, decode, make_decoder
 from natprints.likelihood.scorer import as_scorer, score_texts
 from natprints.lineage.weightstd import weight_profile
@@ -85,10 +85,11 @@ def test_arch_condition_ids_and_llama_keys():
     base = "xs-lr3e-3-bs8-init0-data0"
     assert members["arch"] == [base, f"gpt2-{base}"]  # the base's own family is not a variant
     assert zoo_specs(cfg)[f"gpt2-{base}"][0].arch == "gpt2"
-    # a config that declares no arch keeps the hash it had before the factor existed
+    # a config that declares no arch (nor any other later setting) keeps the hash it had before them
     plain = Config.model_validate({"run": {"name": "plain"}})
     dump = plain.model_dump(mode="json")
-    del dump["train"]["arch"], dump["conditions"]["arch"]
+    for section, key in ADDED_SETTINGS:
+        del dump[section][key]
     assert plain.hash() == hash_obj(dump) != cfg.hash()
 
 

@@ -213,10 +213,12 @@ def _edit_score(path: Path) -> None:
     pq.write_table(edited.replace_schema_metadata(table.schema.metadata), path)
 
 
-@pytest.mark.parametrize(("stage", "folder"), [("likelihood", "likelihood"), ("reference", "reference")])
-def test_an_edited_score_cache_is_refused_not_rehashed(smoke_home, tmp_path, stage, folder):
+def test_an_edited_score_cache_is_refused_not_rehashed(smoke_home, tmp_path):
+    """The likelihood stage's scores; the reference stage's and emergence's are read and written by
+    the same two functions (``read_cache``, ``score_model``)."""
+    stage = "likelihood"
     home = _copy_run(smoke_home, tmp_path)
-    path = home / "data" / folder / "smoke" / f"{OTHER}.parquet"
+    path = home / "data" / "likelihood" / "smoke" / f"{OTHER}.parquet"
     original = pd.read_parquet(path)
     manifest = path.parent / "manifest.json"
     recorded = json.loads(manifest.read_text())["files"][path.name]
@@ -238,12 +240,12 @@ def test_an_edited_score_cache_is_refused_not_rehashed(smoke_home, tmp_path, sta
 def test_a_damaged_saved_attributor_is_rebuilt_not_reported_up_to_date(smoke_home, tmp_path):
     home = _copy_run(smoke_home, tmp_path)
     shutil.copytree(smoke_home / "reports", home / "reports")
-    saved = home / "models" / "smoke" / "attributors" / "seed"
+    saved = home / "models" / "smoke" / "attributors" / "init"  # the smallest condition: two models
     good = {p.name: p.read_bytes() for p in saved.iterdir()}
     _flip_byte(saved / "pipeline.skops")
     text = tmp_path / "a.txt"
     text.write_text("The state of the Union is strong and the Congress")
-    attribute = ("attribute", str(text), "--config", str(SMOKE), "--condition", "seed")
+    attribute = ("attribute", str(text), "--config", str(SMOKE), "--condition", "init")
     line = _error_line(run_cli(*attribute, home=home, check=False))
     assert "pipeline.skops does not match its manifest hash" in line
     assert line.endswith(f"remove {saved / 'pipeline.skops'} and rerun `natprints experiments`")
