@@ -213,3 +213,56 @@ def test_unknown_condition_lists_the_known_ones(home):
     result = invoke("attribute", str(f), "--run", "demo", "--condition", "size")
     assert result.exit_code == 1
     assert "no attributor for condition 'size' (this run has: all, seed)" in result.stderr
+
+
+def test_a_text_the_attributor_learned_on_gets_a_warning(tmp_path):
+    """The saved attributor keeps digests of its training and calibration texts (verified with its
+    manifest); `attribute` warns on stderr for such a text, per text and pooled, and for no other."""
+    from natprints.attribution.attributor import SEEN_FILE, load_attributor, text_digest
+
+    seen_text, cal_text = "we shall union we shall", "war peace congress war"
+    attributor = Attributor(_fit(), ["a", "b", "c"])
+    attributor.seen = {"train": frozenset({text_digest(seen_text)}), "cal": frozenset({text_digest(cal_text)})}
+    directory = save_attributor(tmp_path / "att", attributor, {"condition": "x"})
+    assert json.loads((directory / SEEN_FILE).read_text()) == {k: sorted(v) for k, v in attributor.seen.items()}
+    assert load_attributor(directory).seen == attributor.seen
+    files = []
+    for name, text in (("trained.txt", seen_text + "\n"), ("cal.txt", cal_text), ("new.txt", GOOD)):
+        (tmp_path / name).write_text(text)
+        files.append(str(tmp_path / name))
+    for extra in ((), ("--pool",)):
+        result = invoke("attribute", *files, "--attributor", str(directory), *extra)
+        assert result.exit_code == 0, result.output
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+        assert warnings == [
+            f"warning: {files[0]}: this attributor was trained on this text (train split); "
+            "its verdict is not a held-out estimate",
+            f"warning: {files[1]}: this attributor was calibrated on this text (cal split); "
+            "its verdict is not a held-out estimate",
+        ]
+    # an attributor saved without the digests (an older one) warns about nothing
+    plain = save_attributor(tmp_path / "plain", Attributor(_fit(), ["a", "b", "c"]), {"condition": "x"})
+    assert not (plain / SEEN_FILE).exists()
+    assert "warning" not in invoke("attribute", *files, "--attributor", str(plain)).stderr
+
+
+def test_sequential_with_an_attributor_names_the_model_its_probabilities_lead_to(home, tmp_path):
+    """The attributor's calibrated log-probabilities add up text by text; the verdict comes once the
+    leader is ahead by log((K - 1) / error); an attributor has no `unknown` here."""
+    from natprints.attribution.attributor import load_attributor
+    from natprints.attribution.sequential import decide
+
+    texts = [" ".join(["we", "shall", "union", "the"] * 3)] * 6
+    files = []
+    for i, text in enumerate(texts):
+        files.append(str(tmp_path / f"t{i}.txt"))
+        (tmp_path / f"t{i}.txt").write_text(text)
+    model = load_attributor(home / "models" / "demo" / "attributors" / "all")
+    expected = decide(np.log(model.predict_proba(texts)), 0.001)
+    result = invoke("attribute", *files, "--run", "demo", "--sequential", "--error", "0.001", "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["label"] == "base" and record["texts"] == expected.texts and expected.label == 0
+    result = invoke("attribute", *files[:1], "--run", "demo", "--sequential", "--error", "1e-300")
+    assert result.stdout.startswith("sequential (1 text): undecided at error 1e-300 (the inputs ended first)")
+    assert invoke("attribute", *files, "--run", "demo", "--sequential", "--error", "1").exit_code != 0

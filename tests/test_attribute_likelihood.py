@@ -470,3 +470,69 @@ def test_zoo_models_of_a_run_condition(zoo, tmp_path, monkeypatch):
     # `all` (the default) is the one condition that holds every model: no separate copy of it
     assert "all" not in condition_members(cfg)
     assert set(json.loads(result.stdout)["loglik"]) == set(condition_members(cfg)["seed"])
+
+
+def test_the_open_set_test_is_two_sided():
+    """A text far *more* likely than a model's own samples (z = +9 under both) is foreign to both, as
+    one far less likely is; a typical one (z = 0 under one model) is not `unknown`. The experiments'
+    pooled test agrees."""
+    from natprints.attribution.ceiling import LikelihoodView, analytic_rejects, analytic_statistic
+    from natprints.likelihood.attribute import _predict
+
+    def verdict(loglik: list[float], entropy: list[float]):
+        ones = np.ones(2)
+        return _predict(["a", "b"], np.array(loglik), np.array(entropy), ones, ones * 5, 1, 0.05, 2)
+
+    too_likely, too_unlikely, typical = (
+        verdict([-1, -1], [10, 10]),
+        verdict([-19, -19], [10, 10]),
+        verdict([-10, -19], [10, 10]),
+    )
+    assert too_likely.unknown and too_likely.rejected == ["a", "b"] and too_likely.z == {"a": 9.0, "b": 9.0}
+    assert too_unlikely.unknown and too_unlikely.rejected == ["a", "b"]
+    assert not typical.unknown and typical.label == "a" and typical.rejected == ["b"]
+    rows = np.array([[-1.0, -1.0], [-19.0, -19.0], [-10.0, -19.0]])
+    view = LikelihoodView(np.array(["x", "y", "z"]), rows, {}, np.full((3, 2), 10.0), np.ones((3, 2)), np.ones(3))
+    groups = [np.array([0]), np.array([1]), np.array([2])]
+    assert analytic_rejects(view, groups, [0, 1], 0.05).tolist() == [True, True, False]
+    assert analytic_statistic(view, groups, [0, 1]).tolist() == [9.0, 9.0, 0.0]
+
+
+def test_sequential_attribution_stops_at_the_verdict_the_whole_stream_gives(zoo):
+    """`--sequential` reads texts one at a time and stops at the first verdict; it is the verdict of
+    the stopping rule on the per-text scores (files, and stdin lines alike), and reading stops there."""
+    from natprints.attribution.sequential import UNDECIDED, UNKNOWN, decide
+
+    models = [arg for key in "abc" for arg in ("--models", zoo.dirs[key])]
+    for key in ("b", "d"):
+        files = zoo.files(key, 16)
+        texts = zoo.texts[key][:16]
+        single = attribute_by_likelihood(texts, zoo.library(), zoo.tokenizer)
+        parts = [
+            np.array([[getattr(p, part)[m] for m in "abc"] for p in single])
+            for part in ("loglik", "centred", "variance")
+        ]
+        expected = decide(parts[0], 0.01, parts[1], parts[2])
+        label = {UNKNOWN: "unknown", UNDECIDED: "undecided"}.get(expected.label) or "abc"[expected.label]
+        result = invoke("attribute", *files, "--method", "likelihood", *models, "--sequential", "--json")
+        assert result.exit_code == 0, result.output
+        record = json.loads(result.stdout)
+        assert (record["label"], record["texts"], record["error"]) == (label, expected.texts, 0.01)
+        piped = RUNNER.invoke(
+            APP,
+            ["attribute", "--method", "likelihood", *map(str, models), "--sequential"],
+            input="\n".join(texts) + "\n",
+        )
+        assert piped.exit_code == 0, piped.output
+        count = f"{expected.texts} text{'' if expected.texts == 1 else 's'}"
+        assert piped.stdout.startswith(f"sequential ({count}): {label} at error 0.01 (")
+    b = json.loads(
+        invoke("attribute", *zoo.files("b", 16), "--method", "likelihood", *models, "--sequential", "--json").stdout
+    )
+    assert b["label"] == "b" and b["texts"] <= 4  # measured: named after 1 text
+    # reading stops at the verdict: a bad input after it is never read
+    missing = str(zoo.root / "no-such-file.txt")
+    late = invoke("attribute", *zoo.files("b", 16), missing, "--method", "likelihood", *models, "--sequential")
+    assert late.exit_code == 0 and "no-such-file" not in late.output
+    wrong = invoke("attribute", *zoo.files("b", 2), "--method", "likelihood", *models, "--sequential", "--pool")
+    assert wrong.exit_code != 0 and "--sequential and --pool: choose one" in wrong.output

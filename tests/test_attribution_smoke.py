@@ -108,6 +108,61 @@ def test_open_set_false_rejections_stay_within_alpha(smoke_cfg):
     assert all(0 <= r["unknown_rejected_n"] <= r["n_unknown"] for r in rows)
 
 
+def test_outsiders_are_scored_and_tested_against_the_known_models(smoke_cfg):
+    """Human continuations and junk of the test prompts: every test, every pool size, with counts that
+    add up, the analytic test two-sided, and junk (uniform tokens) called `unknown` by both likelihood
+    tests whatever the pool."""
+    from scipy.stats import norm
+
+    from natprints.attribution import ceiling
+    from natprints.attribution.data import load_conditions, run_split
+    from natprints.likelihood.stage import load_scores
+    from natprints.stats import roc_summary
+
+    records = [json.loads(line) for line in (smoke_cfg.paths.reports / "results.jsonl").read_text().splitlines()]
+    rows = [r for r in records if r["kind"] == "open_set_outsiders"]
+    conditions = load_conditions(smoke_cfg)
+    applies = {name for name, data in conditions.items() if ceiling.open_set_applies(data)}
+    assert {r["condition"] for r in rows} == applies
+    assert {(r["method"], r["source"]) for r in rows if r["k"] == 1} == {
+        (m, s) for m in ("analytic", "margin", "attributor") for s in ("human", "junk")
+    }
+    split = run_split(smoke_cfg, conditions)
+    seed = conditions["seed"]
+    test = seed.frame[seed.frame["prompt_id"].astype(str).map(split) == "test"]
+    prompts = sorted(set(test["prompt_id"].astype(str)))
+    for r in rows:
+        assert r["n_outsider"] == len(prompts) // r["k"] and 0 <= r["outsider_rejected_n"] <= r["n_outsider"]
+        assert r["n_known"] > 0 and 0 <= r["known_rejected_n"] <= r["n_known"]
+        if r["method"] != "attributor" and r["source"] == "junk":
+            assert r["outsider_rejected_n"] == r["n_outsider"] and r["auroc"] == 1.0
+    # the analytic test on single human texts, recomputed from the scores: two-sided |z| beyond the level
+    scores = load_scores(smoke_cfg)
+    members = [str(seed.frame.loc[seed.frame["label"] == j, "model_id"].iloc[0]) for j in range(len(seed.labels))]
+    z = np.stack(
+        [
+            [
+                (row.loglik + row.entropy_sum) / np.sqrt(row.variance_sum)
+                for row in scores[m].loc[[f"human:{p}" for p in prompts]].itertuples()
+            ]
+            for m in members
+        ],
+        axis=1,
+    )
+    limit = norm.ppf(1 - smoke_cfg.likelihood.open_set_alpha / 2)
+    row = next(
+        r for r in rows if (r["condition"], r["method"], r["source"], r["k"]) == ("seed", "analytic", "human", 1)
+    )
+    assert row["outsider_rejected_n"] == int((np.abs(z) > limit).all(axis=1).sum())
+    assert roc_summary(np.array([0.0, 1.0]), np.array([2.0, 3.0]))["auroc"] == 1.0
+    summary = json.loads((smoke_cfg.paths.reports / "summary.json").read_text())
+    assert len(summary["conditions"]["seed"]["open_set_outsiders"]) == len(
+        [r for r in rows if r["condition"] == "seed"]
+    )
+    assert (smoke_cfg.paths.reports / "figures" / "open_set_roc.png").is_file()
+    assert "### Open set: texts none of the models wrote" in (smoke_cfg.paths.reports / "index.md").read_text()
+
+
 def test_moments_are_scored_only_for_the_open_set_test_texts(smoke_cfg, tmp_path):
     """Entropy and variance exist exactly for the test texts of conditions with an open-set test; a
     row that comes to need them is scored again, and a cached complete row is not."""
@@ -124,6 +179,8 @@ def test_moments_are_scored_only_for_the_open_set_test_texts(smoke_cfg, tmp_path
         tested = data.frame[data.frame["prompt_id"].astype(str).map(split) == "test"]
         for model_id in data.frame["model_id"].astype(str).unique():
             ids = set(tested["sample_id"].astype(str)) if ceiling.open_set_applies(data) else set()
+            if ceiling.open_set_applies(data):  # and the human continuation and junk of each test prompt
+                ids |= {f"{source}:{p}" for source in ("human", "junk") for p in tested["prompt_id"].astype(str)}
             expected.setdefault(model_id, set()).update(ids)
     assert not ceiling.open_set_applies(conditions["null_control"])
     for model_id, table in load_scores(smoke_cfg).items():

@@ -275,7 +275,3 @@ class Manifest:
 
 def read_manifest(directory: Path | str, what: str = "artifact") -> dict[str, Any]:
     return Manifest(directory, what).read()
-
-
-def load_verified_manifest(directory: Path | str, what: str = "artifact") -> dict[str, Any]:
-    return Manifest(directory, what).verify()

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import click
 import typer
@@ -531,8 +531,10 @@ def _attribute_likelihood(
     top: int,
     as_json: bool,
     max_bytes: int | None,
+    sequential: float | None = None,
 ) -> int:
-    """The likelihood method of `natprints attribute`: reads every input first; returns the bad inputs."""
+    """The likelihood method of `natprints attribute`: reads every input first (with ``sequential``,
+    the error level, one at a time until a verdict); returns the bad inputs."""
     from natprints.attribution.attributor import DEFAULT_MAX_TEXT_BYTES
     from natprints.likelihood.attribute import (
         attribute_by_likelihood,
@@ -554,6 +556,27 @@ def _attribute_likelihood(
         raise _fail(str(exc)) from None
     cfg = library.cfg
     limit = max_bytes or (cfg.attribution.max_text_bytes if cfg else None) or DEFAULT_MAX_TEXT_BYTES
+    if sequential is not None:
+        loaded: dict = {}  # each model loaded once for the whole stream
+        labels = list(candidates)
+
+        def score(text: str) -> tuple:
+            import numpy as np
+
+            p = attribute_by_likelihood(
+                [_without_final_newline(text)],
+                candidates,
+                prompts=None if prompt is None else [prompt],
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                device=cfg.run.device if cfg else "auto",
+                batch_size=cfg.likelihood.batch_size if cfg else 64,
+                loaded=loaded,
+            )[0]
+            return tuple(np.array([part[m] for m in labels]) for part in (p.loglik, p.centred, p.variance))
+
+        return _sequential_verdict(files, limit, labels, score, sequential, as_json, None)
     inputs = [
         (name, None if text is None else _without_final_newline(text), error)
         for name, text, error in _read_inputs(files, limit)
@@ -657,13 +680,27 @@ def attribute(
         float | None,
         typer.Option(
             "--alpha",
-            help="likelihood: reject a model when its own samples are less likely than this to look as "
-            "unlikely as the text; `unknown` when every model is rejected (default 0.05).",
+            help="likelihood: reject a model when its own samples are less likely than this to be as far "
+            "from typical as the text, either way (too unlikely or too likely); `unknown` when every model "
+            "is rejected (default 0.05).",
         ),
     ] = None,
     pool: Annotated[
         bool, typer.Option("--pool", help="One verdict over all inputs, as texts from one source.")
     ] = False,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            "--sequential",
+            help="Read the inputs one at a time, as texts of one source (stdin: one text per line, as lines "
+            "arrive), and stop at the first verdict the evidence allows: a model, `unknown` (likelihood only) "
+            "or undecided when the inputs end. The chance of ever naming a wrong model is at most --error "
+            "(exact for the likelihood method; as far as its calibration holds for an attributor).",
+        ),
+    ] = False,
+    error: Annotated[
+        float, typer.Option("--error", min=0, max=1, help="--sequential: the error guaranteed (default 0.01).")
+    ] = 0.01,
 ) -> None:
     """Attribute each text to the zoo model that most likely wrote it, or `unknown`.
 
@@ -675,6 +712,10 @@ def attribute(
     from natprints.attribution.attributor import DEFAULT_MAX_TEXT_BYTES, load_attributor
 
     names = list(files or []) or ["-"]
+    if sequential and pool:
+        raise _fail("--sequential and --pool: choose one (both read the inputs as texts of one source)")
+    if sequential and not 0 < error < 1:
+        raise _fail(f"--error must lie strictly between 0 and 1, got {error}")
     if method is AttributeMethod.likelihood:
         try:
             if attributor is not None:
@@ -694,6 +735,7 @@ def attribute(
             top=top,
             as_json=as_json,
             max_bytes=max_bytes,
+            sequential=error if sequential else None,
         )
         if failed:
             raise typer.Exit(1)
@@ -719,12 +761,22 @@ def attribute(
     except NatprintsError as exc:
         raise _fail(str(exc)) from None
     limit = max_bytes or config_limit or DEFAULT_MAX_TEXT_BYTES
+    if sequential:
+
+        def score(text: str) -> tuple:
+            import numpy as np
+
+            return np.log(np.clip(model.predict_proba([text])[0], 1e-300, 1.0)), None, None
+
+        _sequential_verdict(names, limit, model.labels, score, error, as_json, model)
+        return
     if pool:
         from natprints.likelihood.attribute import attribute_pooled
 
         inputs = _read_inputs(names, limit)
         texts = [text for _, text, _ in inputs if text is not None]
         failed = _emit(inputs, None, as_json)
+        _warn_seen(model, inputs)
         if texts:
             p = attribute_pooled(texts, model, top=top)
             if as_json:
@@ -738,6 +790,7 @@ def attribute(
     for batch in _batches(names, model.batch_invariant):
         inputs = _read_inputs(batch, limit)
         texts = [text for _, text, _ in inputs if text is not None]
+        _warn_seen(model, inputs)
         predictions = model.predict(texts, top_k=top) if texts else []
         good = [name for name, _, error in inputs if error is None]
         failed += _emit(
@@ -745,6 +798,80 @@ def attribute(
         )
     if failed:
         raise typer.Exit(1)
+
+
+def _arriving(files: list[str], max_bytes: int, failed: list[str]) -> Iterator[tuple[str, str]]:
+    """(name, text) per input, read only when asked for: files in order, stdin one line per text (as
+    lines arrive; blank lines skipped). A bad input is reported on stderr, counted in ``failed``, skipped."""
+    for name in files or ["-"]:
+        if name != "-":
+            for read, text, error in _read_inputs([name], max_bytes):
+                if error is not None:
+                    failed.append(read)
+                    typer.echo(f"error: {_one_line(error)}", err=True)
+                elif text is not None:
+                    yield read, text
+            continue
+        if sys.stdin is None or sys.stdin.isatty():
+            failed.append("<stdin>")
+            typer.echo("error: <stdin>: no text piped in (give FILE arguments or pipe text)", err=True)
+            continue
+        for i, line in enumerate(sys.stdin, start=1):
+            if line.strip():
+                yield f"<stdin>:{i}", line.rstrip("\r\n")
+
+
+def _sequential_verdict(
+    files: list[str],
+    max_bytes: int,
+    labels: list[str],
+    score: Any,
+    error: float,
+    as_json: bool,
+    attributor: Any,
+) -> int:
+    """`attribute --sequential`: the verdict of :func:`natprints.attribution.sequential.attribute_stream`
+    over the inputs as they arrive, one line; exit 1 when an input was bad."""
+    from natprints.attribution.sequential import UNDECIDED, UNKNOWN, attribute_stream
+
+    failed: list[str] = []
+
+    def texts() -> Iterator[str]:
+        for name, text in _arriving(files, max_bytes, failed):
+            if attributor is not None:
+                _warn_seen(attributor, [(name, text, None)])
+            yield text
+
+    verdict, lead = attribute_stream(texts(), score, len(labels), error)
+    label = {UNKNOWN: "unknown", UNDECIDED: "undecided"}.get(verdict.label) or labels[verdict.label]
+    if as_json:
+        finite = lead if math.isfinite(lead) else None  # JSON has no infinity (a text impossible under the rest)
+        record = {"input": "sequential", "label": label, "texts": verdict.texts, "error": error, "lead": finite}
+        typer.echo(json.dumps(record))
+    else:
+        why = {
+            "unknown": "every model rejected by the open-set test",
+            "undecided": "the inputs ended first",
+        }.get(label, f"leads every other model by {lead:.1f} nats")
+        count = f"{verdict.texts} text{'' if verdict.texts == 1 else 's'}"
+        typer.echo(f"sequential ({count}): {label} at error {error:g} ({why})")
+    if failed:
+        raise typer.Exit(1)
+    return 0
+
+
+def _warn_seen(model: Any, inputs: list[tuple[str, str | None, str | None]]) -> None:
+    """A warning on stderr for each text the attributor learned or was calibrated on: its verdict
+    there is no estimate of how it does on new texts."""
+    for name, text, _ in inputs:
+        part = model.seen_in(text) if text is not None else None
+        if part is not None:
+            what = "trained" if part == "train" else "calibrated"
+            typer.echo(
+                f"warning: {name}: this attributor was {what} on this text ({part} split); "
+                "its verdict is not a held-out estimate",
+                err=True,
+            )
 
 
 class _LineageGroup(TyperGroup):

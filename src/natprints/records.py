@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from natprints.artifacts import atomic_write_json, atomic_write_text
@@ -43,6 +44,7 @@ ACCURACY_COLUMNS = (
 )
 POOLED_COLUMNS = ("condition", "role", "pipeline", "k", "n_groups", "accuracy", "ci_low", "ci_high")
 KL_FILE = "kl.csv"
+SEQUENTIAL_FILE = "sequential.csv"
 KL_COLUMNS = ("model_a", "model_b", "kl_per_token", "se", "n_tokens")
 
 
@@ -52,7 +54,8 @@ def write_results(reports: Path, records: list[dict[str, Any]]) -> list[str]:
     atomic_write_text(reports / RESULTS_FILE, lines)
     atomic_write_text(reports / ACCURACY_FILE, accuracy_table(records).to_csv(index=False, float_format="%.6g"))
     files = [RESULTS_FILE, ACCURACY_FILE]
-    for name, table in ((POOLED_FILE, pooled_table(records)), (KL_FILE, kl_table(records))):
+    tables = ((POOLED_FILE, pooled_table(records)), (KL_FILE, kl_table(records)))
+    for name, table in (*tables, (SEQUENTIAL_FILE, sequential_table(records))):
         if table.empty:
             (reports / name).unlink(missing_ok=True)
             continue
@@ -107,6 +110,55 @@ def pooled_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """One row per (condition, role, pooled texts k): accuracy of one verdict per pool of one source."""
     rows = [{c: r[c] for c in POOLED_COLUMNS} for r in records if r.get("kind") == "pooled"]
     return pd.DataFrame(rows, columns=list(POOLED_COLUMNS))
+
+
+def sequential_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (condition, role, case, error) of the sequential test: how its streams ended, the
+    texts it took to a verdict (median and quartiles), and the misattribution rate with its 95% Wilson
+    interval (a stream naming a wrong model; for streams no candidate wrote, naming any)."""
+    from natprints.stats import wilson_interval
+
+    rows = []
+    for r in records:
+        if r.get("kind") != "sequential":
+            continue
+        texts = np.asarray(r["texts_to_verdict"], dtype=np.float64)
+        low, high = wilson_interval(r["named_wrong"], r["n_streams"])
+        quartiles = np.percentile(texts, [25, 50, 75]) if len(texts) else [np.nan] * 3
+        rows.append(
+            {
+                **{c: r[c] for c in ("condition", "role", "pipeline", "case", "error", "stream_texts", "n_streams")},
+                **{c: r[c] for c in ("named_right", "named_wrong", "unknown", "undecided")},
+                "median_texts": quartiles[1],
+                "q25_texts": quartiles[0],
+                "q75_texts": quartiles[2],
+                "misattribution": r["named_wrong"] / max(r["n_streams"], 1),
+                "misattribution_ci_low": low,
+                "misattribution_ci_high": high,
+            }
+        )
+    return pd.DataFrame(rows, columns=SEQUENTIAL_COLUMNS)
+
+
+SEQUENTIAL_COLUMNS = [
+    "condition",
+    "role",
+    "pipeline",
+    "case",
+    "error",
+    "stream_texts",
+    "n_streams",
+    "named_right",
+    "named_wrong",
+    "unknown",
+    "undecided",
+    "median_texts",
+    "q25_texts",
+    "q75_texts",
+    "misattribution",
+    "misattribution_ci_low",
+    "misattribution_ci_high",
+]
 
 
 CSV_COLUMNS = ["model_a", "model_b", "method", "score", "log10_p", "related", "verdict"]

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from natprints.errors import NatprintsError
+from natprints.errors import NatprintsError, first_line
 
 if TYPE_CHECKING:
     from natprints.config import Config, RunSettings
@@ -94,7 +94,7 @@ def load_lm(directory: Path | str, *, verify: bool = True, device: str = "cpu") 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(info.path), dtype=torch.float32)
     except Exception as exc:  # transformers raises many types for unreadable or foreign dirs
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         if "weights only" in first.lower() or "pickle" in first.lower():
             # never pass on a library's advice to load the file unsafely
             first = "its weights file is corrupt or holds pickled objects, which natprints does not load"
@@ -288,7 +288,7 @@ def ray_session(run: RunSettings) -> Any:
                 os.environ.pop(REAPER_TOKEN, None)
             how = "started a local Ray instance"
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError, ... with long texts
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         where = f"join the Ray cluster at {run.ray_address!r}" if run.ray_address else "start a local Ray instance"
         hint = ""
         if run.ray_address and not os.environ.get("RAY_AUTH_MODE"):
@@ -481,7 +481,7 @@ def _run_ray(run: RunSettings, fn: Callable[..., Any], jobs: Sequence[tuple], pr
                 cause = exc.cause if isinstance(exc.cause, BaseException) else exc
                 raise cause from (None if isinstance(cause, NatprintsError) else exc)
             except ray.exceptions.RayError as exc:  # a worker or node died: killed, out of memory, lost
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                first = first_line(exc)
                 raise NatprintsError(
                     f"Ray lost the {progress.label} job {jobs[i][1]} ({first}); rerun the command to resume"
                 ) from None

@@ -67,3 +67,23 @@ def classification_summary(
         "macro_f1": macro_f1(matrix),
         "confusion": matrix.tolist(),
     }
+
+
+def roc_summary(negatives: np.ndarray, positives: np.ndarray, points: int = 41) -> dict[str, Any]:
+    """How well a score that is larger for ``positives`` separates them from ``negatives``: the area
+    under the ROC curve (ties count half; None when either side is empty) and the curve itself as
+    ``roc_fpr`` / ``roc_tpr`` lists, thinned to at most ``points`` corners, rounded to 4 decimals."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    negatives, positives = np.asarray(negatives, dtype=np.float64), np.asarray(positives, dtype=np.float64)
+    if not len(negatives) or not len(positives):
+        return {"auroc": None, "roc_fpr": [], "roc_tpr": []}
+    scores = np.nan_to_num(np.concatenate([negatives, positives]), posinf=1e300, neginf=-1e300)
+    truth = np.r_[np.zeros(len(negatives)), np.ones(len(positives))]
+    fpr, tpr, _ = roc_curve(truth, scores)
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(points, len(fpr))).round().astype(int))
+    return {
+        "auroc": round(float(roc_auc_score(truth, scores)), 6),
+        "roc_fpr": np.round(fpr[keep], 4).tolist(),
+        "roc_tpr": np.round(tpr[keep], 4).tolist(),
+    }

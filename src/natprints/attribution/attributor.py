@@ -11,6 +11,7 @@ checks the hashes first. Loading an n-gram attributor imports neither torch nor 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from natprints.attribution.fastpath import (
     npz_bytes,
     row_wise,
 )
-from natprints.errors import NatprintsError
+from natprints.errors import NatprintsError, first_line
 
 KIND = "natprints-attributor"
 FORMAT_VERSION = 2  # 2: the pipeline in skops format, the n-gram fast path as JSON + npz
@@ -205,8 +206,16 @@ class Attributor:
     temperature: float = 1.0
     threshold: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    # part ("train", "cal") -> digests (:func:`text_digest`) of the texts it was fitted or calibrated on
+    seen: dict[str, frozenset[str]] = field(default_factory=dict)
 
     _counter: NgramCounter | None = field(default=None, init=False, repr=False, compare=False)
+
+    def seen_in(self, text: str) -> str | None:
+        """The part (``train`` or ``cal``) whose texts include ``text``, else None: a verdict on such a
+        text is no held-out estimate (the attributor learned or calibrated on it)."""
+        digest = text_digest(text)
+        return next((part for part, digests in self.seen.items() if digest in digests), None)
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """Calibrated probabilities, one column per label (in ``labels`` order)."""
@@ -270,6 +279,14 @@ class Attributor:
 # --- vectorized n-gram counting -------------------------------------------------------------------
 
 
+SEEN_FILE = "seen.json"  # digests of the training and calibration texts, for `attribute`'s warning
+
+
+def text_digest(text: str) -> str:
+    """The digest a text is recognised by (its UTF-8 bytes, surrounding whitespace stripped)."""
+    return hashlib.sha256(text.strip().encode("utf-8")).hexdigest()[:20]
+
+
 FASTPATH_FIELDS = "fastpath.json"
 FASTPATH_ARRAYS = "fastpath.npz"
 
@@ -289,6 +306,10 @@ def save_attributor(directory: Path | str, attributor: Attributor, fields: dict[
         atomic_write_json(directory / FASTPATH_FIELDS, fast[0])
         atomic_write_bytes(directory / FASTPATH_ARRAYS, npz_bytes(fast[1]))
         files += [FASTPATH_FIELDS, FASTPATH_ARRAYS]
+    (directory / SEEN_FILE).unlink(missing_ok=True)
+    if attributor.seen:
+        atomic_write_json(directory / SEEN_FILE, {part: sorted(d) for part, d in attributor.seen.items()})
+        files.append(SEEN_FILE)
     meta = {
         **attributor.meta,
         "labels": list(attributor.labels),
@@ -338,10 +359,13 @@ def load_attributor(directory: Path | str, *, light: bool = False) -> Attributor
             threshold=float(meta["threshold"]),
             meta={k: v for k, v in meta.items() if k not in ("labels", "temperature", "threshold")},
         )
+        if SEEN_FILE in manifest.get("files", {}):
+            seen = json.loads((directory / SEEN_FILE).read_text(encoding="utf-8"))
+            attributor.seen = {str(part): frozenset(map(str, d)) for part, d in seen.items()}
     except NatprintsError:
         raise
     except Exception as exc:  # skops and numpy raise many types for a corrupt file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise NatprintsError(f"attributor at {directory} is corrupt: {first}") from None
     if not labels or not hasattr(pipeline, "predict_proba"):
         raise NatprintsError(f"attributor at {directory} is corrupt: no labels or no classifier")

@@ -178,32 +178,45 @@ def margin_rejects(
     loglik: np.ndarray, groups: Sequence[np.ndarray], known: Sequence[int], thresholds: dict[int, float]
 ) -> np.ndarray:
     """Per pool: True when the best known model's margin is below its threshold (the pool is ``unknown``)."""
+    return margin_statistic(loglik, groups, known, thresholds) > 0
+
+
+def margin_statistic(
+    loglik: np.ndarray, groups: Sequence[np.ndarray], known: Sequence[int], thresholds: dict[int, float]
+) -> np.ndarray:
+    """Per pool: the best known model's threshold minus its margin (above 0: the pool is ``unknown``)."""
     if not groups:
-        return np.zeros(0, dtype=bool)
+        return np.zeros(0)
     sums = np.stack([loglik[g][:, known].sum(axis=0) for g in groups])
     best = sums.argmax(axis=1)
     margins = np.array([_margin(sums[i : i + 1], b)[0] for i, b in enumerate(best)])
     limits = np.array([thresholds[known[b]] for b in best])
-    return margins < limits
+    return limits - margins
 
 
 def analytic_rejects(
     view: LikelihoodView, groups: Sequence[np.ndarray], known: Sequence[int], alpha: float
 ) -> np.ndarray:
-    """Per pool: True when every known model's pooled discrepancy z is below the one-sided alpha level."""
+    """Per pool: True when every known model's pooled discrepancy z lies outside its two-sided alpha
+    level: the texts are less likely *or* more likely than that model's own texts are."""
+    return analytic_statistic(view, groups, known) > norm.ppf(1 - alpha / 2)
+
+
+def analytic_statistic(view: LikelihoodView, groups: Sequence[np.ndarray], known: Sequence[int]) -> np.ndarray:
+    """Per pool: the smallest |z| over the known models, z the pooled Fast-DetectGPT discrepancy
+    (an undefined z, from zero variance, counts as 0: that model is never rejected)."""
     if not groups:
-        return np.zeros(0, dtype=bool)
+        return np.zeros(0)
     used = np.concatenate(list(groups))
     if np.isnan(view.entropy[np.ix_(used, known)]).any():
         raise NatprintsError("the analytic open-set test needs moments these scores lack; rerun `natprints likelihood`")
-    limit = norm.ppf(alpha)
     centred = view.loglik + view.entropy
     out = []
     for g in groups:
         with np.errstate(divide="ignore", invalid="ignore"):
             z = centred[g][:, known].sum(axis=0) / np.sqrt(view.variance[g][:, known].sum(axis=0))
-        out.append(bool(np.all(z < limit)))
-    return np.array(out, dtype=bool)
+        out.append(float(np.min(np.where(np.isnan(z), 0.0, np.abs(z)))))
+    return np.array(out)
 
 
 def kl_per_token(view: LikelihoodView, y: np.ndarray, a: int, b: int) -> tuple[float, float, int, int]:

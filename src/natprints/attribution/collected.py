@@ -29,7 +29,7 @@ from natprints.artifacts import Manifest, hash_obj, sha256_file
 from natprints.attribution.attributor import decode_text, save_attributor
 from natprints.attribution.data import CALIBRATION_FRACTION, ConditionData, condition_data, split_parts, split_prompts
 from natprints.config import NULL_CONDITION, Config, RunSettings
-from natprints.errors import NatprintsError
+from natprints.errors import NatprintsError, first_line
 
 TABLE_SUFFIXES = (".jsonl", ".csv", ".parquet")
 MIN_TEXTS = 4  # per source: enough to reach train, calibration and test
@@ -72,7 +72,7 @@ def _read_table(path: Path) -> pd.DataFrame:
             return pd.read_csv(path, dtype=str, keep_default_na=False)
         return pd.read_parquet(path)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise NatprintsError(f"{path}: unreadable {suffix[1:]} corpus ({first})") from None
 
 

@@ -22,13 +22,14 @@ import numpy as np
 import pandas as pd
 
 from natprints.artifacts import Manifest, atomic_write_json, hash_obj
-from natprints.attribution import ceiling, features
+from natprints.attribution import ceiling, features, sequential
 from natprints.attribution.attributor import (
     Attributor,
     apply_temperature,
     choose_threshold,
     fit_temperature,
     save_attributor,
+    text_digest,
 )
 from natprints.attribution.ceiling import LikelihoodView
 from natprints.attribution.data import (
@@ -44,15 +45,16 @@ from natprints.attribution.head import load_head
 from natprints.attribution.reference import _manifest as reference_manifest
 from natprints.attribution.reference import reference_key, subset_id
 from natprints.config import CLASSIFIERS, FEATURIZERS, NULL_CONDITION, Config
+from natprints.corpus import load_tokenizer
 from natprints.errors import NatprintsError
 from natprints.likelihood.stage import likelihood_key, load_scores
 from natprints.records import write_results
 from natprints.runtime import run_jobs
-from natprints.stats import classification_summary
+from natprints.stats import classification_summary, roc_summary
 
 # 2: the null control is named `null_control` in every record (pandas reads `null` as NaN).
 # 3: a length-only control per condition; the string-level ceiling (canonical tokenization).
-EXPERIMENTS_VERSION = 5  # bump when the records change meaning: cached results are then redone
+EXPERIMENTS_VERSION = 6  # bump when the records change meaning: cached results are then redone
 BASELINE = ("word1", "logreg")
 # The white-box attributor: every candidate model's exact likelihood of the text (the ceiling).
 CEILING = ("likelihood", "bayes")
@@ -446,6 +448,12 @@ def _calibrate(setup: Setup, pipe: Any, labels: list[str], cal: pd.DataFrame, ra
     return attributor
 
 
+def seen_texts(parts: dict[str, pd.DataFrame]) -> dict[str, frozenset[str]]:
+    """Part name -> the digests of its texts (:func:`~natprints.attribution.attributor.text_digest`):
+    what a saved attributor learned or was calibrated on, for `attribute`'s warning."""
+    return {part: frozenset(text_digest(t) for t in frame["text"]) for part, frame in parts.items()}
+
+
 def _attributor_record(
     data: ConditionData, best: dict[str, Any], attributor: Attributor, test: pd.DataFrame, n_cal: int
 ) -> dict[str, Any]:
@@ -595,6 +603,7 @@ def run_condition(
         black_box["best"] = (key, np.asarray(fitted[key].predict_proba(test_texts)))
         return records + _white_box(setup, data, parts, views, black_box), None
     attributor = _calibrate(setup, fitted[key], data.labels, cal, cal_proba.get(key))
+    attributor.seen = seen_texts({"train": train, "cal": cal})
     black_box["best"] = (key, attributor.predict_proba(test_texts))
     attributor.meta = {
         "condition": data.name,
@@ -609,8 +618,82 @@ def run_condition(
     records += _evidence(setup, data, parts, grid)
     records += explanations
     records += _open_set(setup, data, parts, best) if data.name in setup.open_set else []
+    records += _attributor_outsiders(setup, data, parts, attributor, black_box["best"][1])
     records += _white_box(setup, data, parts, views, black_box)
     return records, attributor
+
+
+# --- `unknown` against outsiders: human continuations and junk ----------------------------------
+
+
+def _outsider_groups(sources: np.ndarray, source: str, k: int, seed: int) -> list[np.ndarray]:
+    """Disjoint pools of ``k`` rows of one outsider source (shuffled by ``seed``, the rest dropped)."""
+    rows = np.flatnonzero(sources == source)
+    return [rows[g] for g in ceiling.pool_groups(np.zeros(len(rows), dtype=np.int64), k, seed)]
+
+
+def _outsider_record(
+    data: ConditionData, method: str, source: str, k: int, limit: float, known: np.ndarray, outsider: np.ndarray
+) -> dict[str, Any]:
+    """One open-set test against one outsider source: a pool is ``unknown`` when its statistic is
+    above ``limit``; the known models' own pools are the negatives of the ROC curve."""
+    return {
+        "kind": "open_set_outsiders",
+        "condition": data.name,
+        "method": method,
+        "source": source,
+        "k": k,
+        "n_outsider": len(outsider),
+        "outsider_rejected_n": int((outsider > limit).sum()),
+        "n_known": len(known),
+        "known_rejected_n": int((known > limit).sum()),
+        **roc_summary(known, outsider),
+    }
+
+
+def _attributor_outsiders(
+    setup: Setup, data: ConditionData, parts: dict[str, pd.DataFrame], attributor: Attributor, proba: np.ndarray
+) -> list[dict[str, Any]]:
+    """The saved attributor (every model of the condition known) on the human continuations and junk
+    of the test prompts: pools of k texts whose pooled calibrated probability stays below its
+    threshold are ``unknown``, as `natprints attribute --pool` calls them. ``proba``: its calibrated
+    probabilities of the condition's test texts."""
+    from natprints.generate.stage import OUTSIDERS, outsider_texts
+
+    if setup.tokenizer is None or not ceiling.open_set_applies(data):
+        return []  # texts the run did not generate have no held-out paragraphs to continue
+    if not (setup.cfg.paths.corpus / "heldout.jsonl").is_file():
+        return []  # generated texts without the run's corpus (a test's synthetic run)
+    test = parts["test"]
+    strangers = outsider_texts(setup.cfg, test["prompt_id"].astype(str).unique())
+    sources = strangers["source"].to_numpy()
+
+    def log(p: np.ndarray) -> np.ndarray:
+        return np.log(np.clip(np.asarray(p, dtype=np.float64), 1e-300, 1.0))
+
+    known_log, outsider_log = log(proba), log(attributor.predict_proba(strangers["text"].tolist()))
+
+    def statistic(scores: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
+        if not groups:
+            return np.zeros(0)
+        sums = np.stack([scores[g].sum(axis=0) for g in groups])
+        return -np.exp(ceiling.log_posterior(sums).max(axis=1))  # minus the pooled verdict's probability
+
+    seed = setup.settings.split_seed
+    y = test["label"].to_numpy()
+    records = []
+    for k in OPEN_SET_POOLS:
+        known = statistic(known_log, ceiling.pool_groups(y, k, seed))
+        if not len(known):
+            continue
+        for source in OUTSIDERS:
+            groups = _outsider_groups(sources, source, k, seed)
+            if groups:
+                outsider = statistic(outsider_log, groups)
+                # rejected when the probability is below the threshold, i.e. -p above -threshold
+                limit = -attributor.threshold
+                records.append(_outsider_record(data, "attributor", source, k, limit, known, outsider))
+    return records
 
 
 # --- white-box: the ceiling, pooled evidence, the open-set test ----------------------------------
@@ -705,7 +788,112 @@ def _white_box(
         return records
     if "string" in views:
         records.append(_string_ceiling(data, parts, views["string"]))
-    return records + _likelihood_open_set(setup, data, parts, views) + _kl_records(setup, data, parts, views)
+    return (
+        records
+        + _sequential_records(setup, data, parts, views, log_scores)
+        + _likelihood_open_set(setup, data, parts, views)
+        + _likelihood_outsiders(setup, data, parts, views)
+        + _kl_records(setup, data, parts, views)
+    )
+
+
+SEQUENTIAL_STREAM = 16  # texts per stream of the sequential test (each of one source, in a random order)
+# (fewer when a model has fewer test texts)
+
+
+def _sequential_record(
+    data: ConditionData,
+    role: str,
+    pipeline: str,
+    case: str,
+    error: float,
+    verdicts: list,
+    truth: list[int] | None,
+    length: int,
+) -> dict[str, Any]:
+    """One sequential test on many streams: how each ended, and after how many texts. ``truth``: each
+    stream's source (None: no candidate wrote it, so naming any is an error)."""
+    truths = truth if truth is not None else [None] * len(verdicts)
+    right = [v.named() and v.label == t for v, t in zip(verdicts, truths, strict=True)]
+    named = [v.named() for v in verdicts]
+    return {
+        "kind": "sequential",
+        "condition": data.name,
+        "role": role,
+        "pipeline": pipeline,
+        "case": case,
+        "error": error,
+        "stream_texts": length,
+        "n_streams": len(verdicts),
+        "named_right": int(sum(right)),
+        "named_wrong": int(sum(named) - sum(right)),
+        "unknown": int(sum(v.label == sequential.UNKNOWN for v in verdicts)),
+        "undecided": int(sum(v.label == sequential.UNDECIDED for v in verdicts)),
+        "texts_to_verdict": [v.texts for v in verdicts if v.label != sequential.UNDECIDED],
+    }
+
+
+def _sequential_records(
+    setup: Setup,
+    data: ConditionData,
+    parts: dict[str, pd.DataFrame],
+    views: dict[str, LikelihoodView],
+    log_scores: dict[str, tuple[tuple[str, str], np.ndarray]],
+) -> list[dict[str, Any]]:
+    """The sequential test (:mod:`natprints.attribution.sequential`) on streams of each model's test
+    texts: the ceiling (exact likelihoods, with the open-set test beside it where the moments were
+    scored), the best pipeline's calibrated attributor and the baseline; and, for the ceiling, streams no
+    candidate wrote: each model left out of the library in turn, and human continuations."""
+    if data.name == NULL_CONDITION:
+        return []
+    y = parts["test"]["label"].to_numpy()
+    seed = setup.settings.split_seed
+    length = min(SEQUENTIAL_STREAM, int(np.bincount(y).min()))  # a small run: one stream per model
+    flows = sequential.streams(y, length, seed) if length > 0 else []
+    if not flows:
+        return []
+    truth = [int(y[f[0]]) for f in flows]
+    test = views.get("test")
+    moments = test is not None and not np.isnan(test.entropy).any()
+    centred = test.loglik + test.entropy if moments else None
+    records = []
+    for role in ("ceiling", "best", "baseline"):
+        if role not in log_scores:
+            continue
+        key, scores = log_scores[role]
+        parts_of = (centred, test.variance) if role == "ceiling" and moments else (None, None)
+        for error in sequential.ERRORS:
+            verdicts = [
+                sequential.decide(scores[f], error, *(None if a is None else a[f] for a in parts_of)) for f in flows
+            ]
+            records.append(_sequential_record(data, role, "+".join(key), "known", error, verdicts, truth, length))
+    if not moments or "outsiders" not in views:
+        return records
+    outsiders = views["outsiders"]
+    human = np.array([sid.startswith("human:") for sid in outsiders.sample_ids])
+    human_flows = sequential.streams(np.where(human, 0, 1), length, seed)
+    human_flows = [f for f in human_flows if human[f[0]]]
+    k = len(data.labels)
+    for error in sequential.ERRORS:
+        verdicts = [
+            sequential.decide(
+                outsiders.loglik[f], error, outsiders.loglik[f] + outsiders.entropy[f], outsiders.variance[f]
+            )
+            for f in human_flows
+        ]
+        if verdicts:
+            record = _sequential_record(data, "ceiling", "+".join(CEILING), "human", error, verdicts, None, length)
+            records.append(record)
+        left_out = []
+        for held in range(k):
+            known = [i for i in range(k) if i != held]
+            for f, t in zip(flows, truth, strict=True):
+                if t == held:
+                    rows = np.ix_(f, known)
+                    left_out.append(sequential.decide(test.loglik[rows], error, centred[rows], test.variance[rows]))
+        case = "left-out model"
+        records.append(_sequential_record(data, "ceiling", "+".join(CEILING), case, error, left_out, None, length))
+    return records
 
 
 def _string_ceiling(data: ConditionData, parts: dict[str, pd.DataFrame], view: ceiling.StringView) -> dict[str, Any]:
@@ -826,6 +1014,55 @@ def _likelihood_open_set(
     return records
 
 
+def _likelihood_statistics(
+    view: LikelihoodView, pools: list[np.ndarray], known: list[int], thresholds: dict[int, float]
+) -> dict[str, np.ndarray]:
+    """Per pool, each likelihood test's statistic (above its limit: ``unknown``)."""
+    return {
+        "margin": ceiling.margin_statistic(view.loglik, pools, known, thresholds),
+        "analytic": ceiling.analytic_statistic(view, pools, known),
+    }
+
+
+def _likelihood_outsiders(
+    setup: Setup, data: ConditionData, parts: dict[str, pd.DataFrame], views: dict[str, LikelihoodView]
+) -> list[dict[str, Any]]:
+    """Both likelihood tests, every model of the condition known, on pools of human continuations and
+    of junk: how often they are called ``unknown``, against how often the known models' own pools are."""
+    from scipy.stats import norm
+
+    from natprints.generate.stage import OUTSIDERS
+
+    if "outsiders" not in views:
+        return []
+    settings, seed = setup.cfg.likelihood, setup.settings.split_seed
+    alpha = settings.open_set_alpha
+    known_models = list(range(len(data.labels)))
+    outsiders = views["outsiders"]
+    sources = np.array([sid.split(":", 1)[0] for sid in outsiders.sample_ids])
+    y_test, y_cal = parts["test"]["label"].to_numpy(), parts["cal"]["label"].to_numpy()
+    records = []
+    for k in OPEN_SET_POOLS:
+        groups = ceiling.pool_groups(y_test, k, seed)
+        if not groups:
+            continue
+        thresholds = ceiling.margin_thresholds(
+            views["cal"].loglik, y_cal, known_models, k, alpha, settings.open_set_resamples, seed
+        )
+
+        limits = {"margin": 0.0, "analytic": float(norm.ppf(1 - alpha / 2))}
+        known = _likelihood_statistics(views["test"], groups, known_models, thresholds)
+        for source in OUTSIDERS:
+            pools = _outsider_groups(sources, source, k, seed)
+            if not pools:
+                continue
+            outsider = _likelihood_statistics(outsiders, pools, known_models, thresholds)
+            for method, limit in limits.items():
+                record = _outsider_record(data, method, source, k, limit, known[method], outsider[method])
+                records.append(record | {"alpha": alpha})
+    return records
+
+
 # --- the stage ------------------------------------------------------------------------------------
 
 
@@ -851,16 +1088,6 @@ def _condition_key(cfg: Config, data: ConditionData) -> str:
 
 def _stage_key(cfg: Config, conditions: dict[str, ConditionData]) -> str:
     return hash_obj({"run": cfg.run.name, "conditions": {n: _condition_key(cfg, d) for n, d in conditions.items()}})
-
-
-def _load_tokenizer(cfg: Config) -> Any:
-    """The run's tokenizer, the one the generator decoded continuations with."""
-    from transformers import PreTrainedTokenizerFast
-
-    path = cfg.paths.tokenizer
-    if not (path / "tokenizer.json").is_file():
-        raise NatprintsError(f"no tokenizer at {path}; run `natprints data` first")
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
 def _manifest(cfg: Config) -> Manifest:
@@ -926,7 +1153,8 @@ def _condition_job(
     # the full texts are in the cache already (_prefill_embeddings); the evidence curves' cut texts are
     # embedded here but not stored, so the cache is the same whatever order the conditions ran in
     with threadpool_limits(limits=THREADS), features.read_only_cache():
-        setup = Setup(cfg=cfg, split=split, tokenizer=_load_tokenizer(cfg), progress=progress)
+        # the run's tokenizer, the one the generator decoded continuations with
+        setup = Setup(cfg=cfg, split=split, tokenizer=load_tokenizer(cfg.paths.tokenizer), progress=progress)
         start = time.perf_counter()
         done, attributor = run_condition(setup, data, views)
     if attributor is not None:
@@ -986,6 +1214,13 @@ def _views(
     views: dict[str, Any] = {s: ceiling.condition_view(data, parts[s], scores, prefixes) for s in ("test", "cal")}
     if data.name != NULL_CONDITION:
         views["string"] = ceiling.string_view(data, parts["test"], scores)
+    if ceiling.open_set_applies(data):
+        from natprints.generate.stage import OUTSIDERS
+
+        # the human continuations and junk of the test prompts (the likelihood stage scores them)
+        prompts = sorted(set(parts["test"]["prompt_id"].astype(str)))
+        ids = [f"{source}:{p}" for source in OUTSIDERS for p in prompts]
+        views["outsiders"] = ceiling.condition_view(data, pd.DataFrame({"sample_id": ids}), scores, [])
     return views
 
 

@@ -10,7 +10,7 @@ same texts an uninterrupted one would.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,9 @@ COLUMNS = [
 
 
 def build_prompts(cfg: Config) -> pd.DataFrame:
-    """The first ``prompt_tokens`` tokens of the first held-out paragraphs long enough to have them."""
+    """The first ``prompt_tokens`` tokens of the first held-out paragraphs long enough to have them;
+    ``human_token_ids``: the paragraph's own next tokens, at most ``new_tokens`` of them (what a person
+    wrote after the prompt, for the open-set tests)."""
     from natprints.corpus import corpus_manifest, load_tokenizer, read_jsonl_texts
 
     corpus_manifest(cfg)
@@ -58,6 +60,7 @@ def build_prompts(cfg: Config) -> pd.DataFrame:
                 "prompt_id": f"p{len(rows):05d}-{digest}",
                 "prompt_token_ids": prompt_ids,
                 "prompt": tokenizer.decode(prompt_ids),
+                "human_token_ids": ids[g.prompt_tokens : g.prompt_tokens + g.new_tokens],
             }
         )
         if len(rows) == g.prompts:
@@ -68,6 +71,41 @@ def build_prompts(cfg: Config) -> pd.DataFrame:
             f"lower generate.prompts or raise corpus.heldout_fraction"
         )
     return pd.DataFrame(rows)
+
+
+OUTSIDERS = ("human", "junk")  # sources no model of the run is: the open-set tests' negatives
+
+
+def outsider_texts(cfg: Config, prompt_ids: Iterable[str]) -> pd.DataFrame:
+    """Texts no model of the run wrote, one of each kind per prompt, as the open-set tests meet them:
+    *human*, the held-out paragraph's own continuation of the prompt (at most ``new_tokens`` tokens; a
+    paragraph that ends within them ends as a model's text does, at EOS); *junk*, ``new_tokens`` tokens
+    drawn uniformly from the vocabulary without its special tokens, seeded by the prompt. Columns: the
+    generated corpora's ``sample_id`` (``human:<prompt>``, ``junk:<prompt>``), ``source``,
+    ``prompt_id``, ``prompt``, ``token_ids`` and ``text`` (decoded as generated texts are)."""
+    from natprints.corpus import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.paths.tokenizer)
+    special = set(tokenizer.all_special_ids)
+    vocabulary = np.array([i for i in range(len(tokenizer)) if i not in special], dtype=np.int64)
+    prompts = build_prompts(cfg).set_index("prompt_id")
+    rows = []
+    for pid in sorted(set(map(str, prompt_ids))):
+        human = [int(t) for t in prompts.at[pid, "human_token_ids"]]
+        rng = np.random.default_rng(int(sha256_text(f"junk|{pid}")[:15], 16))
+        junk = vocabulary[rng.integers(0, len(vocabulary), size=cfg.generate.new_tokens)].tolist()
+        for source, ids in zip(OUTSIDERS, (human, junk), strict=True):
+            rows.append(
+                {
+                    "sample_id": f"{source}:{pid}",
+                    "source": source,
+                    "prompt_id": pid,
+                    "prompt": prompts.at[pid, "prompt"],
+                    "token_ids": ids,
+                    "text": tokenizer.decode(ids),
+                }
+            )
+    return pd.DataFrame(rows, columns=["sample_id", "source", "prompt_id", "prompt", "token_ids", "text"])
 
 
 def sample_id(model_id: str, prompt_id: str, index: int, seed: int) -> str:

@@ -6,9 +6,10 @@ that no text classifier beats. The candidates may be of any causal-LM family, ea
 with its own tokenizer (the one saved in its directory, else a shared one): the score is
 log p(continuation string | prompt string) under that model, so models with different vocabularies
 compete on the same string. Models are loaded one at a time. The open set is the analytic
-(Fast-DetectGPT) test of each model: a model is rejected when its discrepancy
-z = (loglik + sum H) / sqrt(sum Var) is below ``norm.ppf(alpha)`` (the text is less likely than that
-model's own samples are), and the label is ``unknown`` when every model is rejected. Pooling treats
+(Fast-DetectGPT) test of each model, two-sided: a model is rejected when its discrepancy
+z = (loglik + sum H) / sqrt(sum Var) lies beyond ``norm.ppf(1 - alpha / 2)`` either way (the text is
+less likely, or more likely, than that model's own samples are: human prose a small model predicts
+well is the second kind), and the label is ``unknown`` when every model is rejected. Pooling treats
 all texts as from one source: their log-likelihoods, z numerators and variances add up to one verdict.
 
 **The token boundary.** Without a prompt a text continues the tokenizer's BOS token (EOS where it has
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from natprints.attribution.attributor import UNKNOWN, Prediction
-from natprints.errors import NatprintsError
+from natprints.errors import NatprintsError, first_line
 
 if TYPE_CHECKING:
     from natprints.attribution.attributor import Attributor
@@ -58,12 +59,14 @@ class LikelihoodPrediction(Prediction):
     texts: int
     alpha: float
     model_tokens: dict[str, int] = field(default_factory=dict)  # tokens scored under each model's tokenizer
+    # the analytic test's parts per model: log-likelihood plus entropy, and the variance of log p
+    centred: dict[str, float] = field(default_factory=dict, repr=False)
+    variance: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def rejected(self) -> list[str]:
-        """The models whose own samples would be this unlikely less than ``alpha`` of the time."""
-        limit = NormalDist().inv_cdf(self.alpha)
-        return [m for m, z in self.z.items() if z < limit]  # nan (zero variance) is never below
+        """The models whose own samples would be this far from typical less than ``alpha`` of the time."""
+        return [m for m, z in self.z.items() if _atypical(z, self.alpha)]
 
     def to_dict(self) -> dict[str, Any]:
         """The attributor's fields plus per-model log-likelihood and z (null where not finite)."""
@@ -77,6 +80,11 @@ class LikelihoodPrediction(Prediction):
             "model_tokens": self.model_tokens,
             "texts": self.texts,
         }
+
+
+def _atypical(z: float, alpha: float) -> bool:
+    """The two-sided test at level ``alpha``; an undefined z (zero variance) is never rejected."""
+    return not math.isnan(z) and abs(z) > NormalDist().inv_cdf(1 - alpha / 2)
 
 
 def _finite(value: float) -> float | None:
@@ -194,7 +202,7 @@ def load_model_tokenizer(directory: Path | str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as exc:  # transformers raises many types for a corrupt tokenizer
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise NatprintsError(f"cannot load the tokenizer at {directory}: {first}") from None
 
 
@@ -251,6 +259,7 @@ def attribute_by_likelihood(
     batch_size: int = 64,
     top: int = 3,
     progress: bool = False,
+    loaded: dict[str, Any] | None = None,
 ) -> list[LikelihoodPrediction] | LikelihoodPrediction:
     """Attribute each text (or, with ``pool``, all of them together) to the model most likely to have written it.
 
@@ -258,7 +267,8 @@ def attribute_by_likelihood(
     reads the texts with the tokenizer in its directory, else ``tokenizer``. ``prompts`` gives each
     text's prompt (default: none, see the module's note on the boundary). ``temperature``, ``top_k`` and
     ``top_p`` are the transform the texts were sampled with. Returns one :class:`LikelihoodPrediction`
-    per text in order, or one when ``pool``; ``top`` candidates each.
+    per text in order, or one when ``pool``; ``top`` candidates each. ``loaded``: a dict that keeps
+    each model loaded between calls (label -> model), for texts that arrive one at a time.
     """
     import torch
     from tqdm.auto import tqdm
@@ -293,9 +303,13 @@ def attribute_by_likelihood(
     for j, label in enumerate(tqdm(labels, desc="likelihood", unit="model", disable=None if progress else True)):
         candidate = candidates[label]
         contexts, continuations = pairs[label]
-        lm = load_lm(candidate.info.path, device=device)
+        lm = loaded.get(label) if loaded is not None else None
+        if lm is None:
+            lm = as_scorer(load_lm(candidate.info.path, device=device))
+            if loaded is not None:
+                loaded[label] = lm
         scores = score_texts(
-            as_scorer(lm),
+            lm,
             contexts,
             continuations,
             eos_id=candidate.pad,
@@ -313,7 +327,7 @@ def attribute_by_likelihood(
             variance[i, j] = score.logprob_variance[:m].sum()
             tokens[i, j] = m
         del lm, scores
-        if device == "cuda":
+        if device == "cuda" and loaded is None:
             torch.cuda.empty_cache()
     if pool:
         return _predict(labels, loglik.sum(0), entropy.sum(0), variance.sum(0), tokens.sum(0), n, alpha, top)
@@ -341,7 +355,7 @@ def _predict(
     proba, order = _ranked(loglik, top)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = (loglik + entropy) / np.sqrt(variance)
-    unknown = bool(np.all(z < NormalDist().inv_cdf(alpha)))
+    unknown = all(_atypical(float(v), alpha) for v in z)
     best = labels[order[0]]
     return LikelihoodPrediction(
         label=UNKNOWN if unknown else best,
@@ -355,6 +369,8 @@ def _predict(
         texts=texts,
         alpha=alpha,
         model_tokens={m: int(t) for m, t in zip(labels, tokens, strict=True)},
+        centred={m: float(v) for m, v in zip(labels, loglik + entropy, strict=True)},
+        variance={m: float(v) for m, v in zip(labels, variance, strict=True)},
     )
 
 

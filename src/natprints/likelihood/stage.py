@@ -12,6 +12,11 @@ open-set test); elsewhere they are NaN, and a row that comes to need them is sco
 Each test text whose canonical tokenization (the text re-tokenized) differs from the ids it was
 sampled as is also scored as those canonical ids, under the sample id ``<id>~canonical`` and without
 an end event: what a scorer that sees only the string can compute (the string-level ceiling).
+
+Each model of a condition with the open-set test also scores, with moments, texts no model wrote: the
+held-out paragraph's own continuation of each test prompt (``human:<prompt id>``) and as many junk
+tokens (``junk:<prompt id>``), the negatives of the open-set tests (``outsider_texts`` in
+``generate.stage``).
 """
 
 from __future__ import annotations
@@ -50,26 +55,29 @@ def _row_key(sample_id: str, prompt: list[int], tokens: list[int], transform: tu
 
 
 def scoring_rows(
-    cfg: Config, conditions: dict[str, ConditionData], *, canonical: bool = False
+    cfg: Config, conditions: dict[str, ConditionData], *, canonical: bool = False, outsiders: bool = False
 ) -> dict[str, pd.DataFrame]:
     """Scoring model -> the rows it scores (each text of a scored split, once per model); a row's
     ``moments`` is True where the analytic open-set test reads them: the test texts of a condition
     that gets the test. ``canonical``: also each test text's canonical tokenization where it differs
-    from the sampled ids (:func:`canonical_rows`)."""
+    from the sampled ids (:func:`canonical_rows`). ``outsiders``: also, for a condition with the
+    open-set test, the human and junk texts of its test prompts (:func:`outsider_rows`)."""
     from natprints.attribution.ceiling import open_set_applies
-    from natprints.generate.stage import build_prompts
+    from natprints.generate.stage import build_prompts, outsider_texts
 
     prompts = build_prompts(cfg).set_index("prompt_id")["prompt_token_ids"]
     split = run_split(cfg, conditions)
     wanted: dict[str, dict[str, pd.Series]] = {}
     needs: dict[str, set[str]] = {}
     tests: dict[str, set[str]] = {}
+    strange: dict[str, set[str]] = {}
     for data in conditions.values():
         where = data.frame["prompt_id"].astype(str).map(split)
         frame = data.frame[where.isin(SCORED_SPLITS)]
         test_ids = set(data.frame.loc[where == "test", "sample_id"].astype(str))
         tested = where == "test" if open_set_applies(data) else pd.Series(False, index=where.index)
         with_moments = set(data.frame.loc[tested, "sample_id"].astype(str))
+        test_prompts = set(data.frame.loc[tested, "prompt_id"].astype(str))
         scorers = sorted(data.frame["model_id"].astype(str).unique())  # the null control: its one model
         for scorer in scorers:
             rows = wanted.setdefault(scorer, {})
@@ -77,16 +85,37 @@ def scoring_rows(
                 rows.setdefault(str(row.sample_id), row)
             needs.setdefault(scorer, set()).update(with_moments)
             tests.setdefault(scorer, set()).update(test_ids)
+            strange.setdefault(scorer, set()).update(test_prompts)
     out = {}
     canonical_ids = _canonical_ids(cfg, [r for rows in wanted.values() for r in rows.values()]) if canonical else {}
+    strangers = outsider_texts(cfg, set().union(*strange.values())) if outsiders and strange else None
     for scorer, rows in wanted.items():
         frame = text_rows(list(rows.values()), prompts)
         frame = frame.assign(moments=frame["sample_id"].isin(needs[scorer]))
         if canonical:
             tested = [row for sid, row in rows.items() if sid in tests[scorer]]
             frame = pd.concat([frame, canonical_rows(tested, prompts, canonical_ids)], ignore_index=True)
+        if strangers is not None and strange[scorer]:
+            mine = strangers[strangers["prompt_id"].isin(strange[scorer])]
+            frame = pd.concat([frame, outsider_rows(cfg, mine, prompts)], ignore_index=True)
         out[scorer] = frame
     return out
+
+
+def outsider_rows(cfg: Config, texts: pd.DataFrame, prompts: pd.Series) -> pd.DataFrame:
+    """Rows scoring :func:`~natprints.generate.stage.outsider_texts` (human continuations and junk)
+    under the run's sampling transform, with moments (the analytic open-set test reads them). A human
+    continuation shorter than ``new_tokens`` ended its paragraph: its end event is scored, as a
+    generated text's EOS is."""
+    g = cfg.generate
+    records = []
+    for row in texts.itertuples(index=False):
+        prompt = [int(t) for t in prompts.loc[row.prompt_id]]
+        tokens = [int(t) for t in row.token_ids]
+        transform = (float(g.temperature), int(g.top_k), float(g.top_p), int(g.new_tokens))
+        key = _row_key(str(row.sample_id), prompt, tokens, transform)
+        records.append((key, str(row.sample_id), prompt, tokens, *transform, True))
+    return pd.DataFrame(records, columns=ROW_COLUMNS)
 
 
 def _canonical_ids(cfg: Config, texts: list) -> dict[str, list[int]]:
@@ -357,7 +386,7 @@ def score_all(cfg: Config, *, progress: bool = True) -> dict:
     from natprints.zoo.stage import verified_model
 
     conditions = load_conditions(cfg)
-    rows = scoring_rows(cfg, conditions, canonical=True)
+    rows = scoring_rows(cfg, conditions, canonical=True, outsiders=True)
     for model_id in rows:
         verified_model(cfg, model_id)  # cached scores of weights that changed on disk are not trusted
     key = stage_key(cfg, rows)

@@ -49,11 +49,9 @@ from natprints.runtime import load_lm, resolve_device
 
 FEATURES_VERSION = 1
 _LN10 = math.log(10.0)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _LOG10_2 = math.log10(2.0)
 _FEATURE_BATCH = 32
 K_ALL = "all"
-VERDICTS = ("related", "unrelated", "uncalibrated")
 
 
 # ---------------------------------------------------------------------------------------------

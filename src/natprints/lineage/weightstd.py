@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from natprints.errors import NatprintsError
+from natprints.errors import NatprintsError, first_line
 from natprints.lineage.models import Incomparable, ModelInfo, inspect_model, model_digest
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -45,11 +45,6 @@ class WeightProfile:
         return len(self.stds[PROJECTIONS[0]])
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _iter_tensors(info: ModelInfo) -> Any:
     """Yield (name, tensor) for the projection weights only."""
     import torch
@@ -64,7 +59,7 @@ def _iter_tensors(info: ModelInfo) -> Any:
                         if _NAME.search(name):
                             yield name, handle.get_tensor(name)
             except Exception as exc:  # safetensors raises its own error types on corrupt files
-                raise NatprintsError(f"cannot read {file}: {_first_line(exc)}") from None
+                raise NatprintsError(f"cannot read {file}: {first_line(exc)}") from None
         else:
             try:
                 state = torch.load(file, map_location="cpu", weights_only=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,8 +21,15 @@ from natprints.attribution.experiments import BASELINE
 from natprints.config import CLASSIFIERS as CLASSIFIER_ORDER
 from natprints.config import FEATURIZERS as FEATURIZER_ORDER
 from natprints.config import NULL_CONDITION, Config
-from natprints.records import CEILING_PIPELINE, accuracy_table, kl_table, load_records, pooled_table
-from natprints.reports.figures import plot_confusion, plot_evidence, plot_kl_heatmap, plot_reliability
+from natprints.records import CEILING_PIPELINE, accuracy_table, kl_table, load_records, pooled_table, sequential_table
+from natprints.reports.figures import (
+    plot_confusion,
+    plot_evidence,
+    plot_kl_heatmap,
+    plot_reliability,
+    plot_roc,
+    plot_sequential,
+)
 from natprints.stats import wilson_interval
 
 FIGURES = "figures"
@@ -210,6 +218,25 @@ def evidence_table(records: Sequence[dict[str, Any]], axis: str) -> pd.DataFrame
     ]
     cols = ["condition", "pipeline", "role", "value", "n_train", "accuracy", "ci_low", "ci_high", "chance"]
     return pd.DataFrame(rows, columns=cols)
+
+
+def outsiders_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Per (condition, method, source, k): outsider pools called ``unknown``, known pools rejected, AUROC."""
+    cols = [
+        "condition",
+        "method",
+        "source",
+        "k",
+        "n_outsider",
+        "outsider_rejected_n",
+        "n_known",
+        "known_rejected_n",
+        "auroc",
+    ]
+    frame = pd.DataFrame([{c: r.get(c) for c in cols} for r in _of(records, "open_set_outsiders")], columns=cols)
+    frame["outsider_rejected"] = frame["outsider_rejected_n"] / frame["n_outsider"].clip(lower=1)
+    frame["known_rejected"] = frame["known_rejected_n"] / frame["n_known"].clip(lower=1)
+    return frame
 
 
 def open_set_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -728,6 +755,8 @@ def render_section(cfg: Config) -> str:
     lik_text, lik_facts = _likelihood_open_set_section(records)
     if lik_text:
         parts.append(lik_text)
+    parts.append(_outsiders_section(cfg, records, figures))
+    parts.append(_sequential_section(records, figures))
     parts.append(_findings(head, null_facts, tokens, open_facts, pooled, lik_facts))
     return "\n".join(p for p in parts if p)
 
@@ -952,6 +981,166 @@ def _likelihood_open_set_section(records: Sequence[dict[str, Any]]) -> tuple[str
         )
     )
     return text, {"table": table}
+
+
+OUTSIDER_TARGET = (4, 0.9)  # pools of 4 human continuations: at least this share called `unknown`
+
+
+def _outsiders_section(cfg: Config, records: Sequence[dict[str, Any]], figures: Path) -> str:
+    """Every open-set test with the whole library known, against texts no model of it wrote."""
+    table = outsiders_table(records)
+    if table.empty:
+        return ""
+    alpha = cfg.likelihood.open_set_alpha
+    rows = [
+        [
+            f"`{r.condition}`",
+            r.method,
+            r.source,
+            int(r.k),
+            f"{r.outsider_rejected:.3f} ({int(r.outsider_rejected_n)}/{int(r.n_outsider)})",
+            _acc(r.known_rejected, *wilson_interval(int(r.known_rejected_n), int(r.n_known))),
+            "–" if r.auroc is None or pd.isna(r.auroc) else f"{r.auroc:.3f}",
+        ]
+        for r in table.itertuples()
+    ]
+    k_target, share = OUTSIDER_TARGET
+    lines = []
+    for method in ("analytic", "margin", "attributor"):
+        at = table[(table["method"] == method) & (table["source"] == "human") & (table["k"] == k_target)]
+        if at.empty:
+            continue
+        met = at[at["outsider_rejected"] >= share]["condition"].tolist()
+        lines.append(
+            f"- *{method}*: pools of {k_target} human continuations called `unknown` in "
+            f"{at['outsider_rejected'].min():.2f}–{at['outsider_rejected'].max():.2f} of cases; the target "
+            f"(≥ {share:g}) is met in {len(met)} of {len(at)} conditions"
+            + (f" ({', '.join(f'`{c}`' for c in met)})" if 0 < len(met) < len(at) else "")
+            + "."
+        )
+    fpr = table[table["method"] != "attributor"]
+    if not fpr.empty:
+        low = [wilson_interval(int(r.known_rejected_n), int(r.n_known))[0] for r in fpr.itertuples()]
+        above = sum(lo > alpha for lo in low)
+        lines.append(
+            "- Known models' pools wrongly called `unknown` by the likelihood tests: "
+            f"{fpr['known_rejected'].min():.3f}–{fpr['known_rejected'].max():.3f}; {above} of {len(fpr)} rows "
+            "have their whole 95% interval above "
+            f"alpha = {alpha:g}."
+        )
+    panels = [
+        (f"{c}, k={k}", [(f"{r['method']}, {r['source']}", r["roc_fpr"], r["roc_tpr"]) for r in group])
+        for (c, k), group in _groupby(_of(records, "open_set_outsiders"), ("condition", "k"))
+        if k in (1, k_target)
+    ]
+    figure = ""
+    if panels:
+        plot_roc(panels, figures / "open_set_roc.png")
+        figure = f"![open set: ROC curves]({FIGURES}/open_set_roc.png)\n\n"
+    return (
+        "### Open set: texts none of the models wrote\n\n"
+        "What an auditor meets besides the library's own models: *human*, the held-out paragraph's own "
+        "continuation of each test prompt (at most as many tokens as a model wrote; its end scored as a "
+        "model's EOS when the paragraph ends), and *junk*, as many tokens drawn uniformly from the "
+        "vocabulary. Every model of the condition is known. *analytic*: every model's pooled discrepancy z "
+        f"beyond the two-sided alpha = {alpha:g} level (too unlikely *or* too likely for that model's own "
+        "texts); *margin*: the best model's pooled log-likelihood margin below its bootstrap threshold (as "
+        "above); *attributor*: the saved attributor's pooled calibrated probability below its threshold "
+        "(`natprints attribute --pool`). Known pools rejected: the condition's own test texts, pooled by "
+        "model (95% Wilson interval). AUROC: how well the test's statistic separates outsider pools from "
+        "known ones, whatever the threshold.\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + figure
+        + _md_table(["condition", "test", "outsider", "k", "called unknown", "known pools rejected", "AUROC"], rows)
+    )
+
+
+SEQUENTIAL_TARGET = ("seed", 0.01)  # the condition and error level the issue's target names
+
+
+def _sequential_section(records: Sequence[dict[str, Any]], figures: Path) -> str:
+    """The sequential test: texts to a verdict and the misattribution rate against its guarantee."""
+    table = sequential_table(records)
+    if table.empty:
+        return ""
+    known = table[table["case"] == "known"]
+    plot_sequential(known, figures / "sequential.png")
+
+    def texts(r: Any) -> str:
+        return "–" if pd.isna(r.median_texts) else f"{r.median_texts:g} ({r.q25_texts:g}–{r.q75_texts:g})"
+
+    rows = [
+        [
+            f"`{r.condition}`",
+            r.pipeline + {"ceiling": " (ceiling)", "baseline": " (baseline)"}.get(r.role, ""),
+            r.case,
+            f"{r.error:g}",
+            int(r.n_streams),
+            texts(r),
+            f"{int(r.named_right)} / {int(r.named_wrong)} / {int(r.unknown)} / {int(r.undecided)}",
+            _acc(r.misattribution, r.misattribution_ci_low, r.misattribution_ci_high)
+            + ("" if r.misattribution_ci_low <= r.error else " **above its bound**"),
+        ]
+        for r in table.itertuples()
+    ]
+    condition, error = SEQUENTIAL_TARGET
+    lines = []
+    for role in ("ceiling", "best"):
+        at = known[(known["condition"] == condition) & (known["role"] == role) & (known["error"] == error)]
+        if len(at):
+            r = next(at.itertuples())
+            within = "within" if r.misattribution_ci_low <= error else "**not within**"
+            lines.append(
+                f"- `{condition}` at error {error:g}, {ROLE_NAMES.get(role, role)}: median {texts(r)} texts to a "
+                f"verdict; misattribution {r.misattribution:.3f} [{r.misattribution_ci_low:.3f}, "
+                f"{r.misattribution_ci_high:.3f}], {within} its bound; {int(r.undecided)} of {int(r.n_streams)} "
+                f"streams undecided after {int(r.stream_texts)} texts."
+            )
+    stream = int(table["stream_texts"].iloc[0])
+    return (
+        "### Sequential attribution: when is there enough evidence?\n\n"
+        f"Texts of one source arrive one at a time (streams of {stream} test texts, in a random order). After "
+        "each text the test names model i once its likelihood leads every other candidate's by a factor "
+        "(K − 1) / error: by Ville's inequality the chance of *ever* naming a wrong model is at most the "
+        "error, at any stopping time. The ceiling uses exact likelihoods and carries the guarantee; the best "
+        "pipeline and the baseline use their probabilities as likelihood ratios (exact only as far as they are "
+        "calibrated: the baseline is not calibrated at all), so for them the observed rate is the check. "
+        "Beside it, the analytic open-set test (two-sided, spending error · 6 / (π² n²) at the n-th text) "
+        "rejects a candidate whose texts so far do not look like its own samples: a rejected leader is not "
+        "named, and a stream that rejects every candidate is `unknown` (the ceiling only: it needs each "
+        "text's entropy and variance). *left-out model*: each model's streams with that model out of the library; "
+        "*human*: the held-out paragraphs' own continuations; for both, naming any model is a "
+        "misattribution, which the guarantee does not cover (no candidate is the truth). Verdicts: "
+        "right / wrong / `unknown` / undecided. `sequential.csv` holds every row.\n\n"
+        + "\n".join(lines)
+        + ("\n\n" if lines else "")
+        + f"![sequential attribution]({FIGURES}/sequential.png)\n\n"
+        + _md_table(
+            [
+                "condition",
+                "attributor",
+                "streams of",
+                "error",
+                "streams",
+                "texts to a verdict: median (IQR)",
+                "verdicts",
+                "misattribution [95% CI]",
+            ],
+            rows,
+        )
+    )
+
+
+ROLE_NAMES = {"ceiling": "the ceiling (likelihood)", "best": "the best pipeline", "baseline": "the baseline"}
+
+
+def _groupby(rows: Sequence[dict[str, Any]], keys: tuple[str, ...]) -> list[tuple[tuple, list[dict[str, Any]]]]:
+    """Rows grouped by ``keys``, groups in order of first appearance."""
+    out: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return list(out.items())
 
 
 def _evidence_md(points: pd.DataFrame, axis: str) -> str:

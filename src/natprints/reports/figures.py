@@ -114,6 +114,82 @@ def plot_reliability(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], path:
     save(fig, path)
 
 
+OUTSIDER_STYLES = {"human": "-", "junk": ":"}  # line style per outsider source; colour per test
+TEST_COLOURS = {"analytic": "C3", "margin": "C1", "attributor": "C0"}
+
+
+def plot_roc(panels: Sequence[tuple[str, Sequence[tuple[str, list[float], list[float]]]]], path: Path) -> None:
+    """One ROC panel per (title, curves); each curve ``("<test>, <source>", fpr, tpr)``: outsider pools
+    called ``unknown`` against known pools rejected, as the threshold moves."""
+    n = len(panels)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig = _figure(2.7 * cols, 2.7 * rows + 0.5)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, (title, curves) in zip(axes, panels, strict=False):
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        for name, fpr, tpr in curves:
+            test, source = name.split(", ", 1)
+            ax.plot(fpr, tpr, ls=OUTSIDER_STYLES.get(source, "-"), color=TEST_COLOURS.get(test, "C7"), lw=1.3)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    for ax in axes[:n:cols]:
+        ax.set_ylabel("outsider pools called unknown", fontsize=7)
+    for ax in axes[max(0, n - cols) : n]:
+        ax.set_xlabel("known pools rejected", fontsize=7)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, lw=1.5, label=t) for t, c in TEST_COLOURS.items()]
+    handles += [Line2D([], [], color="0.3", ls=ls, lw=1.5, label=s) for s, ls in OUTSIDER_STYLES.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7, handlelength=3)
+    save(fig, path)
+
+
+def plot_sequential(table: pd.DataFrame, path: Path) -> None:
+    """One panel per condition: the median texts the sequential test read before a verdict (bars: the
+    quartiles) against the error level, per role, on streams of known models."""
+    conditions = list(dict.fromkeys(table["condition"]))
+    cols = min(len(conditions), 4)
+    rows = math.ceil(len(conditions) / cols)
+    fig = _figure(2.7 * cols, 2.6 * rows + 0.4)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, condition in zip(axes, conditions, strict=False):
+        sub = table[table["condition"] == condition]
+        for role, group in sub.groupby("role", sort=False):
+            style, colour, _ = ROLE_STYLES.get(str(role), ("-", "C7", str(role)))
+            group = group.sort_values("error", ascending=False)
+            spread = [group["median_texts"] - group["q25_texts"], group["q75_texts"] - group["median_texts"]]
+            ax.errorbar(group["error"], group["median_texts"], yerr=spread, ls=style, color=colour, marker="o", ms=3)
+        ax.set_xscale("log")
+        levels = sorted(table["error"].unique(), reverse=True)
+        ax.set_xticks(levels, [f"{e:g}" for e in levels])
+        ax.minorticks_off()
+        ax.invert_xaxis()
+        ax.set_ylim(bottom=0)
+        ax.set_title(condition, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(conditions) :]:
+        ax.set_visible(False)
+    for ax in axes[: len(conditions) : cols]:
+        ax.set_ylabel("texts to a verdict (median, IQR)", fontsize=7)
+    for ax in axes[max(0, len(conditions) - cols) : len(conditions)]:
+        ax.set_xlabel("error guaranteed", fontsize=7)
+    from matplotlib.lines import Line2D
+
+    roles = list(dict.fromkeys(table["role"]))
+    handles = [
+        Line2D([], [], ls=ROLE_STYLES[r][0], color=ROLE_STYLES[r][1], lw=1.5, label=ROLE_STYLES[r][2])
+        for r in roles
+        if r in ROLE_STYLES
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7, handlelength=3)
+    save(fig, path)
+
+
 ROLE_STYLES = {  # role -> (line style, colour, legend name)
     "ceiling": ("-", "C3", "ceiling (likelihood)"),
     "best": ("-", "C0", "best pipeline"),

@@ -17,12 +17,20 @@ import pandas as pd
 from natprints.artifacts import atomic_write_json, git_revision
 from natprints.attribution.experiments import REFERENCE
 from natprints.config import NULL_CONDITION, Config
-from natprints.records import CEILING_PIPELINE, LINEAGE_JSON, RESULTS_FILE, accuracy_table, load_records
+from natprints.records import (
+    CEILING_PIPELINE,
+    LINEAGE_JSON,
+    RESULTS_FILE,
+    accuracy_table,
+    load_records,
+    sequential_table,
+)
 from natprints.reports.attribution import (
     expected_calibration_error,
     headline_table,
     likelihood_open_set_table,
     open_set_table,
+    outsiders_table,
     split_table,
     test_maximum,
 )
@@ -46,6 +54,8 @@ def condition_summaries(records: list[dict[str, Any]]) -> dict[str, dict[str, An
     head = headline_table(records)
     open_set = open_set_table(records)
     lik_open = likelihood_open_set_table(records)
+    outsiders = outsiders_table(records)
+    sequential = sequential_table(records)
     splits = split_table(records)
     attributors = {r["condition"]: r for r in records if r.get("kind") == "attributor"}
     out: dict[str, dict[str, Any]] = {}
@@ -116,6 +126,34 @@ def condition_summaries(records: list[dict[str, Any]]) -> dict[str, dict[str, An
                     "known_rejected": float(row["known_rejected"]),
                 }
                 for row in lik.to_dict("records")
+            ]
+        strangers = outsiders[outsiders["condition"] == name]
+        if len(strangers):
+            entry["open_set_outsiders"] = [
+                {
+                    "method": str(row["method"]),
+                    "source": str(row["source"]),
+                    "k": int(row["k"]),
+                    "called_unknown": float(row["outsider_rejected"]),
+                    "known_rejected": float(row["known_rejected"]),
+                    "auroc": _finite(row["auroc"]),
+                }
+                for row in strangers.to_dict("records")
+            ]
+        streams = sequential[sequential["condition"] == name]
+        if len(streams):
+            entry["sequential"] = [
+                {
+                    "role": str(row["role"]),
+                    "case": str(row["case"]),
+                    "error": float(row["error"]),
+                    "streams": int(row["n_streams"]),
+                    "median_texts": _finite(row["median_texts"]),
+                    "misattribution": float(row["misattribution"]),
+                    "misattribution_ci": [float(row["misattribution_ci_low"]), float(row["misattribution_ci_high"])],
+                    "undecided": int(row["undecided"]),
+                }
+                for row in streams.to_dict("records")
             ]
         spread = splits[splits["condition"] == name] if len(splits) else splits
         if len(spread):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from natprints.artifacts import Manifest, atomic_write_json, temp_path_for
 from natprints.config import SizePreset
-from natprints.errors import NatprintsError
+from natprints.errors import NatprintsError, first_line
 from natprints.zoo.spec import ModelSpec
 
 RESUME_POINTER = "resume.json"
@@ -270,7 +270,7 @@ def _load_resume(out_dir: Path, model, opt) -> TrainState | None:
             weights, optimizer, state = _read_resume(src, model)
             opt.load_state_dict(optimizer)  # checks the groups before it changes anything
         except Exception as exc:  # safetensors, torch and json raise many types for a damaged state
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             then = candidates[i + 1].name if i + 1 < len(candidates) else "step 0"
             print(
                 f"model {out_dir.name}: resume state {src.name} is unreadable ({reason}); resuming from {then}",
