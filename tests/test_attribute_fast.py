@@ -14,6 +14,7 @@ from sklearn.pipeline import Pipeline
 from typer.testing import CliRunner
 
 from natprints import cli
+from natprints.attribution import verdicts
 from natprints.attribution.attributor import Attributor, load_attributor, read_text_file, save_attributor
 from natprints.attribution.estimators import make_classifier
 from natprints.attribution.fastpath import NgramCounter, NgramLogistic
@@ -168,8 +169,8 @@ def test_batched_run_gives_the_records_of_one_text_at_a_time(
     tmp_path, inputs, monkeypatch, featurizer, classifier, as_json
 ):
     directory = save_attributor(tmp_path / "att", _attributor(featurizer, classifier), {})
-    monkeypatch.setattr(cli, "FIRST_BATCH", 4)  # batches of 4, 8, 16, 16, ...
-    monkeypatch.setattr(cli, "MAX_BATCH", 16)
+    monkeypatch.setattr(verdicts, "FIRST_BATCH", 4)  # batches of 4, 8, 16, 16, ...
+    monkeypatch.setattr(verdicts, "MAX_BATCH", 16)
     flags = ["--attributor", str(directory), "--top", "2"] + (["--json"] if as_json else [])
     batched = invoke("attribute", *inputs, *flags)
     assert batched.exit_code == 1  # the bad inputs
@@ -193,8 +194,8 @@ def test_batches_stream_for_invariant_attributors_and_not_otherwise(tmp_path, in
         return original(self, texts, top_k)
 
     monkeypatch.setattr(Attributor, "predict", predict)
-    monkeypatch.setattr(cli, "FIRST_BATCH", 8)
-    monkeypatch.setattr(cli, "MAX_BATCH", 32)
+    monkeypatch.setattr(verdicts, "FIRST_BATCH", 8)
+    monkeypatch.setattr(verdicts, "MAX_BATCH", 32)
     ngram = save_attributor(tmp_path / "ngram", _attributor("char14", "logreg"), {})
     invoke("attribute", *inputs, "--attributor", str(ngram))
     assert sizes == [8 - 1, 16 - 1, 32 - 2, 18]  # 8, 16, 32, the rest; less the bad inputs in each

@@ -19,9 +19,9 @@ import torch
 import transformers
 from typer.testing import CliRunner
 
+from natprints.attribution.likelihood import attribute_by_likelihood, attribute_pooled
 from natprints.cli import app as APP
 from natprints.errors import NatprintsError
-from natprints.likelihood.attribute import attribute_by_likelihood, attribute_pooled
 
 VOCAB = 64
 EOS = 0
@@ -477,7 +477,7 @@ def test_the_open_set_test_is_two_sided():
     one far less likely is; a typical one (z = 0 under one model) is not `unknown`. The experiments'
     pooled test agrees."""
     from natprints.attribution.ceiling import LikelihoodView, analytic_rejects, analytic_statistic
-    from natprints.likelihood.attribute import _predict
+    from natprints.attribution.likelihood import _predict
 
     def verdict(loglik: list[float], entropy: list[float]):
         ones = np.ones(2)

@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score
 
+from natprints import conditions as adata
 from natprints import records as rec
 from natprints.artifacts import Manifest, sha256_text
-from natprints.attribution import data as adata
 from natprints.attribution import experiments as ex
 from natprints.attribution import features
 from natprints.config import load_config

@@ -115,15 +115,14 @@ def test_outsiders_are_scored_and_tested_against_the_known_models(smoke_cfg):
     shorten)."""
     from scipy.stats import norm
 
-    from natprints.attribution import ceiling
-    from natprints.attribution.data import load_conditions, run_split
+    from natprints.conditions import load_conditions, open_set_applies, run_split
     from natprints.likelihood.stage import load_scores
     from natprints.stats import roc_summary
 
     records = [json.loads(line) for line in (smoke_cfg.paths.reports / "results.jsonl").read_text().splitlines()]
     rows = [r for r in records if r["kind"] == "open_set_outsiders"]
     conditions = load_conditions(smoke_cfg)
-    applies = {name for name, data in conditions.items() if ceiling.open_set_applies(data)}
+    applies = {name for name, data in conditions.items() if open_set_applies(data)}
     assert {r["condition"] for r in rows} == applies
     assert {(r["method"], r["source"]) for r in rows if r["k"] == 1} == {
         (m, s) for m in ("analytic", "margin", "attributor") for s in ("human", "junk")
@@ -169,8 +168,7 @@ def test_moments_are_scored_only_for_the_open_set_test_texts(smoke_cfg, tmp_path
     row that comes to need them is scored again, and a cached complete row is not."""
     import shutil
 
-    from natprints.attribution import ceiling
-    from natprints.attribution.data import load_conditions, run_split
+    from natprints.conditions import load_conditions, open_set_applies, run_split
     from natprints.likelihood.stage import load_scores, score_model, scoring_rows
 
     conditions = load_conditions(smoke_cfg)
@@ -179,11 +177,11 @@ def test_moments_are_scored_only_for_the_open_set_test_texts(smoke_cfg, tmp_path
     for data in conditions.values():
         tested = data.frame[data.frame["prompt_id"].astype(str).map(split) == "test"]
         for model_id in data.frame["model_id"].astype(str).unique():
-            ids = set(tested["sample_id"].astype(str)) if ceiling.open_set_applies(data) else set()
-            if ceiling.open_set_applies(data):  # and the human continuation and junk of each test prompt
+            ids = set(tested["sample_id"].astype(str)) if open_set_applies(data) else set()
+            if open_set_applies(data):  # and the human continuation and junk of each test prompt
                 ids |= {f"{source}:{p}" for source in ("human", "junk") for p in tested["prompt_id"].astype(str)}
             expected.setdefault(model_id, set()).update(ids)
-    assert not ceiling.open_set_applies(conditions["null_control"])
+    assert not open_set_applies(conditions["null_control"])
     for model_id, table in load_scores(smoke_cfg).items():
         with_moments = set(table.loc[table["entropy_sum"].notna(), "sample_id"])
         assert with_moments == expected[model_id] and with_moments, model_id

@@ -24,7 +24,7 @@ from natprints.config import check_run_lock, load_config
 from natprints.errors import NatprintsError
 from natprints.lineage import experiments as lineage
 from natprints.lineage import weightstd as ws
-from natprints.lineage.models import inspect_model
+from natprints.modeldir import inspect_model
 from tests.conftest import SMOKE, run_cli
 from tests.test_attribute_cli import GOOD, _fit
 

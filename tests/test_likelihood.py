@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from natprints.errors import NatprintsError
-from natprints.likelihood import TextScore, posterior, prefix_loglik, sampling_logits, score_texts
+from natprints.likelihood import TextScore, prefix_loglik, sampling_logits, score_texts
+from natprints.stats import posterior
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -15,7 +15,7 @@ from natprints.artifacts import Manifest
 from natprints.config import LineageSettings, load_config
 from natprints.errors import NatprintsError
 from natprints.lineage import seedprints as sp
-from natprints.lineage.models import inspect_model, model_digest
+from natprints.modeldir import inspect_model, model_digest
 
 VOCAB = 300
 

@@ -30,7 +30,7 @@ import pandas as pd
 
 from natprints.artifacts import Manifest, atomic_write_text, hash_obj, sha256_file
 from natprints.attribution import ceiling
-from natprints.attribution.data import CALIBRATION_FRACTION, REQUIRED_COLUMNS, ConditionData, split_prompts
+from natprints.conditions import CALIBRATION_FRACTION, REQUIRED_COLUMNS, ConditionData, split_prompts
 from natprints.config import Config
 from natprints.errors import NatprintsError
 from natprints.records import TEXT_EMERGENCE_CSV
@@ -247,7 +247,7 @@ def _records(
     trusted: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """Per step: the ceiling's row and each pipeline's, each with the step's held-out loss and KL."""
-    from natprints.attribution.data import condition_data, split_parts
+    from natprints.conditions import condition_data, split_parts
     from natprints.likelihood.stage import read_cache
     from natprints.records import ceiling_share
     from natprints.stats import classification_summary

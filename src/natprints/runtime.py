@@ -85,7 +85,7 @@ def load_lm(directory: Path | str, *, verify: bool = True, device: str = "cpu") 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from natprints.lineage.models import inspect_model, model_digest
+    from natprints.modeldir import inspect_model, model_digest
 
     info = inspect_model(directory)
     if verify:

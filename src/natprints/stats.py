@@ -12,6 +12,31 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
+from natprints.errors import NatprintsError
+
+
+def log_posterior(loglik: np.ndarray) -> np.ndarray:
+    """(texts, models) log-likelihoods (or log scores) -> log posterior over the models, equal priors.
+
+    A model under which a text is impossible (-inf) gets -inf. A text impossible under every model
+    carries no evidence: its row is the prior, uniform (its argmax is then model 0, so count such rows
+    apart when scoring accuracy). NaN or +inf entries, or another shape, are errors.
+    """
+    loglik = np.asarray(loglik, dtype=np.float64)
+    if loglik.ndim != 2:
+        raise NatprintsError(f"posterior: expected a (texts, models) array, got shape {loglik.shape}")
+    if np.isnan(loglik).any() or np.isposinf(loglik).any():
+        raise NatprintsError("posterior: log-likelihoods hold NaN or +inf")
+    top = loglik.max(axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    shifted = np.where(np.isneginf(loglik).all(axis=1, keepdims=True), 0.0, loglik - top)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def posterior(loglik: np.ndarray) -> np.ndarray:
+    """The posterior itself (rows sum to 1): ``exp`` of :func:`log_posterior`."""
+    return np.exp(log_posterior(loglik))
+
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion; (0, 1) when there are no trials."""

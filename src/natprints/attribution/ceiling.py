@@ -25,16 +25,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-from natprints.attribution.data import ConditionData
-from natprints.config import NULL_CONDITION
+from natprints.conditions import ConditionData
 from natprints.errors import NatprintsError
-
-OPEN_SET_MIN_MODELS = 3  # leaving one out must leave a known model and a best other one
-
-
-def open_set_applies(data: ConditionData) -> bool:
-    """Whether the condition gets the open-set test (its analytic test reads test-text moments)."""
-    return len(data.labels) >= OPEN_SET_MIN_MODELS and data.name != NULL_CONDITION
 
 
 @dataclass(frozen=True)
@@ -122,14 +114,6 @@ def string_view(data: ConditionData, frame: pd.DataFrame, scores: dict[str, pd.D
 def bayes_predict(loglik: np.ndarray) -> np.ndarray:
     """The Bayes-optimal label of each row (equal priors); ties go to the first."""
     return np.asarray(np.argmax(loglik, axis=1), dtype=np.int64)
-
-
-def log_posterior(loglik: np.ndarray) -> np.ndarray:
-    """log of the posterior over the columns with equal priors (rows of -inf stay uniform)."""
-    top = loglik.max(axis=1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    shifted = np.where(np.isneginf(loglik).all(axis=1, keepdims=True), 0.0, loglik - top)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
 def pool_groups(y: np.ndarray, k: int, seed: int) -> list[np.ndarray]:

@@ -27,7 +27,7 @@ import pandas as pd
 
 from natprints.artifacts import Manifest, hash_obj, sha256_file
 from natprints.attribution.attributor import decode_text, save_attributor
-from natprints.attribution.data import CALIBRATION_FRACTION, ConditionData, condition_data, split_parts, split_prompts
+from natprints.conditions import CALIBRATION_FRACTION, ConditionData, condition_data, split_parts, split_prompts
 from natprints.config import NULL_CONDITION, Config, RunSettings
 from natprints.errors import NatprintsError, first_line
 

@@ -32,25 +32,26 @@ from natprints.attribution.attributor import (
     text_digest,
 )
 from natprints.attribution.ceiling import LikelihoodView
-from natprints.attribution.data import (
+from natprints.attribution.estimators import THREADS, compatible, make_classifier, quiet_fit
+from natprints.conditions import (
     CALIBRATION_FRACTION,
     ConditionData,
     load_conditions,
+    open_set_applies,
     run_split,
     split_parts,
     split_prompts,
 )
-from natprints.attribution.estimators import THREADS, compatible, make_classifier, quiet_fit
-from natprints.attribution.head import load_head
-from natprints.attribution.reference import _manifest as reference_manifest
-from natprints.attribution.reference import reference_key, subset_id
 from natprints.config import CLASSIFIERS, FEATURIZERS, NULL_CONDITION, Config
 from natprints.corpus import load_tokenizer
 from natprints.errors import NatprintsError
 from natprints.likelihood.stage import likelihood_key, load_scores
 from natprints.records import write_results
+from natprints.reference.head import load_head
+from natprints.reference.stage import _manifest as reference_manifest
+from natprints.reference.stage import reference_key, subset_id
 from natprints.runtime import run_jobs
-from natprints.stats import classification_summary, roc_summary
+from natprints.stats import classification_summary, log_posterior, roc_summary
 
 # 2: the null control is named `null_control` in every record (pandas reads `null` as NaN).
 # 3: a length-only control per condition; the string-level ceiling (canonical tokenization).
@@ -660,7 +661,7 @@ def _attributor_outsiders(
     probabilities of the condition's test texts."""
     from natprints.generate.stage import OUTSIDERS, outsider_texts
 
-    if setup.tokenizer is None or not ceiling.open_set_applies(data):
+    if setup.tokenizer is None or not open_set_applies(data):
         return []  # texts the run did not generate have no held-out paragraphs to continue
     if not (setup.cfg.paths.corpus / "heldout.jsonl").is_file():
         return []  # generated texts without the run's corpus (a test's synthetic run)
@@ -677,7 +678,7 @@ def _attributor_outsiders(
         if not groups:
             return np.zeros(0)
         sums = np.stack([scores[g].sum(axis=0) for g in groups])
-        return -np.exp(ceiling.log_posterior(sums).max(axis=1))  # minus the pooled verdict's probability
+        return -np.exp(log_posterior(sums).max(axis=1))  # minus the pooled verdict's probability
 
     seed = setup.settings.split_seed
     y = test["label"].to_numpy()
@@ -733,7 +734,7 @@ def _white_box(
                 continue  # a classifier of whole texts
             y_pred = ceiling.bayes_predict(view.loglik if full else view.prefix[n_tokens])
             records.append(_evidence_record(data, *key, role, "tokens", n_tokens, n_train, y_test, y_pred))
-        log_scores[role] = (key, ceiling.log_posterior(view.loglik))
+        log_scores[role] = (key, log_posterior(view.loglik))
     train = parts["train"]
     for role, key, name in (("reflm", REFERENCE, "ref_test"), ("head", HEAD, "head_test")):
         for samples in setup.settings.evidence_train_samples if name in views else []:
@@ -745,7 +746,7 @@ def _white_box(
         log_scores[role] = (key, np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-300, 1.0)))
     if setup.settings.combine_reference and "reflm" in log_scores and "best" in log_scores:
         # a product of experts with equal weights (no weight is fit): log p_reflm + log p_best, renormalized
-        combined = ceiling.log_posterior(log_scores["reflm"][1] + log_scores["best"][1])
+        combined = log_posterior(log_scores["reflm"][1] + log_scores["best"][1])
         members = ["+".join(REFERENCE), "+".join(black_box["best"][0])]
         record = _pipeline_record(data, *COMBINED, n_train, y_test, ceiling.bayes_predict(combined), members=members)
         records.append(record | {"best": False, "white_box": False})
@@ -974,7 +975,7 @@ def _likelihood_open_set(
 ) -> list[dict[str, Any]]:
     """Leave each model out of the library in turn: how often its pools are called `unknown`, and how
     often known models' pools are (the false rejections the threshold controls)."""
-    if not ceiling.open_set_applies(data):
+    if not open_set_applies(data):
         return []
     k_models = len(data.labels)
     settings = setup.cfg.likelihood
@@ -1214,7 +1215,7 @@ def _views(
     views: dict[str, Any] = {s: ceiling.condition_view(data, parts[s], scores, prefixes) for s in ("test", "cal")}
     if data.name != NULL_CONDITION:
         views["string"] = ceiling.string_view(data, parts["test"], scores)
-    if ceiling.open_set_applies(data):
+    if open_set_applies(data):
         from natprints.generate.stage import OUTSIDERS
 
         # the human continuations and junk of the test prompts (the likelihood stage scores them)

@@ -199,9 +199,9 @@ def _fit_attributor(home: Path, run: str, workdir: Path, featurizer_name: str) -
     from sklearn.pipeline import Pipeline
 
     from natprints.attribution.attributor import Attributor, save_attributor
-    from natprints.attribution.data import CALIBRATION_FRACTION, load_conditions, split_prompts
     from natprints.attribution.estimators import make_classifier
     from natprints.attribution.features import make_featurizer
+    from natprints.conditions import CALIBRATION_FRACTION, load_conditions, split_prompts
     from natprints.config import load_config, use_home
 
     with use_home(home):

@@ -142,7 +142,7 @@ def plan_rows(
 
 def train_prompt_ids(cfg: Config, prompts: pd.DataFrame) -> frozenset[str]:
     """The prompts of the attribution training split (they get ``train_samples_per_prompt`` texts)."""
-    from natprints.attribution.data import CALIBRATION_FRACTION, split_prompts
+    from natprints.conditions import CALIBRATION_FRACTION, split_prompts
 
     if cfg.generate.train_samples == cfg.generate.samples_per_prompt:
         return frozenset()

@@ -317,25 +317,6 @@ def _float64(chunks: list) -> np.ndarray:
     return torch.cat(chunks).cpu().numpy().astype(np.float64)
 
 
-def posterior(loglik: np.ndarray) -> np.ndarray:
-    """(texts, models) log-likelihoods -> posterior over the models with equal priors (rows sum to 1).
-
-    A model under which a text is impossible (-inf) gets 0. A text impossible under every model carries
-    no evidence: its row is the prior, uniform (its argmax is then model 0, so count such rows apart when
-    scoring accuracy). NaN or +inf entries are errors.
-    """
-    loglik = np.asarray(loglik, dtype=np.float64)
-    if loglik.ndim != 2:
-        raise NatprintsError(f"posterior: expected a (texts, models) array, got shape {loglik.shape}")
-    if np.isnan(loglik).any() or np.isposinf(loglik).any():
-        raise NatprintsError("posterior: log-likelihoods hold NaN or +inf")
-    top = loglik.max(axis=1, keepdims=True)
-    impossible = np.isneginf(top[:, 0])
-    weights = np.exp(loglik - np.where(np.isneginf(top), 0.0, top))
-    weights[impossible] = 1.0
-    return weights / weights.sum(axis=1, keepdims=True)
-
-
 def prefix_loglik(per_token: np.ndarray, n_tokens: int) -> float:
     """The log-likelihood of only the first ``n_tokens`` events of a text (an evidence curve's point).
 

@@ -28,7 +28,7 @@ import pandas as pd
 
 from natprints.artifacts import MANIFEST as MANIFEST_NAME
 from natprints.artifacts import Manifest, hash_obj, read_manifest, sha256_file, sha256_text, temp_path_for
-from natprints.attribution.data import ConditionData, load_conditions, run_split
+from natprints.conditions import ConditionData, load_conditions, open_set_applies, run_split
 from natprints.config import Config
 from natprints.errors import NatprintsError
 from natprints.runtime import load_lm, run_jobs, setup_torch
@@ -62,7 +62,6 @@ def scoring_rows(
     that gets the test. ``canonical``: also each test text's canonical tokenization where it differs
     from the sampled ids (:func:`canonical_rows`). ``outsiders``: also, for a condition with the
     open-set test, the human and junk texts of its test prompts (:func:`outsider_rows`)."""
-    from natprints.attribution.ceiling import open_set_applies
     from natprints.generate.stage import build_prompts, outsider_texts
 
     prompts = build_prompts(cfg).set_index("prompt_id")["prompt_token_ids"]

@@ -36,7 +36,7 @@ from natprints.config import Config, LineageSettings
 from natprints.errors import NatprintsError
 from natprints.lineage import seedprints as sp
 from natprints.lineage import weightstd as ws
-from natprints.lineage.models import Entry, Incomparable, discover_zoo, inspect_model, library_entries, model_digest
+from natprints.modeldir import Entry, Incomparable, discover_zoo, inspect_model, library_entries, model_digest
 from natprints.records import LINEAGE_JSON, write_lineage
 from natprints.runtime import run_jobs, setup_torch
 

@@ -27,7 +27,7 @@ of z grows with N), so those pairs are judged by a z threshold calibrated on kno
 (:func:`calibrate_threshold`), and are ``uncalibrated`` without one.
 
 The model-directory facts it reads (what a directory holds, a verified digest of its weights) are
-in :mod:`natprints.lineage.models`, shared with the weight-std fingerprint.
+in :mod:`natprints.modeldir`, shared with the weight-std fingerprint.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from scipy.stats import kendalltau, norm
 from natprints.artifacts import atomic_write_bytes, hash_obj
 from natprints.config import LineageSettings
 from natprints.errors import NatprintsError
-from natprints.lineage.models import Incomparable, ModelInfo, inspect_model, model_digest
+from natprints.modeldir import Incomparable, ModelInfo, inspect_model, model_digest
 from natprints.runtime import load_lm, resolve_device
 
 FEATURES_VERSION = 1

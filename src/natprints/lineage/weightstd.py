@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from natprints.errors import NatprintsError, first_line
-from natprints.lineage.models import Incomparable, ModelInfo, inspect_model, model_digest
+from natprints.modeldir import Incomparable, ModelInfo, inspect_model, model_digest
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Z-scored over 2 layers every sequence is (-1, 1) or (1, -1), so every correlation is +-1: a pair

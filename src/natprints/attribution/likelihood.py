@@ -41,7 +41,7 @@ from natprints.errors import NatprintsError, first_line
 
 if TYPE_CHECKING:
     from natprints.attribution.attributor import Attributor
-    from natprints.lineage.models import ModelInfo
+    from natprints.modeldir import ModelInfo
 
 
 @dataclass
@@ -217,7 +217,7 @@ def load_candidates(model_dirs: Mapping[str, Path | str], tokenizer: Any = None)
     log-likelihoods would be of other texts. One tokenizer object per distinct tokenizer file.
     """
     from natprints.artifacts import sha256_file
-    from natprints.lineage.models import inspect_model
+    from natprints.modeldir import inspect_model
 
     if not model_dirs:
         raise NatprintsError("likelihood attribution needs at least one model")
@@ -336,7 +336,7 @@ def attribute_by_likelihood(
 
 def _ranked(log_scores: np.ndarray, top: int) -> tuple[np.ndarray, list[int]]:
     """Softmax of summed log scores (equal priors; -inf columns get 0, an all -inf row is uniform), best first."""
-    from natprints.likelihood.scorer import posterior
+    from natprints.stats import posterior
 
     proba = posterior(np.asarray(log_scores, dtype=np.float64)[None, :])[0]
     return proba, np.argsort(-proba, kind="stable")[:top].tolist()

@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 
 from natprints.artifacts import Manifest, hash_obj
-from natprints.attribution.data import load_conditions, run_split
-from natprints.attribution.head import HeadTask, head_manifest, train_head
+from natprints.conditions import load_conditions, run_split
 from natprints.config import Config
 from natprints.errors import NatprintsError
+from natprints.reference.head import HeadTask, head_manifest, train_head
 from natprints.runtime import run_jobs
 
 REFERENCE_VERSION = 1

@@ -17,6 +17,7 @@ from natprints.artifacts import Manifest, sha256_file
 from natprints.config import CONDITION_ORDER, NULL_CONDITION, Config
 from natprints.errors import NatprintsError
 
+OPEN_SET_MIN_MODELS = 3  # leaving one out must leave a known model and a best other one
 CALIBRATION_FRACTION = 0.15  # share of prompts held out from training to calibrate attributors
 REQUIRED_COLUMNS = (
     "sample_id",
@@ -41,6 +42,11 @@ class ConditionData:
     labels: list[str]
     frame: pd.DataFrame
     inputs: dict[str, str]  # input file (relative to the generated dir) -> sha256
+
+
+def open_set_applies(data: ConditionData) -> bool:
+    """Whether the condition gets the open-set test (its analytic test reads test-text moments)."""
+    return len(data.labels) >= OPEN_SET_MIN_MODELS and data.name != NULL_CONDITION
 
 
 def _read_generated(path: Path) -> pd.DataFrame:

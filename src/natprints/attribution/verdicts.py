@@ -1,0 +1,504 @@
+"""Attribute texts read from files or standard input, as `natprints attribute` does, in one call.
+
+:func:`attribute_files` takes the inputs and a :class:`Request` (the method and what it reads: a
+saved attributor, a run's zoo, or model directories of any family), and writes one result line per
+input, in input order, through the ``out`` and ``err`` writers (stdout and stderr by default); it
+returns how many inputs were bad. A bad input is one line on ``err`` and never stops the others; a
+bad request (a missing run, a directory that is no model, options that do not go together) is a
+:class:`~natprints.errors.NatprintsError` before any text is read. For texts already in memory,
+call :func:`natprints.attribute` or :func:`natprints.attribution.likelihood.attribute_by_likelihood`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import click
+
+from natprints.artifacts import MANIFEST
+from natprints.config import DEFAULT_CONFIG, Config, RunPaths, home, load_config
+from natprints.errors import NatprintsError
+
+if TYPE_CHECKING:
+    from natprints.attribution.attributor import Attributor, Prediction
+    from natprints.attribution.likelihood import LikelihoodPrediction
+
+Writer = Callable[[str], None]
+FIRST_BATCH = 32  # the first answers come after this many inputs ...
+MAX_BATCH = 2048  # ... then batches double up to this many
+METHODS = ("attributor", "likelihood")
+
+
+def _stdout(line: str) -> None:
+    click.echo(line)
+
+
+def _stderr(line: str) -> None:
+    click.echo(line, err=True)
+
+
+class Input(NamedTuple):
+    """One input: its name (a path, ``<stdin>``, ``<stdin>:LINE``), and its text or why it has none."""
+
+    name: str
+    text: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Request:
+    """What `natprints attribute` was asked. ``temperature``, ``top_k``, ``top_p`` and ``alpha`` are None
+    when not given (their defaults are 1.0, 0, 1.0 and 0.05); giving one, or ``models``, ``tokenizer``
+    or ``prompt``, is for the likelihood method only."""
+
+    method: str = "attributor"
+    run: str | None = None
+    config: Path | None = None
+    condition: str | None = None
+    attributor: Path | None = None
+    models: tuple[Path, ...] = ()
+    tokenizer: Path | None = None
+    prompt: str | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    alpha: float | None = None
+    top: int = 3
+    as_json: bool = False
+    max_bytes: int | None = None
+    pool: bool = False
+    sequential: bool = False
+    error: float = 0.01
+
+    def check(self) -> None:
+        """Options that do not go together, as one-line errors."""
+        if self.method not in METHODS:
+            raise NatprintsError(f"unknown method '{self.method}' (choose from: {', '.join(METHODS)})")
+        if self.sequential and self.pool:
+            raise NatprintsError("--sequential and --pool: choose one (both read the inputs as texts of one source)")
+        if self.sequential and not 0 < self.error < 1:
+            raise NatprintsError(f"--error must lie strictly between 0 and 1, got {self.error}")
+        if self.method == "likelihood":
+            if self.attributor is not None:
+                raise NatprintsError("--attributor is for --method attributor; give --models DIR or a run's zoo")
+            self._one_run()
+            if self.models and self.condition is not None:
+                raise NatprintsError("give --models DIR, or --condition of a run's zoo, not both")
+            return
+        given = {
+            "--models": self.models or None,
+            "--tokenizer": self.tokenizer,
+            "--prompt": self.prompt,
+            "--temperature": self.temperature,
+            "--top-k": self.top_k,
+            "--top-p": self.top_p,
+            "--alpha": self.alpha,
+        }
+        misplaced = [flag for flag, value in given.items() if value is not None]  # 0 is given, too
+        if misplaced:
+            raise NatprintsError(f"{', '.join(misplaced)}: only with --method likelihood")
+        if self.attributor is not None and (self.condition is not None or self.run is not None):
+            raise NatprintsError("give --attributor DIR, or --run/--config with --condition, not both")
+        self._one_run()
+
+    def _one_run(self) -> None:
+        if self.run is not None and self.config is not None:
+            raise NatprintsError("give --run NAME or --config PATH, not both")
+
+
+def attribute_files(files: list[str], request: Request, *, out: Writer = _stdout, err: Writer = _stderr) -> int:
+    """Attribute each input (``-`` or none: standard input) as ``request`` says; returns the bad inputs."""
+    request.check()
+    files = list(files) or ["-"]
+    if request.method == "likelihood":
+        return _by_likelihood(files, request, out, err)
+    model, config_limit = open_attributor(request.run, request.config, request.condition, request.attributor)
+    limit = _limit(request.max_bytes, config_limit)
+    if request.sequential:
+
+        def score(text: str) -> tuple:
+            import numpy as np
+
+            return np.log(np.clip(model.predict_proba([text])[0], 1e-300, 1.0)), None, None
+
+        return _sequential(files, limit, model.labels, score, request, model, out, err)
+    if request.pool:
+        from natprints.attribution.likelihood import attribute_pooled
+
+        inputs = read_inputs(files, limit)
+        texts = [text for _, text, _ in inputs if text is not None]
+        failed = _emit(inputs, None, request.as_json, out, err)
+        _warn_seen(model, inputs, err)
+        if texts:
+            p = attribute_pooled(texts, model, top=request.top)
+            if request.as_json:
+                out(json.dumps({"input": "pooled", **p.to_dict(), "texts": len(texts)}))
+            else:
+                out(_line(_pooled_name(len(texts)), p, False, model.threshold))
+        return failed
+    failed = 0
+    for batch in _batches(files, model.batch_invariant):
+        inputs = read_inputs(batch, limit)
+        texts = [text for _, text, _ in inputs if text is not None]
+        _warn_seen(model, inputs, err)
+        predictions = model.predict(texts, top_k=request.top) if texts else []
+        good = [name for name, _, error in inputs if error is None]
+        lines = (_line(n, p, request.as_json, model.threshold) for n, p in zip(good, predictions, strict=True))
+        failed += _emit(inputs, lines, request.as_json, out, err)
+    return failed
+
+
+def _limit(max_bytes: int | None, config_limit: int | None) -> int:
+    from natprints.attribution.attributor import DEFAULT_MAX_TEXT_BYTES
+
+    return max_bytes or config_limit or DEFAULT_MAX_TEXT_BYTES
+
+
+def open_attributor(
+    run: str | None, config: Path | None, condition: str | None, attributor: Path | None
+) -> tuple[Attributor, int | None]:
+    """The saved attributor asked for (a directory, or a run's condition: ``all`` by default), and the
+    config's text size limit when a config was read."""
+    from natprints.attribution.attributor import load_attributor
+
+    directory, limit = _attributor_dir(run, config, condition, attributor)
+    if attributor is None and not directory.is_dir() and directory.parent.is_dir():
+        known = ", ".join(sorted(p.name for p in directory.parent.iterdir() if p.is_dir()))
+        raise NatprintsError(f"no attributor for condition '{directory.name}' (this run has: {known})")
+    return load_attributor(directory, light=True), limit  # n-gram logreg: no scikit-learn import
+
+
+def _attributor_dir(
+    run: str | None, config: Path | None, condition: str | None, attributor: Path | None
+) -> tuple[Path, int | None]:
+    from natprints.zoo.spec import resolve_condition
+
+    if attributor is not None:
+        return attributor, None
+    limit = None
+    if run is None:
+        cfg = load_config(config or DEFAULT_CONFIG)
+        run, limit = cfg.run.name, cfg.attribution.max_text_bytes
+    paths = RunPaths(home(), run)
+    saved = sorted(p for p in paths.attributors.glob("*") if (p / MANIFEST).is_file())
+    if condition is None and len(saved) == 1:  # e.g. `natprints collected`: one attributor, its own name
+        return saved[0], limit
+    if condition is None and not (paths.attributors / "all").is_dir():
+        # a run whose one condition holds every model has no separate `all`: that condition is it
+        manifest = paths.generated / MANIFEST
+        members = json.loads(manifest.read_text(encoding="utf-8")).get("conditions", {}) if manifest.is_file() else {}
+        condition = resolve_condition(members if isinstance(members, dict) else {}, "all")
+    return paths.attributors / (condition or "all"), limit
+
+
+def read_inputs(files: list[str], max_bytes: int) -> list[Input]:
+    """Each input read whole, in order; `-` reads standard input. A bad one carries its error."""
+    from natprints.attribution.attributor import decode_text, read_text_file
+
+    out: list[Input] = []
+    for name in files or ["-"]:
+        try:
+            if name == "-":
+                if sys.stdin is None or sys.stdin.isatty():
+                    raise NatprintsError("<stdin>: no text piped in (give FILE arguments or pipe text)")
+                stream = getattr(sys.stdin, "buffer", None)
+                data = stream.read(max_bytes + 1) if stream is not None else sys.stdin.read().encode("utf-8")
+                out.append(Input("<stdin>", decode_text(data, "<stdin>", max_bytes), None))
+            else:
+                out.append(Input(name, read_text_file(name, max_bytes), None))
+        except NatprintsError as exc:
+            out.append(Input("<stdin>" if name == "-" else name, None, str(exc)))
+    return out
+
+
+def _batches(names: list[str], streaming: bool) -> Iterator[list[str]]:
+    """Inputs in growing batches; one batch of all when results depend on the batch."""
+    if not streaming:
+        yield names
+        return
+    start, size = 0, FIRST_BATCH
+    while start < len(names):
+        yield names[start : start + size]
+        start, size = start + size, min(size * 2, MAX_BATCH)
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printed line: a newline or other unprintable character (in a file name, say) and
+    a backslash are escaped as ``repr`` writes them, so no input can forge or split a result line."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text)
+
+
+def _then(p: Prediction) -> str:
+    others = ", ".join(f"{m} {q:.3f}" for m, q in p.top if m != p.best_model)
+    return f"; then {others}" if others else ""
+
+
+def _line(name: str, p: Prediction, as_json: bool, threshold: float) -> str:
+    if as_json:
+        return json.dumps({"input": name, **p.to_dict()})
+    if p.unknown:
+        head = f"unknown (best {p.best_model} {p.probability:.3f} < threshold {threshold:.3f})"
+    else:
+        head = f"{p.label} {p.probability:.3f}"
+    return one_line(f"{name}: {head}" + _then(p))
+
+
+def _likelihood_line(name: str, p: LikelihoodPrediction, as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"input": name, **p.to_dict()})
+    if p.unknown:
+        head = f"unknown (best {p.best_model} {p.probability:.3f}; every model rejected at alpha {p.alpha:g})"
+    else:
+        head = f"{p.label} {p.probability:.3f}"
+    return one_line(f"{name}: {head}" + _then(p))
+
+
+def _pooled_name(texts: int) -> str:
+    return f"pooled ({texts} text{'' if texts == 1 else 's'})"
+
+
+def _emit(inputs: list[Input], lines: Iterator[str] | None, as_json: bool, out: Writer, err: Writer) -> int:
+    """Write the next of ``lines`` for each good input and an error for each bad one, in input order.
+
+    With ``lines`` None (one pooled verdict follows), only the errors. Returns how many inputs were bad.
+    """
+    failed = 0
+    pending: list[str] = []
+    for name, _text, error in inputs:
+        if error is None:
+            if lines is not None:
+                pending.append(next(lines))
+            continue
+        failed += 1
+        if as_json:
+            pending.append(json.dumps({"input": name, "error": error}))
+        if pending:  # keep stdout and stderr in input order
+            out("\n".join(pending))
+            pending = []
+        err(f"error: {one_line(error)}")  # the error names the input
+    if pending:
+        out("\n".join(pending))
+    return failed
+
+
+class Library(NamedTuple):
+    """The candidate models of a likelihood attribution, their tokenizer, and the run config if one was read."""
+
+    models: dict[str, Path]
+    tokenizer: Path
+    cfg: Config | None
+
+
+def recorded_config(run: str) -> Config:
+    """The config a run was made with, as its run lock recorded it."""
+    lock = RunPaths(home(), run).run_lock
+    if not lock.is_file():
+        raise NatprintsError(f"no run '{run}' at {lock.parent} (no {lock.name}); give --config PATH")
+    try:
+        return Config.model_validate(json.loads(lock.read_text(encoding="utf-8"))["config"])
+    except (OSError, ValueError, KeyError, TypeError):  # pydantic's ValidationError is a ValueError
+        raise NatprintsError(f"{lock}: cannot read the config the run recorded; give --config PATH") from None
+
+
+def likelihood_library(
+    run: str | None,
+    config: Path | None,
+    condition: str | None,
+    models: tuple[Path, ...] | list[Path],
+    tokenizer: Path | None,
+) -> Library:
+    """``models`` (labels: directory names), else the run's zoo models of ``condition``; and the tokenizer."""
+    from natprints.zoo import condition_members
+    from natprints.zoo.spec import resolve_condition
+
+    cfg = load_config(config) if config is not None else None
+    if models:
+        library: dict[str, Path] = {}
+        for directory in models:
+            if directory.name in library:
+                raise NatprintsError(
+                    f"two --models are named '{directory.name}' ({library[directory.name]} and {directory}); "
+                    "a model's label is its directory name"
+                )
+            library[directory.name] = directory
+        if tokenizer is None and (models[0] / "tokenizer.json").is_file():
+            tokenizer = models[0]
+        if tokenizer is None:
+            paths = cfg.paths if cfg else RunPaths(home(), run) if run else load_config(DEFAULT_CONFIG).paths
+            tokenizer = paths.tokenizer
+        return Library(library, tokenizer, cfg)
+    cfg = cfg or (recorded_config(run) if run is not None else load_config(DEFAULT_CONFIG))
+    members = condition_members(cfg)
+    condition = resolve_condition(members, condition or "all")
+    if condition not in members:
+        raise NatprintsError(f"no condition '{condition}' in run '{cfg.run.name}' (it has: {', '.join(members)})")
+    zoo_dir = cfg.paths.zoo
+    if not zoo_dir.is_dir():
+        raise NatprintsError(f"no zoo at {zoo_dir}; run `natprints zoo` first")
+    for model_id in members[condition]:
+        if not (zoo_dir / model_id / MANIFEST).is_file():
+            raise NatprintsError(f"zoo model {model_id} is missing at {zoo_dir}; run `natprints zoo` first")
+    return Library({m: zoo_dir / m for m in members[condition]}, tokenizer or cfg.paths.tokenizer, cfg)
+
+
+def without_final_newline(text: str) -> str:
+    """A file's last line ending is the file's, not the text's (`echo TEXT > FILE` adds one)."""
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def _by_likelihood(files: list[str], request: Request, out: Writer, err: Writer) -> int:
+    """The likelihood method: every model checked before any text is read; then every input read first
+    (with ``sequential``, one at a time until a verdict)."""
+    from natprints.attribution.likelihood import (
+        attribute_by_likelihood,
+        encode_for,
+        has_tokenizer,
+        load_candidates,
+        load_model_tokenizer,
+    )
+    from natprints.modeldir import inspect_model
+
+    library = likelihood_library(request.run, request.config, request.condition, request.models, request.tokenizer)
+    for directory in library.models.values():  # a directory that is no model: said before the tokenizer
+        inspect_model(directory)
+    shared = None
+    if not all(has_tokenizer(d) for d in library.models.values()):  # some model reads the shared one
+        shared = load_model_tokenizer(library.tokenizer)
+    candidates = load_candidates(library.models, shared)
+    cfg = library.cfg
+    limit = _limit(request.max_bytes, cfg.attribution.max_text_bytes if cfg else None)
+    prompt = request.prompt
+    options = {
+        "temperature": 1.0 if request.temperature is None else request.temperature,
+        "top_k": 0 if request.top_k is None else request.top_k,
+        "top_p": 1.0 if request.top_p is None else request.top_p,
+        "device": cfg.run.device if cfg else "auto",
+        "batch_size": cfg.likelihood.batch_size if cfg else 64,
+    }
+    if request.sequential:
+        loaded: dict = {}  # each model loaded once for the whole stream
+        labels = list(candidates)
+
+        def score(text: str) -> tuple:
+            import numpy as np
+
+            prompts = None if prompt is None else [prompt]
+            p = attribute_by_likelihood(
+                [without_final_newline(text)], candidates, prompts=prompts, loaded=loaded, **options
+            )[0]
+            return tuple(np.array([part[m] for m in labels]) for part in (p.loglik, p.centred, p.variance))
+
+        return _sequential(files, limit, labels, score, request, None, out, err)
+    inputs = [
+        Input(name, None if text is None else without_final_newline(text), error)
+        for name, text, error in read_inputs(files, limit)
+    ]
+    readable = [i for i, item in enumerate(inputs) if item.text is not None]
+    _, errors = encode_for(
+        candidates,
+        [inputs[i].text for i in readable],
+        None if prompt is None else [prompt] * len(readable),
+        [inputs[i].name for i in readable],
+    )
+    for j, error in errors.items():
+        inputs[readable[j]] = Input(inputs[readable[j]].name, None, error)
+    good = [(name, text) for name, text, error in inputs if error is None]
+    result: Any = []
+    if good:
+        result = attribute_by_likelihood(
+            [text for _, text in good],
+            candidates,
+            prompts=None if prompt is None else [prompt] * len(good),
+            alpha=0.05 if request.alpha is None else request.alpha,
+            pool=request.pool,
+            top=request.top,
+            progress=True,
+            **options,
+        )
+    if request.pool:
+        failed = _emit(inputs, None, request.as_json, out, err)
+        if good:
+            out(_likelihood_line("pooled" if request.as_json else _pooled_name(len(good)), result, request.as_json))
+        return failed
+    lines = (_likelihood_line(name, p, request.as_json) for (name, _), p in zip(good, result, strict=True))
+    return _emit(inputs, lines, request.as_json, out, err)
+
+
+def _arriving(files: list[str], max_bytes: int, failed: list[str], err: Writer) -> Iterator[tuple[str, str]]:
+    """(name, text) per input, read only when asked for: files in order, stdin one line per text (as
+    lines arrive; blank lines skipped). A bad input is reported on ``err``, counted in ``failed``, skipped."""
+    for name in files or ["-"]:
+        if name != "-":
+            for read, text, error in read_inputs([name], max_bytes):
+                if error is not None:
+                    failed.append(read)
+                    err(f"error: {one_line(error)}")
+                elif text is not None:
+                    yield read, text
+            continue
+        if sys.stdin is None or sys.stdin.isatty():
+            failed.append("<stdin>")
+            err("error: <stdin>: no text piped in (give FILE arguments or pipe text)")
+            continue
+        for i, line in enumerate(sys.stdin, start=1):
+            if line.strip():
+                yield f"<stdin>:{i}", line.rstrip("\r\n")
+
+
+def _sequential(
+    files: list[str],
+    max_bytes: int,
+    labels: list[str],
+    score: Callable[[str], tuple],
+    request: Request,
+    attributor: Attributor | None,
+    out: Writer,
+    err: Writer,
+) -> int:
+    """`--sequential`: the verdict of :func:`natprints.attribution.sequential.attribute_stream` over the
+    inputs as they arrive, one line; returns the bad inputs."""
+    from natprints.attribution.sequential import UNDECIDED, UNKNOWN, attribute_stream
+
+    failed: list[str] = []
+
+    def texts() -> Iterator[str]:
+        for name, text in _arriving(files, max_bytes, failed, err):
+            if attributor is not None:
+                _warn_seen(attributor, [Input(name, text, None)], err)
+            yield text
+
+    error = request.error
+    verdict, lead = attribute_stream(texts(), score, len(labels), error)
+    label = {UNKNOWN: "unknown", UNDECIDED: "undecided"}.get(verdict.label) or labels[verdict.label]
+    if request.as_json:
+        finite = lead if math.isfinite(lead) else None  # JSON has no infinity (a text impossible under the rest)
+        out(json.dumps({"input": "sequential", "label": label, "texts": verdict.texts, "error": error, "lead": finite}))
+    else:
+        why = {
+            "unknown": "every model rejected by the open-set test",
+            "undecided": "the inputs ended first",
+        }.get(label, f"leads every other model by {lead:.1f} nats")
+        count = f"{verdict.texts} text{'' if verdict.texts == 1 else 's'}"
+        out(f"sequential ({count}): {label} at error {error:g} ({why})")
+    return len(failed)
+
+
+def _warn_seen(model: Attributor, inputs: list[Input], err: Writer) -> None:
+    """A warning for each text the attributor learned or was calibrated on: its verdict there is no
+    estimate of how it does on new texts."""
+    for name, text, _ in inputs:
+        part = model.seen_in(text) if text is not None else None
+        if part is not None:
+            what = "trained" if part == "train" else "calibrated"
+            err(
+                f"warning: {name}: this attributor was {what} on this text ({part} split); "
+                "its verdict is not a held-out estimate"
+            )
