@@ -89,3 +89,9 @@ def test_no_import_cycle_between_modules():
         if name not in state:
             visit(name, [])
     assert not cycles, "\n".join(cycles)
+
+
+def test_the_manifest_file_name_is_written_once():
+    """Every module names a manifest through ``artifacts.MANIFEST`` (one up-to-date mechanism)."""
+    literal = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if '"manifest.json"' in p.read_text()]
+    assert literal == ["artifacts.py"]

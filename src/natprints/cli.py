@@ -10,7 +10,6 @@ one line on stderr and exit code 1; Ctrl-C says how to resume and exits 130.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shlex
 import shutil
@@ -25,6 +24,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from natprints.artifacts import MANIFEST
 from natprints.config import (
     DEFAULT_CONFIG,
     HOME_VARIABLE,
@@ -89,7 +89,7 @@ def data(config: ConfigOpt = DEFAULT_CONFIG, wait: WaitOpt = False) -> None:
     from natprints.corpus import build_corpus
 
     with running(config, wait) as cfg, stage_timer(cfg, "data") as run:
-        run.did_work = not (cfg.paths.corpus / "manifest.json").is_file()
+        run.did_work = not (cfg.paths.corpus / MANIFEST).is_file()
         manifest = build_corpus(cfg)
     c = manifest["counts"]
     typer.echo(
@@ -483,10 +483,6 @@ def _settings(config: Path | None) -> tuple[LineageSettings, Path | None, Path |
     return cfg.lineage, cfg.paths.cache, cfg.paths.reports
 
 
-def _log10p_text(log10_p: float) -> str:
-    return "p = 1" if log10_p == 0 else f"p = 10^{log10_p:.1f}" if log10_p < -3 else f"p = {10**log10_p:.3g}"
-
-
 @lineage_app.command("compare")
 def compare(
     model_a: Annotated[Path, typer.Argument(metavar="A", help="A model directory (Hugging Face format).")],
@@ -498,6 +494,7 @@ def compare(
 ) -> None:
     """Is B from A's lineage? SeedPrints (same init seed) and/or weight-std (derived from)."""
     from natprints.lineage.experiments import compare as compare_models
+    from natprints.lineage.experiments import comparison_lines
 
     settings, cache, reports = _settings(config)
     results = compare_models(
@@ -507,31 +504,7 @@ def compare(
         payload = {"model_a": str(model_a), "model_b": str(model_b), "results": results}
         typer.echo(json.dumps(payload, indent=2, sort_keys=True))
         return
-    typer.echo(f"A: {model_a}\nB: {model_b}")
-    for name, r in results.items():
-        if r["verdict"] == "incomparable":
-            typer.echo(f"{name}: incomparable — {r['reason']}")
-        elif r["verdict"] == "identical":
-            typer.echo(f"{name}: identical — {r['note']}")
-        elif name == "seedprints":
-            z = "n/a" if r["z"] is None else f"{r['z']:.2f}"
-            if r["verdict"] == "uncalibrated":
-                analytic = "same seed lineage" if r["analytic_verdict"] == "related" else "no evidence of shared seed"
-                verdict = f"{analytic} by the analytic test, UNCALIBRATED (two trained models: may be a false link)"
-            else:
-                verdict = f"{'same seed lineage' if r['same_lineage'] else 'no evidence of shared seed'}"
-            typer.echo(
-                f"seedprints: {_log10p_text(r['log10_p'])} (log10 p = {r['log10_p']:.2f}, z = {z}, "
-                f"|S| = {r['kept']}/{r['k']}, N = {r['n_inputs']}) -> {verdict} at alpha = {r['alpha']:g}"
-            )
-        else:
-            score = r["score"]
-            per = ", ".join(f"{k[0]} {'n/a' if v is None else f'{v:.3f}'}" for k, v in r["per_matrix"].items())
-            shown = "n/a" if score is None or not math.isfinite(score) else f"{score:.3f}"
-            typer.echo(
-                f"weights: score = {shown} ({per}) -> "
-                f"{'related' if r['related'] else 'not related'} at threshold {r['threshold']:g}"
-            )
+    typer.echo("\n".join([f"A: {model_a}", f"B: {model_b}", *comparison_lines(results)]))
 
 
 @lineage_app.command("identify")
@@ -544,7 +517,7 @@ def identify_cmd(
     device: _DeviceOpt = Device.auto,
 ) -> None:
     """Rank a library's models by SeedPrints evidence that MODEL shares their seed."""
-    from natprints.lineage.experiments import identify
+    from natprints.lineage.experiments import identify, ranking_lines
 
     settings, cache, reports = _settings(config)
     ranking = identify(
@@ -555,11 +528,8 @@ def identify_cmd(
     if as_json:
         typer.echo(json.dumps({"model": str(model), "library": str(library), "ranking": ranking}, indent=2))
         return
-    for rank, r in enumerate(ranking, 1):
-        if r["verdict"] == "incomparable":
-            typer.echo(f"  -  {r['model']}: incomparable ({r['reason']})")
-        else:
-            typer.echo(f"{rank:3d}  {r['model']}: log10 p = {r['log10_p']:.2f}  {r['verdict']}")
+    for line in ranking_lines(ranking):
+        typer.echo(line)
 
 
 @lineage_app.command("run")

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from natprints.artifacts import Manifest, atomic_write_text, hash_obj, sha256_file
+from natprints.artifacts import MANIFEST, Manifest, atomic_write_text, hash_obj, sha256_file
 from natprints.attribution import ceiling
 from natprints.conditions import CALIBRATION_FRACTION, REQUIRED_COLUMNS, ConditionData, split_prompts
 from natprints.config import Config
@@ -184,7 +184,7 @@ def run_emergence(cfg: Config, *, max_chunks: int | None = None) -> dict[str, An
 
     start = time.time()
     members, steps = _points(cfg)
-    if not (cfg.paths.generated / "manifest.json").is_file():
+    if not (cfg.paths.generated / MANIFEST).is_file():
         raise NatprintsError(f"no generated corpora for run '{cfg.run.name}'; run `natprints generate` first")
     Manifest(cfg.paths.generated, "generated corpora", remake="natprints generate").verify()
     key = _stage_key(cfg, members, steps)

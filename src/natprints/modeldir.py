@@ -184,7 +184,7 @@ def discover_zoo(zoo_dir: Path | str) -> list[Entry]:
         raise NatprintsError(f"no zoo at {zoo_dir}; train it first (`make zoo`)")
     manifests: dict[str, tuple[Path, dict[str, Any]]] = {}
     for model_dir in sorted(p for p in zoo_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if not (model_dir / "manifest.json").is_file():
+        if not (model_dir / MANIFEST).is_file():
             if (model_dir / "config.json").is_file() or (model_dir / "init").is_dir():
                 raise NatprintsError(
                     f"zoo model {model_dir.name} is incomplete (no manifest.json); finish it with `natprints zoo`"

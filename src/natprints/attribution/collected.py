@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from natprints.artifacts import Manifest, hash_obj, sha256_file
+from natprints.artifacts import MANIFEST, Manifest, hash_obj, sha256_file
 from natprints.attribution.attributor import decode_text, save_attributor
 from natprints.conditions import CALIBRATION_FRACTION, ConditionData, condition_data, split_parts, split_prompts
 from natprints.config import NULL_CONDITION, Config, RunSettings
@@ -255,7 +255,7 @@ def run_collected(
     )
     manifest = Manifest(paths.reports, "collected-text experiments", COLLECTED_MANIFEST)
     attributor_dir = paths.attributors / name
-    if not force and manifest.is_current(key) and (attributor_dir / "manifest.json").is_file():
+    if not force and manifest.is_current(key) and (attributor_dir / MANIFEST).is_file():
         return CollectedResult(paths.reports, attributor_dir, load_records(paths.reports), False)
     started = time.perf_counter()
     prompts = pd.concat([d.frame["prompt_id"] for d in conditions.values()]).astype(str)

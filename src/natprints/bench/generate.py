@@ -12,6 +12,7 @@ import math
 import statistics
 from typing import Any
 
+from natprints.artifacts import MANIFEST
 from natprints.bench.timing import interleaved, torch_profile
 from natprints.config import Config
 from natprints.errors import NatprintsError
@@ -43,7 +44,7 @@ def bench_generate(cfg: Config, *, reps: int = 3) -> dict[str, Any]:
 
     g = cfg.generate
     base = next(iter(zoo_specs(cfg)))
-    if not (cfg.paths.zoo / base / "manifest.json").is_file():
+    if not (cfg.paths.zoo / base / MANIFEST).is_file():
         raise NatprintsError(f"bench: zoo model {base} is missing; run `natprints zoo` first")
     model = load_lm(cfg.paths.zoo / base)
     eos = load_tokenizer(cfg.paths.tokenizer).eos_token_id

@@ -718,3 +718,47 @@ def compare(
     if all(r["verdict"] == "incomparable" for r in results.values()):
         raise NatprintsError("; ".join(r["reason"] for r in results.values()))
     return results
+
+
+def _log10p_text(log10_p: float) -> str:
+    return "p = 1" if log10_p == 0 else f"p = 10^{log10_p:.1f}" if log10_p < -3 else f"p = {10**log10_p:.3g}"
+
+
+def comparison_lines(results: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per method of a :func:`compare` result, as `natprints lineage A B` prints it."""
+    lines = []
+    for name, r in results.items():
+        if r["verdict"] == "incomparable":
+            lines.append(f"{name}: incomparable — {r['reason']}")
+        elif r["verdict"] == "identical":
+            lines.append(f"{name}: identical — {r['note']}")
+        elif name == "seedprints":
+            z = "n/a" if r["z"] is None else f"{r['z']:.2f}"
+            if r["verdict"] == "uncalibrated":
+                analytic = "same seed lineage" if r["analytic_verdict"] == "related" else "no evidence of shared seed"
+                verdict = f"{analytic} by the analytic test, UNCALIBRATED (two trained models: may be a false link)"
+            else:
+                verdict = f"{'same seed lineage' if r['same_lineage'] else 'no evidence of shared seed'}"
+            lines.append(
+                f"seedprints: {_log10p_text(r['log10_p'])} (log10 p = {r['log10_p']:.2f}, z = {z}, "
+                f"|S| = {r['kept']}/{r['k']}, N = {r['n_inputs']}) -> {verdict} at alpha = {r['alpha']:g}"
+            )
+        else:
+            score = r["score"]
+            per = ", ".join(f"{k[0]} {'n/a' if v is None else f'{v:.3f}'}" for k, v in r["per_matrix"].items())
+            shown = "n/a" if score is None or not math.isfinite(score) else f"{score:.3f}"
+            lines.append(
+                f"weights: score = {shown} ({per}) -> "
+                f"{'related' if r['related'] else 'not related'} at threshold {r['threshold']:g}"
+            )
+    return lines
+
+
+def ranking_lines(ranking: list[dict[str, Any]]) -> list[str]:
+    """One line per model of an :func:`identify` ranking, best first; incomparable ones say why."""
+    return [
+        f"  -  {r['model']}: incomparable ({r['reason']})"
+        if r["verdict"] == "incomparable"
+        else f"{rank:3d}  {r['model']}: log10 p = {r['log10_p']:.2f}  {r['verdict']}"
+        for rank, r in enumerate(ranking, 1)
+    ]

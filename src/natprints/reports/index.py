@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from natprints.artifacts import Manifest, atomic_write_text, read_manifest
+from natprints.artifacts import MANIFEST, Manifest, atomic_write_text, read_manifest
 from natprints.config import Config
 from natprints.errors import NatprintsError
 from natprints.records import LINEAGE_CSV, RESULTS_FILE, TEXT_EMERGENCE_CSV, read_timings
@@ -42,7 +42,7 @@ def zoo_rows(cfg: Config) -> list[dict]:
     if not zoo.is_dir():
         return rows
     for model_dir in sorted(zoo.iterdir()):
-        if not (model_dir / "manifest.json").is_file():
+        if not (model_dir / MANIFEST).is_file():
             continue
         m = read_manifest(model_dir, "model")
         rows.append(
@@ -94,7 +94,7 @@ def write_zoo_report(cfg: Config) -> Path:
 
 
 def _generated_summary(cfg: Config) -> str:
-    path = cfg.paths.generated / "manifest.json"
+    path = cfg.paths.generated / MANIFEST
     if not path.is_file():
         return ""
     m = read_manifest(cfg.paths.generated, "generated corpora")
@@ -173,7 +173,7 @@ def render_provenance(cfg: Config) -> str:
     revisions = sorted({str(timings[s].get("git_revision", "unrecorded"))[:12] for s in stages})
     dirty = [s for s in stages if timings[s].get("tree_clean") is not True]
     hashes = {timings[s].get("config_hash") for s in stages}
-    manifests = [read_manifest(d, "model") for d in sorted(cfg.paths.zoo.glob("*")) if (d / "manifest.json").is_file()]
+    manifests = [read_manifest(d, "model") for d in sorted(cfg.paths.zoo.glob("*")) if (d / MANIFEST).is_file()]
     dtypes = sorted({m.get("train_dtype", "unrecorded") for m in manifests})
     cpus = sorted({str(m.get("machine", {}).get("cpu_capability", "unrecorded")) for m in manifests})
     report_rev = git_revision()

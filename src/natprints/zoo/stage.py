@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from natprints.artifacts import Manifest, hash_obj, read_manifest, sha256_text
+from natprints.artifacts import MANIFEST, Manifest, hash_obj, read_manifest, sha256_text
 from natprints.config import Config, CorpusSettings
 from natprints.errors import NatprintsError
 from natprints.runtime import load_lm, run_jobs, setup_torch, use_autocast
@@ -23,7 +23,7 @@ def _file_list(directory: Path) -> list[str]:
     return sorted(
         str(p.relative_to(directory))
         for p in directory.rglob("*")
-        if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".")
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
     )
 
 
