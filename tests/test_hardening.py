@@ -408,3 +408,34 @@ def test_a_home_that_is_a_file_is_one_line(tmp_path, command):
     proc = run_cli(*command, "--config", str(SMOKE), home=home, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: NATPRINTS_HOME={home} is not a directory"
+
+
+def _full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_a_full_disk_keeps_the_old_file_and_says_what_was_needed(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    artifacts.atomic_write_json(path, {"kept": True})
+    monkeypatch.setattr(artifacts.os, "fsync", _full_disk)
+    with pytest.raises(NatprintsError) as info:
+        artifacts.atomic_write_bytes(path, b"x" * 3_000_000)
+    message = str(info.value)
+    assert message.startswith(f"no space left to write {path} (3.0 MB needed, ") and "MB free there" in message
+    assert "\n" not in message
+    assert json.loads(path.read_text()) == {"kept": True}  # the old file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary file left
+
+
+def test_a_full_disk_under_any_writer_is_one_line_from_every_command(tmp_path, monkeypatch):
+    import natprints.corpus
+
+    def build_corpus(cfg):
+        raise OSError(28, "No space left on device", str(tmp_path / "data" / "corpus" / "train.bin"))
+
+    monkeypatch.setattr(natprints.corpus, "build_corpus", build_corpus)
+    monkeypatch.setenv("NATPRINTS_HOME", str(tmp_path))
+    result = CliRunner().invoke(APP, ["data", "--config", str(SMOKE)])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: no space left to write {tmp_path / 'data' / 'corpus' / 'train.bin'} (")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output

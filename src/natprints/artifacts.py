@@ -7,10 +7,12 @@ can verify that it reads what was written.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable
@@ -75,8 +77,30 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full device, or a full quota
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def no_space(exc: OSError, path: Path | str | None = None, needed: int | None = None) -> NatprintsError:
+    """The one-line error for a full disk: the path, the space needed when known, what is free there."""
+    target = Path(path if path is not None else exc.filename or ".")
+    where = next((p for p in (target, *target.parents) if p.exists()), Path("."))
+    try:
+        free = f"{_megabytes(shutil.disk_usage(where).free)} free there"
+    except OSError:
+        free = "free space unknown"
+    need = f"{_megabytes(needed)} needed, " if needed is not None else ""
+    return NatprintsError(
+        f"no space left to write {target} ({need}{free}); free some space and rerun: what was written is kept"
+    )
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it over: readers never see half a file."""
+    """Write to a temporary file beside ``path`` and rename it over: readers never see half a file, and
+    a full disk leaves the old file as it was (a one-line error names the path and the space needed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -87,6 +111,11 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.errno in NO_SPACE:
+            raise no_space(exc, path, len(data)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -24,7 +24,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from natprints.artifacts import MANIFEST
+from natprints.artifacts import MANIFEST, NO_SPACE, no_space
 from natprints.config import (
     DEFAULT_CONFIG,
     HOME_VARIABLE,
@@ -43,13 +43,19 @@ if TYPE_CHECKING:
 
 
 class _Group(TyperGroup):
-    """The one error handler: a :class:`NatprintsError` from any command is one line on stderr, exit 1."""
+    """The one error handler: a :class:`NatprintsError` from any command, or a full disk, is one line on
+    stderr and exit 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except NatprintsError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            typer.echo(f"error: {no_space(exc)}", err=True)  # a writer of its own (safetensors, parquet)
             raise typer.Exit(1) from None
 
 
