@@ -414,6 +414,14 @@ def attribute(
     error: Annotated[
         float, typer.Option("--error", min=0, max=1, help="--sequential: the error guaranteed (default 0.01).")
     ] = 0.01,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(
+            "--bundle",
+            help="Write an evidence bundle (JSON) that `natprints verify` recomputes the verdicts from: the "
+            "inputs' and models' hashes, the request, config, code and machine, every per-text score.",
+        ),
+    ] = None,
 ) -> None:
     """Attribute each text to the zoo model that most likely wrote it, or `unknown`.
 
@@ -443,9 +451,18 @@ def attribute(
         pool=pool,
         sequential=sequential,
         error=error,
+        bundle=bundle,
     )
     if attribute_files(list(files or []), request):
         raise typer.Exit(1)
+
+
+@app.command()
+def verify(bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="A file from `attribute --bundle`.")]) -> None:
+    """Check an evidence bundle: every hash again, every score and verdict recomputed from its files."""
+    from natprints.attribution.verdicts import verify_bundle
+
+    typer.echo(verify_bundle(bundle))
 
 
 class _LineageGroup(TyperGroup):

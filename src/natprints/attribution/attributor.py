@@ -399,6 +399,12 @@ def decode_text(data: bytes, name: str, max_bytes: int = DEFAULT_MAX_TEXT_BYTES)
     return text
 
 
+def without_final_newline(text: str) -> str:
+    """A file's last line ending is the file's, not the text's (`echo TEXT > FILE` adds one): the
+    likelihood method scores a text without it."""
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
 def read_text_file(path: Path | str, max_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> str:
     """Read one regular file for attribution; never reads more than ``max_bytes + 1`` bytes.
 

@@ -260,6 +260,7 @@ def attribute_by_likelihood(
     top: int = 3,
     progress: bool = False,
     loaded: dict[str, Any] | None = None,
+    token_logprobs: dict[str, list[list[float]]] | None = None,
 ) -> list[LikelihoodPrediction] | LikelihoodPrediction:
     """Attribute each text (or, with ``pool``, all of them together) to the model most likely to have written it.
 
@@ -269,6 +270,8 @@ def attribute_by_likelihood(
     ``top_p`` are the transform the texts were sampled with. Returns one :class:`LikelihoodPrediction`
     per text in order, or one when ``pool``; ``top`` candidates each. ``loaded``: a dict that keeps
     each model loaded between calls (label -> model), for texts that arrive one at a time.
+    ``token_logprobs``: a dict filled with label -> each text's per-token log-probabilities (an
+    evidence bundle's scores).
     """
     import torch
     from tqdm.auto import tqdm
@@ -326,6 +329,10 @@ def attribute_by_likelihood(
             entropy[i, j] = score.entropy[:m].sum()
             variance[i, j] = score.logprob_variance[:m].sum()
             tokens[i, j] = m
+        if token_logprobs is not None:
+            token_logprobs[label] = [
+                s.token_logprobs[: len(ids)].tolist() for s, ids in zip(scores, continuations, strict=True)
+            ]
         del lm, scores
         if device == "cuda" and loaded is None:
             torch.cuda.empty_cache()

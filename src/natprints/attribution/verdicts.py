@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import click
 
 from natprints.artifacts import MANIFEST
+from natprints.attribution.bundle import Bundle, check_hashes, compare, finite, read_bundle
 from natprints.config import DEFAULT_CONFIG, Config, RunPaths, home, load_config
 from natprints.errors import NatprintsError
 
@@ -75,6 +76,9 @@ class Request:
     pool: bool = False
     sequential: bool = False
     error: float = 0.01
+    bundle: Path | None = None  # write an evidence bundle here
+    device: str | None = None  # likelihood: where to score (default: the run's, else auto)
+    batch_size: int | None = None  # likelihood: texts per batch (default: the run's, else 64)
 
     def check(self) -> None:
         """Options that do not go together, as one-line errors."""
@@ -82,6 +86,8 @@ class Request:
             raise NatprintsError(f"unknown method '{self.method}' (choose from: {', '.join(METHODS)})")
         if self.sequential and self.pool:
             raise NatprintsError("--sequential and --pool: choose one (both read the inputs as texts of one source)")
+        if self.sequential and self.bundle is not None:
+            raise NatprintsError("--bundle records a verdict set: not with --sequential")
         if self.sequential and not 0 < self.error < 1:
             raise NatprintsError(f"--error must lie strictly between 0 and 1, got {self.error}")
         if self.method == "likelihood":
@@ -113,13 +119,79 @@ class Request:
 
 
 def attribute_files(files: list[str], request: Request, *, out: Writer = _stdout, err: Writer = _stderr) -> int:
-    """Attribute each input (``-`` or none: standard input) as ``request`` says; returns the bad inputs."""
+    """Attribute each input (``-`` or none: standard input) as ``request`` says; returns the bad inputs.
+    With ``request.bundle``, the evidence bundle of the verdicts is written there (inputs must be files)."""
     request.check()
     files = list(files) or ["-"]
+    if request.bundle is None:
+        return _attribute(files, request, out, err, None)
+    if "-" in files:
+        raise NatprintsError("--bundle needs FILE arguments: standard input cannot be read again to verify")
+    bundle = Bundle(request.method, {})
+    failed = _attribute(files, request, out, err, bundle)
+    bundle.write(request.bundle)
+    err(f"wrote {request.bundle} ({len(bundle.inputs)} inputs; check it with `natprints verify {request.bundle}`)")
+    return failed
+
+
+def verify_bundle(path: Path | str) -> str:
+    """Check every hash an evidence bundle records, recompute its scores and verdicts from the files it
+    names, and return one line saying so; the first difference is a :class:`NatprintsError`."""
+    data = read_bundle(path)
+    check_hashes(data)
+    r, sources = data["request"], data["sources"]
+    common = {"top": r["top"], "max_bytes": r["max_bytes"], "pool": r["pool"]}
+    if data["method"] == "likelihood":
+        request = Request(
+            method="likelihood",
+            models=tuple(Path(source["path"]) for source in sources.values()),
+            tokenizer=Path(r["tokenizer"]),
+            prompt=r["prompt"],
+            temperature=r["temperature"],
+            top_k=r["top_k"],
+            top_p=r["top_p"],
+            alpha=r["alpha"],
+            device=r["device"],
+            batch_size=r["batch_size"],
+            **common,
+        )
+    else:
+        request = Request(method="attributor", attributor=Path(sources["attributor"]["path"]), **common)
+    again = Bundle(data["method"], {})
+    messages: list[str] = []
+    failed = _attribute([entry["path"] for entry in data["inputs"]], request, messages.append, messages.append, again)
+    if failed:
+        raise NatprintsError(f"{path}: {failed} input(s) could not be scored again: {messages[-1]}")
+    recomputed = _normalized(again)
+    if [e["sha256"] for e in recomputed["inputs"]] != [e["sha256"] for e in data["inputs"]]:
+        raise NatprintsError(f"{path}: the inputs read again are not the ones recorded")
+    largest = max(
+        compare(data["texts"], recomputed["texts"], "text"),
+        compare(data["verdicts"], recomputed["verdicts"], "verdict"),
+    )
+    models = f"{len(sources)} model{'s' if len(sources) != 1 else ''}"
+    what = models if data["method"] == "likelihood" else "1 attributor"
+    return (
+        f"verified: {len(data['inputs'])} inputs and {what} hash as recorded; every score and verdict recomputed "
+        f"(largest difference {largest:.2g})"
+    )
+
+
+def _normalized(bundle: Bundle) -> dict[str, Any]:
+    """A bundle as its JSON file reads back (tuples as lists, non-finite numbers as null)."""
+    parts = {"inputs": bundle.inputs, "texts": bundle.texts, "verdicts": bundle.verdicts}
+    return json.loads(json.dumps(finite(parts)))
+
+
+def _attribute(files: list[str], request: Request, out: Writer, err: Writer, bundle: Bundle | None) -> int:
     if request.method == "likelihood":
-        return _by_likelihood(files, request, out, err)
+        return _by_likelihood(files, request, out, err, bundle)
     model, config_limit = open_attributor(request.run, request.config, request.condition, request.attributor)
     limit = _limit(request.max_bytes, config_limit)
+    if bundle is not None:
+        directory, _ = _attributor_dir(request.run, request.config, request.condition, request.attributor)
+        bundle.add_attributor(directory)
+        bundle.request = {"top": request.top, "max_bytes": limit, "pool": request.pool}
     if request.sequential:
 
         def score(text: str) -> tuple:
@@ -137,6 +209,8 @@ def attribute_files(files: list[str], request: Request, *, out: Writer = _stdout
         _warn_seen(model, inputs, err)
         if texts:
             p = attribute_pooled(texts, model, top=request.top)
+            if bundle is not None:
+                _record_attributor(bundle, model, inputs, texts, [p], pooled=True)
             if request.as_json:
                 out(json.dumps({"input": "pooled", **p.to_dict(), "texts": len(texts)}))
             else:
@@ -149,9 +223,26 @@ def attribute_files(files: list[str], request: Request, *, out: Writer = _stdout
         _warn_seen(model, inputs, err)
         predictions = model.predict(texts, top_k=request.top) if texts else []
         good = [name for name, _, error in inputs if error is None]
+        if bundle is not None and texts:
+            _record_attributor(bundle, model, inputs, texts, predictions, pooled=False)
         lines = (_line(n, p, request.as_json, model.threshold) for n, p in zip(good, predictions, strict=True))
         failed += _emit(inputs, lines, request.as_json, out, err)
     return failed
+
+
+def _record_attributor(
+    bundle: Bundle, model: Attributor, inputs: list[Input], texts: list[str], predictions: list, *, pooled: bool
+) -> None:
+    """An attributor's inputs, calibrated probabilities per text, and verdicts, into ``bundle``."""
+    first = len(bundle.inputs)
+    for name, text, _ in inputs:
+        if text is not None:
+            bundle.add_input(name, text)
+    bundle.texts += [{"input": first + i, "proba": row.tolist()} for i, row in enumerate(model.predict_proba(texts))]
+    if pooled:
+        bundle.verdicts.append({"input": "pooled", **predictions[0].to_dict(), "texts": len(texts)})
+    else:
+        bundle.verdicts += [{"input": first + i, **p.to_dict()} for i, p in enumerate(predictions)]
 
 
 def _limit(max_bytes: int | None, config_limit: int | None) -> int:
@@ -349,14 +440,10 @@ def likelihood_library(
     return Library({m: zoo_dir / m for m in members[condition]}, tokenizer or cfg.paths.tokenizer, cfg)
 
 
-def without_final_newline(text: str) -> str:
-    """A file's last line ending is the file's, not the text's (`echo TEXT > FILE` adds one)."""
-    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
-
-
-def _by_likelihood(files: list[str], request: Request, out: Writer, err: Writer) -> int:
+def _by_likelihood(files: list[str], request: Request, out: Writer, err: Writer, bundle: Bundle | None) -> int:
     """The likelihood method: every model checked before any text is read; then every input read first
     (with ``sequential``, one at a time until a verdict)."""
+    from natprints.attribution.attributor import without_final_newline
     from natprints.attribution.likelihood import (
         attribute_by_likelihood,
         encode_for,
@@ -365,6 +452,7 @@ def _by_likelihood(files: list[str], request: Request, out: Writer, err: Writer)
         load_model_tokenizer,
     )
     from natprints.modeldir import inspect_model
+    from natprints.runtime import resolve_device
 
     library = likelihood_library(request.run, request.config, request.condition, request.models, request.tokenizer)
     for directory in library.models.values():  # a directory that is no model: said before the tokenizer
@@ -380,9 +468,22 @@ def _by_likelihood(files: list[str], request: Request, out: Writer, err: Writer)
         "temperature": 1.0 if request.temperature is None else request.temperature,
         "top_k": 0 if request.top_k is None else request.top_k,
         "top_p": 1.0 if request.top_p is None else request.top_p,
-        "device": cfg.run.device if cfg else "auto",
-        "batch_size": cfg.likelihood.batch_size if cfg else 64,
+        "device": resolve_device(request.device or (cfg.run.device if cfg else "auto")),  # a bundle records where
+        "batch_size": request.batch_size or (cfg.likelihood.batch_size if cfg else 64),
     }
+    alpha = 0.05 if request.alpha is None else request.alpha
+    if bundle is not None:
+        bundle.add_models(library.models, library.tokenizer)
+        bundle.config = cfg.model_dump(mode="json") if cfg else None
+        bundle.request = {
+            "prompt": prompt,
+            "alpha": alpha,
+            "top": request.top,
+            "max_bytes": limit,
+            "pool": request.pool,
+            "tokenizer": str(Path(library.tokenizer).resolve()),
+            **options,
+        }
     if request.sequential:
         loaded: dict = {}  # each model loaded once for the whole stream
         labels = list(candidates)
@@ -412,17 +513,29 @@ def _by_likelihood(files: list[str], request: Request, out: Writer, err: Writer)
         inputs[readable[j]] = Input(inputs[readable[j]].name, None, error)
     good = [(name, text) for name, text, error in inputs if error is None]
     result: Any = []
+    per_token: dict[str, list[list[float]]] = {}
     if good:
         result = attribute_by_likelihood(
             [text for _, text in good],
             candidates,
             prompts=None if prompt is None else [prompt] * len(good),
-            alpha=0.05 if request.alpha is None else request.alpha,
+            alpha=alpha,
             pool=request.pool,
             top=request.top,
-            progress=True,
+            progress=bundle is None,
+            token_logprobs=per_token,
             **options,
         )
+    if bundle is not None:
+        for name, text in good:
+            bundle.add_input(name, text)
+        for i in range(len(good)):
+            scores: dict[str, Any] = {"input": i, "token_logprobs": {m: per_token[m][i] for m in per_token}}
+            if not request.pool:
+                scores |= {"loglik": result[i].loglik, "z": result[i].z, "tokens": result[i].model_tokens}
+            bundle.texts.append(scores)
+        verdicts = [result] if request.pool else result
+        bundle.verdicts += [{"input": "pooled" if request.pool else i, **p.to_dict()} for i, p in enumerate(verdicts)]
     if request.pool:
         failed = _emit(inputs, None, request.as_json, out, err)
         if good:
