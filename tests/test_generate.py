@@ -2,9 +2,10 @@ import pandas as pd
 import torch
 
 from natprints.artifacts import read_manifest
+from natprints.conditions import GENERATED_COLUMNS as COLUMNS
 from natprints.config import GenerateSettings
 from natprints.generate.sampler import filter_logits
-from natprints.generate.stage import COLUMNS, generate_all
+from natprints.generate.stage import generate_all
 from tests.conftest import copy_stage
 from tests.test_zoo import BASE
 

@@ -6,6 +6,7 @@ import json
 
 from natprints import runtime
 from natprints.config import Config
+from natprints.zoo.stage import use_autocast
 
 
 def _cfg(**run) -> Config:
@@ -13,15 +14,15 @@ def _cfg(**run) -> Config:
 
 
 def test_auto_is_fp32_on_a_cpu_and_bf16_on_cuda(fresh_home):
-    assert runtime.use_autocast(_cfg(), "cpu") is False
-    assert runtime.use_autocast(_cfg(), "cuda") is True
+    assert use_autocast(_cfg(), "cpu") is False
+    assert use_autocast(_cfg(), "cuda") is True
     assert not (fresh_home / "models").exists()  # nothing measured, nothing written
 
 
 def test_explicit_dtype_wins_on_either_device():
-    assert runtime.use_autocast(_cfg(train_dtype="fp32"), "cpu") is False
-    assert runtime.use_autocast(_cfg(train_dtype="fp32"), "cuda") is False
-    assert runtime.use_autocast(_cfg(train_dtype="bf16"), "cpu") is True
+    assert use_autocast(_cfg(train_dtype="fp32"), "cpu") is False
+    assert use_autocast(_cfg(train_dtype="fp32"), "cuda") is False
+    assert use_autocast(_cfg(train_dtype="bf16"), "cpu") is True
 
 
 def test_no_timing_can_choose_numerics():

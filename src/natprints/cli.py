@@ -14,7 +14,7 @@ import os
 import shlex
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -24,7 +24,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from natprints.artifacts import MANIFEST, NO_SPACE, no_space
+from natprints.artifacts import NO_SPACE, no_space
 from natprints.config import (
     DEFAULT_CONFIG,
     HOME_VARIABLE,
@@ -36,7 +36,7 @@ from natprints.config import (
     offline_environment,
 )
 from natprints.errors import NatprintsError
-from natprints.runtime import exclusive_run, output_changed, stage_timer
+from natprints.runtime import StageResult, exclusive_run, stage_timer
 
 if TYPE_CHECKING:
     pass
@@ -89,19 +89,27 @@ def running(config: Path, wait: bool = False) -> Iterator[Config]:
         yield cfg
 
 
+def _stage(config: Path, wait: bool, name: str, work: Callable[[Config], StageResult], zoo_table: bool = False) -> None:
+    """Open the run, time the stage's work (recorded when it did any), print what it says; with
+    ``zoo_table``, rewrite the zoo's table after it."""
+    with running(config, wait) as cfg:
+        with stage_timer(cfg, name) as timer:
+            result = work(cfg)
+            timer.did_work = result.did_work
+        for line in result.lines:
+            typer.echo(line)
+        if zoo_table:
+            from natprints.reports.index import write_zoo_report
+
+            typer.echo(f"wrote {write_zoo_report(cfg)}")
+
+
 @app.command()
 def data(config: ConfigOpt = DEFAULT_CONFIG, wait: WaitOpt = False) -> None:
     """Read the corpus, split train/held-out, train the shared tokenizer."""
-    from natprints.corpus import build_corpus
+    from natprints.corpus import run
 
-    with running(config, wait) as cfg, stage_timer(cfg, "data") as run:
-        run.did_work = not (cfg.paths.corpus / MANIFEST).is_file()
-        manifest = build_corpus(cfg)
-    c = manifest["counts"]
-    typer.echo(
-        f"corpus: {c['train_paragraphs']} train / {c['heldout_paragraphs']} held-out paragraphs, "
-        f"{c['train_tokens']:,} train tokens, vocab {c['vocab_size']}, sha256 {manifest['corpus_sha256'][:12]}"
-    )
+    _stage(config, wait, "data", run)
 
 
 @app.command()
@@ -112,30 +120,17 @@ def zoo(
     wait: WaitOpt = False,
 ) -> None:
     """Train every model of the config's conditions (resumes interrupted training)."""
-    from natprints.reports.index import write_zoo_report
-    from natprints.zoo.stage import build_zoo
+    from natprints.zoo.stage import run
 
-    with running(config, wait) as cfg:
-        with stage_timer(cfg, "zoo") as run:
-            trained = build_zoo(cfg, only=model or None, stop_after=stop_after)
-            run.did_work = bool(trained) and not model
-        typer.echo(f"zoo: trained {len(trained)} model(s) now")
-        if stop_after is None:
-            typer.echo(f"wrote {write_zoo_report(cfg)}")
+    _stage(config, wait, "zoo", lambda c: run(c, model or None, stop_after), zoo_table=stop_after is None)
 
 
 @app.command()
 def derive(config: ConfigOpt = DEFAULT_CONFIG, wait: WaitOpt = False) -> None:
     """Continue the chosen zoo models on the shift corpus (the derived models of lineage tests)."""
-    from natprints.reports.index import write_zoo_report
-    from natprints.zoo.stage import build_derived
+    from natprints.zoo.stage import run_derive
 
-    with running(config, wait) as cfg:
-        with stage_timer(cfg, "derive") as run:
-            trained = build_derived(cfg)
-            run.did_work = bool(trained)
-        typer.echo(f"derive: trained {len(trained)} derived model(s) now")
-        typer.echo(f"wrote {write_zoo_report(cfg)}")
+    _stage(config, wait, "derive", run_derive, zoo_table=True)
 
 
 @app.command()
@@ -145,45 +140,25 @@ def generate(
     wait: WaitOpt = False,
 ) -> None:
     """Sample every zoo model on the held-out prompts, plus the null control."""
-    from natprints.generate.stage import generate_all
+    from natprints.generate.stage import run
 
-    with running(config, wait) as cfg, stage_timer(cfg, "generate") as run:
-        manifest = generate_all(cfg, max_chunks=max_chunks)
-        run.did_work = manifest["added"] > 0 and manifest["complete"]
-    state = "complete" if manifest["complete"] else "partial"
-    typer.echo(f"generate: {len(manifest['rows'])} files, {manifest['rows_per_model']} rows each ({state})")
+    _stage(config, wait, "generate", lambda c: run(c, max_chunks=max_chunks))
 
 
 @app.command()
 def likelihood(config: ConfigOpt = DEFAULT_CONFIG, wait: WaitOpt = False) -> None:
     """Score every text the tables use under every model of its conditions (the exact ceiling)."""
-    from natprints.likelihood.stage import score_all
+    from natprints.likelihood.stage import run
 
-    with running(config, wait) as cfg, stage_timer(cfg, "likelihood") as run:
-        manifest = score_all(cfg)
-        run.did_work = manifest["scored"] > 0
-    rows = sum(entry["rows"] for entry in manifest["scorers"].values())
-    typer.echo(
-        f"likelihood: {rows} (text, model) scores from {len(manifest['scorers'])} models, {manifest['scored']} new"
-    )
+    _stage(config, wait, "likelihood", run)
 
 
 @app.command()
 def reference(config: ConfigOpt = DEFAULT_CONFIG, wait: WaitOpt = False) -> None:
     """Train the auditor's reference LM, fine-tune it per candidate, score the texts (black-box)."""
-    from natprints.reference.stage import build_reference
+    from natprints.reference.stage import run
 
-    with running(config, wait) as cfg:
-        if not cfg.reference.enabled:
-            typer.echo("reference: off in this config ([reference] enabled = false)")
-            return
-        with stage_timer(cfg, "reference") as run:
-            manifest = build_reference(cfg)
-            run.did_work = manifest["scored"] > 0 or manifest["trained_now"] > 0
-    typer.echo(
-        f"reference: {len(manifest['scorers'])} fine-tuned LMs, {manifest['trained_now']} trained now, "
-        f"{manifest['scored']} texts scored now"
-    )
+    _stage(config, wait, "reference", run)
 
 
 @app.command()
@@ -249,20 +224,9 @@ def experiments(
     wait: WaitOpt = False,
 ) -> None:
     """Fit every condition's pipelines; write results.jsonl, accuracy.csv and the attributors."""
-    from natprints.attribution.experiments import run_experiments
-    from natprints.records import accuracy_table, load_records
+    from natprints.attribution.experiments import run
 
-    with running(config, wait) as cfg, stage_timer(cfg, "experiments") as run:
-        with output_changed(cfg.paths.reports / "experiments.json") as changed:
-            run_experiments(cfg, force=force)
-        run.did_work = changed()
-    table = accuracy_table(load_records(cfg.paths.reports))
-    for row in table[table["best"]].itertuples():
-        typer.echo(
-            f"{row.condition}: {row.pipeline} accuracy {row.accuracy:.3f} "
-            f"[{row.ci_low:.3f}, {row.ci_high:.3f}], chance {row.chance:.3f}, p = {row.p_value:.2g}"
-        )
-    typer.echo(f"wrote {cfg.paths.reports / 'accuracy.csv'} and {cfg.paths.attributors}/")
+    _stage(config, wait, "experiments", lambda c: run(c, force=force))
 
 
 @app.command()
@@ -308,23 +272,9 @@ def emergence(
     wait: WaitOpt = False,
 ) -> None:
     """The text fingerprint over training: one condition's models at every saved step ([emergence])."""
-    from natprints.emergence import run_emergence
-    from natprints.records import TEXT_EMERGENCE_CSV
+    from natprints.emergence import run
 
-    with running(config, wait) as cfg:
-        if not cfg.emergence.enabled:
-            typer.echo("emergence: off in this config ([emergence] enabled = false)")
-            return
-        with stage_timer(cfg, "emergence") as run:
-            manifest = run_emergence(cfg, max_chunks=max_chunks)
-            run.did_work = manifest["added"] > 0 and manifest["complete"]
-    if not manifest["complete"]:
-        typer.echo(f"emergence: {manifest['added']} texts generated now (partial)")
-        return
-    typer.echo(
-        f"emergence: {cfg.emergence.condition} at steps {', '.join(map(str, manifest['steps']))}; "
-        f"{manifest['added']} texts generated now; wrote {cfg.paths.reports / TEXT_EMERGENCE_CSV}"
-    )
+    _stage(config, wait, "emergence", lambda c: run(c, max_chunks=max_chunks))
 
 
 class AttributeMethod(StrEnum):
@@ -562,19 +512,9 @@ def run_cmd(
     wait: WaitOpt = False,
 ) -> None:
     """Lineage experiments over the run's zoo: reports/<run>/lineage.csv, lineage.json, figures."""
-    from natprints.lineage.experiments import run_lineage
+    from natprints.lineage.experiments import run
 
-    with running(config, wait) as cfg, stage_timer(cfg, "lineage") as run:
-        with output_changed(cfg.paths.reports / "lineage.json") as changed:
-            summary = run_lineage(cfg, force=force)
-        run.did_work = changed()
-    for method, m in summary["methods"].items():
-        auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
-        typer.echo(
-            f"{method}: {m['comparable']} comparable pairs, AUC {auc}, "
-            f"TP {m['tp']} FP {m['fp']} TN {m['tn']} FN {m['fn']}"
-        )
-    typer.echo(f"wrote {cfg.paths.reports / 'lineage.csv'}")
+    _stage(config, wait, "lineage", lambda c: run(c, force=force))
 
 
 app.add_typer(lineage_app, name="lineage")

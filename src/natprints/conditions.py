@@ -19,11 +19,13 @@ from natprints.errors import NatprintsError
 
 OPEN_SET_MIN_MODELS = 3  # leaving one out must leave a known model and a best other one
 CALIBRATION_FRACTION = 0.15  # share of prompts held out from training to calibrate attributors
-REQUIRED_COLUMNS = (
+GENERATED_COLUMNS = [  # the generated texts' schema: one row per continuation, as `generate` writes it
     "sample_id",
     "model_id",
     "prompt_id",
+    "prompt",
     "text",
+    "n_tokens",
     "token_ids",
     "sample_index",
     "sampling_seed",
@@ -31,7 +33,8 @@ REQUIRED_COLUMNS = (
     "top_k",
     "top_p",
     "new_tokens",
-)
+]
+REQUIRED_COLUMNS = tuple(c for c in GENERATED_COLUMNS if c not in ("prompt", "n_tokens"))  # what the tables read
 
 
 @dataclass

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from natprints.artifacts import Manifest, atomic_write_bytes, hash_obj, sha256_file, sha256_text
+from natprints.artifacts import MANIFEST, Manifest, atomic_write_bytes, hash_obj, sha256_file, sha256_text
 from natprints.config import Config, CorpusSettings, TokenizerSettings
 from natprints.errors import NatprintsError
+from natprints.runtime import StageResult
 
 EOS = "<|endoftext|>"
 STAGE_FILES = ("train.jsonl", "heldout.jsonl", "train_tokens.npy", "heldout_tokens.npy")
@@ -248,4 +249,18 @@ def build_corpus(cfg: Config) -> dict:
             "wall_s": round(time.time() - start, 2),
         },
         [*STAGE_FILES, *(f"tokenizer/{n}" for n in tok_files)],
+    )
+
+
+def run(cfg: Config) -> StageResult:
+    """The `data` stage: corpus, split and tokenizer."""
+    fresh = not (cfg.paths.corpus / MANIFEST).is_file()
+    manifest = build_corpus(cfg)
+    c = manifest["counts"]
+    return StageResult(
+        fresh,
+        (
+            f"corpus: {c['train_paragraphs']} train / {c['heldout_paragraphs']} held-out paragraphs, "
+            f"{c['train_tokens']:,} train tokens, vocab {c['vocab_size']}, sha256 {manifest['corpus_sha256'][:12]}",
+        ),
     )

@@ -34,7 +34,7 @@ from natprints.conditions import CALIBRATION_FRACTION, REQUIRED_COLUMNS, Conditi
 from natprints.config import Config
 from natprints.errors import NatprintsError
 from natprints.records import TEXT_EMERGENCE_CSV
-from natprints.runtime import run_jobs
+from natprints.runtime import StageResult, run_jobs
 
 EMERGENCE_VERSION = 2  # bump when the records change meaning
 CSV_COLUMNS = [
@@ -317,3 +317,21 @@ def _pipeline_predictions(cfg: Config, pipeline: str, parts: dict[str, pd.DataFr
     pipe, predicted = fit_predict(setup, feat, clf, parts["train"], parts["test"])
     cal = parts["cal"]["text"].tolist()
     return predicted, np.asarray(pipe.predict(cal), dtype=np.int64) if cal else np.zeros(0, dtype=np.int64)
+
+
+def run(cfg: Config, *, max_chunks: int | None = None) -> StageResult:
+    """The `emergence` stage (a config may turn it off)."""
+    from natprints.records import TEXT_EMERGENCE_CSV
+
+    if not cfg.emergence.enabled:
+        return StageResult(False, ("emergence: off in this config ([emergence] enabled = false)",))
+    manifest = run_emergence(cfg, max_chunks=max_chunks)
+    if not manifest["complete"]:
+        return StageResult(False, (f"emergence: {manifest['added']} texts generated now (partial)",))
+    return StageResult(
+        manifest["added"] > 0,
+        (
+            f"emergence: {cfg.emergence.condition} at steps {', '.join(map(str, manifest['steps']))}; "
+            f"{manifest['added']} texts generated now; wrote {cfg.paths.reports / TEXT_EMERGENCE_CSV}",
+        ),
+    )

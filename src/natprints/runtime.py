@@ -48,15 +48,6 @@ def resolve_device(setting: str) -> str:
     return setting
 
 
-def use_autocast(cfg: Config, device: str) -> bool:
-    """Whether training runs under bf16 autocast: the config's ``train_dtype``; ``auto`` is bf16 on CUDA
-    and fp32 on a CPU. Never decided by a timing: numerics follow from the config and the device alone,
-    so the same config trains the same weights on the same kind of CPU."""
-    if cfg.run.train_dtype == "auto":
-        return device == "cuda"
-    return cfg.run.train_dtype == "bf16"
-
-
 def quiet_transformers() -> None:
     """No per-file progress bars from transformers' save/load: the stages draw their own."""
     from transformers.utils import logging
@@ -534,6 +525,15 @@ def _lock_holder(fd: int, patience: float = 1.0) -> str:
 @dataclass
 class StageRun:
     did_work: bool = False
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What every stage's ``run`` returns: whether it did work (a stage whose outputs were current did
+    none, and its recorded time stays), and the lines that say what it did."""
+
+    did_work: bool
+    lines: tuple[str, ...]
 
 
 @contextmanager

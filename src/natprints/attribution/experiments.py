@@ -50,7 +50,7 @@ from natprints.records import write_results
 from natprints.reference.head import load_head
 from natprints.reference.stage import _manifest as reference_manifest
 from natprints.reference.stage import reference_key, subset_id
-from natprints.runtime import run_jobs
+from natprints.runtime import StageResult, output_changed, run_jobs
 from natprints.stats import classification_summary, log_posterior, roc_summary
 
 # 2: the null control is named `null_control` in every record (pandas reads `null` as NaN).
@@ -1306,3 +1306,18 @@ def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> N
 
 
 # --- records and tables ---------------------------------------------------------------------------
+
+
+def run(cfg: Config, *, force: bool = False) -> StageResult:
+    """The `experiments` stage: every condition's tables and attributors, and each best pipeline's line."""
+    from natprints.records import accuracy_table, load_records
+
+    with output_changed(cfg.paths.reports / "experiments.json") as changed:
+        run_experiments(cfg, force=force)
+    table = accuracy_table(load_records(cfg.paths.reports))
+    lines = [
+        f"{row.condition}: {row.pipeline} accuracy {row.accuracy:.3f} "
+        f"[{row.ci_low:.3f}, {row.ci_high:.3f}], chance {row.chance:.3f}, p = {row.p_value:.2g}"
+        for row in table[table["best"]].itertuples()
+    ]
+    return StageResult(changed(), (*lines, f"wrote {cfg.paths.reports / 'accuracy.csv'} and {cfg.paths.attributors}/"))

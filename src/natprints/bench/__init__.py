@@ -154,9 +154,14 @@ def _run_section(name: str, cfg: Config, reps: int, workdir: Path) -> dict[str, 
 
 
 def machine() -> dict[str, Any]:
+    """What a timing depends on: :func:`natprints.artifacts.machine` (the CPU's vector capability, a
+    GPU) plus the CPU's name, its cores, torch's threads and the Python version."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    from natprints.artifacts import machine as artifact_machine
+
+    facts = artifact_machine()
+    cpu = platform.processor() or facts["machine"]
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -168,8 +173,9 @@ def machine() -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_cpu_capability": facts["cpu_capability"],
         "python": platform.python_version(),
+        **({"gpu": facts["gpu"]} if "gpu" in facts else {}),
     }
 
 

@@ -120,7 +120,7 @@ def bench_train(cfg: Config, *, steps: int = 8, reps: int = 3, workdir: Path | N
     import torch
 
     from natprints.corpus import corpus_manifest, load_tokenizer, load_tokens
-    from natprints.runtime import use_autocast
+    from natprints.zoo.stage import use_autocast
     from natprints.zoo.train import BatchSchedule, eval_blocks, heldout_loss, init_model, loss_of, train
 
     corpus_manifest(cfg)

@@ -17,26 +17,11 @@ import numpy as np
 import pandas as pd
 
 from natprints.artifacts import Manifest, hash_obj, read_manifest, sha256_file, sha256_text, temp_path_for
+from natprints.conditions import GENERATED_COLUMNS
 from natprints.config import Config, GenerateSettings
 from natprints.errors import NatprintsError
 from natprints.generate.sampler import sample_batch
-from natprints.runtime import load_lm, resolve_device, run_jobs
-
-COLUMNS = [
-    "sample_id",
-    "model_id",
-    "prompt_id",
-    "prompt",
-    "text",
-    "n_tokens",
-    "token_ids",
-    "sample_index",
-    "sampling_seed",
-    "temperature",
-    "top_k",
-    "top_p",
-    "new_tokens",
-]
+from natprints.runtime import StageResult, load_lm, resolve_device, run_jobs
 
 
 def build_prompts(cfg: Config) -> pd.DataFrame:
@@ -157,12 +142,12 @@ def _chunk_seed(model_id: str, seed: int, chunk: int) -> int:
 
 def _read_existing(path: Path, plan: pd.DataFrame) -> pd.DataFrame:
     if not path.is_file():
-        return pd.DataFrame(columns=COLUMNS)
+        return pd.DataFrame(columns=GENERATED_COLUMNS)
     try:
         existing = pd.read_parquet(path)
     except Exception:
         raise NatprintsError(f"{path} is not a readable parquet file; remove it to regenerate") from None
-    if list(existing.columns) != COLUMNS or not set(existing["sample_id"]) <= set(plan["sample_id"]):
+    if list(existing.columns) != GENERATED_COLUMNS or not set(existing["sample_id"]) <= set(plan["sample_id"]):
         raise NatprintsError(f"{path} holds rows this config does not plan (foreign file); remove it")
     return existing
 
@@ -311,7 +296,7 @@ def generate_for_model(
                     }
                 )
             added += len(new)
-            frames.append(pd.DataFrame(new, columns=COLUMNS))
+            frames.append(pd.DataFrame(new, columns=GENERATED_COLUMNS))
             merged = pd.concat(frames, ignore_index=True)
             order = {sid: i for i, sid in enumerate(plan["sample_id"])}
             merged = merged.iloc[np.argsort(merged["sample_id"].map(order).to_numpy(), kind="stable")]
@@ -373,3 +358,13 @@ def generate_all(cfg: Config, *, max_chunks: int | None = None) -> dict:
         "wall_s": round(time.time() - start, 2),
     }
     return Manifest(out, "generated corpora").write(stage_key(cfg), fields, counts)
+
+
+def run(cfg: Config, *, max_chunks: int | None = None) -> StageResult:
+    """The `generate` stage."""
+    manifest = generate_all(cfg, max_chunks=max_chunks)
+    state = "complete" if manifest["complete"] else "partial"
+    return StageResult(
+        manifest["added"] > 0 and manifest["complete"],
+        (f"generate: {len(manifest['rows'])} files, {manifest['rows_per_model']} rows each ({state})",),
+    )

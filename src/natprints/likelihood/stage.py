@@ -31,7 +31,7 @@ from natprints.artifacts import Manifest, hash_obj, read_manifest, sha256_file, 
 from natprints.conditions import ConditionData, load_conditions, open_set_applies, run_split
 from natprints.config import Config
 from natprints.errors import NatprintsError
-from natprints.runtime import load_lm, run_jobs, setup_torch
+from natprints.runtime import StageResult, load_lm, run_jobs, setup_torch
 
 SCORED_SPLITS = ("test", "cal")
 CANONICAL = "~canonical"  # a sample id with this suffix: the text's canonical tokenization
@@ -437,3 +437,13 @@ def load_scores(cfg: Config, manifest: Manifest | None = None) -> dict[str, pd.D
         frame = pd.read_parquet(manifest.directory / entry["file"])
         out[model_id] = frame.set_index("sample_id", drop=False)
     return out
+
+
+def run(cfg: Config) -> StageResult:
+    """The `likelihood` stage."""
+    manifest = score_all(cfg)
+    rows = sum(entry["rows"] for entry in manifest["scorers"].values())
+    return StageResult(
+        manifest["scored"] > 0,
+        (f"likelihood: {rows} (text, model) scores from {len(manifest['scorers'])} models, {manifest['scored']} new",),
+    )

@@ -38,7 +38,7 @@ from natprints.lineage import seedprints as sp
 from natprints.lineage import weightstd as ws
 from natprints.modeldir import Entry, Incomparable, discover_zoo, inspect_model, library_entries, model_digest
 from natprints.records import LINEAGE_JSON, write_lineage
-from natprints.runtime import run_jobs, setup_torch
+from natprints.runtime import StageResult, run_jobs, setup_torch
 
 STAGE_VERSION = 2  # 2: SeedPrints at the authors' settings, calibrated verdicts
 METHODS = ("seedprints", "weights")
@@ -762,3 +762,19 @@ def ranking_lines(ranking: list[dict[str, Any]]) -> list[str]:
         else f"{rank:3d}  {r['model']}: log10 p = {r['log10_p']:.2f}  {r['verdict']}"
         for rank, r in enumerate(ranking, 1)
     ]
+
+
+def run(cfg: Config, *, force: bool = False) -> StageResult:
+    """The `lineage run` stage: each method's pair counts and AUC."""
+    from natprints.runtime import output_changed
+
+    with output_changed(cfg.paths.reports / "lineage.json") as changed:
+        summary = run_lineage(cfg, force=force)
+    lines = []
+    for method, m in summary["methods"].items():
+        auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
+        lines.append(
+            f"{method}: {m['comparable']} comparable pairs, AUC {auc}, "
+            f"TP {m['tp']} FP {m['fp']} TN {m['tn']} FN {m['fn']}"
+        )
+    return StageResult(changed(), (*lines, f"wrote {cfg.paths.reports / 'lineage.csv'}"))

@@ -21,7 +21,7 @@ from natprints.conditions import load_conditions, run_split
 from natprints.config import Config
 from natprints.errors import NatprintsError
 from natprints.reference.head import HeadTask, head_manifest, train_head
-from natprints.runtime import run_jobs
+from natprints.runtime import StageResult, run_jobs
 
 REFERENCE_VERSION = 1
 
@@ -219,3 +219,17 @@ def reference_key(cfg: Config) -> str | None:
     """The key of the run's reference-LM scores, or None when the stage has not run."""
     manifest = _manifest(cfg)
     return manifest.read().get("key") if manifest.exists() else None
+
+
+def run(cfg: Config) -> StageResult:
+    """The `reference` stage (a config may turn it off)."""
+    if not cfg.reference.enabled:
+        return StageResult(False, ("reference: off in this config ([reference] enabled = false)",))
+    manifest = build_reference(cfg)
+    return StageResult(
+        manifest["scored"] > 0 or manifest["trained_now"] > 0,
+        (
+            f"reference: {len(manifest['scorers'])} fine-tuned LMs, {manifest['trained_now']} trained now, "
+            f"{manifest['scored']} texts scored now",
+        ),
+    )

@@ -15,8 +15,17 @@ from pathlib import Path
 from natprints.artifacts import MANIFEST, Manifest, hash_obj, read_manifest, sha256_text
 from natprints.config import Config, CorpusSettings
 from natprints.errors import NatprintsError
-from natprints.runtime import load_lm, run_jobs, setup_torch, use_autocast
+from natprints.runtime import StageResult, load_lm, run_jobs, setup_torch
 from natprints.zoo.spec import ModelSpec, condition_members, linear_weights, zoo_specs
+
+
+def use_autocast(cfg: Config, device: str) -> bool:
+    """Whether training runs under bf16 autocast: the config's ``train_dtype``; ``auto`` is bf16 on CUDA
+    and fp32 on a CPU. Never decided by a timing: numerics follow from the config and the device alone,
+    so the same config trains the same weights on the same kind of CPU."""
+    if cfg.run.train_dtype == "auto":
+        return device == "cuda"
+    return cfg.run.train_dtype == "bf16"
 
 
 def _file_list(directory: Path) -> list[str]:
@@ -292,3 +301,15 @@ def build_derived(cfg: Config) -> list[str]:
     jobs = [(cfg, model_id, parent_id) for model_id, parent_id in derived.items()]
     done = run_jobs(cfg.run.worker_count(), _derive_job, jobs, "derive")
     return [job[1] for job, trained in zip(jobs, done, strict=True) if trained]
+
+
+def run(cfg: Config, only: list[str] | None = None, stop_after: int | None = None) -> StageResult:
+    """The `zoo` stage; training only some models (``only``) is not a run of the stage's timing."""
+    trained = build_zoo(cfg, only=only, stop_after=stop_after)
+    return StageResult(bool(trained) and not only, (f"zoo: trained {len(trained)} model(s) now",))
+
+
+def run_derive(cfg: Config) -> StageResult:
+    """The `derive` stage."""
+    trained = build_derived(cfg)
+    return StageResult(bool(trained), (f"derive: trained {len(trained)} derived model(s) now",))
