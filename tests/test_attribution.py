@@ -20,7 +20,7 @@ from natprints import conditions as adata
 from natprints import records as rec
 from natprints.artifacts import Manifest, sha256_text
 from natprints.attribution import experiments as ex
-from natprints.attribution import features
+from natprints.attribution import features, grid
 from natprints.config import load_config
 from natprints.errors import NatprintsError
 from natprints.stats import binomial_p_value, wilson_interval
@@ -284,12 +284,12 @@ def test_best_record_never_looks_at_the_test_accuracy():
         return {"featurizer": feat, "classifier": clf, "accuracy": test, "macro_f1": test, "cal_accuracy": cal}
 
     rows = [row("word1", "logreg", 0.50, 0.40), row("word12", "svm", 0.90, 0.45), row("char14", "nb", 0.60, 0.55)]
-    assert ex.best_record(rows)["featurizer"] == "char14"  # not word12, the test-set maximum
+    assert grid.best_record(rows)["featurizer"] == "char14"  # not word12, the test-set maximum
     tie = [row("char14", "svm", 0.5, 0.5), row("word12", "logreg", 0.9, 0.5)]
-    assert ex.best_record(tie)["featurizer"] == "word12"  # ties go to the earlier pipeline of the grid
+    assert grid.best_record(tie)["featurizer"] == "word12"  # ties go to the earlier pipeline of the grid
     # without calibration texts: the baseline, fixed in advance
     blind = [{**r, "cal_accuracy": None} for r in rows]
-    assert (ex.best_record(blind)["featurizer"], ex.best_record(blind)["classifier"]) == ex.BASELINE
+    assert (grid.best_record(blind)["featurizer"], grid.best_record(blind)["classifier"]) == grid.BASELINE
 
 
 def test_a_failed_null_control_is_flagged_and_the_test_maximum_corrected(synth_run):
@@ -485,7 +485,7 @@ def test_repeated_splits_refit_on_their_own_training_texts(synth_run):
     frames = adata.load_conditions(synth_run)
     repeats = [r for r in records if r["kind"] == "split_repeat"]
     assert len(repeats) == 4 * len(frames)  # splits = 5: the run's and four more, per condition
-    setup = ex.Setup(synth_run, split={}, tokenizer=None, progress=False)
+    setup = grid.Setup(synth_run, split={}, tokenizer=None, progress=False)
     s = synth_run.attribution
     for r in repeats:
         assert r["split_seed"] in (1, 2, 3, 4) and "ceiling" not in r  # no likelihood scores here
@@ -496,7 +496,7 @@ def test_repeated_splits_refit_on_their_own_training_texts(synth_run):
         assert (r["n_train"], r["n_test"]) == (len(parts["train"]), len(parts["test"]))
         assert set(parts["train"]["prompt_id"]).isdisjoint(parts["test"]["prompt_id"])
         feat, clf = r["baseline"]["pipeline"].split("+")
-        predicted = ex.fit_predict(setup, feat, clf, parts["train"], parts["test"])[1]
+        predicted = grid.fit_predict(setup, feat, clf, parts["train"], parts["test"])[1]
         assert r["baseline"]["accuracy"] == pytest.approx((predicted == parts["test"]["label"].to_numpy()).mean())
         chosen = next(p for p in records if p["kind"] == "pipeline" and p["best"] and p["condition"] == r["condition"])
         assert r["best"]["pipeline"] == chosen["pipeline"]

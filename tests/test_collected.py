@@ -17,7 +17,7 @@ from natprints.attribution.collected import (
     read_collected,
     run_collected,
 )
-from natprints.attribution.experiments import length_features
+from natprints.attribution.grid import length_features
 from natprints.cli import app
 from natprints.config import NULL_CONDITION, load_config, use_home
 from natprints.errors import NatprintsError

@@ -275,19 +275,19 @@ def test_numeric_keys_are_checked_at_once(tmp_path, section, line, message):
 
 @pytest.mark.parametrize("clf", ["logreg", "svm", "xgb", "mlp", "nb"])
 def test_small_split_rule_matches_what_scikit_learn_can_fit(clf):
-    """``_too_few`` accepts a training set exactly when the classifier can be fit on it."""
+    """``too_few`` accepts a training set exactly when the classifier can be fit on it."""
     import warnings
 
     import pandas as pd
 
     from natprints.attribution.estimators import make_classifier
-    from natprints.attribution.experiments import _too_few
+    from natprints.attribution.evidence import too_few
 
     rng = np.random.default_rng(0)
     for k in (2, 3, 4):
         for per_model in range(1, 7):
             y = np.repeat(np.arange(k), per_model)
-            reason = _too_few(clf, pd.Series(y), k)
+            reason = too_few(clf, pd.Series(y), k)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -296,7 +296,7 @@ def test_small_split_rule_matches_what_scikit_learn_can_fit(clf):
             except ValueError:
                 fits = False
             assert (reason is None) == fits, (clf, k, per_model, reason)
-    assert _too_few(clf, pd.Series([0, 0, 1]), 3) == "no training text for some model"
+    assert too_few(clf, pd.Series([0, 0, 1]), 3) == "no training text for some model"
 
 
 def test_tiny_training_fraction_is_left_out_not_a_crash(smoke_home, tmp_path, monkeypatch, capfd):

@@ -310,7 +310,7 @@ def _acc(summary: dict[str, Any]) -> dict[str, float]:
 def _pipeline_predictions(cfg: Config, pipeline: str, parts: dict[str, pd.DataFrame]) -> tuple[np.ndarray, np.ndarray]:
     """The experiments stage's own fit: ``pipeline`` on the training texts only; its predictions of
     the test texts and of the calibration texts."""
-    from natprints.attribution.experiments import Setup, fit_predict
+    from natprints.attribution.grid import Setup, fit_predict
 
     feat, _, clf = pipeline.partition("+")
     setup = Setup(cfg, split={}, tokenizer=None, progress=False)

@@ -27,6 +27,8 @@ import pandas as pd
 
 from natprints.artifacts import MANIFEST, Manifest, hash_obj, sha256_file
 from natprints.attribution.attributor import decode_text, save_attributor
+from natprints.attribution.estimators import THREADS
+from natprints.attribution.grid import Setup
 from natprints.conditions import CALIBRATION_FRACTION, ConditionData, condition_data, split_parts, split_prompts
 from natprints.config import NULL_CONDITION, Config, RunSettings
 from natprints.errors import NatprintsError, first_line
@@ -270,8 +272,8 @@ def run_collected(
                     f"split by group ({int((data.frame['label'] == i).sum())} texts); give it more texts or groups"
                 )
     records: list[dict[str, Any]] = []
-    with threadpool_limits(limits=ex.THREADS):
-        setup = ex.Setup(cfg=cfg, split=split, tokenizer=None, progress=progress, open_set=(name,))
+    with threadpool_limits(limits=THREADS):
+        setup = Setup(cfg=cfg, split=split, tokenizer=None, progress=progress, open_set=(name,))
         attributor = None
         for condition, data in conditions.items():
             done, fitted = ex.run_condition(setup, data, None)

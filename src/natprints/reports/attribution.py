@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from natprints.attribution.estimators import MLP_FEATURES, XGB_FEATURES
-from natprints.attribution.experiments import BASELINE
+from natprints.attribution.grid import BASELINE
 from natprints.config import CLASSIFIERS as CLASSIFIER_ORDER
 from natprints.config import FEATURIZERS as FEATURIZER_ORDER
 from natprints.config import NULL_CONDITION, Config

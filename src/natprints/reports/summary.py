@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from natprints.artifacts import atomic_write_json, git_revision
-from natprints.attribution.experiments import REFERENCE
+from natprints.attribution.whitebox import REFERENCE
 from natprints.config import NULL_CONDITION, Config
 from natprints.records import (
     CEILING_PIPELINE,

@@ -1,0 +1,539 @@
+"""White-box and reference-LM records of a condition: the likelihood ceiling (on sampled ids and on
+strings), pooled evidence, the open set against left-out models and outsiders, sequential
+attribution, the KL map, and the views of the likelihood and reference-LM scores they read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from natprints.attribution import ceiling, sequential
+from natprints.attribution.attributor import (
+    Attributor,
+)
+from natprints.attribution.ceiling import LikelihoodView
+from natprints.attribution.evidence import evidence_record
+from natprints.attribution.grid import Setup, pipeline_record
+from natprints.conditions import (
+    ConditionData,
+    open_set_applies,
+    split_parts,
+)
+from natprints.config import NULL_CONDITION, Config
+from natprints.errors import NatprintsError
+from natprints.reference.head import load_head
+from natprints.reference.stage import subset_id
+from natprints.stats import classification_summary, log_posterior, roc_summary
+
+# The white-box attributor: every candidate model's exact likelihood of the text (the ceiling).
+CEILING = ("likelihood", "bayes")
+# Black-box generative: per-candidate LMs fine-tuned from the auditor's own reference LM.
+REFERENCE = ("reflm", "lm")
+# Black-box discriminative: a classification head on the reference LM, fine-tuned per condition.
+HEAD = ("reflm", "head")
+# Black-box, both kinds: the reference LMs' posterior times the best pipeline's calibrated one.
+COMBINED = ("combined", "product")
+OPEN_SET_POOLS = (1, 4, 16)  # texts per pool in the open-set test of the likelihood attributor
+# A default for a setting that has no config key (yet).
+OPEN_SET_MAX_HELD_OUT = 3  # zoo models left out, one at a time, to measure open-set rejection
+
+
+def without_model(frame: pd.DataFrame, held: int) -> pd.DataFrame:
+    """Drop one class and renumber the others 0..k-2, keeping their order."""
+    sub = frame[frame["label"] != held]
+    return sub.assign(label=sub["label"].where(sub["label"] < held, sub["label"] - 1).astype(np.int64))
+
+
+def _outsider_groups(sources: np.ndarray, source: str, k: int, seed: int) -> list[np.ndarray]:
+    """Disjoint pools of ``k`` rows of one outsider source (shuffled by ``seed``, the rest dropped)."""
+    rows = np.flatnonzero(sources == source)
+    return [rows[g] for g in ceiling.pool_groups(np.zeros(len(rows), dtype=np.int64), k, seed)]
+
+
+def _outsider_record(
+    data: ConditionData, method: str, source: str, k: int, limit: float, known: np.ndarray, outsider: np.ndarray
+) -> dict[str, Any]:
+    """One open-set test against one outsider source: a pool is ``unknown`` when its statistic is
+    above ``limit``; the known models' own pools are the negatives of the ROC curve."""
+    return {
+        "kind": "open_set_outsiders",
+        "condition": data.name,
+        "method": method,
+        "source": source,
+        "k": k,
+        "n_outsider": len(outsider),
+        "outsider_rejected_n": int((outsider > limit).sum()),
+        "n_known": len(known),
+        "known_rejected_n": int((known > limit).sum()),
+        **roc_summary(known, outsider),
+    }
+
+
+def attributor_outsiders(
+    setup: Setup, data: ConditionData, parts: dict[str, pd.DataFrame], attributor: Attributor, proba: np.ndarray
+) -> list[dict[str, Any]]:
+    """The saved attributor (every model of the condition known) on the human continuations and junk
+    of the test prompts: pools of k texts whose pooled calibrated probability stays below its
+    threshold are ``unknown``, as `natprints attribute --pool` calls them. ``proba``: its calibrated
+    probabilities of the condition's test texts."""
+    from natprints.generate.stage import OUTSIDERS, outsider_texts
+
+    if setup.tokenizer is None or not open_set_applies(data):
+        return []  # texts the run did not generate have no held-out paragraphs to continue
+    if not (setup.cfg.paths.corpus / "heldout.jsonl").is_file():
+        return []  # generated texts without the run's corpus (a test's synthetic run)
+    test = parts["test"]
+    strangers = outsider_texts(setup.cfg, test["prompt_id"].astype(str).unique())
+    sources = strangers["source"].to_numpy()
+
+    def log(p: np.ndarray) -> np.ndarray:
+        return np.log(np.clip(np.asarray(p, dtype=np.float64), 1e-300, 1.0))
+
+    known_log, outsider_log = log(proba), log(attributor.predict_proba(strangers["text"].tolist()))
+
+    def statistic(scores: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
+        if not groups:
+            return np.zeros(0)
+        sums = np.stack([scores[g].sum(axis=0) for g in groups])
+        return -np.exp(log_posterior(sums).max(axis=1))  # minus the pooled verdict's probability
+
+    seed = setup.settings.split_seed
+    y = test["label"].to_numpy()
+    records = []
+    for k in OPEN_SET_POOLS:
+        known = statistic(known_log, ceiling.pool_groups(y, k, seed))
+        if not len(known):
+            continue
+        for source in OUTSIDERS:
+            groups = _outsider_groups(sources, source, k, seed)
+            if groups:
+                outsider = statistic(outsider_log, groups)
+                # rejected when the probability is below the threshold, i.e. -p above -threshold
+                limit = -attributor.threshold
+                records.append(_outsider_record(data, "attributor", source, k, limit, known, outsider))
+    return records
+
+
+def white_box(
+    setup: Setup,
+    data: ConditionData,
+    parts: dict[str, pd.DataFrame],
+    views: dict[str, LikelihoodView] | None,
+    black_box: dict[str, tuple[tuple[str, str], np.ndarray]],
+) -> list[dict[str, Any]]:
+    """The likelihood attributor's records, the reference LMs', and the pooled accuracy of both and of
+    ``black_box``: each from its view (``test``: the zoo's own scores; ``ref_test``: the reference LMs')."""
+    if not views:
+        return []
+    test = parts["test"]
+    y_test = test["label"].to_numpy()
+    settings = setup.cfg.likelihood
+    max_tokens = int(max(len(t) for t in data.frame["token_ids"]))
+    records: list[dict[str, Any]] = []
+    log_scores: dict[str, tuple[tuple[str, str], np.ndarray]] = {}
+    n_train = len(parts["train"])
+    for role, key, name, white in (
+        ("ceiling", CEILING, "test", True),
+        ("reflm", REFERENCE, "ref_test", False),
+        ("head", HEAD, "head_test", False),
+    ):
+        if name not in views:
+            continue
+        view = views[name]
+        record = pipeline_record(data, *key, 0 if white else n_train, y_test, ceiling.bayes_predict(view.loglik))
+        records.append(record | {"best": False, "white_box": white})
+        for n_tokens in setup.settings.evidence_tokens:
+            full = n_tokens <= 0 or n_tokens >= max_tokens
+            if not full and not view.prefix:
+                continue  # a classifier of whole texts
+            y_pred = ceiling.bayes_predict(view.loglik if full else view.prefix[n_tokens])
+            records.append(evidence_record(data, *key, role, "tokens", n_tokens, n_train, y_test, y_pred))
+        log_scores[role] = (key, log_posterior(view.loglik))
+    train = parts["train"]
+    for role, key, name in (("reflm", REFERENCE, "ref_test"), ("head", HEAD, "head_test")):
+        for samples in setup.settings.evidence_train_samples if name in views else []:
+            view = views.get(f"{name}@{samples}", views[name])  # absent: the full training split
+            n = int((train["sample_index"] < samples).sum())
+            y_pred = ceiling.bayes_predict(view.loglik)
+            records.append(evidence_record(data, *key, role, "train_samples", samples, n, y_test, y_pred))
+    for role, (key, proba) in black_box.items():
+        log_scores[role] = (key, np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-300, 1.0)))
+    if setup.settings.combine_reference and "reflm" in log_scores and "best" in log_scores:
+        # a product of experts with equal weights (no weight is fit): log p_reflm + log p_best, renormalized
+        combined = log_posterior(log_scores["reflm"][1] + log_scores["best"][1])
+        members = ["+".join(REFERENCE), "+".join(black_box["best"][0])]
+        record = pipeline_record(data, *COMBINED, n_train, y_test, ceiling.bayes_predict(combined), members=members)
+        records.append(record | {"best": False, "white_box": False})
+        log_scores["combined"] = (COMBINED, combined)
+    sample_ids = test["sample_id"].astype(str).tolist()
+    for role, (key, scores) in log_scores.items():
+        records.append(
+            {
+                "kind": "posteriors",
+                "condition": data.name,
+                "role": role,
+                "featurizer": key[0],
+                "classifier": key[1],
+                "pipeline": "+".join(key),
+                "labels": data.labels,
+                "sample_ids": sample_ids,
+                "y_true": y_test.tolist(),
+                "log_posterior": np.round(scores, 6).tolist(),
+            }
+        )
+        for k in settings.pool_sizes:
+            groups = ceiling.pool_groups(y_test, k, setup.settings.split_seed)
+            if not groups:
+                continue  # fewer than k test texts per model
+            y_pool = np.array([y_test[g[0]] for g in groups], dtype=np.int64)
+            predicted = ceiling.pooled_predictions(scores, groups)
+            summary = classification_summary(y_pool, predicted, len(data.labels))
+            records.append(
+                {
+                    "kind": "pooled",
+                    "condition": data.name,
+                    "role": role,
+                    "pipeline": "+".join(key),
+                    "k": k,
+                    "n_groups": len(groups),
+                    **{m: summary[m] for m in ("n_correct", "chance", "accuracy", "ci_low", "ci_high")},
+                }
+            )
+    if "test" not in views:
+        return records
+    if "string" in views:
+        records.append(_string_ceiling(data, parts, views["string"]))
+    return (
+        records
+        + _sequential_records(setup, data, parts, views, log_scores)
+        + _likelihood_open_set(setup, data, parts, views)
+        + _likelihood_outsiders(setup, data, parts, views)
+        + _kl_records(setup, data, parts, views)
+    )
+
+
+SEQUENTIAL_STREAM = 16  # texts per stream of the sequential test (each of one source, in a random order)
+# (fewer when a model has fewer test texts)
+
+
+def _sequential_record(
+    data: ConditionData,
+    role: str,
+    pipeline: str,
+    case: str,
+    error: float,
+    verdicts: list,
+    truth: list[int] | None,
+    length: int,
+) -> dict[str, Any]:
+    """One sequential test on many streams: how each ended, and after how many texts. ``truth``: each
+    stream's source (None: no candidate wrote it, so naming any is an error)."""
+    truths = truth if truth is not None else [None] * len(verdicts)
+    right = [v.named() and v.label == t for v, t in zip(verdicts, truths, strict=True)]
+    named = [v.named() for v in verdicts]
+    return {
+        "kind": "sequential",
+        "condition": data.name,
+        "role": role,
+        "pipeline": pipeline,
+        "case": case,
+        "error": error,
+        "stream_texts": length,
+        "n_streams": len(verdicts),
+        "named_right": int(sum(right)),
+        "named_wrong": int(sum(named) - sum(right)),
+        "unknown": int(sum(v.label == sequential.UNKNOWN for v in verdicts)),
+        "undecided": int(sum(v.label == sequential.UNDECIDED for v in verdicts)),
+        "texts_to_verdict": [v.texts for v in verdicts if v.label != sequential.UNDECIDED],
+    }
+
+
+def _sequential_records(
+    setup: Setup,
+    data: ConditionData,
+    parts: dict[str, pd.DataFrame],
+    views: dict[str, LikelihoodView],
+    log_scores: dict[str, tuple[tuple[str, str], np.ndarray]],
+) -> list[dict[str, Any]]:
+    """The sequential test (:mod:`natprints.attribution.sequential`) on streams of each model's test
+    texts: the ceiling (exact likelihoods, with the open-set test beside it where the moments were
+    scored), the best pipeline's calibrated attributor and the baseline; and, for the ceiling, streams no
+    candidate wrote: each model left out of the library in turn, and human continuations."""
+    if data.name == NULL_CONDITION:
+        return []
+    y = parts["test"]["label"].to_numpy()
+    seed = setup.settings.split_seed
+    length = min(SEQUENTIAL_STREAM, int(np.bincount(y).min()))  # a small run: one stream per model
+    flows = sequential.streams(y, length, seed) if length > 0 else []
+    if not flows:
+        return []
+    truth = [int(y[f[0]]) for f in flows]
+    test = views.get("test")
+    moments = test is not None and not np.isnan(test.entropy).any()
+    centred = test.loglik + test.entropy if moments else None
+    records = []
+    for role in ("ceiling", "best", "baseline"):
+        if role not in log_scores:
+            continue
+        key, scores = log_scores[role]
+        parts_of = (centred, test.variance) if role == "ceiling" and moments else (None, None)
+        for error in sequential.ERRORS:
+            verdicts = [
+                sequential.decide(scores[f], error, *(None if a is None else a[f] for a in parts_of)) for f in flows
+            ]
+            records.append(_sequential_record(data, role, "+".join(key), "known", error, verdicts, truth, length))
+    if not moments or "outsiders" not in views:
+        return records
+    outsiders = views["outsiders"]
+    human = np.array([sid.startswith("human:") for sid in outsiders.sample_ids])
+    human_flows = sequential.streams(np.where(human, 0, 1), length, seed)
+    human_flows = [f for f in human_flows if human[f[0]]]
+    k = len(data.labels)
+    for error in sequential.ERRORS:
+        verdicts = [
+            sequential.decide(
+                outsiders.loglik[f], error, outsiders.loglik[f] + outsiders.entropy[f], outsiders.variance[f]
+            )
+            for f in human_flows
+        ]
+        if verdicts:
+            record = _sequential_record(data, "ceiling", "+".join(CEILING), "human", error, verdicts, None, length)
+            records.append(record)
+        left_out = []
+        for held in range(k):
+            known = [i for i in range(k) if i != held]
+            for f, t in zip(flows, truth, strict=True):
+                if t == held:
+                    rows = np.ix_(f, known)
+                    left_out.append(sequential.decide(test.loglik[rows], error, centred[rows], test.variance[rows]))
+        case = "left-out model"
+        records.append(_sequential_record(data, "ceiling", "+".join(CEILING), case, error, left_out, None, length))
+    return records
+
+
+def _string_ceiling(data: ConditionData, parts: dict[str, pd.DataFrame], view: ceiling.StringView) -> dict[str, Any]:
+    """The ceiling on strings: the Bayes attributor scoring each test text as its canonical
+    tokenization, against scoring the ids it was sampled as (both without the end event), with how
+    often the two tokenizations differ per model."""
+    y = parts["test"]["label"].to_numpy()
+    k = len(data.labels)
+    token = classification_summary(y, ceiling.bayes_predict(view.sampled), k)
+    string = classification_summary(y, ceiling.bayes_predict(view.canonical), k)
+    on = view.differs
+    true_rank = {
+        name: float((ceiling.bayes_predict(scores[on]) == y[on]).mean()) if on.any() else float("nan")
+        for name, scores in (("token", view.sampled), ("string", view.canonical))
+    }
+    return {
+        "kind": "string_ceiling",
+        "condition": data.name,
+        "labels": data.labels,
+        "n_test": int(len(y)),
+        "differs": float(on.mean()) if len(y) else 0.0,
+        "differs_by_model": {m: float(on[y == i].mean()) if (y == i).any() else 0.0 for i, m in enumerate(data.labels)},
+        "n_differs": int(on.sum()),
+        "token": {key: token[key] for key in ("accuracy", "ci_low", "ci_high", "n_correct")},
+        "string": {key: string[key] for key in ("accuracy", "ci_low", "ci_high", "n_correct")},
+        "token_on_differing": true_rank["token"],
+        "string_on_differing": true_rank["string"],
+        # the string-level ceiling inside the token-level one's 95% interval
+        "agrees": bool(token["ci_low"] <= string["accuracy"] <= token["ci_high"]),
+    }
+
+
+def _kl_records(
+    setup: Setup, data: ConditionData, parts: dict[str, pd.DataFrame], views: dict[str, LikelihoodView]
+) -> list[dict]:
+    """Per ordered pair of the condition's models: the per-token KL divergence of their text distributions,
+    estimated on the first model's own test and cal texts (only in `all`, which holds every pair); and
+    its decomposition by what the two models share (init seed, data order, neither, or another factor)."""
+    from natprints.zoo import zoo_specs
+
+    if data.name != "all":
+        return []
+    view = ceiling.concat_views(views["test"], views["cal"])
+    both = pd.concat([parts["test"], parts["cal"]], ignore_index=True)
+    y = both["label"].to_numpy()
+    specs = {m: spec for m, (spec, _) in zoo_specs(setup.cfg).items()}
+    records = []
+    relations = {}
+    for a, model_a in enumerate(data.labels):
+        for b, model_b in enumerate(data.labels):
+            kl, se, n_tokens, n_texts = ceiling.kl_per_token(view, y, a, b)
+            rel = ceiling.relation(specs[model_a], specs[model_b]) if model_a in specs and model_b in specs else None
+            if a < b and rel is not None:
+                relations[a, b] = rel
+            records.append(
+                {
+                    "kind": "kl",
+                    "condition": data.name,
+                    "model_a": model_a,
+                    "model_b": model_b,
+                    "relation": rel,
+                    "kl_per_token": kl,
+                    "se": se,
+                    "n_tokens": n_tokens,
+                    "n_texts": n_texts,
+                }
+            )
+    if relations:
+        prompts = both["prompt_id"].astype(str).to_numpy()
+        summary, tests = ceiling.kl_decomposition(view, y, prompts, relations, seed=setup.settings.split_seed)
+        records += [{"kind": "kl_relation", "condition": data.name, **row} for row in summary]
+        records += [{"kind": "kl_test", "condition": data.name, **row} for row in tests]
+    return records
+
+
+def _likelihood_open_set(
+    setup: Setup, data: ConditionData, parts: dict[str, pd.DataFrame], views: dict[str, LikelihoodView]
+) -> list[dict[str, Any]]:
+    """Leave each model out of the library in turn: how often its pools are called `unknown`, and how
+    often known models' pools are (the false rejections the threshold controls)."""
+    if not open_set_applies(data):
+        return []
+    k_models = len(data.labels)
+    settings = setup.cfg.likelihood
+    alpha = settings.open_set_alpha
+    test, cal = parts["test"], parts["cal"]
+    y_test, y_cal = test["label"].to_numpy(), cal["label"].to_numpy()
+    records = []
+    for held in range(k_models):
+        known = [i for i in range(k_models) if i != held]
+        for k in OPEN_SET_POOLS:
+            groups = ceiling.pool_groups(y_test, k, setup.settings.split_seed)
+            if not groups:
+                continue
+            is_held = np.array([y_test[g[0]] == held for g in groups], dtype=bool)
+            thresholds = ceiling.margin_thresholds(
+                views["cal"].loglik, y_cal, known, k, alpha, settings.open_set_resamples, setup.settings.split_seed
+            )
+            rejected = {
+                "margin": ceiling.margin_rejects(views["test"].loglik, groups, known, thresholds),
+                "analytic": ceiling.analytic_rejects(views["test"], groups, known, alpha),
+            }
+            for method, rej in rejected.items():
+                records.append(
+                    {
+                        "kind": "open_set_likelihood",
+                        "condition": data.name,
+                        "method": method,
+                        "held_out_model": data.labels[held],
+                        "k": k,
+                        "alpha": alpha,
+                        "n_unknown": int(is_held.sum()),
+                        "n_known": int((~is_held).sum()),
+                        "unknown_rejected_n": int(rej[is_held].sum()),
+                        "known_rejected_n": int(rej[~is_held].sum()),
+                    }
+                )
+    return records
+
+
+def _likelihood_statistics(
+    view: LikelihoodView, pools: list[np.ndarray], known: list[int], thresholds: dict[int, float]
+) -> dict[str, np.ndarray]:
+    """Per pool, each likelihood test's statistic (above its limit: ``unknown``)."""
+    return {
+        "margin": ceiling.margin_statistic(view.loglik, pools, known, thresholds),
+        "analytic": ceiling.analytic_statistic(view, pools, known),
+    }
+
+
+def _likelihood_outsiders(
+    setup: Setup, data: ConditionData, parts: dict[str, pd.DataFrame], views: dict[str, LikelihoodView]
+) -> list[dict[str, Any]]:
+    """Both likelihood tests, every model of the condition known, on pools of human continuations and
+    of junk: how often they are called ``unknown``, against how often the known models' own pools are."""
+    from scipy.stats import norm
+
+    from natprints.generate.stage import OUTSIDERS
+
+    if "outsiders" not in views:
+        return []
+    settings, seed = setup.cfg.likelihood, setup.settings.split_seed
+    alpha = settings.open_set_alpha
+    known_models = list(range(len(data.labels)))
+    outsiders = views["outsiders"]
+    sources = np.array([sid.split(":", 1)[0] for sid in outsiders.sample_ids])
+    y_test, y_cal = parts["test"]["label"].to_numpy(), parts["cal"]["label"].to_numpy()
+    records = []
+    for k in OPEN_SET_POOLS:
+        groups = ceiling.pool_groups(y_test, k, seed)
+        if not groups:
+            continue
+        thresholds = ceiling.margin_thresholds(
+            views["cal"].loglik, y_cal, known_models, k, alpha, settings.open_set_resamples, seed
+        )
+
+        limits = {"margin": 0.0, "analytic": float(norm.ppf(1 - alpha / 2))}
+        known = _likelihood_statistics(views["test"], groups, known_models, thresholds)
+        for source in OUTSIDERS:
+            pools = _outsider_groups(sources, source, k, seed)
+            if not pools:
+                continue
+            outsider = _likelihood_statistics(outsiders, pools, known_models, thresholds)
+            for method, limit in limits.items():
+                record = _outsider_record(data, method, source, k, limit, known[method], outsider[method])
+                records.append(record | {"alpha": alpha})
+    return records
+
+
+def likelihood_views(
+    cfg: Config, data: ConditionData, split: dict[str, str], scores: dict[str, pd.DataFrame]
+) -> dict[str, LikelihoodView]:
+    """The condition's test and cal texts scored under each label's model, at every evidence length."""
+    parts = split_parts(data, split)
+    prefixes = [n for n in cfg.attribution.evidence_tokens if n > 0]
+    views: dict[str, Any] = {s: ceiling.condition_view(data, parts[s], scores, prefixes) for s in ("test", "cal")}
+    if data.name != NULL_CONDITION:
+        views["string"] = ceiling.string_view(data, parts["test"], scores)
+    if open_set_applies(data):
+        from natprints.generate.stage import OUTSIDERS
+
+        # the human continuations and junk of the test prompts (the likelihood stage scores them)
+        prompts = sorted(set(parts["test"]["prompt_id"].astype(str)))
+        ids = [f"{source}:{p}" for source in OUTSIDERS for p in prompts]
+        views["outsiders"] = ceiling.condition_view(data, pd.DataFrame({"sample_id": ids}), scores, [])
+    return views
+
+
+def reference_views(
+    cfg: Config, pending: dict[str, ConditionData], split: dict[str, str], refs: dict[str, pd.DataFrame] | None
+) -> dict[str, dict[str, LikelihoodView]]:
+    """The reference-LM scores of each condition's test and cal texts (keys ``ref_test``, ``ref_cal``)."""
+    if not refs:
+        return {}
+    prefixes = [n for n in cfg.attribution.evidence_tokens if n > 0]
+    out = {}
+    for name, data in pending.items():
+        parts = split_parts(data, split)
+        out[name] = {f"ref_{s}": ceiling.condition_view(data, parts[s], refs, prefixes) for s in ("test", "cal")}
+        for samples in cfg.attribution.evidence_train_samples:
+            # the reference LMs fine-tuned on the first `samples` continuations of each training prompt
+            subset = {
+                m: refs[subset_id(m, samples)]
+                for m in data.frame["model_id"].astype(str).unique()
+                if subset_id(m, samples) in refs
+            }
+            if subset:
+                out[name][f"ref_test@{samples}"] = ceiling.condition_view(data, parts["test"], subset, [])
+        for tag in [name, *(f"{name}@s{n}" for n in cfg.attribution.evidence_train_samples)]:
+            head = load_head(cfg.paths.reference_scores, tag)
+            if head is not None:
+                view = "head_test" + tag[len(name) :].replace("@s", "@")
+                out[name][view] = _head_view(parts["test"], head)
+    return out
+
+
+def _head_view(frame: pd.DataFrame, head: pd.DataFrame) -> LikelihoodView:
+    """A classifier's log-probabilities of ``frame``'s texts as a view: its argmax is the verdict and
+    its softmax the posterior, as for likelihoods (no prefixes: it saw whole texts only)."""
+    sample_ids = frame["sample_id"].astype(str).to_numpy()
+    missing = set(sample_ids) - set(head.index)
+    if missing:
+        raise NatprintsError(f"the classifier head lacks {len(missing)} test text(s); rerun `natprints reference`")
+    scores = np.stack(head.loc[sample_ids, "log_proba"].to_numpy()).astype(np.float64)
+    zeros = np.zeros_like(scores)
+    return LikelihoodView(sample_ids, scores, {}, zeros, zeros, np.zeros(len(sample_ids), dtype=np.int64))
