@@ -207,38 +207,42 @@ def run_condition(
     return records, attributor
 
 
-def _condition_key(cfg: Config, data: ConditionData) -> str:
-    return hash_obj(
-        {
-            "version": EXPERIMENTS_VERSION,
-            "attribution": cfg.attribution.model_dump(mode="json"),
-            "device": cfg.run.device,
-            "calibration_fraction": CALIBRATION_FRACTION,
-            "open_set_max_held_out": OPEN_SET_MAX_HELD_OUT,
-            # Estimator settings live in code: their reprs make a changed setting redo the work.
-            "classifiers": {c: repr(make_classifier(c, cfg.attribution.split_seed)) for c in CLASSIFIERS},
-            "threads": THREADS,
-            "condition": data.name,
-            "labels": data.labels,
-            "inputs": data.inputs,
-            "likelihood": {"settings": cfg.likelihood.model_dump(mode="json"), "scores": likelihood_key(cfg)},
-            "reference": reference_key(cfg),
-        }
-    )
+def condition_keys(cfg: Config, conditions: dict[str, ConditionData]) -> dict[str, str]:
+    """Each condition's key: what its records depend on (the likelihood and reference manifests are read
+    once for all of them)."""
+    shared = {
+        "version": EXPERIMENTS_VERSION,
+        "attribution": cfg.attribution.model_dump(mode="json"),
+        "device": cfg.run.device,
+        "calibration_fraction": CALIBRATION_FRACTION,
+        "open_set_max_held_out": OPEN_SET_MAX_HELD_OUT,
+        # Estimator settings live in code: their reprs make a changed setting redo the work.
+        "classifiers": {c: repr(make_classifier(c, cfg.attribution.split_seed)) for c in CLASSIFIERS},
+        "threads": THREADS,
+        "likelihood": {"settings": cfg.likelihood.model_dump(mode="json"), "scores": likelihood_key(cfg)},
+        "reference": reference_key(cfg),
+    }
+    return {
+        name: hash_obj({**shared, "condition": data.name, "labels": data.labels, "inputs": data.inputs})
+        for name, data in conditions.items()
+    }
 
 
-def _stage_key(cfg: Config, conditions: dict[str, ConditionData]) -> str:
-    return hash_obj({"run": cfg.run.name, "conditions": {n: _condition_key(cfg, d) for n, d in conditions.items()}})
+def _stage_key(cfg: Config, keys: dict[str, str]) -> str:
+    return hash_obj({"run": cfg.run.name, "conditions": keys})
 
 
 def _manifest(cfg: Config) -> Manifest:
     return Manifest(cfg.paths.reports, "experiment results", EXPERIMENTS_MANIFEST)
 
 
-def experiments_up_to_date(cfg: Config, conditions: dict[str, ConditionData] | None = None) -> bool:
+def experiments_up_to_date(
+    cfg: Config, conditions: dict[str, ConditionData] | None = None, keys: dict[str, str] | None = None
+) -> bool:
     """True when the stage's outputs exist, verify, and were made from this config and these inputs."""
     conditions = conditions if conditions is not None else load_conditions(cfg)
-    if not _manifest(cfg).is_current(_stage_key(cfg, conditions)):
+    keys = keys if keys is not None else condition_keys(cfg, conditions)
+    if not _manifest(cfg).is_current(_stage_key(cfg, keys)):
         return False
     return all(attributor_intact(cfg, name) for name in conditions if name != NULL_CONDITION)
 
@@ -350,11 +354,11 @@ def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> N
     """Conditions run ``[run] workers`` at a time, largest first; records keep the condition order."""
     started = time.perf_counter()
     conditions = load_conditions(cfg)
-    if not force and experiments_up_to_date(cfg, conditions):
+    keys = condition_keys(cfg, conditions)  # once: every check below reads these
+    if not force and experiments_up_to_date(cfg, conditions, keys):
         log(f"experiments for run '{cfg.run.name}' are up to date")
         return
     split = run_split(cfg, conditions)
-    keys = {name: _condition_key(cfg, data) for name, data in conditions.items()}
     results = {} if force else {name: _cached_condition(cfg, name, keys[name]) for name in conditions}
     pending = {name: data for name, data in conditions.items() if results.get(name) is None}
     if pending:
@@ -383,7 +387,7 @@ def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> N
         "wall_seconds": round(time.perf_counter() - started, 1),
         "seconds": seconds,
     }
-    manifest.write(_stage_key(cfg, conditions), fields, files)
+    manifest.write(_stage_key(cfg, keys), fields, files)
 
 
 def run(cfg: Config, *, force: bool = False) -> StageResult:
