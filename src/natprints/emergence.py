@@ -34,7 +34,7 @@ from natprints.conditions import CALIBRATION_FRACTION, REQUIRED_COLUMNS, Conditi
 from natprints.config import Config
 from natprints.errors import NatprintsError
 from natprints.records import TEXT_EMERGENCE_CSV
-from natprints.runtime import StageResult, run_jobs
+from natprints.runtime import Job, StageResult, run_jobs
 
 EMERGENCE_VERSION = 2  # bump when the records change meaning
 CSV_COLUMNS = [
@@ -200,7 +200,10 @@ def run_emergence(cfg: Config, *, max_chunks: int | None = None) -> dict[str, An
     prompts = build_prompts(cfg)
     sampling = _sampling(cfg)
     jobs = [
-        (sampling, p.label, prompts, _text_path(cfg, p), cfg.generate.seed, max_chunks, frozenset(), p.directory)
+        Job(
+            p.label,
+            (sampling, p.label, prompts, _text_path(cfg, p), cfg.generate.seed, max_chunks, frozenset(), p.directory),
+        )
         for p in checkpoints
     ]
     added = sum(run_jobs(cfg.run.worker_count(), generate_for_model, jobs, "emergence generate"))
@@ -216,9 +219,9 @@ def run_emergence(cfg: Config, *, max_chunks: int | None = None) -> dict[str, An
     for step, points in steps.items():
         scored = texts[step][texts[step]["prompt_id"].astype(str).map(split).isin(("test", "cal"))]
         rows = text_rows(list(scored.itertuples(index=False)), token_ids)
-        score_jobs += [(cfg, p.label, p, rows, _score_path(cfg, p), trusted) for p in points]
+        score_jobs += [Job(p.label, (cfg, p.label, p, rows, _score_path(cfg, p), trusted)) for p in points]
     losses = run_jobs(cfg.run.worker_count(), _score_job, score_jobs, "emergence likelihood")
-    heldout = {job[1]: float(loss) for job, loss in zip(score_jobs, losses, strict=True)}
+    heldout = {job.name: float(loss) for job, loss in zip(score_jobs, losses, strict=True)}
     records = _records(cfg, members, steps, texts, split, heldout, trusted)
     reports = cfg.paths.reports
     reports.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from natprints.errors import NatprintsError, first_line
 
@@ -93,8 +93,15 @@ def load_lm(directory: Path | str, *, verify: bool = True, device: str = "cpu") 
     return model.to(device).eval()
 
 
-def run_jobs(run: RunSettings | int, fn: Callable[..., Any], jobs: Sequence[tuple], label: str) -> list[Any]:
-    """``[fn(*job) for job in jobs]`` on the run's executor; results in job order.
+class Job(NamedTuple):
+    """One unit of a stage's work: its name (in the progress lines and in errors) and ``fn``'s arguments."""
+
+    name: str
+    args: tuple
+
+
+def run_jobs(run: RunSettings | int, fn: Callable[..., Any], jobs: Sequence[Job], label: str) -> list[Any]:
+    """``[fn(*job.args) for job in jobs]`` on the run's executor; results in job order.
 
     ``run`` is the run's ``[run]`` settings, or (as the stages pass it) its worker count, in which case
     the settings come from the :class:`~natprints.config.Config` every stage passes as its jobs' first
@@ -112,19 +119,19 @@ def run_jobs(run: RunSettings | int, fn: Callable[..., Any], jobs: Sequence[tupl
     if workers <= 1 or len(jobs) <= 1:
         results = []
         for i, job in enumerate(jobs, 1):
-            print(f"[{label} {i}/{len(jobs)}] {job[1]}", flush=True)
-            results.append(fn(*job, progress=True))
-            progress.finished(job[1])
+            print(f"[{label} {i}/{len(jobs)}] {job.name}", flush=True)
+            results.append(fn(*job.args, progress=True))
+            progress.finished(job.name)
         return results
     return _run_local(min(workers, len(jobs)), fn, jobs, progress)
 
 
-def _run_settings(run: RunSettings | int, jobs: Sequence[tuple]) -> RunSettings | None:
+def _run_settings(run: RunSettings | int, jobs: Sequence[Job]) -> RunSettings | None:
     from natprints.config import Config, RunSettings
 
     if isinstance(run, RunSettings):
         return run
-    first = jobs[0][0] if jobs and jobs[0] else None
+    first = jobs[0].args[0] if jobs and jobs[0].args else None
     return first.run if isinstance(first, Config) else None
 
 
@@ -190,24 +197,24 @@ def _watch_parent(parent: int, every: float = 1.0) -> None:
             os._exit(1)
 
 
-def _run_local(workers: int, fn: Callable[..., Any], jobs: Sequence[tuple], progress: JobProgress) -> list[Any]:
+def _run_local(workers: int, fn: Callable[..., Any], jobs: Sequence[Job], progress: JobProgress) -> list[Any]:
     from concurrent.futures.process import BrokenProcessPool
 
     results: list[Any] = [None] * len(jobs)
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch thread pools
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
     try:
-        futures = {pool.submit(fn, *job, progress=False): i for i, job in enumerate(jobs)}
+        futures = {pool.submit(fn, *job.args, progress=False): i for i, job in enumerate(jobs)}
         for future in as_completed(futures):
             i = futures[future]
             try:
                 results[i] = future.result()
             except BrokenProcessPool:
                 raise NatprintsError(
-                    f"a {progress.label} worker process died (killed, or out of memory?) during {jobs[i][1]}; "
+                    f"a {progress.label} worker process died (killed, or out of memory?) during {jobs[i].name}; "
                     "rerun the command to resume"
                 ) from None
-            progress.finished(jobs[i][1])
+            progress.finished(jobs[i].name)
     except BaseException:  # an error or Ctrl-C: stop the other jobs now rather than let them run on
         _kill_pool(pool)
         raise
@@ -446,11 +453,11 @@ def _pids_with_env(name: str, value: str) -> list[int]:
     return pids
 
 
-def _ray_call(fn: Callable[..., Any], job: tuple) -> Any:
-    return fn(*job, progress=False)
+def _ray_call(fn: Callable[..., Any], args: tuple) -> Any:
+    return fn(*args, progress=False)
 
 
-def _run_ray(run: RunSettings, fn: Callable[..., Any], jobs: Sequence[tuple], progress: JobProgress) -> list[Any]:
+def _run_ray(run: RunSettings, fn: Callable[..., Any], jobs: Sequence[Job], progress: JobProgress) -> list[Any]:
     """One Ray task per job, ``num_cpus = threads`` each (and one GPU when the jobs run on CUDA)."""
     ray = ray_session(run)
     from ray.exceptions import RayTaskError
@@ -459,7 +466,7 @@ def _run_ray(run: RunSettings, fn: Callable[..., Any], jobs: Sequence[tuple], pr
 
     gpus = run.device == "cuda" or (run.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
     task = ray.remote(_ray_call).options(num_cpus=max(run.threads, 1), num_gpus=int(gpus), max_retries=0)
-    refs = {task.remote(fn, job): i for i, job in enumerate(jobs)}
+    refs = {task.remote(fn, job.args): i for i, job in enumerate(jobs)}
     results: list[Any] = [None] * len(jobs)
     pending = list(refs)
     try:
@@ -474,9 +481,9 @@ def _run_ray(run: RunSettings, fn: Callable[..., Any], jobs: Sequence[tuple], pr
             except ray.exceptions.RayError as exc:  # a worker or node died: killed, out of memory, lost
                 first = first_line(exc)
                 raise NatprintsError(
-                    f"Ray lost the {progress.label} job {jobs[i][1]} ({first}); rerun the command to resume"
+                    f"Ray lost the {progress.label} job {jobs[i].name} ({first}); rerun the command to resume"
                 ) from None
-            progress.finished(jobs[i][1])
+            progress.finished(jobs[i].name)
     except BaseException:
         for ref in pending:
             with suppress(Exception):

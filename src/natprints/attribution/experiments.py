@@ -64,7 +64,7 @@ from natprints.likelihood.stage import likelihood_key, load_scores
 from natprints.records import write_results
 from natprints.reference.stage import _manifest as reference_manifest
 from natprints.reference.stage import reference_key
-from natprints.runtime import StageResult, output_changed, run_jobs
+from natprints.runtime import Job, StageResult, output_changed, run_jobs
 
 # 2: the null control is named `null_control` in every record (pandas reads `null` as NaN).
 # 3: a length-only control per condition; the string-level ceiling (canonical tokenization).
@@ -346,7 +346,8 @@ def _prefill_embeddings(cfg: Config, pending: dict[str, ConditionData]) -> None:
     texts = sorted({t for data in pending.values() for t in full_texts(data.frame)})
     # Fixed chunks, not one per worker: each text is embedded in the same batch whatever `workers` is.
     chunks = [texts[i : i + EMBED_CHUNK] for i in range(0, len(texts), EMBED_CHUNK)]
-    jobs = [(cfg, f"embeddings {i + 1}/{len(chunks)}", chunk) for i, chunk in enumerate(chunks)]
+    names = [f"embeddings {i + 1}/{len(chunks)}" for i in range(len(chunks))]
+    jobs = [Job(name, (cfg, name, chunk)) for name, chunk in zip(names, chunks, strict=True)]
     run_jobs(cfg.run.worker_count(), _embed_job, jobs, "embed")
 
 
@@ -371,7 +372,7 @@ def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> N
         refs = load_scores(cfg, reference_manifest(cfg)) if reference_key(cfg) is not None else None
         for name, view in reference_views(cfg, pending, split, refs).items():
             views.setdefault(name, {}).update(view)
-        jobs = [(cfg, name, pending[name], split, keys[name], views.get(name)) for name in order]
+        jobs = [Job(name, (cfg, name, pending[name], split, keys[name], views.get(name))) for name in order]
         results.update(zip(order, run_jobs(cfg.run.worker_count(), _condition_job, jobs, "condition"), strict=True))
     records = [r for name in conditions for r in results[name][0]]
     seconds = {name: results[name][1] for name in conditions}

@@ -21,7 +21,7 @@ from natprints.conditions import GENERATED_COLUMNS
 from natprints.config import Config, GenerateSettings
 from natprints.errors import NatprintsError
 from natprints.generate.sampler import sample_batch
-from natprints.runtime import StageResult, load_lm, resolve_device, run_jobs
+from natprints.runtime import Job, StageResult, load_lm, resolve_device, run_jobs
 
 
 def build_prompts(cfg: Config) -> pd.DataFrame:
@@ -326,14 +326,15 @@ def generate_all(cfg: Config, *, max_chunks: int | None = None) -> dict:
     prompts = build_prompts(cfg)
     base = next(iter(specs))
     train = train_prompt_ids(cfg, prompts)
-    jobs = [(cfg, m, prompts, out / f"{m}.parquet", cfg.generate.seed, max_chunks, train) for m in specs]
-    jobs.append((cfg, base, prompts, out / "null" / f"{base}.parquet", cfg.generate.null_seed, max_chunks, train))
-    owners = {job[3]: (job[1], weights[job[1]]) for job in jobs}
+    jobs = [Job(m, (cfg, m, prompts, out / f"{m}.parquet", cfg.generate.seed, max_chunks, train)) for m in specs]
+    null = (cfg, base, prompts, out / "null" / f"{base}.parquet", cfg.generate.null_seed, max_chunks, train)
+    jobs.append(Job(f"{base} (null control)", null))
+    owners = {job.args[3]: (job.args[1], weights[job.args[1]]) for job in jobs}
     check_written(Manifest(out, "generated corpora"), owners, _recorded_models, "natprints generate")
     added = sum(run_jobs(cfg.run.worker_count(), generate_for_model, jobs, "generate"))
     g = cfg.generate
     expected = len(prompts) * g.samples_per_prompt + len(train) * (g.train_samples - g.samples_per_prompt)
-    counts = {str(job[3].relative_to(out)): len(pd.read_parquet(job[3], columns=["sample_id"])) for job in jobs}
+    counts = {str(j.args[3].relative_to(out)): len(pd.read_parquet(j.args[3], columns=["sample_id"])) for j in jobs}
     complete = all(n == expected for n in counts.values())
     fields = {
         "stage": "generate",

@@ -31,7 +31,7 @@ from natprints.artifacts import Manifest, hash_obj, read_manifest, sha256_file, 
 from natprints.conditions import ConditionData, load_conditions, open_set_applies, run_split
 from natprints.config import Config
 from natprints.errors import NatprintsError
-from natprints.runtime import StageResult, load_lm, run_jobs, setup_torch
+from natprints.runtime import Job, StageResult, load_lm, run_jobs, setup_torch
 
 SCORED_SPLITS = ("test", "cal")
 CANONICAL = "~canonical"  # a sample id with this suffix: the text's canonical tokenization
@@ -252,12 +252,12 @@ def _write(path: Path, frame: pd.DataFrame, model_sha256: str) -> None:
         raise
 
 
-def check_caches(jobs: list[tuple], trusted: frozenset[str], command: str = "natprints likelihood") -> None:
+def check_caches(jobs: list[Job], trusted: frozenset[str], command: str = "natprints likelihood") -> None:
     """Refuse an edited score file before its stage's manifest is invalidated, so that a refusal
     leaves the last good manifest in place (and the stages after it refusing too). ``jobs``: the
-    stage's :func:`score_model` jobs, ``(cfg, model_dir, rows, path, ...)``."""
+    stage's :func:`score_model` jobs, whose arguments are ``(cfg, model_dir, rows, path, ...)``."""
     for job in jobs:
-        model_dir, path = job[1], job[3]
+        model_dir, path = job.args[1], job.args[3]
         if path.is_file() and (model_dir / MANIFEST_NAME).is_file():
             read_cache(path, _model_sha256(model_dir), trusted, command)
 
@@ -395,7 +395,9 @@ def score_all(cfg: Config, *, progress: bool = True) -> dict:
     trusted = recorded_files(manifest)
     sizes = {m: _scoring_cost(cfg, m, len(r)) for m, r in rows.items()}
     order = sorted(rows, key=lambda m: -sizes[m])
-    jobs = [(cfg, cfg.paths.zoo / m, rows[m], cfg.paths.likelihood / f"{m}.parquet", None, trusted) for m in order]
+    jobs = [
+        Job(m, (cfg, cfg.paths.zoo / m, rows[m], cfg.paths.likelihood / f"{m}.parquet", None, trusted)) for m in order
+    ]
     check_caches(jobs, trusted)
     manifest.invalidate()
     cfg.paths.likelihood.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from natprints.lineage import seedprints as sp
 from natprints.lineage import weightstd as ws
 from natprints.modeldir import Entry, Incomparable, discover_zoo, inspect_model, library_entries, model_digest
 from natprints.records import LINEAGE_JSON, write_lineage
-from natprints.runtime import StageResult, run_jobs, setup_torch
+from natprints.runtime import Job, StageResult, run_jobs, setup_torch
 
 STAGE_VERSION = 2  # 2: SeedPrints at the authors' settings, calibrated verdicts
 METHODS = ("seedprints", "weights")
@@ -518,7 +518,7 @@ def run_lineage(cfg: Config, *, force: bool = False) -> dict[str, Any]:
 
     t0 = time.time()
     # one forward pass per model, fanned out over the workers into the feature cache; then read back
-    jobs = [(cfg, e.label, str(e.path)) for e in entries]
+    jobs = [Job(e.label, (cfg, e.label, str(e.path))) for e in entries]
     run_jobs(cfg.run.worker_count(), _features_job, jobs, "seedprints features")
     features = {
         e.label: sp.model_features(infos[e.label], settings, cache_dir=cfg.paths.cache, device=device) for e in entries

@@ -21,7 +21,7 @@ from natprints.conditions import load_conditions, run_split
 from natprints.config import Config
 from natprints.errors import NatprintsError
 from natprints.reference.head import HeadTask, head_manifest, train_head
-from natprints.runtime import StageResult, run_jobs
+from natprints.runtime import Job, StageResult, run_jobs
 
 REFERENCE_VERSION = 1
 
@@ -143,24 +143,28 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
         frame = frames[model_id]
         where = frame["prompt_id"].astype(str).map(split)
         heldout = _stream(frame[where == "cal"], prompts, eos)
-        jobs.append((cfg, model_id, model_id, _stream(frame[where == "train"], prompts, eos), heldout))
+        jobs.append(Job(model_id, (cfg, model_id, model_id, _stream(frame[where == "train"], prompts, eos), heldout)))
         scoring[model_id] = rows[model_id]
         for n in subsets:  # the training-size curve: scored on test texts only
             train = frame[(where == "train") & (frame["sample_index"] < n)]
-            jobs.append((cfg, subset_id(model_id, n), model_id, _stream(train, prompts, eos), heldout))
+            name = subset_id(model_id, n)
+            jobs.append(Job(name, (cfg, name, model_id, _stream(train, prompts, eos), heldout)))
             scoring[subset_id(model_id, n)] = rows[model_id][rows[model_id]["sample_id"].isin(test_ids)]
     tuned = sum(run_jobs(cfg.run.worker_count(), _finetune_job, jobs, "finetune"))
     out = cfg.paths.reference_scores
     out.mkdir(parents=True, exist_ok=True)
     trusted = recorded_files(_manifest(cfg))
     command = "natprints reference"
-    work = [(cfg, reference_dir(cfg) / m, r, out / f"{m}.parquet", None, trusted, command) for m, r in scoring.items()]
+    work = [
+        Job(m, (cfg, reference_dir(cfg) / m, r, out / f"{m}.parquet", None, trusted, command))
+        for m, r in scoring.items()
+    ]
     check_caches(work, trusted, command)
     _manifest(cfg).invalidate()
     scored = sum(run_jobs(cfg.run.worker_count(), score_model, work, "reference scores"))
     heads = _head_tasks(cfg, conditions, split, prompts, subsets) if cfg.reference.head else []
     ref = reference_dir(cfg) / "reference"
-    head_jobs = [(cfg, t.name, t, ref, out) for t in heads]
+    head_jobs = [Job(t.name, (cfg, t.name, t, ref, out)) for t in heads]
     trained_heads = sum(run_jobs(cfg.run.worker_count(), train_head, head_jobs, "classifier head"))
     fields = {
         "stage": "reference",

@@ -15,7 +15,7 @@ from pathlib import Path
 from natprints.artifacts import MANIFEST, Manifest, hash_obj, read_manifest, sha256_text
 from natprints.config import Config, CorpusSettings
 from natprints.errors import NatprintsError
-from natprints.runtime import StageResult, load_lm, run_jobs, setup_torch
+from natprints.runtime import Job, StageResult, load_lm, run_jobs, setup_torch
 from natprints.zoo.spec import ModelSpec, condition_members, linear_weights, zoo_specs
 
 
@@ -202,7 +202,7 @@ def build_zoo(cfg: Config, only: list[str] | None = None, stop_after: int | None
     ids = [m for m in specs if not only or m in only]
     # Longest first, so the largest model does not start last and leave a worker idle at the end.
     ids.sort(key=lambda m: -train_cost(cfg, specs[m][0]))
-    done = run_jobs(cfg.run.worker_count(), _zoo_job, [(cfg, m, stop_after) for m in ids], "zoo")
+    done = run_jobs(cfg.run.worker_count(), _zoo_job, [Job(m, (cfg, m, stop_after)) for m in ids], "zoo")
     return [m for m in specs if m in ids and done[ids.index(m)]]
 
 
@@ -298,9 +298,9 @@ def build_derived(cfg: Config) -> list[str]:
     for parent_id in derived.values():
         verified_model(cfg, parent_id)
     shift_corpus(cfg)
-    jobs = [(cfg, model_id, parent_id) for model_id, parent_id in derived.items()]
+    jobs = [Job(model_id, (cfg, model_id, parent_id)) for model_id, parent_id in derived.items()]
     done = run_jobs(cfg.run.worker_count(), _derive_job, jobs, "derive")
-    return [job[1] for job, trained in zip(jobs, done, strict=True) if trained]
+    return [job.name for job, trained in zip(jobs, done, strict=True) if trained]
 
 
 def run(cfg: Config, only: list[str] | None = None, stop_after: int | None = None) -> StageResult:
