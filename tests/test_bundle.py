@@ -24,6 +24,10 @@ def _flip(path, offset: int = -1) -> None:
     path.write_bytes(bytes(data))
 
 
+def _by_likelihood(copied, *args):
+    return invoke("attribute", "--method", "likelihood", "--models", copied / "a", "--models", copied / "b", *args)
+
+
 @pytest.fixture
 def copied(zoo, tmp_path):  # noqa: F811
     """Models a and b copied, so that a test may tamper with them."""
@@ -35,14 +39,8 @@ def copied(zoo, tmp_path):  # noqa: F811
 def test_a_likelihood_bundle_records_every_score_and_verifies(zoo, copied, tmp_path):  # noqa: F811
     files = zoo.files("b", 3)
     out = tmp_path / "evidence.json"
-    result = invoke(
-        "attribute",
-        "--method",
-        "likelihood",
-        "--models",
-        copied / "a",
-        "--models",
-        copied / "b",
+    result = _by_likelihood(
+        copied,
         "--bundle",
         out,
         "--json",
@@ -68,14 +66,8 @@ def test_a_changed_text_model_or_score_fails_verification(zoo, copied, tmp_path)
     files = zoo.files("b", 2)
     out = tmp_path / "evidence.json"
     assert (
-        invoke(
-            "attribute",
-            "--method",
-            "likelihood",
-            "--models",
-            copied / "a",
-            "--models",
-            copied / "b",
+        _by_likelihood(
+            copied,
             "--pool",
             "--bundle",
             out,

@@ -214,7 +214,7 @@ def _attribute(files: list[str], request: Request, out: Writer, err: Writer, bun
             if request.as_json:
                 out(json.dumps({"input": "pooled", **p.to_dict(), "texts": len(texts)}))
             else:
-                out(_line(_pooled_name(len(texts)), p, False, model.threshold))
+                out(_line(_pooled_name(len(texts)), p, False, _below(model.threshold)))
         return failed
     failed = 0
     for batch in _batches(files, model.batch_invariant):
@@ -225,7 +225,7 @@ def _attribute(files: list[str], request: Request, out: Writer, err: Writer, bun
         good = [name for name, _, error in inputs if error is None]
         if bundle is not None and texts:
             _record_attributor(bundle, model, inputs, texts, predictions, pooled=False)
-        lines = (_line(n, p, request.as_json, model.threshold) for n, p in zip(good, predictions, strict=True))
+        lines = (_line(n, p, request.as_json, _below(model.threshold)) for n, p in zip(good, predictions, strict=True))
         failed += _emit(inputs, lines, request.as_json, out, err)
     return failed
 
@@ -332,24 +332,23 @@ def _then(p: Prediction) -> str:
     return f"; then {others}" if others else ""
 
 
-def _line(name: str, p: Prediction, as_json: bool, threshold: float) -> str:
+def _line(name: str, p: Prediction, as_json: bool, why_unknown: str) -> str:
+    """One input's result line; ``why_unknown`` follows the best model's probability in an `unknown`."""
     if as_json:
         return json.dumps({"input": name, **p.to_dict()})
     if p.unknown:
-        head = f"unknown (best {p.best_model} {p.probability:.3f} < threshold {threshold:.3f})"
+        head = f"unknown (best {p.best_model} {p.probability:.3f}{why_unknown})"
     else:
         head = f"{p.label} {p.probability:.3f}"
     return one_line(f"{name}: {head}" + _then(p))
+
+
+def _below(threshold: float) -> str:
+    return f" < threshold {threshold:.3f}"
 
 
 def _likelihood_line(name: str, p: LikelihoodPrediction, as_json: bool) -> str:
-    if as_json:
-        return json.dumps({"input": name, **p.to_dict()})
-    if p.unknown:
-        head = f"unknown (best {p.best_model} {p.probability:.3f}; every model rejected at alpha {p.alpha:g})"
-    else:
-        head = f"{p.label} {p.probability:.3f}"
-    return one_line(f"{name}: {head}" + _then(p))
+    return _line(name, p, as_json, f"; every model rejected at alpha {p.alpha:g}")
 
 
 def _pooled_name(texts: int) -> str:
