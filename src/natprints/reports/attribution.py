@@ -546,112 +546,143 @@ def _findings(
     return "### Findings\n\n" + " ".join(out) + "\n"
 
 
+_INTRO = (
+    "Can a classifier tell, from a continuation alone, which model wrote it? Per condition (models "
+    "that differ in one training factor), every (featurizer, classifier) pipeline is trained on the "
+    "continuations of the training prompts and scored on those of held-out prompts. Intervals are 95% "
+    "Wilson intervals; p is a one-sided exact binomial test against chance = 1/k; chance-corrected "
+    "accuracy is (accuracy − chance) / (1 − chance), comparable across numbers of models. Featurizers: "
+    "word1 = word-unigram TF-IDF (the baseline), word12 = word 1–2-grams, char14 = character 1–4-grams, "
+    "embed = frozen all-MiniLM-L6-v2 sentence embeddings, union = word12 + char14 + embed. Classifiers: "
+    "logreg = logistic regression, svm = linear SVM with sigmoid-calibrated probabilities, "
+    f"xgb = XGBoost on the {XGB_FEATURES} columns with the highest ANOVA F score, mlp = one hidden layer "
+    f"of 64 units on the {MLP_FEATURES} highest-F columns. *Best pipeline*: the one with the highest "
+    "accuracy on the calibration split (prompts held out from training and from the test), fixed before "
+    "the test texts are scored, so its test accuracy and p are honest estimates; the full table marks it "
+    "in bold.\n"
+)
+_CEILING = (
+    "**The ceiling.** The zoo's texts are exact samples of known models, so each candidate model's "
+    "log-likelihood of a continuation (given its prompt, under the sampling transform it was drawn "
+    "with) is the exact probability that it wrote it. The likelihood attributor (`likelihood+bayes`: "
+    "the argmax with equal priors) is the Bayes-optimal attributor on these texts: no classifier of the "
+    "text alone can beat it. *Share of ceiling* = (accuracy − chance) / (ceiling − chance): the part of "
+    "the margin above chance that the text carries which a black-box pipeline captures.\n"
+)
+_NO_CEILING = (
+    "**No ceiling.** There are no likelihood scores of these texts (they come without the weights that "
+    "wrote them, or the likelihood stage has not run), so the table has no Bayes-optimal ceiling and no "
+    "share of it.\n"
+)
+
+
 def render_section(cfg: Config) -> str:
-    """The attribution section of the run report (markdown), writing its PNGs under ``figures/``."""
+    """The attribution section of the run report (markdown), writing its PNGs under ``figures/``: one
+    function per subsection, in the order they appear."""
     reports = cfg.paths.reports
     records = load_records(reports)
     table = accuracy_table(records)
     figures = reports / FIGURES
     head = headline_table(records)
-    parts = ["## Attribution: natural fingerprints\n"]
-    parts.append(
-        "Can a classifier tell, from a continuation alone, which model wrote it? Per condition (models "
-        "that differ in one training factor), every (featurizer, classifier) pipeline is trained on the "
-        "continuations of the training prompts and scored on those of held-out prompts. Intervals are 95% "
-        "Wilson intervals; p is a one-sided exact binomial test against chance = 1/k; chance-corrected "
-        "accuracy is (accuracy − chance) / (1 − chance), comparable across numbers of models. Featurizers: "
-        "word1 = word-unigram TF-IDF (the baseline), word12 = word 1–2-grams, char14 = character 1–4-grams, "
-        "embed = frozen all-MiniLM-L6-v2 sentence embeddings, union = word12 + char14 + embed. Classifiers: "
-        "logreg = logistic regression, svm = linear SVM with sigmoid-calibrated probabilities, "
-        f"xgb = XGBoost on the {XGB_FEATURES} columns with the highest ANOVA F score, mlp = one hidden layer "
-        f"of 64 units on the {MLP_FEATURES} highest-F columns. *Best pipeline*: the one with the highest "
-        "accuracy on the calibration split (prompts held out from training and from the test), fixed before "
-        "the test texts are scored, so its test accuracy and p are honest estimates; the full table marks it "
-        "in bold.\n"
-    )
     has_ceiling = bool(head["ceiling"].notna().any())
-    if has_ceiling:
-        parts.append(
-            "**The ceiling.** The zoo's texts are exact samples of known models, so each candidate model's "
-            "log-likelihood of a continuation (given its prompt, under the sampling transform it was drawn "
-            "with) is the exact probability that it wrote it. The likelihood attributor (`likelihood+bayes`: "
-            "the argmax with equal priors) is the Bayes-optimal attributor on these texts: no classifier of the "
-            "text alone can beat it. *Share of ceiling* = (accuracy − chance) / (ceiling − chance): the part of "
-            "the margin above chance that the text carries which a black-box pipeline captures.\n"
-        )
-    if not has_ceiling:
-        parts.append(
-            "**No ceiling.** There are no likelihood scores of these texts (they come without the weights that "
-            "wrote them, or the likelihood stage has not run), so the table has no Bayes-optimal ceiling and no "
-            "share of it.\n"
-        )
-    parts.append(
-        _md_table(
-            [
-                "condition",
-                "models",
-                "test texts",
-                "chance",
-                *(["ceiling (likelihood) [95% CI]"] if has_ceiling else []),
-                "best pipeline",
-                "accuracy [95% CI]",
-                *(["share of ceiling"] if has_ceiling else []),
-                "chance-corrected",
-                "macro-F1",
-                "p",
-                "unigram baseline (word1+logreg)",
-                "length only [95% CI]",
-            ],
-            [
-                [
-                    f"`{r.condition}`",
-                    r.n_classes,
-                    r.n_test,
-                    f"{r.chance:.3f}",
-                    *([_acc(r.ceiling, r.ceiling_ci_low, r.ceiling_ci_high)] if has_ceiling else []),
-                    r.best,
-                    _acc(r.accuracy, r.ci_low, r.ci_high),
-                    *([_share(r.ceiling_share)] if has_ceiling else []),
-                    f"{chance_corrected(r.accuracy, r.chance):.3f}",
-                    f"{r.macro_f1:.3f}",
-                    _p(r.p_value),
-                    "–" if math.isnan(r.baseline) else _acc(r.baseline, r.baseline_ci_low, r.baseline_ci_high),
-                    _length_cell(r),
-                ]
-                for r in head.itertuples()
-            ],
-        )
-    )
-    parts.append(_length_note(head))
-    parts.append(_test_max_note(table))
-    splits = _split_section(records)
-    if splits:
-        parts.append(splits)
-    approaches = approach_table(records)
-    if has_ceiling and not approaches.empty:
-        rows = [
+    null_text, null_facts = _null_section(table, records)
+    evidence_text, tokens = _evidence_section(records, figures)
+    pooled_text, pooled = _pooled_section(records, figures)
+    open_text, open_facts = _open_set_section(records)
+    lik_text, lik_facts = _likelihood_open_set_section(records)
+    parts = [
+        "## Attribution: natural fingerprints\n",
+        _INTRO,
+        _CEILING if has_ceiling else _NO_CEILING,
+        _headline_md(head, has_ceiling),
+        _length_note(head),
+        _test_max_note(table),
+        _split_section(records),
+        _approaches_section(records) if has_ceiling else "",
+        _string_section(records),
+        "### Every pipeline\n\nAccuracy [95% CI] on the test prompts; the best per condition in bold.\n",
+        _full_table(table),
+        null_text,
+        _confusion_section(records, figures),
+        _calibration_section(records, figures),
+        evidence_text,
+        _samples_section(records, figures),
+        pooled_text,
+        _kl_section(cfg, records),
+        _explanation_section(records),
+        open_text,
+        lik_text,
+        _outsiders_section(cfg, records, figures),
+        _sequential_section(records, figures),
+        _findings(head, null_facts, tokens, open_facts, pooled, lik_facts),
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def _headline_md(head: pd.DataFrame, has_ceiling: bool) -> str:
+    """The headline table: per condition the ceiling, the best pipeline, the baseline, the length control."""
+    return _md_table(
+        [
+            "condition",
+            "models",
+            "test texts",
+            "chance",
+            *(["ceiling (likelihood) [95% CI]"] if has_ceiling else []),
+            "best pipeline",
+            "accuracy [95% CI]",
+            *(["share of ceiling"] if has_ceiling else []),
+            "chance-corrected",
+            "macro-F1",
+            "p",
+            "unigram baseline (word1+logreg)",
+            "length only [95% CI]",
+        ],
+        [
             [
                 f"`{r.condition}`",
-                r.approach,
-                r.pipeline,
+                r.n_classes,
+                r.n_test,
+                f"{r.chance:.3f}",
+                *([_acc(r.ceiling, r.ceiling_ci_low, r.ceiling_ci_high)] if has_ceiling else []),
+                r.best,
                 _acc(r.accuracy, r.ci_low, r.ci_high),
-                _share(r.ceiling_share),
+                *([_share(r.ceiling_share)] if has_ceiling else []),
+                f"{chance_corrected(r.accuracy, r.chance):.3f}",
+                f"{r.macro_f1:.3f}",
+                _p(r.p_value),
+                "–" if math.isnan(r.baseline) else _acc(r.baseline, r.baseline_ci_low, r.baseline_ci_high),
+                _length_cell(r),
             ]
-            for r in approaches.itertuples()
-            if r.condition != NULL_CONDITION
-        ]
-        parts.append(
-            "### Black-box approaches against the ceiling\n\nThe best pipeline of each approach per condition "
-            "(text only, no weights of the zoo): what each reached, including what did not help.\n\n"
-            + _md_table(["condition", "approach", "best of it", "accuracy [95% CI]", "share of ceiling"], rows)
-        )
-    parts.append(_string_section(records))
-    parts.append("### Every pipeline\n\nAccuracy [95% CI] on the test prompts; the best per condition in bold.\n")
-    parts.append(_full_table(table))
-    null_text, null_facts = _null_section(table, records)
-    if null_text:
-        parts.append(null_text)
+            for r in head.itertuples()
+        ],
+    )
 
+
+def _approaches_section(records: Sequence[dict[str, Any]]) -> str:
+    """Each black-box approach's best pipeline per condition against the ceiling."""
+    approaches = approach_table(records)
+    if approaches.empty:
+        return ""
+    rows = [
+        [
+            f"`{r.condition}`",
+            r.approach,
+            r.pipeline,
+            _acc(r.accuracy, r.ci_low, r.ci_high),
+            _share(r.ceiling_share),
+        ]
+        for r in approaches.itertuples()
+        if r.condition != NULL_CONDITION
+    ]
+    return (
+        "### Black-box approaches against the ceiling\n\nThe best pipeline of each approach per condition "
+        "(text only, no weights of the zoo): what each reached, including what did not help.\n\n"
+        + _md_table(["condition", "approach", "best of it", "accuracy [95% CI]", "share of ceiling"], rows)
+    )
+
+
+def _confusion_section(records: Sequence[dict[str, Any]], figures: Path) -> str:
+    """The ceiling's confusion matrix beside the best pipeline's saved attributor, per condition."""
     images = []
     attributors = {r["condition"]: r for r in _of(records, "attributor")}
     ceilings = {r["condition"]: r for r in _of(records, "pipeline") if r["pipeline"] == CEILING_PIPELINE}
@@ -664,34 +695,45 @@ def render_section(cfg: Config) -> str:
                 figures / name,
             )
             images.append(f"![confusion matrix, {r['condition']}]({FIGURES}/{name})")
-    if images:
-        parts.append(
-            "### Confusion matrices\n\nPer condition: the ceiling's matrix beside the best pipeline's saved "
-            "attributor (calibrated, with its `unknown` column: texts whose top probability falls below the "
-            "open-set threshold). Each cell: test texts, and their share of the true model's row.\n\n"
-            + "\n".join(images)
-            + "\n"
-        )
-    reliability = [a for a in attributors.values() if a.get("confidence")]
-    if reliability:
-        plot_reliability(
-            [
-                (
-                    f"{a['condition']}: {a['pipeline']}, ECE {expected_calibration_error(a):.3f}",
-                    np.asarray(a["confidence"]),
-                    np.asarray(a["y_true"]) == np.asarray(a["y_pred"]),
-                )
-                for a in reliability
-            ],
-            figures / "reliability.png",
-        )
-        parts.append(
-            "### Calibration of the saved attributors\n\nThe accuracy of the test texts in each bin of the "
-            "attributor's top calibrated probability, against that probability (the diagonal is perfect "
-            "calibration; bars: share of texts per bin). ECE: expected calibration error over 10 bins "
-            f"(the mean |accuracy − probability|, weighted by texts).\n\n![reliability]({FIGURES}/reliability.png)\n"
-        )
+    if not images:
+        return ""
+    return (
+        "### Confusion matrices\n\nPer condition: the ceiling's matrix beside the best pipeline's saved "
+        "attributor (calibrated, with its `unknown` column: texts whose top probability falls below the "
+        "open-set threshold). Each cell: test texts, and their share of the true model's row.\n\n"
+        + "\n".join(images)
+        + "\n"
+    )
 
+
+def _calibration_section(records: Sequence[dict[str, Any]], figures: Path) -> str:
+    """The saved attributors' reliability diagram and ECE."""
+    attributors = {r["condition"]: r for r in _of(records, "attributor")}
+    reliability = [a for a in attributors.values() if a.get("confidence")]
+    if not reliability:
+        return ""
+    plot_reliability(
+        [
+            (
+                f"{a['condition']}: {a['pipeline']}, ECE {expected_calibration_error(a):.3f}",
+                np.asarray(a["confidence"]),
+                np.asarray(a["y_true"]) == np.asarray(a["y_pred"]),
+            )
+            for a in reliability
+        ],
+        figures / "reliability.png",
+    )
+    return (
+        "### Calibration of the saved attributors\n\nThe accuracy of the test texts in each bin of the "
+        "attributor's top calibrated probability, against that probability (the diagonal is perfect "
+        "calibration; bars: share of texts per bin). ECE: expected calibration error over 10 bins "
+        f"(the mean |accuracy − probability|, weighted by texts).\n\n![reliability]({FIGURES}/reliability.png)\n"
+    )
+
+
+def _evidence_section(records: Sequence[dict[str, Any]], figures: Path) -> tuple[str, pd.DataFrame]:
+    """Evidence curves against the tokens (or words) shown and the training texts; and the points."""
+    parts = []
     # generated tokens for the run's own texts, words for collected ones (no tokenizer wrote them)
     unit = "tokens" if not evidence_table(records, "tokens").empty else "words"
     tokens = evidence_table(records, unit)
@@ -713,6 +755,12 @@ def render_section(cfg: Config) -> str:
         plot_evidence(train, "n_train", "training texts", figures / "evidence_train.png")
         parts.append(f"![evidence: training size]({FIGURES}/evidence_train.png)\n")
         parts.append(_evidence_md(train, "train_fraction"))
+    return "\n".join(p for p in parts if p), tokens
+
+
+def _samples_section(records: Sequence[dict[str, Any]], figures: Path) -> str:
+    """Accuracy against the continuations per training prompt."""
+    parts = []
     samples = evidence_table(records, "train_samples")
     if not samples.empty:
         ticks = {int(v): f"{int(v)}×" for v in sorted(samples["value"].unique())}
@@ -727,6 +775,12 @@ def render_section(cfg: Config) -> str:
             f"![evidence: training texts per prompt]({FIGURES}/evidence_samples.png)\n"
         )
         parts.append(_evidence_md(samples, "train_samples"))
+    return "\n".join(p for p in parts if p)
+
+
+def _pooled_section(records: Sequence[dict[str, Any]], figures: Path) -> tuple[str, pd.DataFrame]:
+    """One verdict for k texts of one source; and the points."""
+    parts = []
     pooled = pooled_points(records)
     if not pooled.empty:
         plot_evidence(
@@ -743,22 +797,7 @@ def render_section(cfg: Config) -> str:
             f"![pooled evidence]({FIGURES}/pooled.png)\n"
         )
         parts.append(_evidence_md(pooled, "pooled"))
-    kl_text = _kl_section(cfg, records)
-    if kl_text:
-        parts.append(kl_text)
-    explain = _explanation_section(records)
-    if explain:
-        parts.append(explain)
-    open_text, open_facts = _open_set_section(records)
-    if open_text:
-        parts.append(open_text)
-    lik_text, lik_facts = _likelihood_open_set_section(records)
-    if lik_text:
-        parts.append(lik_text)
-    parts.append(_outsiders_section(cfg, records, figures))
-    parts.append(_sequential_section(records, figures))
-    parts.append(_findings(head, null_facts, tokens, open_facts, pooled, lik_facts))
-    return "\n".join(p for p in parts if p)
+    return "\n".join(p for p in parts if p), pooled
 
 
 def _string_section(records: Sequence[dict[str, Any]]) -> str:
