@@ -362,6 +362,38 @@ def test_rerun_is_idempotent_and_detects_changes(synth_run, monkeypatch):
     assert ex.experiments_up_to_date(cfg)
 
 
+def test_a_finished_condition_is_kept_and_an_edited_one_redone(synth_run, monkeypatch, tmp_path):
+    """A stage interrupted after some conditions keeps them (their records' manifest verifies); records
+    edited behind the manifest's back are redone, never read."""
+    import shutil
+
+    expected = (synth_run.paths.reports / "results.jsonl").read_bytes()
+    home = tmp_path / "home"
+    shutil.copytree(synth_run.paths.root, home)
+    monkeypatch.setenv("NATPRINTS_HOME", str(home))  # the config's paths follow the home
+    cfg = synth_run
+    results, stage_manifest = cfg.paths.reports / "results.jsonl", cfg.paths.reports / "experiments.json"
+    stage_manifest.unlink()  # as if the stage had stopped before writing its own manifest
+    keys = ex.condition_keys(cfg, adata.load_conditions(cfg))
+    cached = ex._condition_cache(cfg, "seed")
+    assert cached.read()["key"] == keys["seed"] and set(cached.read()["files"]) == {"seed.json"}
+    redone: list[str] = []
+    real = ex.run_condition
+
+    def counted(setup, data, views):
+        redone.append(data.name)
+        return real(setup, data, views)
+
+    monkeypatch.setattr(ex, "run_condition", counted)
+    ex.run_experiments(cfg, progress=False, log=lambda m: None)
+    assert redone == [] and results.read_bytes() == expected  # every condition kept
+    records = cached.directory / "seed.json"
+    records.write_text(records.read_text() + " ")  # still JSON, no longer what the manifest hashed
+    stage_manifest.unlink()
+    ex.run_experiments(cfg, progress=False, log=lambda m: None)
+    assert redone == ["seed"] and results.read_bytes() == expected
+
+
 def test_report_section_renders_from_records(synth_run):
     from natprints.reports.attribution import headline_table, render_section
 

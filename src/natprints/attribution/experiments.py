@@ -269,18 +269,20 @@ def run_experiments(cfg: Config, *, force: bool = False, progress: bool = True, 
         _run_experiments(cfg, force=force, progress=progress, log=log)
 
 
+def _condition_cache(cfg: Config, name: str) -> Manifest:
+    """A finished condition's records, kept so that an interrupted stage does not redo it: a manifest of
+    their own beside them, the same contract as every stage's output."""
+    return Manifest(cfg.paths.models / "experiments", f"condition {name}'s records", f"{name}.manifest.json")
+
+
 def _cached_condition(cfg: Config, name: str, key: str) -> tuple[list[dict[str, Any]], dict[str, float]] | None:
-    """A finished condition's records and timings, when its cache matches ``key``."""
-    cached = cfg.paths.models / "experiments" / f"{name}.json"
-    if not cached.is_file():
+    """A finished condition's records and timings, when they were made under ``key`` and verify (and so
+    does its saved attributor)."""
+    cache = _condition_cache(cfg, name)
+    if not cache.is_current(key) or not (name == NULL_CONDITION or attributor_intact(cfg, name)):
         return None
-    try:
-        saved = json.loads(cached.read_text(encoding="utf-8"))
-        if saved.get("key") == key and (name == NULL_CONDITION or attributor_intact(cfg, name)):
-            return saved["records"], saved.get("seconds", {})
-    except (ValueError, KeyError):
-        pass
-    return None
+    saved = json.loads((cache.directory / f"{name}.json").read_text(encoding="utf-8"))
+    return saved["records"], saved["seconds"]
 
 
 def _condition_job(
@@ -322,9 +324,10 @@ def _condition_job(
         "condition": wall,
         **{k.split("/", 1)[1]: v for k, v in setup.timings.items() if k.startswith(f"{name}/")},
     }
-    atomic_write_json(
-        cfg.paths.models / "experiments" / f"{name}.json", {"key": key, "records": done, "seconds": seconds}
-    )
+    cache = _condition_cache(cfg, name)
+    cache.invalidate()
+    atomic_write_json(cache.directory / f"{name}.json", {"records": done, "seconds": seconds})
+    cache.write(key, {"condition": name}, [f"{name}.json"])
     warn(f"condition {name}: {len(data.labels)} models, done in {wall:.1f}s")
     return done, seconds
 
