@@ -356,7 +356,7 @@ def _artifact_digests(home: Path) -> dict[str, object]:
             if not path.is_file() or path.name in VOLATILE_FILES:
                 continue
             value: object
-            if path.name == "manifest.json":
+            if path.name == "manifest.json" or path.name.endswith(".manifest.json"):
                 manifest = json.loads(path.read_text())
                 value = {"files": manifest["files"], "key": manifest.get("key")}
             elif path.suffix in (".json", ".jsonl"):

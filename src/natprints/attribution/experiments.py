@@ -282,7 +282,7 @@ def _cached_condition(cfg: Config, name: str, key: str) -> tuple[list[dict[str, 
     if not cache.is_current(key) or not (name == NULL_CONDITION or attributor_intact(cfg, name)):
         return None
     saved = json.loads((cache.directory / f"{name}.json").read_text(encoding="utf-8"))
-    return saved["records"], saved["seconds"]
+    return saved["records"], cache.read()["seconds"]
 
 
 def _condition_job(
@@ -326,8 +326,8 @@ def _condition_job(
     }
     cache = _condition_cache(cfg, name)
     cache.invalidate()
-    atomic_write_json(cache.directory / f"{name}.json", {"records": done, "seconds": seconds})
-    cache.write(key, {"condition": name}, [f"{name}.json"])
+    atomic_write_json(cache.directory / f"{name}.json", {"records": done})  # the same bytes on any executor
+    cache.write(key, {"condition": name, "seconds": seconds}, [f"{name}.json"])
     warn(f"condition {name}: {len(data.labels)} models, done in {wall:.1f}s")
     return done, seconds
 
