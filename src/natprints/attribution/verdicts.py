@@ -186,10 +186,9 @@ def _normalized(bundle: Bundle) -> dict[str, Any]:
 def _attribute(files: list[str], request: Request, out: Writer, err: Writer, bundle: Bundle | None) -> int:
     if request.method == "likelihood":
         return _by_likelihood(files, request, out, err, bundle)
-    model, config_limit = open_attributor(request.run, request.config, request.condition, request.attributor)
+    model, directory, config_limit = open_attributor(request.run, request.config, request.condition, request.attributor)
     limit = _limit(request.max_bytes, config_limit)
     if bundle is not None:
-        directory, _ = _attributor_dir(request.run, request.config, request.condition, request.attributor)
         bundle.add_attributor(directory)
         bundle.request = {"top": request.top, "max_bytes": limit, "pool": request.pool}
     if request.sequential:
@@ -253,16 +252,16 @@ def _limit(max_bytes: int | None, config_limit: int | None) -> int:
 
 def open_attributor(
     run: str | None, config: Path | None, condition: str | None, attributor: Path | None
-) -> tuple[Attributor, int | None]:
-    """The saved attributor asked for (a directory, or a run's condition: ``all`` by default), and the
-    config's text size limit when a config was read."""
+) -> tuple[Attributor, Path, int | None]:
+    """The saved attributor asked for (a directory, or a run's condition: ``all`` by default), its
+    directory, and the config's text size limit when a config was read."""
     from natprints.attribution.attributor import load_attributor
 
     directory, limit = _attributor_dir(run, config, condition, attributor)
     if attributor is None and not directory.is_dir() and directory.parent.is_dir():
         known = ", ".join(sorted(p.name for p in directory.parent.iterdir() if p.is_dir()))
         raise NatprintsError(f"no attributor for condition '{directory.name}' (this run has: {known})")
-    return load_attributor(directory, light=True), limit  # n-gram logreg: no scikit-learn import
+    return load_attributor(directory, light=True), directory, limit  # n-gram logreg: no scikit-learn import
 
 
 def _attributor_dir(
@@ -522,7 +521,7 @@ def _by_likelihood(files: list[str], request: Request, out: Writer, err: Writer,
             pool=request.pool,
             top=request.top,
             progress=bundle is None,
-            token_logprobs=per_token,
+            token_logprobs=per_token if bundle is not None else None,  # only a bundle keeps them
             **options,
         )
     if bundle is not None:
