@@ -10,7 +10,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "natprints"
 # Stages of one rank run side by side and import neither each other.
 RANK = {
     **dict.fromkeys(
-        ("errors", "artifacts", "config", "stats", "runtime", "corpus", "conditions", "modeldir", "records"), 0
+        (
+            "errors",
+            "artifacts",
+            "config",
+            "stats",
+            "runtime",
+            "corpus",
+            "conditions",
+            "modeldir",
+            "records",
+            "declared",
+        ),
+        0,
     ),
     "zoo": 1,
     "generate": 2,

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from natprints.artifacts import Manifest, sha256_file
+from natprints.artifacts import MANIFEST, Manifest, sha256_file
 from natprints.config import CONDITION_ORDER, NULL_CONDITION, Config
+from natprints.declared import DECLARED
 from natprints.errors import NatprintsError
 
 OPEN_SET_MIN_MODELS = 3  # leaving one out must leave a known model and a best other one
@@ -45,6 +46,9 @@ class ConditionData:
     labels: list[str]
     frame: pd.DataFrame
     inputs: dict[str, str]  # input file (relative to the generated dir) -> sha256
+    # texts of declared models, each written with its own tokenizer: read as strings (no token ids),
+    # scored as strings under each model (natprints.likelihood.declared)
+    strings: bool = False
 
 
 def open_set_applies(data: ConditionData) -> bool:
@@ -52,11 +56,11 @@ def open_set_applies(data: ConditionData) -> bool:
     return len(data.labels) >= OPEN_SET_MIN_MODELS and data.name != NULL_CONDITION
 
 
-def _read_generated(path: Path) -> pd.DataFrame:
+def _read_generated(path: Path, columns: tuple[str, ...] = REQUIRED_COLUMNS) -> pd.DataFrame:
     if not path.is_file():
         raise NatprintsError(f"generated file missing: {path} (run `natprints generate`)")
     try:
-        frame = pd.read_parquet(path, columns=list(REQUIRED_COLUMNS))
+        frame = pd.read_parquet(path, columns=list(columns))
     except (OSError, ValueError, KeyError) as exc:
         raise NatprintsError(f"{path}: unreadable generated file or missing columns ({exc})") from None
     if frame.empty:
@@ -64,8 +68,9 @@ def _read_generated(path: Path) -> pd.DataFrame:
     return frame
 
 
-def load_conditions(cfg: Config) -> dict[str, ConditionData]:
-    """Read the generated corpora as one :class:`ConditionData` per condition, plus the null control."""
+def load_conditions(cfg: Config, *, declared: bool = False) -> dict[str, ConditionData]:
+    """Read the generated corpora as one :class:`ConditionData` per condition, plus the null control;
+    with ``declared``, also the conditions of the declared models (after the zoo's)."""
     gen_dir = cfg.paths.generated
     manifest = Manifest(gen_dir, "generated corpora").read()
     if manifest.get("complete") is False:
@@ -115,8 +120,32 @@ def load_conditions(cfg: Config) -> dict[str, ConditionData]:
         if both["null_label"].nunique() != 2:
             raise NatprintsError(f"{gen_dir}: the null control needs the base model under two sampling seeds")
         out[NULL_CONDITION] = condition_data(NULL_CONDITION, both, "null_label", files)
+    section = manifest.get(DECLARED) if declared else None
+    if isinstance(section, dict):
+        out.update(_declared_conditions(gen_dir, section, inputs))
     if not out:
         raise NatprintsError(f"{gen_dir}: no condition with two or more models to attribute")
+    return out
+
+
+def _declared_conditions(gen_dir: Path, section: dict, inputs: dict[str, str]) -> dict[str, ConditionData]:
+    """The declared models' conditions: their texts without token ids (each model's own), as strings."""
+    models = section.get("models") if isinstance(section.get("models"), dict) else {}
+    out = {}
+    for name, labels in (section.get("conditions") or {}).items():
+        frames, files = [], {}
+        for label in labels:
+            entry = models.get(label)
+            if not isinstance(entry, dict) or "file" not in entry:
+                raise NatprintsError(f"{gen_dir}/{MANIFEST}: condition {name} lists unknown declared model {label!r}")
+            frame = _read_generated(gen_dir / entry["file"], (*REQUIRED_COLUMNS, "prompt"))
+            if set(frame["model_id"].astype(str)) != {label}:
+                raise NatprintsError(f"{gen_dir / entry['file']}: holds texts of another model than {label!r}")
+            frames.append(frame.drop(columns=["token_ids"]))
+            files[entry["file"]] = inputs.setdefault(entry["file"], sha256_file(gen_dir / entry["file"]))
+        data = condition_data(name, pd.concat(frames, ignore_index=True), "model_id", files)
+        data.strings = True
+        out[name] = data
     return out
 
 

@@ -33,7 +33,14 @@ ARCHS = ("llama", "gpt2", "gptneox", "qwen2")
 Arch = Literal["llama", "gpt2", "gptneox", "qwen2"]
 # Settings added after configs were first hashed: left out of the hash while at these defaults, so a
 # run (and its committed report) made before they existed keeps its config hash.
-ADDED_SETTINGS = {("train", "arch"): "llama", ("conditions", "arch"): [], ("attribution", "splits"): 5}
+ADDED_SETTINGS = {
+    ("train", "arch"): "llama",
+    ("conditions", "arch"): [],
+    ("attribution", "splits"): 5,
+    ("conditions", "declared"): [],
+    ("generate", "max_chars"): 0,
+    (None, "models"): [],
+}
 CONDITION_ORDER = (*CONDITIONS, "all")
 NULL_CONDITION = "null_control"  # one model under two sampling seeds: must come out at chance
 FEATURIZERS = ("word1", "word12", "char14", "tok13", "embed", "union")
@@ -157,6 +164,9 @@ class ConditionSettings(_Section):
     lr: list[float] = []
     batch_size: list[int] = []
     arch: list[Arch] = []  # other model families on the identical token stream
+    # factors of the declared models ([[models]]): per factor, each group of models that agree on every
+    # other declared factor and differ in this one is a condition (see natprints.declared)
+    declared: list[str] = []
 
 
 class GenerateSettings(_Section):
@@ -173,6 +183,10 @@ class GenerateSettings(_Section):
     seed: int = Field(0, ge=0)
     null_seed: int = Field(1, ge=0)  # the null control: the base model again, another sampling seed
     batch_size: int = Field(128, ge=1)
+    # a budget in characters, the same for every model: each continuation is cut at the last word
+    # boundary within it (0 = off: continuations end after new_tokens tokens). Models with their own
+    # tokenizers need it, or text length alone would tell them apart; new_tokens is then the cap.
+    max_chars: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _distinct_seeds(self) -> GenerateSettings:
@@ -286,6 +300,29 @@ class LineageSettings(_Section):
         raise ValueError("must be a count >= 1, a fraction of the hidden size in (0, 1], or 'all'")
 
 
+FactorValue = Annotated[str, Field(min_length=1)] | int | float | bool
+
+
+class DeclaredModel(_Section):
+    """A model the run did not train: a local Hugging Face causal-LM directory (with its tokenizer) or
+    a hub id (read from the local cache; downloaded only when ``HF_HUB_OFFLINE=0``), its label, and
+    the factors it declares (free-form: family, size, seed, step, ...)."""
+
+    label: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    path: str = ""  # relative paths are read from the natprints home (NATPRINTS_HOME, else the working directory)
+    hub: str = ""
+    revision: str = ""  # with hub: a branch, tag or commit (e.g. PolyPythias' "step143000")
+    factors: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], FactorValue] = {}
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DeclaredModel:
+        if bool(self.path) == bool(self.hub):
+            raise ValueError(f"model {self.label!r}: give exactly one of path (a local directory) or hub (a hub id)")
+        if self.revision and not self.hub:
+            raise ValueError(f"model {self.label!r}: revision is only read with hub")
+        return self
+
+
 DEFAULT_SIZES = {
     "xs": SizePreset(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=176),
     "s": SizePreset(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=344),
@@ -306,6 +343,7 @@ class Config(_Section):
     reference: ReferenceSettings = ReferenceSettings()
     lineage: LineageSettings = LineageSettings()
     emergence: EmergenceSettings = EmergenceSettings()
+    models: list[DeclaredModel] = []  # [[models]]: candidates the run did not train
 
     @field_validator("sizes", mode="before")
     @classmethod
@@ -344,7 +382,25 @@ class Config(_Section):
         unknown = set(self.lineage.derive_conditions) - set(ConditionSettings.model_fields)
         if unknown:
             raise ValueError(f"lineage.derive_conditions: unknown condition(s) {sorted(unknown)}")
+        self._check_declared()
         return self
+
+    def _check_declared(self) -> None:
+        labels = [m.label for m in self.models]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ValueError(f"models: label(s) {twice} declared more than once")
+        if self.models and not self.generate.max_chars:
+            raise ValueError(
+                "models: declared models read text with their own tokenizers; set generate.max_chars "
+                "(a budget in characters) so that length carries no label"
+            )
+        if self.conditions.declared and not self.models:
+            raise ValueError("conditions.declared needs declared models ([[models]])")
+        factors = {f for m in self.models for f in m.factors}
+        unknown = sorted(set(self.conditions.declared) - factors)
+        if unknown:
+            raise ValueError(f"conditions.declared: no declared model has factor(s) {unknown}")
 
     def hash(self) -> str:
         return hash_obj(self.keyed_dump())
@@ -354,8 +410,9 @@ class Config(_Section):
         defaults, so that adding a setting changes no key of a run made before it."""
         dump = self.model_dump(mode="json")
         for (section, key), default in ADDED_SETTINGS.items():
-            if dump[section].get(key) == default:
-                del dump[section][key]
+            where = dump if section is None else dump[section]
+            if where.get(key) == default:
+                del where[key]
         return dump
 
     @property

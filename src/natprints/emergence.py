@@ -168,7 +168,7 @@ def _stage_key(cfg: Config, members: list[str], steps: dict[int, list[Point]]) -
     parts = {
         "version": EMERGENCE_VERSION,
         "emergence": cfg.emergence.model_dump(),
-        "generate": cfg.generate.model_dump(),
+        "generate": cfg.keyed_dump()["generate"],
         "split": [cfg.attribution.test_fraction, cfg.attribution.split_seed, CALIBRATION_FRACTION],
         "featurize": [cfg.attribution.max_features],
         "weights": {p.label: p.weights for points in steps.values() for p in points},

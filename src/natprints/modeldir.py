@@ -1,4 +1,4 @@
-"""Model-directory facts both lineage methods share: what a directory is, what it holds, a digest
+"""Model-directory facts the stages share: what a directory is, what it holds (its tokenizer too), a digest
 of its weights verified against a ``manifest.json`` when there is one, and the zoo's entries
 (inits, trained, derived models, checkpoints) with what their manifests say of their origin.
 """
@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from natprints.artifacts import MANIFEST, Manifest, hash_obj, sha256_file
-from natprints.errors import NatprintsError
+from natprints.errors import NatprintsError, first_line
 
 
 class Incomparable(NatprintsError):
@@ -45,6 +46,33 @@ class ModelInfo:
             "num_heads": self.num_heads,
             "intermediate_size": self.intermediate_size,
         }
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens (an EOS string inside a text becomes EOS)."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def load_model_tokenizer(directory: Path | str) -> Any:
+    """The tokenizer saved in a model (or tokenizer) directory, read offline; a one-line error if unusable."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    if not directory.is_dir() or not any(
+        (directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    ):
+        raise NatprintsError(f"no tokenizer at {directory} (no tokenizer.json); give --tokenizer DIR")
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a corrupt tokenizer
+        first = first_line(exc)
+        raise NatprintsError(f"cannot load the tokenizer at {directory}: {first}") from None
+
+
+def has_tokenizer(directory: Path | str) -> bool:
+    return (Path(directory) / "tokenizer.json").is_file() or (Path(directory) / "tokenizer_config.json").is_file()
 
 
 def _weight_files(path: Path) -> tuple[Path, ...]:

@@ -46,8 +46,7 @@ class Bundle:
     def add_models(self, models: dict[str, Path], shared_tokenizer: Path) -> None:
         """Each candidate's directory, weight digest (checked against its manifest), and the tokenizer it
         reads with (its own, else the shared one) with that tokenizer's digest."""
-        from natprints.attribution.likelihood import has_tokenizer
-        from natprints.modeldir import inspect_model, model_digest
+        from natprints.modeldir import has_tokenizer, inspect_model, model_digest
 
         for label, directory in models.items():
             tokenizer = Path(directory) if has_tokenizer(directory) else Path(shared_tokenizer)

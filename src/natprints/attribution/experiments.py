@@ -44,6 +44,7 @@ from natprints.attribution.grid import (
 from natprints.attribution.whitebox import (
     OPEN_SET_MAX_HELD_OUT,
     attributor_outsiders,
+    declared_views,
     likelihood_views,
     reference_views,
     white_box,
@@ -60,6 +61,7 @@ from natprints.conditions import (
 from natprints.config import CLASSIFIERS, NULL_CONDITION, Config
 from natprints.corpus import load_tokenizer
 from natprints.errors import NatprintsError
+from natprints.likelihood.declared import declared_key, load_declared_scores
 from natprints.likelihood.stage import likelihood_key, load_scores
 from natprints.records import write_results
 from natprints.reference.stage import _manifest as reference_manifest
@@ -222,6 +224,8 @@ def condition_keys(cfg: Config, conditions: dict[str, ConditionData]) -> dict[st
         "likelihood": {"settings": cfg.likelihood.model_dump(mode="json"), "scores": likelihood_key(cfg)},
         "reference": reference_key(cfg),
     }
+    if any(data.strings for data in conditions.values()):
+        shared["declared_scores"] = declared_key(cfg)  # only in runs with declared models: old keys hold
     return {
         name: hash_obj({**shared, "condition": data.name, "labels": data.labels, "inputs": data.inputs})
         for name, data in conditions.items()
@@ -240,7 +244,7 @@ def experiments_up_to_date(
     cfg: Config, conditions: dict[str, ConditionData] | None = None, keys: dict[str, str] | None = None
 ) -> bool:
     """True when the stage's outputs exist, verify, and were made from this config and these inputs."""
-    conditions = conditions if conditions is not None else load_conditions(cfg)
+    conditions = conditions if conditions is not None else load_conditions(cfg, declared=True)
     keys = keys if keys is not None else condition_keys(cfg, conditions)
     if not _manifest(cfg).is_current(_stage_key(cfg, keys)):
         return False
@@ -300,8 +304,10 @@ def _condition_job(
     # the full texts are in the cache already (_prefill_embeddings); the evidence curves' cut texts are
     # embedded here but not stored, so the cache is the same whatever order the conditions ran in
     with threadpool_limits(limits=THREADS), features.read_only_cache():
-        # the run's tokenizer, the one the generator decoded continuations with
-        setup = Setup(cfg=cfg, split=split, tokenizer=load_tokenizer(cfg.paths.tokenizer), progress=progress)
+        # the run's tokenizer, the one the generator decoded continuations with (none for texts of
+        # declared models, each written with its own: their evidence curves count words)
+        tokenizer = None if data.strings else load_tokenizer(cfg.paths.tokenizer)
+        setup = Setup(cfg=cfg, split=split, tokenizer=tokenizer, progress=progress)
         start = time.perf_counter()
         done, attributor = run_condition(setup, data, views)
     if attributor is not None:
@@ -357,7 +363,7 @@ def _prefill_embeddings(cfg: Config, pending: dict[str, ConditionData]) -> None:
 def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> None:
     """Conditions run ``[run] workers`` at a time, largest first; records keep the condition order."""
     started = time.perf_counter()
-    conditions = load_conditions(cfg)
+    conditions = load_conditions(cfg, declared=True)
     keys = condition_keys(cfg, conditions)  # once: every check below reads these
     if not force and experiments_up_to_date(cfg, conditions, keys):
         log(f"experiments for run '{cfg.run.name}' are up to date")
@@ -371,10 +377,17 @@ def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> N
         scores = load_scores(cfg) if likelihood_key(cfg) is not None else None
         if scores is None:
             log("no likelihood scores (run `natprints likelihood`): the tables carry no ceiling")
-        views = {name: likelihood_views(cfg, pending[name], split, scores) for name in order} if scores else {}
+        zoo = {name: data for name, data in pending.items() if not data.strings}
+        views = {name: likelihood_views(cfg, zoo[name], split, scores) for name in zoo} if scores else {}
         refs = load_scores(cfg, reference_manifest(cfg)) if reference_key(cfg) is not None else None
-        for name, view in reference_views(cfg, pending, split, refs).items():
+        for name, view in reference_views(cfg, zoo, split, refs).items():
             views.setdefault(name, {}).update(view)
+        if len(zoo) < len(pending):
+            if declared_key(cfg) is None:
+                log("no scores of the declared models (run `natprints likelihood`): their tables carry no ceiling")
+            else:
+                strings = load_declared_scores(cfg)
+                views.update({n: declared_views(d, split, strings) for n, d in pending.items() if d.strings})
         jobs = [Job(name, (cfg, name, pending[name], split, keys[name], views.get(name))) for name in order]
         results.update(zip(order, run_jobs(cfg.run.worker_count(), _condition_job, jobs, "condition"), strict=True))
     records = [r for name in conditions for r in results[name][0]]

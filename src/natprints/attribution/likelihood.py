@@ -12,17 +12,7 @@ less likely, or more likely, than that model's own samples are: human prose a sm
 well is the second kind), and the label is ``unknown`` when every model is rejected. Pooling treats
 all texts as from one source: their log-likelihoods, z numerators and variances add up to one verdict.
 
-**The token boundary.** Without a prompt a text continues the tokenizer's BOS token (EOS where it has
-none: the zoo's corpus separates paragraphs with EOS); where it stops carries no evidence (no EOS
-event). With a prompt, prompt and text are tokenized apart, as a generator that continues the prompt's
-tokens produced them. Byte-level BPE (the zoo's, GPT-2's, Pythia's) keeps a text's leading space in its
-first token, so the pair is exact. A tokenizer that marks word starts inside tokens (SentencePiece's
-"▁") reads the text as starting a new word after the prompt, which is how its decoder writes a
-continuation that begins with one: decoded alone, the leading "▁" leaves no space.
-
-A text is scored as its canonical tokenization; a sample drawn as another token sequence of the same
-string scores lower than the sample itself did (the string's probability sums over every
-tokenization; this scores one).
+How each tokenizer reads the boundary between prompt and text: :mod:`natprints.likelihood.strings`.
 """
 
 from __future__ import annotations
@@ -37,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from natprints.attribution.attributor import UNKNOWN, Prediction
-from natprints.errors import NatprintsError, first_line
+from natprints.errors import NatprintsError
+from natprints.likelihood.strings import Candidate, encode_for, load_candidates, score_pairs
 
 if TYPE_CHECKING:
     from natprints.attribution.attributor import Attributor
-    from natprints.modeldir import ModelInfo
 
 
 @dataclass
@@ -92,158 +82,6 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, without special tokens (an EOS string inside a text becomes EOS)."""
-    if not texts:
-        return []
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-
-
-def check_tokens(ids: Sequence[int], eos_id: int | None, name: str) -> None:
-    """A text must tokenize to something, and hold no EOS: it is one continuation, not several."""
-    if not ids:
-        raise NatprintsError(f"{name}: empty text after tokenization")
-    if eos_id is not None and eos_id in ids:
-        raise NatprintsError(f"{name}: holds the EOS token; give each paragraph as its own text")
-
-
-@dataclass
-class Candidate:
-    """One model to score texts under, and the tokenizer it reads them with."""
-
-    label: str
-    info: ModelInfo
-    tokenizer: Any
-
-    @property
-    def start(self) -> int:
-        """The token a text without a prompt continues: BOS, else EOS."""
-        tok = self.tokenizer
-        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        if start is None:
-            raise NatprintsError(
-                f"model {self.label}: its tokenizer has neither a BOS nor an EOS token to start a text; give a prompt"
-            )
-        return int(start)
-
-    @property
-    def pad(self) -> int:
-        """The id that pads batches (and marks the end event): EOS, else the pad or start token."""
-        tok = self.tokenizer
-        return next(int(i) for i in (tok.eos_token_id, tok.pad_token_id, self.start) if i is not None)
-
-    def encode(self, text: str, prompt: str | None, name: str) -> tuple[list[int], list[int]]:
-        """(context ids, text ids) for this model's tokenizer; see the module's note on the boundary."""
-        ids = encode_texts(self.tokenizer, [text])[0]
-        if prompt is None:
-            context = [self.start]
-        else:
-            context = encode_texts(self.tokenizer, [prompt])[0]
-            if not context:
-                raise NatprintsError(f"{name}: its prompt is empty after tokenization by model {self.label}")
-        check_tokens(ids, self.tokenizer.eos_token_id, name)
-        return context, ids
-
-    def check_room(self, context: Sequence[int], ids: Sequence[int], name: str) -> None:
-        limit = self.info.max_positions
-        if limit and len(context) + len(ids) > limit:
-            raise NatprintsError(
-                f"{name}: {len(context)} context + {len(ids)} text tokens exceed model {self.label}'s "
-                f"context of {limit} positions"
-            )
-
-
-Pairs = tuple[list[list[int]], list[list[int]]]  # each text's context ids and text ids
-
-
-def encode_for(
-    candidates: Mapping[str, Candidate], texts: Sequence[str], prompts: Sequence[str] | None, names: Sequence[str]
-) -> tuple[dict[str, Pairs], dict[int, str]]:
-    """Every text tokenized for every candidate (once per tokenizer), and each failing text's first error.
-
-    A text fails when some candidate cannot score it (empty, holding EOS, longer than its context).
-    """
-    by_tokenizer: dict[int, list[tuple[list[int], list[int]] | str]] = {}
-    errors: dict[int, str] = {}
-    out = {}
-    for label, candidate in candidates.items():
-        key = id(candidate.tokenizer)
-        if key not in by_tokenizer:
-            rows: list[tuple[list[int], list[int]] | str] = []
-            for i, text in enumerate(texts):
-                try:
-                    rows.append(candidate.encode(text, None if prompts is None else prompts[i], names[i]))
-                except NatprintsError as exc:
-                    rows.append(str(exc))
-            by_tokenizer[key] = rows
-        rows = by_tokenizer[key]
-        for i, row in enumerate(rows):
-            if isinstance(row, str):
-                errors.setdefault(i, row)
-                continue
-            try:
-                candidate.check_room(*row, names[i])
-            except NatprintsError as exc:
-                errors.setdefault(i, str(exc))
-        good = [row if not isinstance(row, str) else ([], []) for row in rows]
-        out[label] = ([c for c, _ in good], [t for _, t in good])
-    return out, dict(sorted(errors.items()))
-
-
-def load_model_tokenizer(directory: Path | str) -> Any:
-    """The tokenizer saved in a model (or tokenizer) directory, read offline; a one-line error if unusable."""
-    from transformers import AutoTokenizer
-
-    directory = Path(directory)
-    if not directory.is_dir() or not any(
-        (directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    ):
-        raise NatprintsError(f"no tokenizer at {directory} (no tokenizer.json); give --tokenizer DIR")
-    try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except Exception as exc:  # transformers raises many types for a corrupt tokenizer
-        first = first_line(exc)
-        raise NatprintsError(f"cannot load the tokenizer at {directory}: {first}") from None
-
-
-def has_tokenizer(directory: Path | str) -> bool:
-    return (Path(directory) / "tokenizer.json").is_file() or (Path(directory) / "tokenizer_config.json").is_file()
-
-
-def load_candidates(model_dirs: Mapping[str, Path | str], tokenizer: Any = None) -> dict[str, Candidate]:
-    """Each model with the tokenizer in its own directory, else ``tokenizer`` (shared by the rest).
-
-    A model whose vocabulary is smaller than its tokenizer's is an error naming it: its
-    log-likelihoods would be of other texts. One tokenizer object per distinct tokenizer file.
-    """
-    from natprints.artifacts import sha256_file
-    from natprints.modeldir import inspect_model
-
-    if not model_dirs:
-        raise NatprintsError("likelihood attribution needs at least one model")
-    infos = {label: inspect_model(directory) for label, directory in model_dirs.items()}  # all checked first
-    loaded: dict[str, Any] = {}
-    out = {}
-    for label, info in infos.items():
-        own = info.path / "tokenizer.json"
-        if has_tokenizer(info.path):
-            key = sha256_file(own) if own.is_file() else str(info.path)
-            if key not in loaded:
-                loaded[key] = load_model_tokenizer(info.path)
-            tok = loaded[key]
-        elif tokenizer is not None:
-            tok = tokenizer
-        else:
-            raise NatprintsError(f"model {label} ({info.path}) has no tokenizer of its own; give --tokenizer DIR")
-        if info.vocab_size < len(tok):
-            raise NatprintsError(
-                f"model {label} ({info.path}) has vocab_size {info.vocab_size}, smaller than the tokenizer's "
-                f"{len(tok)}: it does not read this tokenizer's ids"
-            )
-        out[label] = Candidate(label, info, tok)
-    return out
-
-
 def attribute_by_likelihood(
     texts: Sequence[str],
     model_dirs: Mapping[str, Path | str] | Mapping[str, Candidate],
@@ -276,7 +114,7 @@ def attribute_by_likelihood(
     import torch
     from tqdm.auto import tqdm
 
-    from natprints.likelihood.scorer import as_scorer, score_texts
+    from natprints.likelihood.scorer import as_scorer
     from natprints.runtime import load_lm, resolve_device
 
     if not texts:
@@ -305,34 +143,29 @@ def attribute_by_likelihood(
     tokens = np.zeros((n, k), dtype=np.int64)
     for j, label in enumerate(tqdm(labels, desc="likelihood", unit="model", disable=None if progress else True)):
         candidate = candidates[label]
-        contexts, continuations = pairs[label]
         lm = loaded.get(label) if loaded is not None else None
         if lm is None:
             lm = as_scorer(load_lm(candidate.info.path, device=device))
             if loaded is not None:
                 loaded[label] = lm
-        scores = score_texts(
+        scores = score_pairs(
             lm,
-            contexts,
-            continuations,
-            eos_id=candidate.pad,
-            new_tokens=max(len(ids) for ids in continuations),
+            pairs[label],
+            end_id=candidate.pad,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
             batch_size=batch_size,
             device=device,
         )
-        for i, (score, ids) in enumerate(zip(scores, continuations, strict=True)):
-            m = len(ids)  # a row shorter than the longest ends with an EOS event: not part of the text
-            loglik[i, j] = score.token_logprobs[:m].sum()
-            entropy[i, j] = score.entropy[:m].sum()
-            variance[i, j] = score.logprob_variance[:m].sum()
-            tokens[i, j] = m
+        loglik[:, j], entropy[:, j], variance[:, j], tokens[:, j] = (
+            scores.loglik,
+            scores.entropy,
+            scores.variance,
+            scores.tokens,
+        )
         if token_logprobs is not None:
-            token_logprobs[label] = [
-                s.token_logprobs[: len(ids)].tolist() for s, ids in zip(scores, continuations, strict=True)
-            ]
+            token_logprobs[label] = [t.tolist() for t in scores.token_logprobs]
         del lm, scores
         if device == "cuda" and loaded is None:
             torch.cuda.empty_cache()

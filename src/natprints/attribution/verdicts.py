@@ -442,14 +442,9 @@ def _by_likelihood(files: list[str], request: Request, out: Writer, err: Writer,
     """The likelihood method: every model checked before any text is read; then every input read first
     (with ``sequential``, one at a time until a verdict)."""
     from natprints.attribution.attributor import without_final_newline
-    from natprints.attribution.likelihood import (
-        attribute_by_likelihood,
-        encode_for,
-        has_tokenizer,
-        load_candidates,
-        load_model_tokenizer,
-    )
-    from natprints.modeldir import inspect_model
+    from natprints.attribution.likelihood import attribute_by_likelihood
+    from natprints.likelihood.strings import encode_for, load_candidates
+    from natprints.modeldir import has_tokenizer, inspect_model, load_model_tokenizer
     from natprints.runtime import resolve_device
 
     library = likelihood_library(request.run, request.config, request.condition, request.models, request.tokenizer)

@@ -130,7 +130,8 @@ def white_box(
     test = parts["test"]
     y_test = test["label"].to_numpy()
     settings = setup.cfg.likelihood
-    max_tokens = int(max(len(t) for t in data.frame["token_ids"]))
+    # texts of declared models have no token count of one tokenizer: their ceiling is on whole texts
+    max_tokens = int(max(len(t) for t in data.frame["token_ids"])) if not data.strings else None
     records: list[dict[str, Any]] = []
     log_scores: dict[str, tuple[tuple[str, str], np.ndarray]] = {}
     n_train = len(parts["train"])
@@ -145,9 +146,9 @@ def white_box(
         record = pipeline_record(data, *key, 0 if white else n_train, y_test, ceiling.bayes_predict(view.loglik))
         records.append(record | {"best": False, "white_box": white})
         for n_tokens in setup.settings.evidence_tokens:
-            full = n_tokens <= 0 or n_tokens >= max_tokens
+            full = n_tokens <= 0 or (max_tokens is not None and n_tokens >= max_tokens)
             if not full and not view.prefix:
-                continue  # a classifier of whole texts
+                continue  # a classifier of whole texts, or strings of many tokenizers
             y_pred = ceiling.bayes_predict(view.loglik if full else view.prefix[n_tokens])
             records.append(evidence_record(data, *key, role, "tokens", n_tokens, n_train, y_test, y_pred))
         log_scores[role] = (key, log_posterior(view.loglik))
@@ -497,6 +498,15 @@ def likelihood_views(
         ids = [f"{source}:{p}" for source in OUTSIDERS for p in prompts]
         views["outsiders"] = ceiling.condition_view(data, pd.DataFrame({"sample_id": ids}), scores, [])
     return views
+
+
+def declared_views(
+    data: ConditionData, split: dict[str, str], scores: dict[str, pd.DataFrame]
+) -> dict[str, LikelihoodView]:
+    """A declared condition's test and cal texts scored as strings under each label's model (whole
+    texts only: the models count tokens of different tokenizers)."""
+    parts = split_parts(data, split)
+    return {s: ceiling.condition_view(data, parts[s], scores, []) for s in ("test", "cal")}
 
 
 def reference_views(

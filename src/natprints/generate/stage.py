@@ -19,7 +19,9 @@ import pandas as pd
 from natprints.artifacts import Manifest, hash_obj, read_manifest, sha256_file, sha256_text, temp_path_for
 from natprints.conditions import GENERATED_COLUMNS
 from natprints.config import Config, GenerateSettings
+from natprints.declared import DECLARED, Declared, declared_conditions, verify_declared
 from natprints.errors import NatprintsError
+from natprints.generate.declared import generate_declared, short_of_budget
 from natprints.generate.sampler import sample_batch
 from natprints.runtime import Job, StageResult, load_lm, resolve_device, run_jobs
 
@@ -224,7 +226,25 @@ def check_written(
 
 def _recorded_models(fields: dict) -> dict[str, str | None]:
     models = fields.get("models") if isinstance(fields.get("models"), dict) else {}
+    declared = fields.get(DECLARED, {}).get("models") if isinstance(fields.get(DECLARED), dict) else None
+    models = {**models, **(declared if isinstance(declared, dict) else {})}
     return {m: e.get("model_sha256") for m, e in models.items() if isinstance(e, dict)}
+
+
+def _declared_fields(cfg: Config, declared: dict[str, Declared], out: Path) -> dict:
+    """The generated manifest's record of the declared models: their texts, digests and conditions."""
+    models = {}
+    for m, d in declared.items():
+        file = f"{DECLARED}/{m}.parquet"
+        models[m] = {
+            "file": file,
+            "source": d.source,
+            "model_sha256": d.model_sha256,
+            "tokenizer_sha256": d.tokenizer_sha256,
+            "factors": d.factors,
+            "short_of_budget": short_of_budget(out / file, cfg.generate),
+        }
+    return {"models": models, "conditions": declared_conditions(cfg)}
 
 
 def generate_for_model(
@@ -308,7 +328,8 @@ def generate_for_model(
 
 
 def stage_key(cfg: Config) -> str:
-    parts = {"generate": cfg.generate.model_dump(), "train": cfg.keyed_dump()["train"]}
+    keyed = cfg.keyed_dump()
+    parts = {"generate": keyed["generate"], "train": keyed["train"]}
     if cfg.generate.train_samples != cfg.generate.samples_per_prompt:  # the split picks the prompts
         parts["split"] = [cfg.attribution.test_fraction, cfg.attribution.split_seed]
     return hash_obj(parts)
@@ -330,11 +351,22 @@ def generate_all(cfg: Config, *, max_chunks: int | None = None) -> dict:
     null = (cfg, base, prompts, out / "null" / f"{base}.parquet", cfg.generate.null_seed, max_chunks, train)
     jobs.append(Job(f"{base} (null control)", null))
     owners = {job.args[3]: (job.args[1], weights[job.args[1]]) for job in jobs}
+    declared = verify_declared(cfg)
+    own = [
+        Job(
+            f"{m} (declared)",
+            (cfg, m, d.path, prompts, out / DECLARED / f"{m}.parquet", cfg.generate.seed, max_chunks, train),
+        )
+        for m, d in declared.items()
+    ]
+    owners.update({job.args[4]: (job.args[1], declared[job.args[1]].model_sha256) for job in own})
     check_written(Manifest(out, "generated corpora"), owners, _recorded_models, "natprints generate")
     added = sum(run_jobs(cfg.run.worker_count(), generate_for_model, jobs, "generate"))
+    added += sum(run_jobs(cfg.run.worker_count(), generate_declared, own, "generate (declared)")) if own else 0
     g = cfg.generate
     expected = len(prompts) * g.samples_per_prompt + len(train) * (g.train_samples - g.samples_per_prompt)
-    counts = {str(j.args[3].relative_to(out)): len(pd.read_parquet(j.args[3], columns=["sample_id"])) for j in jobs}
+    files = [j.args[3] for j in jobs] + [j.args[4] for j in own]
+    counts = {str(f.relative_to(out)): len(pd.read_parquet(f, columns=["sample_id"])) for f in files}
     complete = all(n == expected for n in counts.values())
     fields = {
         "stage": "generate",
@@ -354,6 +386,7 @@ def generate_all(cfg: Config, *, max_chunks: int | None = None) -> dict:
         "null_control": {"model_id": base, "file": f"null/{base}.parquet", "sampling_seed": cfg.generate.null_seed},
         "conditions": condition_members(cfg),
         "sampling": cfg.generate.model_dump(),
+        **({DECLARED: _declared_fields(cfg, declared, out)} if declared else {}),
         "rows": counts,
         "added": added,
         "wall_s": round(time.time() - start, 2),

@@ -442,10 +442,22 @@ def load_scores(cfg: Config, manifest: Manifest | None = None) -> dict[str, pd.D
 
 
 def run(cfg: Config) -> StageResult:
-    """The `likelihood` stage."""
-    manifest = score_all(cfg)
-    rows = sum(entry["rows"] for entry in manifest["scorers"].values())
-    return StageResult(
-        manifest["scored"] > 0,
-        (f"likelihood: {rows} (text, model) scores from {len(manifest['scorers'])} models, {manifest['scored']} new",),
-    )
+    """The `likelihood` stage: the zoo's texts under the zoo's models, then the declared models' texts
+    as strings under the declared models (:mod:`natprints.likelihood.declared`)."""
+    from natprints.likelihood.declared import score_declared
+
+    lines = []
+    scored = 0
+    for what, manifest in (
+        ("", score_all(cfg)),
+        (" (declared, as strings)", score_declared(cfg, load_conditions(cfg, declared=True)) if cfg.models else None),
+    ):
+        if manifest is None:
+            continue
+        rows = sum(entry["rows"] for entry in manifest["scorers"].values())
+        scored += manifest["scored"]
+        lines.append(
+            f"likelihood{what}: {rows} (text, model) scores from {len(manifest['scorers'])} models, "
+            f"{manifest['scored']} new"
+        )
+    return StageResult(scored > 0, tuple(lines))

@@ -21,6 +21,7 @@ from natprints.attribution.grid import BASELINE
 from natprints.config import CLASSIFIERS as CLASSIFIER_ORDER
 from natprints.config import FEATURIZERS as FEATURIZER_ORDER
 from natprints.config import NULL_CONDITION, Config
+from natprints.declared import DECLARED
 from natprints.records import CEILING_PIPELINE, accuracy_table, kl_table, load_records, pooled_table, sequential_table
 from natprints.reports.figures import (
     plot_confusion,
@@ -569,6 +570,13 @@ _CEILING = (
     "text alone can beat it. *Share of ceiling* = (accuracy − chance) / (ceiling − chance): the part of "
     "the margin above chance that the text carries which a black-box pipeline captures.\n"
 )
+_DECLARED_CEILING = (
+    "For the conditions of declared models (`declared…`), each model reads the prompt and the "
+    "continuation *string* with its own tokenizer and scores the continuation's canonical tokens, "
+    "without an end event (a text cut to the character budget did not end there): a string's "
+    "probability sums over all its tokenizations, so where a model sampled another segmentation the "
+    "score is below the exact one and the ceiling is not an upper bound on these rows.\n"
+)
 _NO_CEILING = (
     "**No ceiling.** There are no likelihood scores of these texts (they come without the weights that "
     "wrote them, or the likelihood stage has not run), so the table has no Bayes-optimal ceiling and no "
@@ -594,6 +602,7 @@ def render_section(cfg: Config) -> str:
         "## Attribution: natural fingerprints\n",
         _INTRO,
         _CEILING if has_ceiling else _NO_CEILING,
+        _DECLARED_CEILING if has_ceiling and head["condition"].astype(str).str.startswith(DECLARED).any() else "",
         _headline_md(head, has_ceiling),
         _length_note(head),
         _test_max_note(table),

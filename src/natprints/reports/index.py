@@ -6,6 +6,7 @@ from pathlib import Path
 
 from natprints.artifacts import MANIFEST, Manifest, atomic_write_text, read_manifest
 from natprints.config import Config
+from natprints.declared import DECLARED
 from natprints.errors import NatprintsError
 from natprints.records import LINEAGE_CSV, RESULTS_FILE, TEXT_EMERGENCE_CSV, read_timings
 
@@ -103,7 +104,31 @@ def _generated_summary(cfg: Config) -> str:
         f"Generated corpora: {len(m['models'])} models + the null control, {m['prompts']} held-out prompts of "
         f"{s['prompt_tokens']} tokens, {s['samples_per_prompt']} sample(s) each, up to {s['new_tokens']} new "
         f"tokens, temperature {s['temperature']:g}, top-k {s['top_k']}, top-p {s['top_p']:g}.\n"
-    )
+    ) + _declared_summary(m)
+
+
+def _declared_summary(m: dict) -> str:
+    """The declared models: where they came from, the digests their texts were written with, and the
+    conditions their factors formed."""
+    section = m.get(DECLARED)
+    if not isinstance(section, dict):
+        return ""
+    budget = m["sampling"].get("max_chars", 0)
+    lines = [
+        f"\n### Declared models\n\nModels this run did not train, each reading the prompts as text with its own "
+        f"tokenizer; every continuation is cut to {budget} characters at a word boundary. *Short of budget*: "
+        "texts that the token cap (`new_tokens`) ended before the character budget did.\n",
+        "| model | factors | source | weights sha256 | tokenizer sha256 | short of budget |",
+        "|---|---|---|---|---|---:|",
+    ]
+    for label, e in section["models"].items():
+        factors = ", ".join(f"{k} = {v}" for k, v in e["factors"].items()) or "–"
+        lines.append(
+            f"| `{label}` | {factors} | `{e['source']}` | `{e['model_sha256'][:12]}` | "
+            f"`{e['tokenizer_sha256'][:12]}` | {e['short_of_budget']} |"
+        )
+    conditions = "; ".join(f"`{c}`: {', '.join(ms)}" for c, ms in section["conditions"].items())
+    return "\n".join(lines) + f"\n\nConditions: {conditions or 'none (fewer than two models per factor)'}.\n"
 
 
 def write_index(cfg: Config) -> Path:

@@ -1,0 +1,161 @@
+"""Texts of the declared models (``[[models]]``): the run's prompts as text, each model reading them
+with its own tokenizer, every continuation cut to one budget in characters.
+
+The prompt of a row is the run's prompt string (the held-out paragraph's first ``prompt_tokens``
+tokens of the run's tokenizer, decoded). Each model tokenizes it, samples up to ``new_tokens`` of its
+own tokens with the run's transform, and its continuation (decoded alone, as the likelihood scorer
+reads it) is cut at the last word boundary within ``max_chars`` characters. ``token_ids`` holds the
+model's own sampled tokens that the cut text keeps. Rows are planned as the zoo's are (ids from
+model, prompt and sample index); prompts of one own-token length are sampled together, so each
+chunk's generator seed, and with it every text, is the same on a resumed run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from natprints.conditions import GENERATED_COLUMNS
+from natprints.config import Config, GenerateSettings
+
+
+def cut_at_word(text: str, max_chars: int) -> str:
+    """``text`` within ``max_chars`` characters, cut at the last whitespace inside the budget (a
+    single word longer than the budget is cut inside it); trailing whitespace of a cut text dropped."""
+    if len(text) <= max_chars:
+        return text
+    head = text[:max_chars]
+    if not text[max_chars].isspace():
+        space = max((i for i, c in enumerate(head) if c.isspace()), default=0)
+        head = head[:space] if head[:space].strip() else head
+    return head.rstrip()
+
+
+def kept_tokens(tokenizer, ids: list[int], text: str) -> int:
+    """How many of the sampled ``ids`` the cut ``text`` keeps: the longest prefix whose decoding fits
+    in it (decoded lengths grow with the prefix, so a binary search finds it)."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tokenizer.decode(ids[:mid])) <= len(text):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def plan_declared(
+    label: str,
+    prompt_ids: list[list[int]],
+    prompts: pd.DataFrame,
+    g: GenerateSettings,
+    seed: int,
+    train: frozenset[str],
+) -> pd.DataFrame:
+    """Every row to generate for one declared model; ``chunk`` groups rows of one own-token prompt
+    length, at most ``batch_size`` of them (the extra training continuations in chunks of their own)."""
+    from natprints.generate.stage import plan_rows
+
+    plan = plan_rows(label, prompts, g, seed, train)
+    lengths = np.array([len(prompt_ids[i]) for i in plan["prompt_row"]])
+    extra = (plan["sample_index"] >= g.samples_per_prompt).to_numpy()
+    chunk = np.zeros(len(plan), dtype=np.int64)
+    next_chunk = 0
+    for part in (~extra, extra):
+        rows = np.flatnonzero(part)
+        for length in sorted(set(lengths[rows])):
+            same = rows[lengths[rows] == length]
+            chunk[same] = next_chunk + np.arange(len(same)) // g.batch_size
+            next_chunk += -(-len(same) // g.batch_size)
+    return plan.assign(chunk=chunk)
+
+
+def generate_declared(
+    cfg: Config,
+    label: str,
+    directory: Path,
+    prompts: pd.DataFrame,
+    out_path: Path,
+    seed: int,
+    max_chunks: int | None = None,
+    train_prompts: frozenset[str] = frozenset(),
+    *,
+    progress: bool = True,
+) -> int:
+    """Fill the missing rows of one declared model's file; returns how many rows were generated now."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from natprints.generate.sampler import sample_batch
+    from natprints.generate.stage import _chunk_seed, _read_existing, _write_parquet
+    from natprints.modeldir import encode_texts, load_model_tokenizer
+    from natprints.runtime import load_lm, resolve_device
+
+    g = cfg.generate
+    tokenizer = load_model_tokenizer(directory)
+    prompt_ids = encode_texts(tokenizer, prompts["prompt"].tolist())
+    plan = plan_declared(label, prompt_ids, prompts, g, seed, train_prompts)
+    existing = _read_existing(out_path, plan)
+    missing = plan[~plan["sample_id"].isin(set(existing["sample_id"]))]
+    if missing.empty:
+        return 0
+    device = resolve_device(cfg.run.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    model = load_lm(directory, device=device)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
+    order = {sid: i for i, sid in enumerate(plan["sample_id"])}
+    frames = [existing] if len(existing) else []
+    added = 0
+    have = set(existing["sample_id"])
+    with torch.inference_mode():
+        for chunk in tqdm(
+            sorted(missing["chunk"].unique())[:max_chunks], desc=f"generate {label}", leave=False, disable=not progress
+        ):
+            rows = plan[plan["chunk"] == chunk]
+            batch = torch.tensor([prompt_ids[i] for i in rows["prompt_row"]], dtype=torch.long)
+            gen = torch.Generator().manual_seed(_chunk_seed(label, seed, int(chunk)))
+            out = sample_batch(model, batch, g, gen, eos, device).numpy()
+            new = []
+            for row, ids in zip(rows.itertuples(index=False), out, strict=True):
+                if row.sample_id in have:
+                    continue
+                n = int(np.argmax(ids == eos)) if (ids == eos).any() else len(ids)
+                sampled = ids[:n].tolist()
+                text = cut_at_word(tokenizer.decode(sampled), g.max_chars)
+                kept = sampled[: kept_tokens(tokenizer, sampled, text)]
+                new.append(
+                    {
+                        "sample_id": row.sample_id,
+                        "model_id": label,
+                        "prompt_id": row.prompt_id,
+                        "prompt": prompts["prompt"].iloc[row.prompt_row],
+                        "text": text,
+                        "n_tokens": len(kept),
+                        "token_ids": np.asarray(kept, dtype=np.int32).tolist(),
+                        "sample_index": int(row.sample_index),
+                        "sampling_seed": seed,
+                        "temperature": g.temperature,
+                        "top_k": g.top_k,
+                        "top_p": g.top_p,
+                        "new_tokens": g.new_tokens,
+                    }
+                )
+            added += len(new)
+            merged = pd.concat([*frames, pd.DataFrame(new, columns=GENERATED_COLUMNS)], ignore_index=True)
+            merged = merged.iloc[np.argsort(merged["sample_id"].map(order).to_numpy(), kind="stable")]
+            merged = merged.reset_index(drop=True)
+            _write_parquet(out_path, merged)
+            frames = [merged]
+    return added
+
+
+def short_of_budget(path: Path, g: GenerateSettings) -> int:
+    """Texts that used every one of ``new_tokens`` tokens yet stayed short of ``max_chars`` by more than
+    a word: the token cap, not the character budget, ended them (raise new_tokens)."""
+    frame = pd.read_parquet(path, columns=["text", "n_tokens"])
+    capped = frame["n_tokens"].to_numpy() >= g.new_tokens
+    short = frame["text"].str.len().to_numpy() < g.max_chars - 20
+    return int((capped & short).sum())

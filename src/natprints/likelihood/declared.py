@@ -1,0 +1,154 @@
+"""The declared models' scores: every test and calibration text of their conditions as a string,
+under each model of the condition, each with its own tokenizer (:mod:`natprints.likelihood.strings`).
+
+The ceiling of a declared condition is the Bayes attributor on these scores: log p(text | prompt)
+under the run's sampling transform, summed over the text's canonical tokens of each model, without
+an end event (a text cut to the character budget did not end there). Scores live in
+``data/likelihood/<run>/declared/`` with a manifest keyed by each model's weights digest and rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from natprints.artifacts import Manifest, hash_obj, sha256_text, temp_path_for
+from natprints.conditions import ConditionData, run_split
+from natprints.config import Config
+from natprints.declared import DECLARED, verify_declared
+from natprints.errors import NatprintsError
+from natprints.runtime import Job, run_jobs
+
+DECLARED_SCORES_VERSION = 1
+SCORED = ("test", "cal")  # the ceiling learns nothing: its test and calibration texts are the ones it reads
+COLUMNS = ["sample_id", "events", "loglik", "entropy_sum", "variance_sum", "token_logprobs"]
+
+
+def _manifest(cfg: Config) -> Manifest:
+    return Manifest(cfg.paths.likelihood / DECLARED, "declared-model scores", remake="natprints likelihood")
+
+
+def declared_rows(cfg: Config, conditions: dict[str, ConditionData]) -> dict[str, pd.DataFrame]:
+    """Declared model -> the texts it scores (``sample_id``, ``prompt``, ``text``): the test and
+    calibration texts of every declared condition it belongs to."""
+    split = run_split(cfg, conditions)
+    rows: dict[str, list[pd.DataFrame]] = {}
+    for data in conditions.values():
+        if not data.strings:
+            continue
+        frame = data.frame[data.frame["prompt_id"].astype(str).map(split).isin(SCORED)]
+        for label in data.labels:
+            rows.setdefault(label, []).append(frame[["sample_id", "prompt", "text"]])
+    return {
+        m: pd.concat(parts).drop_duplicates("sample_id").sort_values("sample_id", kind="stable").reset_index(drop=True)
+        for m, parts in rows.items()
+    }
+
+
+def score_declared_model(
+    cfg: Config, label: str, directory: Path, rows: pd.DataFrame, out: Path, *, progress: bool = True
+) -> int:
+    """Score ``rows`` under one declared model; writes ``out`` (parquet) and returns the rows scored."""
+    import torch
+
+    from natprints.likelihood.scorer import as_scorer
+    from natprints.likelihood.strings import load_candidates, score_pairs
+    from natprints.runtime import load_lm, resolve_device
+
+    g = cfg.generate
+    device = resolve_device(cfg.run.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    candidate = load_candidates({label: directory})[label]
+    tok = candidate.tokenizer
+    contexts = [list(ids) for ids in tok(rows["prompt"].tolist(), add_special_tokens=False)["input_ids"]]
+    texts = [list(ids) for ids in tok(rows["text"].tolist(), add_special_tokens=False)["input_ids"]]
+    scores = score_pairs(
+        as_scorer(load_lm(directory, device=device)),
+        (contexts, texts),
+        end_id=candidate.pad,
+        temperature=g.temperature,
+        top_k=g.top_k,
+        top_p=g.top_p,
+        batch_size=cfg.likelihood.batch_size,
+        device=device,
+    )
+    frame = pd.DataFrame(
+        {
+            "sample_id": rows["sample_id"].astype(str).to_numpy(),
+            "events": scores.tokens,
+            "loglik": scores.loglik,
+            "entropy_sum": scores.entropy,
+            "variance_sum": scores.variance,
+            "token_logprobs": [t.astype(np.float32) for t in scores.token_logprobs],
+        },
+        columns=COLUMNS,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(out)
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(out)
+    return len(frame)
+
+
+def score_declared(cfg: Config, conditions: dict[str, ConditionData]) -> dict | None:
+    """Score what :func:`declared_rows` lists; a model whose rows, weights and file are as the manifest
+    recorded them is not scored again. Returns the manifest, or None when the run declares no model."""
+    rows = declared_rows(cfg, conditions)
+    if not rows:
+        return None
+    declared = verify_declared(cfg)
+    manifest = _manifest(cfg)
+    transform = [cfg.generate.temperature, cfg.generate.top_k, cfg.generate.top_p]
+    keys = {
+        m: hash_obj(
+            {
+                "version": DECLARED_SCORES_VERSION,
+                "model_sha256": declared[m].model_sha256,
+                "rows": _rows_hash(r),
+                "transform": transform,
+            }
+        )
+        for m, r in rows.items()
+    }
+    key = hash_obj(keys)
+    if manifest.is_current(key):
+        return {**manifest.read(), "scored": 0}
+    try:
+        recorded = manifest.read().get("scorers", {}) if manifest.exists() else {}
+        damaged = set(manifest.mismatched()) if recorded else set()
+    except NatprintsError:
+        recorded, damaged = {}, set()
+    redo = [m for m in rows if (recorded.get(m) or {}).get("key") != keys[m] or f"{m}.parquet" in damaged]
+    manifest.invalidate()
+    jobs = [Job(m, (cfg, m, declared[m].path, rows[m], manifest.directory / f"{m}.parquet")) for m in redo]
+    scored = sum(run_jobs(cfg.run.worker_count(), score_declared_model, jobs, "likelihood (declared)")) if jobs else 0
+    fields = {
+        "stage": "likelihood",
+        "run": cfg.run.name,
+        "scorers": {
+            m: {"file": f"{m}.parquet", "rows": len(r), "key": keys[m], "model_sha256": declared[m].model_sha256}
+            for m, r in rows.items()
+        },
+    }
+    return {**manifest.write(key, fields, [f"{m}.parquet" for m in rows]), "scored": scored}
+
+
+def _rows_hash(rows: pd.DataFrame) -> str:
+    lines = (f"{s}\t{sha256_text(p)}\t{sha256_text(t)}" for s, p, t in rows.itertuples(index=False))
+    return sha256_text("\n".join(lines))
+
+
+def declared_key(cfg: Config) -> str | None:
+    """The key of the declared models' scores, or None when they were not scored."""
+    manifest = _manifest(cfg)
+    return manifest.read().get("key") if manifest.exists() else None
+
+
+def load_declared_scores(cfg: Config) -> dict[str, pd.DataFrame]:
+    """Declared model -> its scores indexed by sample id (verified against the manifest)."""
+    from natprints.likelihood.stage import load_scores
+
+    return load_scores(cfg, _manifest(cfg))

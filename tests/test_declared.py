@@ -1,0 +1,289 @@
+"""Declared models ([[models]]): checkpoints the run did not train, each with its own tokenizer, through
+generate, likelihood, experiments and the report; the config's rules; conditions from declared factors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import transformers
+
+from natprints.config import load_config
+from natprints.declared import declared_conditions
+from natprints.errors import NatprintsError
+from natprints.generate.declared import cut_at_word, kept_tokens
+from tests.conftest import ROOT, run_cli
+
+CONFIG = """
+[run]
+name = "dec"
+threads = 1
+workers = 1
+
+[corpus]
+source = "sotu"
+max_chars = 200000
+heldout_fraction = 0.08
+
+[tokenizer]
+vocab_size = 512
+
+[train]
+size = "xs"
+batch_size = 8
+seq_len = 64
+steps = 5
+warmup_steps = 1
+eval_every = 5
+eval_batches = 1
+resume_every = 5
+
+[conditions]
+declared = ["family", "seed"]
+
+[generate]
+prompts = 24
+prompt_tokens = 8
+new_tokens = 48
+max_chars = 60
+batch_size = 16
+
+[attribution]
+test_fraction = 0.34
+featurizers = ["word1", "char14"]
+classifiers = ["logreg", "nb"]
+evidence_tokens = [4, 0]
+evidence_train_fractions = [1.0]
+
+[reference]
+enabled = false
+"""
+MODELS = {  # label -> (family, seed, the tokenizer it reads)
+    "gpt2-s0": ("gpt2", 0, "bytebpe"),
+    "gpt2-s1": ("gpt2", 1, "bytebpe"),
+    "neox-s0": ("gptneox", 0, "unigram"),
+    "llama-s0": ("llama", 0, "run"),
+}
+
+
+def write_config(path: Path, extra: str = "") -> Path:
+    entries = "".join(
+        f'\n[[models]]\nlabel = "{label}"\npath = "ckpt/{label}"\nfactors = {{ family = "{family}", seed = {seed} }}\n'
+        for label, (family, seed, _) in MODELS.items()
+    )
+    path.write_text(CONFIG + extra + entries)
+    return path
+
+
+def tokenizer_of(kind: str, texts: list[str]) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2's kind) or a unigram with SentencePiece's word marks, trained on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if kind == "bytebpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        tok.train_from_iterator(
+            texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet)
+        )
+        return transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+        )
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<unk>"], unk_token="<unk>")
+    tok.train_from_iterator(texts, trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def build(family: str, seed: int, vocab: int):
+    torch.manual_seed(seed)
+    shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256}
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256)
+        return transformers.GPT2LMHeadModel(config).eval()
+    if family == "gptneox":
+        return transformers.GPTNeoXForCausalLM(
+            transformers.GPTNeoXConfig(vocab_size=vocab, intermediate_size=64, **shape)
+        ).eval()
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(vocab_size=vocab, intermediate_size=64, **shape)
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run with one small zoo model and four declared models saved by the test (three families,
+    three tokenizers), through every attribution stage."""
+    home = tmp_path_factory.mktemp("declared")
+    config = write_config(home / "dec.toml")
+    run_cli("data", "--config", str(config), home=home)
+    corpus = home / "data" / "corpus" / "dec"
+    texts = [json.loads(line)["text"] for line in (corpus / "train.jsonl").read_text().splitlines()]
+    tokenizers = {
+        "bytebpe": tokenizer_of("bytebpe", texts),
+        "unigram": tokenizer_of("unigram", texts),
+        "run": transformers.AutoTokenizer.from_pretrained(corpus / "tokenizer"),
+    }
+    models = {}
+    for label, (family, seed, kind) in MODELS.items():
+        tok = tokenizers[kind]
+        models[label] = (build(family, seed, len(tok)), tok)
+        models[label][0].save_pretrained(home / "ckpt" / label)
+        tok.save_pretrained(home / "ckpt" / label)
+    for stage in ("zoo", "generate", "likelihood", "experiments", "report"):
+        run_cli(stage, "--config", str(config), home=home)
+    return home, config, models
+
+
+def generated(home: Path, label: str) -> pd.DataFrame:
+    return pd.read_parquet(home / "data" / "generated" / "dec" / "declared" / f"{label}.parquet")
+
+
+def test_texts_are_cut_to_one_character_budget_with_each_model_s_own_tokens(run):
+    home, _, models = run
+    for label, (_, tok) in models.items():
+        frame = generated(home, label)
+        assert len(frame) == 24 and frame["model_id"].eq(label).all()
+        assert frame["text"].str.len().max() <= 60
+        for row in frame.itertuples():
+            assert len(row.token_ids) == row.n_tokens <= 48
+            assert len(tok.decode(list(row.token_ids))) <= len(row.text)
+    # The prompts are the run's prompt strings, shared by every model.
+    prompts = {label: generated(home, label).set_index("prompt_id")["prompt"] for label in models}
+    first = prompts["gpt2-s0"]
+    assert all(p.loc[first.index].equals(first) for p in prompts.values())
+
+
+def test_the_cut_is_at_a_word_boundary():
+    assert cut_at_word("one two three", 13) == "one two three"
+    assert cut_at_word("one two three", 9) == "one two"
+    assert cut_at_word("one two three", 7) == "one two"  # the budget ends at a space
+    assert cut_at_word("onetwothree four", 5) == "onetw"  # one word longer than the budget
+    assert cut_at_word("  leading", 4) == "  le"
+
+
+def test_kept_tokens_are_those_the_cut_text_holds():
+    words = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=_word_tokenizer(), eos_token="<eos>", unk_token="<unk>"
+    )
+    ids = words("a bb ccc dddd", add_special_tokens=False)["input_ids"]
+    assert kept_tokens(words, ids, cut_at_word("a bb ccc dddd", 9)) == 3
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<eos>": 1, "a": 2, "bb": 3, "ccc": 4, "dddd": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def test_declared_scores_equal_each_model_s_own_logits(run):
+    """Each declared model scores a text as its own tokenizer reads the prompt and the text."""
+    home, _, models = run
+    for label in ("neox-s0", "gpt2-s0"):
+        model, tok = models[label]
+        scores = pd.read_parquet(home / "data" / "likelihood" / "dec" / "declared" / f"{label}.parquet")
+        texts = generated(home, "neox-s0").set_index("sample_id")
+        checked = 0
+        for row in scores.itertuples():
+            if row.sample_id not in texts.index or checked == 3:
+                continue
+            prompt, text = texts.at[row.sample_id, "prompt"], texts.at[row.sample_id, "text"]
+            context = tok(prompt, add_special_tokens=False)["input_ids"]
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(torch.tensor([context + ids])).logits[0].double()
+            logp = torch.log_softmax(logits, -1)[len(context) - 1 : -1].gather(1, torch.tensor(ids)[:, None])
+            assert row.events == len(ids)
+            assert row.loglik == pytest.approx(float(logp.sum()), abs=1e-3)
+            checked += 1
+        assert checked == 3
+
+
+def test_declared_conditions_get_tables_a_ceiling_and_the_length_control(run):
+    home, _, _ = run
+    reports = home / "reports" / "dec"
+    accuracy = pd.read_csv(reports / "accuracy.csv")
+    assert {"declared-family", "declared-seed", "null_control"} <= set(accuracy["condition"])
+    records = [json.loads(line) for line in (reports / "results.jsonl").read_text().splitlines()]
+    ceiling = [r for r in records if r.get("featurizer") == "likelihood" and r["condition"] == "declared-family"]
+    assert ceiling and ceiling[0]["n_test"] == 24
+    controls = [r for r in records if r["kind"] == "length_control" and r["condition"].startswith("declared")]
+    assert {r["condition"] for r in controls} == {"declared-family", "declared-seed"}
+    assert not any("tokens" in r["features"] for r in controls)  # no token count of one tokenizer
+    index = (reports / "index.md").read_text()
+    assert "### Declared models" in index and "family = gptneox, seed = 0" in index
+    assert "`declared-family`: gpt2-s0, neox-s0, llama-s0" in index
+    assert (home / "models" / "dec" / "attributors" / "declared-family" / "manifest.json").is_file()
+
+
+def test_reruns_do_nothing_and_changed_weights_are_refused(run):
+    home, config, models = run
+    again = run_cli("generate", "--config", str(config), home=home)
+    assert "generate (declared)" not in again.stderr
+    before = generated(home, "gpt2-s0")
+    moved = home / "ckpt" / "gpt2-s0.bak"
+    shutil.copytree(home / "ckpt" / "gpt2-s0", moved)
+    try:
+        build("gpt2", 7, len(models["gpt2-s0"][1])).save_pretrained(home / "ckpt" / "gpt2-s0")
+        refused = run_cli("generate", "--config", str(config), home=home, check=False)
+        assert refused.returncode == 1
+        assert "generated by other weights of gpt2-s0" in refused.stderr
+        assert generated(home, "gpt2-s0").equals(before)  # nothing already written lost
+    finally:
+        shutil.rmtree(home / "ckpt" / "gpt2-s0")
+        moved.rename(home / "ckpt" / "gpt2-s0")
+
+
+def test_config_rules_for_declared_models(tmp_path):
+    ok = write_config(tmp_path / "ok.toml")
+    cfg = load_config(ok)
+    assert declared_conditions(cfg) == {
+        "declared-family": ["gpt2-s0", "neox-s0", "llama-s0"],
+        "declared-seed": ["gpt2-s0", "gpt2-s1"],
+    }
+    cases = {
+        "max_chars = 60\n": ("", "set generate.max_chars"),
+        'declared = ["family", "seed"]': ('declared = ["lr"]', "no declared model has factor(s) ['lr']"),
+        'path = "ckpt/gpt2-s1"': ('path = "ckpt/gpt2-s0"\nhub = "x/y"', "give exactly one of path"),
+        'label = "gpt2-s1"': ('label = "gpt2-s0"', "label(s) ['gpt2-s0'] declared more than once"),
+    }
+    for old, (new, message) in cases.items():
+        bad = tmp_path / "bad.toml"
+        bad.write_text(ok.read_text().replace(old, new, 1))
+        with pytest.raises(NatprintsError, match=re.escape(message)):
+            load_config(bad)
+
+
+def test_polypythias_validates_offline_and_forms_its_conditions():
+    cfg = load_config(ROOT / "configs" / "polypythias.toml")
+    conditions = declared_conditions(cfg)
+    sizes = sorted({m.factors["size"] for m in cfg.models})
+    seeds = sorted({m.factors["seed"] for m in cfg.models})
+    assert len(cfg.models) == len(sizes) * len(seeds) == 50
+    assert {f"declared-seed-{s}" for s in sizes} <= set(conditions)
+    assert all(len(conditions[f"declared-seed-{s}"]) == len(seeds) for s in sizes)
+    assert all(m.hub.startswith("EleutherAI/pythia-") for m in cfg.models)
+
+
+def test_a_hub_model_not_in_the_cache_is_one_line_offline(tmp_path, monkeypatch):
+    from natprints.declared import model_directory
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    cfg = load_config(ROOT / "configs" / "polypythias.toml")
+    with pytest.raises(NatprintsError, match=r"cannot read hub model EleutherAI/pythia-.*HF_HUB_OFFLINE=1"):
+        model_directory(cfg.models[0])
