@@ -7,7 +7,7 @@ NP := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/natprints
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help all texts long families test quick data zoo generate derive lineage likelihood reference experiments emergence report bench lint format clean venv
+.PHONY: help all texts long families tokenizers test quick data zoo generate derive lineage likelihood reference experiments emergence report bench lint format clean venv
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,6 +42,9 @@ long: $(STAMP) ## Training 4x longer (configs/long.toml): the seed condition to 
 
 families: $(STAMP) ## Model families on identical data (configs/families.toml): Llama, GPT-2, GPT-NeoX, Qwen2 at matched sizes
 	$(MAKE) all CONFIG=configs/families.toml
+
+tokenizers: $(STAMP) ## Tokenizers on identical text (configs/tokenizers.toml): BPE of 1024, 4096, 16384 and a unigram
+	$(MAKE) all CONFIG=configs/tokenizers.toml
 
 test: $(STAMP) ## Run the test suite (includes the smoke pipeline end to end; tests/run_all.sh)
 	bash tests/run_all.sh

@@ -1,4 +1,5 @@
-"""Declared models ([[models]]): checkpoints the run did not train, each with its own tokenizer, through
+"""Models with tokenizers of their own: declared models ([[models]], checkpoints the run did not train)
+and the zoo's `tokenizer` condition (trained on the identical text with other tokenizers), through
 generate, likelihood, experiments and the report; the config's rules; conditions from declared factors."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -45,6 +47,7 @@ resume_every = 5
 
 [conditions]
 declared = ["family", "seed"]
+tokenizer = ["bpe-300", "unigram-400"]
 
 [generate]
 prompts = 24
@@ -140,13 +143,17 @@ def run(tmp_path_factory):
         models[label] = (build(family, seed, len(tok)), tok)
         models[label][0].save_pretrained(home / "ckpt" / label)
         tok.save_pretrained(home / "ckpt" / label)
-    for stage in ("zoo", "generate", "likelihood", "experiments", "report"):
+    for stage in ("zoo", "generate", "likelihood", "experiments", "report"):  # (no derived models)
         run_cli(stage, "--config", str(config), home=home)
     return home, config, models
 
 
-def generated(home: Path, label: str) -> pd.DataFrame:
-    return pd.read_parquet(home / "data" / "generated" / "dec" / "declared" / f"{label}.parquet")
+def generated(home: Path, label: str, where: str = "declared") -> pd.DataFrame:
+    return pd.read_parquet(home / "data" / "generated" / "dec" / where / f"{label}.parquet")
+
+
+BASE = "xs-lr1e-3-bs8-init0-data0"
+VARIANTS = [f"bpe-300-{BASE}", f"unigram-400-{BASE}"]
 
 
 def test_texts_are_cut_to_one_character_budget_with_each_model_s_own_tokens(run):
@@ -248,6 +255,75 @@ def test_reruns_do_nothing_and_changed_weights_are_refused(run):
         moved.rename(home / "ckpt" / "gpt2-s0")
 
 
+def test_zoo_tokenizer_variants_train_on_the_same_text_and_are_scored_as_strings(run):
+    """The `tokenizer` condition: the base (the run's BPE) beside a smaller BPE and a unigram tokenizer
+    trained on the run's training paragraphs; each model carries its tokenizer and writes texts cut to
+    the character budget; the ceiling reads them as strings, and `attribute --condition tokenizer`
+    gives the stage's scores."""
+    home, config, _ = run
+    zoo = home / "models" / "dec" / "zoo"
+    sizes = {}
+    for model in VARIANTS:
+        manifest = json.loads((zoo / model / "manifest.json").read_text())
+        assert manifest["conditions"] == ["tokenizer"] and "tokenizer.json" in manifest["files"]
+        sizes[model] = len(transformers.AutoTokenizer.from_pretrained(zoo / model))
+        assert manifest["spec"]["tokenizer"] == model.split(f"-{BASE}")[0]
+        assert (
+            manifest["tokenizer_sha256"] != json.loads((zoo / BASE / "manifest.json").read_text())["tokenizer_sha256"]
+        )
+    assert sizes == {VARIANTS[0]: 300, VARIANTS[1]: 400}
+    assert not (zoo / BASE / "tokenizer.json").is_file()  # the base reads the run's tokenizer
+    members = json.loads((home / "data" / "generated" / "dec" / "manifest.json").read_text())["strings"]["conditions"]
+    assert members == {"tokenizer": [BASE, *VARIANTS]}
+    for model in [BASE, *VARIANTS]:
+        frame = generated(home, model, "strings")
+        assert (
+            len(frame) == 24 and frame["text"].str.len().max() <= 60 and not frame["text"].str.contains("\ufffd").any()
+        )
+    accuracy = pd.read_csv(home / "reports" / "dec" / "accuracy.csv")
+    assert "tokenizer" in set(accuracy["condition"]) and "all" not in set(accuracy["condition"])
+    records = [json.loads(line) for line in (home / "reports" / "dec" / "results.jsonl").read_text().splitlines()]
+    assert any(r.get("featurizer") == "likelihood" and r["condition"] == "tokenizer" for r in records)
+    # One test text through the command, every model with its own tokenizer, equals the stage's scores.
+    scores = {m: pd.read_parquet(home / "data" / "likelihood" / "dec" / "declared" / f"{m}.parquet") for m in VARIANTS}
+    row = generated(home, VARIANTS[1], "strings").set_index("sample_id").loc[scores[VARIANTS[1]]["sample_id"].iloc[0]]
+    text = home / "text.txt"
+    text.write_text(row["text"])
+    result = run_cli(
+        "attribute",
+        "--method",
+        "likelihood",
+        "--config",
+        str(config),
+        "--condition",
+        "tokenizer",
+        "--prompt",
+        row["prompt"],
+        "--json",
+        str(text),
+        home=home,
+    )
+    loglik = json.loads(result.stdout)["loglik"]
+    for model in VARIANTS:
+        table = scores[model].set_index("sample_id")
+        expected = table.at[row.name, "loglik"]
+        assert loglik[model] == pytest.approx(expected, abs=1e-3) if np.isfinite(expected) else loglik[model] is None
+
+
+def test_a_text_a_tokenizer_cannot_read_back_scores_minus_infinity(run):
+    """A unigram tokenizer reads characters outside its vocabulary as one unknown piece: its model
+    cannot write such a text, so the score is -inf (not the unknown piece's probability)."""
+    home, _, models = run
+    table = pd.read_parquet(home / "data" / "likelihood" / "dec" / "declared" / "neox-s0.parquet")
+    texts = pd.concat([generated(home, m) for m in models]).set_index("sample_id")
+    tok = models["neox-s0"][1]
+    for row in table.itertuples():
+        text = texts.at[row.sample_id, "text"]
+        back = tok.decode(tok(text, add_special_tokens=False)["input_ids"]).lstrip() == text.lstrip()
+        assert row.representable == back and (np.isfinite(row.loglik) == back)
+    assert (~table["representable"]).any() and table["representable"].any()
+
+
 def test_config_rules_for_declared_models(tmp_path):
     ok = write_config(tmp_path / "ok.toml")
     cfg = load_config(ok)
@@ -256,10 +332,12 @@ def test_config_rules_for_declared_models(tmp_path):
         "declared-seed": ["gpt2-s0", "gpt2-s1"],
     }
     cases = {
-        "max_chars = 60\n": ("", "set generate.max_chars"),
+        "max_chars = 60\n": ("", "generate.max_chars (a budget in characters)"),
         'declared = ["family", "seed"]': ('declared = ["lr"]', "no declared model has factor(s) ['lr']"),
         'path = "ckpt/gpt2-s1"': ('path = "ckpt/gpt2-s0"\nhub = "x/y"', "give exactly one of path"),
         'label = "gpt2-s1"': ('label = "gpt2-s0"', "label(s) ['gpt2-s0'] declared more than once"),
+        '"unigram-400"]': ('"unigram-400"]\n[lineage]\nderive_conditions = ["tokenizer"]', "the shift corpus"),
+        '"bpe-300"': ('"bpe-100"', "'bpe-100': the vocabulary size must be in [300, 262144]"),
     }
     for old, (new, message) in cases.items():
         bad = tmp_path / "bad.toml"

@@ -15,7 +15,7 @@ import pandas as pd
 
 from natprints.artifacts import MANIFEST, Manifest, sha256_file
 from natprints.config import CONDITION_ORDER, NULL_CONDITION, Config
-from natprints.declared import DECLARED
+from natprints.declared import DECLARED, STRINGS
 from natprints.errors import NatprintsError
 
 OPEN_SET_MIN_MODELS = 3  # leaving one out must leave a known model and a best other one
@@ -70,7 +70,8 @@ def _read_generated(path: Path, columns: tuple[str, ...] = REQUIRED_COLUMNS) -> 
 
 def load_conditions(cfg: Config, *, declared: bool = False) -> dict[str, ConditionData]:
     """Read the generated corpora as one :class:`ConditionData` per condition, plus the null control;
-    with ``declared``, also the conditions of the declared models (after the zoo's)."""
+    with ``declared``, also the conditions whose models read text with tokenizers of their own (the
+    zoo's ``tokenizer`` condition, then the declared models'), as strings."""
     gen_dir = cfg.paths.generated
     manifest = Manifest(gen_dir, "generated corpora").read()
     if manifest.get("complete") is False:
@@ -120,16 +121,17 @@ def load_conditions(cfg: Config, *, declared: bool = False) -> dict[str, Conditi
         if both["null_label"].nunique() != 2:
             raise NatprintsError(f"{gen_dir}: the null control needs the base model under two sampling seeds")
         out[NULL_CONDITION] = condition_data(NULL_CONDITION, both, "null_label", files)
-    section = manifest.get(DECLARED) if declared else None
-    if isinstance(section, dict):
-        out.update(_declared_conditions(gen_dir, section, inputs))
+    for name in (STRINGS, DECLARED) if declared else ():
+        if isinstance(manifest.get(name), dict):
+            out.update(_declared_conditions(gen_dir, manifest[name], inputs))
     if not out:
         raise NatprintsError(f"{gen_dir}: no condition with two or more models to attribute")
     return out
 
 
 def _declared_conditions(gen_dir: Path, section: dict, inputs: dict[str, str]) -> dict[str, ConditionData]:
-    """The declared models' conditions: their texts without token ids (each model's own), as strings."""
+    """Conditions of models with tokenizers of their own: their texts without token ids (each model's
+    own), as strings."""
     models = section.get("models") if isinstance(section.get("models"), dict) else {}
     out = {}
     for name, labels in (section.get("conditions") or {}).items():
@@ -137,7 +139,7 @@ def _declared_conditions(gen_dir: Path, section: dict, inputs: dict[str, str]) -
         for label in labels:
             entry = models.get(label)
             if not isinstance(entry, dict) or "file" not in entry:
-                raise NatprintsError(f"{gen_dir}/{MANIFEST}: condition {name} lists unknown declared model {label!r}")
+                raise NatprintsError(f"{gen_dir}/{MANIFEST}: condition {name} lists unknown model {label!r}")
             frame = _read_generated(gen_dir / entry["file"], (*REQUIRED_COLUMNS, "prompt"))
             if set(frame["model_id"].astype(str)) != {label}:
                 raise NatprintsError(f"{gen_dir / entry['file']}: holds texts of another model than {label!r}")

@@ -25,7 +25,13 @@ DEFAULT_CONFIG = Path("configs/default.toml")
 HOME_VARIABLE = "NATPRINTS_HOME"  # where data/, models/ and reports/ live (default: the working directory)
 
 # The one registry of what a config can name: conditions, featurizers, classifiers, in report order.
-CONDITIONS = ("seed", "init", "data_order", "size", "lr", "batch_size", "arch")
+CONDITIONS = ("seed", "init", "data_order", "size", "lr", "batch_size", "arch", "tokenizer")
+# conditions whose models read text with tokenizers of their own: their texts are cut to the character
+# budget and scored as strings (natprints.generate.declared, natprints.likelihood.declared)
+STRING_CONDITIONS = ("tokenizer",)
+# a zoo tokenizer other than the run's: byte-level BPE (the run's algorithm) or a unigram LM
+# (SentencePiece's, with its word marks), at a vocabulary size
+TokenizerName = Annotated[str, Field(pattern=r"^(bpe|unigram)-[0-9]+$")]
 # Model families the zoo builds from config (transformers' classes, never downloaded), at matched
 # parameter counts: llama (the base), gpt2 (learned positions, LayerNorm, GELU MLP), gptneox (Pythia's:
 # parallel attention and MLP, partial rotary), qwen2 (Llama's shape with biased query/key/value).
@@ -39,6 +45,7 @@ ADDED_SETTINGS = {
     ("attribution", "splits"): 5,
     ("conditions", "declared"): [],
     ("generate", "max_chars"): 0,
+    ("conditions", "tokenizer"): [],
     (None, "models"): [],
 }
 CONDITION_ORDER = (*CONDITIONS, "all")
@@ -164,6 +171,9 @@ class ConditionSettings(_Section):
     lr: list[float] = []
     batch_size: list[int] = []
     arch: list[Arch] = []  # other model families on the identical token stream
+    # other tokenizers, each trained on the run's training paragraphs; the model on the identical text
+    # stream (its own tokens of it), with the base's seeds and settings
+    tokenizer: list[TokenizerName] = []
     # factors of the declared models ([[models]]): per factor, each group of models that agree on every
     # other declared factor and differ in this one is a condition (see natprints.declared)
     declared: list[str] = []
@@ -383,7 +393,23 @@ class Config(_Section):
         if unknown:
             raise ValueError(f"lineage.derive_conditions: unknown condition(s) {sorted(unknown)}")
         self._check_declared()
+        self._check_tokenizers()
         return self
+
+    def _check_tokenizers(self) -> None:
+        if not self.conditions.tokenizer:
+            return
+        if not self.generate.max_chars:
+            raise ValueError(
+                "conditions.tokenizer: models with their own tokenizers need generate.max_chars (a budget in "
+                "characters), so that length carries no label"
+            )
+        for name in self.conditions.tokenizer:
+            vocab = int(name.split("-")[1])
+            if not 300 <= vocab <= 262144:
+                raise ValueError(f"conditions.tokenizer: {name!r}: the vocabulary size must be in [300, 262144]")
+        if "tokenizer" in self.lineage.derive_conditions:
+            raise ValueError("lineage.derive_conditions: the shift corpus is tokenized by the run's tokenizer only")
 
     def _check_declared(self) -> None:
         labels = [m.label for m in self.models]

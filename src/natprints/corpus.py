@@ -20,6 +20,7 @@ from natprints.errors import NatprintsError
 from natprints.runtime import StageResult
 
 EOS = "<|endoftext|>"
+UNK = "<unk>"  # a unigram tokenizer's unknown piece (byte-level BPE has none)
 STAGE_FILES = ("train.jsonl", "heldout.jsonl", "train_tokens.npy", "heldout_tokens.npy")
 
 
@@ -122,24 +123,63 @@ def is_heldout(paragraph: str, fraction: float, salt: str) -> bool:
     return int(digest[:16], 16) / 16**16 < fraction
 
 
-def train_tokenizer(paragraphs: list[str], settings: TokenizerSettings, out_dir: Path) -> None:
-    """Byte-level BPE trained on ``paragraphs``; saved loadable as ``PreTrainedTokenizerFast``."""
+def train_tokenizer(paragraphs: list[str], settings: TokenizerSettings, out_dir: Path, kind: str = "bpe") -> None:
+    """A tokenizer trained on ``paragraphs``, saved loadable as ``PreTrainedTokenizerFast``: byte-level
+    BPE (the run's), or with ``kind = "unigram"`` a unigram LM with SentencePiece's word marks."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=settings.vocab_size,
-        min_frequency=settings.min_frequency,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    if kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(
+            vocab_size=settings.vocab_size, special_tokens=[EOS, UNK], unk_token=UNK, show_progress=False
+        )
+        unk = UNK
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=settings.vocab_size,
+            min_frequency=settings.min_frequency,
+            special_tokens=[EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        unk = EOS
     tok.train_from_iterator(paragraphs, trainer=trainer, length=len(paragraphs))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=unk, pad_token=EOS)
     fast.save_pretrained(str(out_dir))
+
+
+def variant_tokenizer(cfg: Config, name: str) -> Path:
+    """A zoo tokenizer variant (``bpe-<n>``, ``unigram-<n>``) trained on the run's training paragraphs,
+    with its token streams of the training and held-out paragraphs beside it; made once, under
+    ``data/corpus/<run>/tokenizers/<name>/`` with a manifest of its own."""
+    corpus = corpus_manifest(cfg)
+    out = cfg.paths.corpus / "tokenizers" / name
+    manifest = Manifest(out, f"tokenizer {name}")
+    kind, vocab = name.split("-")
+    key = hash_obj({"corpus": corpus["key"], "name": name, "min_frequency": cfg.tokenizer.min_frequency})
+    if manifest.is_current(key):
+        return out
+    manifest.invalidate()
+    train = read_jsonl_texts(cfg.paths.corpus / "train.jsonl")
+    settings = cfg.tokenizer.model_copy(update={"vocab_size": int(vocab)})
+    train_tokenizer(train, settings, out / "tokenizer", kind)
+    tokenizer = load_tokenizer(out / "tokenizer")
+    save_npy(out / "train_tokens.npy", encode_stream(tokenizer, train))
+    save_npy(out / "heldout_tokens.npy", encode_stream(tokenizer, read_jsonl_texts(cfg.paths.corpus / "heldout.jsonl")))
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
+    fields = {
+        "name": name,
+        "vocab_size": len(tokenizer),
+        "tokenizer_sha256": sha256_file(out / "tokenizer" / "tokenizer.json"),
+    }
+    manifest.write(key, fields, files)
+    return out
 
 
 def load_tokenizer(path: Path):

@@ -21,6 +21,7 @@ from natprints.config import Config, DeclaredModel, home
 from natprints.errors import NatprintsError, first_line
 
 DECLARED = "declared"  # the condition of every declared model, and the prefix of the others
+STRINGS = "strings"  # where the zoo's texts cut to the character budget live (models with own tokenizers)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from natprints.attribution.attributor import UNKNOWN, Prediction
 from natprints.errors import NatprintsError
-from natprints.likelihood.strings import Candidate, encode_for, load_candidates, score_pairs
+from natprints.likelihood.strings import Candidate, encode_for, load_candidates, reads_back, score_pairs
 
 if TYPE_CHECKING:
     from natprints.attribution.attributor import Attributor
@@ -158,8 +158,11 @@ def attribute_by_likelihood(
             batch_size=batch_size,
             device=device,
         )
+        readable = [
+            reads_back(candidate.tokenizer, ids, text) for ids, text in zip(pairs[label][1], texts, strict=True)
+        ]
         loglik[:, j], entropy[:, j], variance[:, j], tokens[:, j] = (
-            scores.loglik,
+            np.where(readable, scores.loglik, -np.inf),  # a text its tokenizer cannot read back: p = 0
             scores.entropy,
             scores.variance,
             scores.tokens,

@@ -406,7 +406,7 @@ def likelihood_library(
 ) -> Library:
     """``models`` (labels: directory names), else the run's zoo models of ``condition``; and the tokenizer."""
     from natprints.zoo import condition_members
-    from natprints.zoo.spec import resolve_condition
+    from natprints.zoo.spec import resolve_condition, string_members
 
     cfg = load_config(config) if config is not None else None
     if models:
@@ -425,7 +425,7 @@ def likelihood_library(
             tokenizer = paths.tokenizer
         return Library(library, tokenizer, cfg)
     cfg = cfg or (recorded_config(run) if run is not None else load_config(DEFAULT_CONFIG))
-    members = condition_members(cfg)
+    members = {**condition_members(cfg), **string_members(cfg)}  # each model reads with its own tokenizer
     condition = resolve_condition(members, condition or "all")
     if condition not in members:
         raise NatprintsError(f"no condition '{condition}' in run '{cfg.run.name}' (it has: {', '.join(members)})")

@@ -4,7 +4,8 @@ with its own tokenizer, every continuation cut to one budget in characters.
 The prompt of a row is the run's prompt string (the held-out paragraph's first ``prompt_tokens``
 tokens of the run's tokenizer, decoded). Each model tokenizes it, samples up to ``new_tokens`` of its
 own tokens with the run's transform, and its continuation (decoded alone, as the likelihood scorer
-reads it) is cut at the last word boundary within ``max_chars`` characters. ``token_ids`` holds the
+reads it) is cut before any undecodable bytes (:func:`valid_prefix`), then at the last word boundary
+within ``max_chars`` characters. ``token_ids`` holds the
 model's own sampled tokens that the cut text keeps. Rows are planned as the zoo's are (ids from
 model, prompt and sample index); prompts of one own-token length are sampled together, so each
 chunk's generator seed, and with it every text, is the same on a resumed run.
@@ -31,6 +32,17 @@ def cut_at_word(text: str, max_chars: int) -> str:
         space = max((i for i, c in enumerate(head) if c.isspace()), default=0)
         head = head[:space] if head[:space].strip() else head
     return head.rstrip()
+
+
+UNDECODABLE = "\ufffd"  # what a byte-level decoder writes for bytes that are no UTF-8
+
+
+def valid_prefix(text: str) -> str:
+    """``text`` up to its first undecodable byte sequence: many byte sequences decode to the same
+    replacement character, so a string holding one is not what the model wrote (its score as a string
+    would be of other bytes). A small or early model writes them; a trained one rarely does."""
+    cut = text.find(UNDECODABLE)
+    return text if cut < 0 else text[:cut]
 
 
 def kept_tokens(tokenizer, ids: list[int], text: str) -> int:
@@ -88,13 +100,15 @@ def generate_declared(
     import torch
     from tqdm.auto import tqdm
 
+    from natprints.corpus import load_tokenizer
     from natprints.generate.sampler import sample_batch
     from natprints.generate.stage import _chunk_seed, _read_existing, _write_parquet
-    from natprints.modeldir import encode_texts, load_model_tokenizer
+    from natprints.modeldir import encode_texts, has_tokenizer, load_model_tokenizer
     from natprints.runtime import load_lm, resolve_device
 
     g = cfg.generate
-    tokenizer = load_model_tokenizer(directory)
+    # its own tokenizer; a zoo model without one (the base of the tokenizer condition) reads the run's
+    tokenizer = load_model_tokenizer(directory) if has_tokenizer(directory) else load_tokenizer(cfg.paths.tokenizer)
     prompt_ids = encode_texts(tokenizer, prompts["prompt"].tolist())
     plan = plan_declared(label, prompt_ids, prompts, g, seed, train_prompts)
     existing = _read_existing(out_path, plan)
@@ -124,7 +138,7 @@ def generate_declared(
                     continue
                 n = int(np.argmax(ids == eos)) if (ids == eos).any() else len(ids)
                 sampled = ids[:n].tolist()
-                text = cut_at_word(tokenizer.decode(sampled), g.max_chars)
+                text = cut_at_word(valid_prefix(tokenizer.decode(sampled)), g.max_chars)
                 kept = sampled[: kept_tokens(tokenizer, sampled, text)]
                 new.append(
                     {

@@ -1,5 +1,6 @@
-"""The declared models' scores: every test and calibration text of their conditions as a string,
-under each model of the condition, each with its own tokenizer (:mod:`natprints.likelihood.strings`).
+"""Scores as strings: every test and calibration text of a condition whose models read text with
+tokenizers of their own (declared models, the zoo's ``tokenizer`` condition), under each model of the
+condition, each with its own tokenizer (:mod:`natprints.likelihood.strings`).
 
 The ceiling of a declared condition is the Bayes attributor on these scores: log p(text | prompt)
 under the run's sampling transform, summed over the text's canonical tokens of each model, without
@@ -21,9 +22,9 @@ from natprints.declared import DECLARED, verify_declared
 from natprints.errors import NatprintsError
 from natprints.runtime import Job, run_jobs
 
-DECLARED_SCORES_VERSION = 1
+DECLARED_SCORES_VERSION = 2  # 2: a text the model's tokenizer cannot read back scores -inf
 SCORED = ("test", "cal")  # the ceiling learns nothing: its test and calibration texts are the ones it reads
-COLUMNS = ["sample_id", "events", "loglik", "entropy_sum", "variance_sum", "token_logprobs"]
+COLUMNS = ["sample_id", "events", "loglik", "representable", "entropy_sum", "variance_sum", "token_logprobs"]
 
 
 def _manifest(cfg: Config) -> Manifest:
@@ -54,17 +55,23 @@ def score_declared_model(
     import torch
 
     from natprints.likelihood.scorer import as_scorer
-    from natprints.likelihood.strings import load_candidates, score_pairs
+    from natprints.likelihood.strings import load_candidates, reads_back, score_pairs
     from natprints.runtime import load_lm, resolve_device
 
     g = cfg.generate
     device = resolve_device(cfg.run.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    candidate = load_candidates({label: directory})[label]
+    from natprints.corpus import load_tokenizer
+    from natprints.modeldir import has_tokenizer
+
+    run_tokenizer = None if has_tokenizer(directory) else load_tokenizer(cfg.paths.tokenizer)
+    candidate = load_candidates({label: directory}, run_tokenizer)[label]
     tok = candidate.tokenizer
     contexts = [list(ids) for ids in tok(rows["prompt"].tolist(), add_special_tokens=False)["input_ids"]]
     texts = [list(ids) for ids in tok(rows["text"].tolist(), add_special_tokens=False)["input_ids"]]
+    # a text the tokenizer cannot read back is one this model cannot write: probability 0
+    representable = np.array([reads_back(tok, ids, t) for ids, t in zip(texts, rows["text"], strict=True)], dtype=bool)
     scores = score_pairs(
         as_scorer(load_lm(directory, device=device)),
         (contexts, texts),
@@ -79,7 +86,8 @@ def score_declared_model(
         {
             "sample_id": rows["sample_id"].astype(str).to_numpy(),
             "events": scores.tokens,
-            "loglik": scores.loglik,
+            "loglik": np.where(representable, scores.loglik, -np.inf),
+            "representable": representable,
             "entropy_sum": scores.entropy,
             "variance_sum": scores.variance,
             "token_logprobs": [t.astype(np.float32) for t in scores.token_logprobs],
@@ -99,14 +107,14 @@ def score_declared(cfg: Config, conditions: dict[str, ConditionData]) -> dict | 
     rows = declared_rows(cfg, conditions)
     if not rows:
         return None
-    declared = verify_declared(cfg)
+    weights = string_weights(cfg)
     manifest = _manifest(cfg)
     transform = [cfg.generate.temperature, cfg.generate.top_k, cfg.generate.top_p]
     keys = {
         m: hash_obj(
             {
                 "version": DECLARED_SCORES_VERSION,
-                "model_sha256": declared[m].model_sha256,
+                "model_sha256": weights[m][1],
                 "rows": _rows_hash(r),
                 "transform": transform,
             }
@@ -123,17 +131,30 @@ def score_declared(cfg: Config, conditions: dict[str, ConditionData]) -> dict | 
         recorded, damaged = {}, set()
     redo = [m for m in rows if (recorded.get(m) or {}).get("key") != keys[m] or f"{m}.parquet" in damaged]
     manifest.invalidate()
-    jobs = [Job(m, (cfg, m, declared[m].path, rows[m], manifest.directory / f"{m}.parquet")) for m in redo]
-    scored = sum(run_jobs(cfg.run.worker_count(), score_declared_model, jobs, "likelihood (declared)")) if jobs else 0
+    jobs = [Job(m, (cfg, m, weights[m][0], rows[m], manifest.directory / f"{m}.parquet")) for m in redo]
+    scored = sum(run_jobs(cfg.run.worker_count(), score_declared_model, jobs, "likelihood (strings)")) if jobs else 0
     fields = {
         "stage": "likelihood",
         "run": cfg.run.name,
         "scorers": {
-            m: {"file": f"{m}.parquet", "rows": len(r), "key": keys[m], "model_sha256": declared[m].model_sha256}
+            m: {"file": f"{m}.parquet", "rows": len(r), "key": keys[m], "model_sha256": weights[m][1]}
             for m, r in rows.items()
         },
     }
     return {**manifest.write(key, fields, [f"{m}.parquet" for m in rows]), "scored": scored}
+
+
+def string_weights(cfg: Config) -> dict[str, tuple[Path, str]]:
+    """Every model that reads text as strings -> (its directory, its weights digest): the declared
+    models and the zoo's models of string conditions (checked against their manifests)."""
+    from natprints.zoo.spec import string_members
+    from natprints.zoo.stage import verified_model
+
+    out = {m: (d.path, d.model_sha256) for m, d in verify_declared(cfg).items()}
+    for members in string_members(cfg).values():
+        for m in members:
+            out[m] = (cfg.paths.zoo / m, verified_model(cfg, m)["files"]["model.safetensors"])
+    return out
 
 
 def _rows_hash(rows: pd.DataFrame) -> str:

@@ -442,15 +442,20 @@ def load_scores(cfg: Config, manifest: Manifest | None = None) -> dict[str, pd.D
 
 
 def run(cfg: Config) -> StageResult:
-    """The `likelihood` stage: the zoo's texts under the zoo's models, then the declared models' texts
-    as strings under the declared models (:mod:`natprints.likelihood.declared`)."""
+    """The `likelihood` stage: the zoo's texts under the zoo's models, then the texts of models with
+    tokenizers of their own as strings (:mod:`natprints.likelihood.declared`)."""
     from natprints.likelihood.declared import score_declared
 
     lines = []
     scored = 0
     for what, manifest in (
         ("", score_all(cfg)),
-        (" (declared, as strings)", score_declared(cfg, load_conditions(cfg, declared=True)) if cfg.models else None),
+        (
+            " (own tokenizers, as strings)",
+            score_declared(cfg, load_conditions(cfg, declared=True))
+            if cfg.models or cfg.conditions.tokenizer
+            else None,
+        ),
     ):
         if manifest is None:
             continue

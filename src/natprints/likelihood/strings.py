@@ -14,7 +14,9 @@ the prompt, which is how its decoder writes a continuation that begins with one:
 leading "▁" leaves no space.
 
 A string's probability sums over every tokenization; this scores its canonical one, which for a
-sample drawn as another token sequence of the same string is lower than the sample's own path.
+sample drawn as another token sequence of the same string is lower than the sample's own path. A
+string the tokenizer cannot read back (:func:`reads_back`: characters outside a vocabulary without
+bytes, read as an unknown piece) is one the model cannot write, and scores -inf.
 """
 
 from __future__ import annotations
@@ -156,6 +158,13 @@ def load_candidates(model_dirs: Mapping[str, Path | str], tokenizer: Any = None)
             )
         out[label] = Candidate(label, info, tok)
     return out
+
+
+def reads_back(tokenizer: Any, ids: Sequence[int], text: str) -> bool:
+    """Whether ``ids`` decode to ``text`` again (up to the leading space a word-marking tokenizer drops):
+    a tokenizer that reads characters outside its vocabulary as an unknown piece does not, and its model
+    cannot write that text (its probability is 0, not the unknown piece's)."""
+    return tokenizer.decode(list(ids)).lstrip() == text.lstrip()
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from natprints.attribution.estimators import MLP_FEATURES, XGB_FEATURES
 from natprints.attribution.grid import BASELINE
 from natprints.config import CLASSIFIERS as CLASSIFIER_ORDER
 from natprints.config import FEATURIZERS as FEATURIZER_ORDER
-from natprints.config import NULL_CONDITION, Config
+from natprints.config import NULL_CONDITION, STRING_CONDITIONS, Config
 from natprints.declared import DECLARED
 from natprints.records import CEILING_PIPELINE, accuracy_table, kl_table, load_records, pooled_table, sequential_table
 from natprints.reports.figures import (
@@ -570,12 +570,22 @@ _CEILING = (
     "text alone can beat it. *Share of ceiling* = (accuracy − chance) / (ceiling − chance): the part of "
     "the margin above chance that the text carries which a black-box pipeline captures.\n"
 )
+
+
+def _as_strings(condition: str) -> bool:
+    """A condition whose models read text with tokenizers of their own (scored as strings)."""
+    return condition.startswith(DECLARED) or condition in STRING_CONDITIONS
+
+
 _DECLARED_CEILING = (
-    "For the conditions of declared models (`declared…`), each model reads the prompt and the "
+    "For the conditions whose models have tokenizers of their own (`tokenizer`, and declared models' "
+    "`declared…`), each model reads the prompt and the "
     "continuation *string* with its own tokenizer and scores the continuation's canonical tokens, "
     "without an end event (a text cut to the character budget did not end there): a string's "
     "probability sums over all its tokenizations, so where a model sampled another segmentation the "
-    "score is below the exact one and the ceiling is not an upper bound on these rows.\n"
+    "score is below the exact one and the ceiling is not an upper bound on these rows. A text a model's "
+    "tokenizer cannot read back (characters outside its vocabulary) scores -inf under it: that model "
+    "cannot write it.\n"
 )
 _NO_CEILING = (
     "**No ceiling.** There are no likelihood scores of these texts (they come without the weights that "
@@ -602,7 +612,7 @@ def render_section(cfg: Config) -> str:
         "## Attribution: natural fingerprints\n",
         _INTRO,
         _CEILING if has_ceiling else _NO_CEILING,
-        _DECLARED_CEILING if has_ceiling and head["condition"].astype(str).str.startswith(DECLARED).any() else "",
+        _DECLARED_CEILING if has_ceiling and head["condition"].astype(str).map(_as_strings).any() else "",
         _headline_md(head, has_ceiling),
         _length_note(head),
         _test_max_note(table),

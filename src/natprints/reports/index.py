@@ -6,7 +6,7 @@ from pathlib import Path
 
 from natprints.artifacts import MANIFEST, Manifest, atomic_write_text, read_manifest
 from natprints.config import Config
-from natprints.declared import DECLARED
+from natprints.declared import DECLARED, STRINGS
 from natprints.errors import NatprintsError
 from natprints.records import LINEAGE_CSV, RESULTS_FILE, TEXT_EMERGENCE_CSV, read_timings
 
@@ -101,10 +101,28 @@ def _generated_summary(cfg: Config) -> str:
     m = read_manifest(cfg.paths.generated, "generated corpora")
     s = m["sampling"]
     return (
-        f"Generated corpora: {len(m['models'])} models + the null control, {m['prompts']} held-out prompts of "
-        f"{s['prompt_tokens']} tokens, {s['samples_per_prompt']} sample(s) each, up to {s['new_tokens']} new "
-        f"tokens, temperature {s['temperature']:g}, top-k {s['top_k']}, top-p {s['top_p']:g}.\n"
-    ) + _declared_summary(m)
+        (
+            f"Generated corpora: {len(m['models'])} models + the null control, {m['prompts']} held-out prompts of "
+            f"{s['prompt_tokens']} tokens, {s['samples_per_prompt']} sample(s) each, up to {s['new_tokens']} new "
+            f"tokens, temperature {s['temperature']:g}, top-k {s['top_k']}, top-p {s['top_p']:g}.\n"
+        )
+        + _strings_summary(m)
+        + _declared_summary(m)
+    )
+
+
+def _strings_summary(m: dict) -> str:
+    """The zoo's models with tokenizers of their own: their texts, cut to the character budget."""
+    section = m.get(STRINGS)
+    if not isinstance(section, dict):
+        return ""
+    short = sum(e["short_of_budget"] for e in section["models"].values())
+    conditions = "; ".join(f"`{c}`: {', '.join(f'`{x}`' for x in ms)}" for c, ms in section["conditions"].items())
+    return (
+        f"\nModels with tokenizers of their own ({conditions}) read the same prompts as text and write "
+        f"continuations cut to {m['sampling'].get('max_chars', 0)} characters at a word boundary (before any "
+        f"undecodable bytes); {short} of their texts were ended by the token cap short of that budget.\n"
+    )
 
 
 def _declared_summary(m: dict) -> str:

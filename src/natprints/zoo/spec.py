@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from natprints.config import CONDITIONS, Config, SizePreset
+from natprints.config import CONDITIONS, STRING_CONDITIONS, Config, SizePreset
 
 
 class ModelSpec(BaseModel):
@@ -14,6 +14,7 @@ class ModelSpec(BaseModel):
 
     size: str
     arch: str = "llama"
+    tokenizer: str = "run"  # the run's tokenizer, or a zoo tokenizer variant (``bpe-<n>``, ``unigram-<n>``)
     init_seed: int
     data_seed: int
     lr: float
@@ -36,7 +37,13 @@ class ModelSpec(BaseModel):
     def model_id(self) -> str:
         lr = format_lr(self.lr)
         family = "" if self.arch == "llama" else f"{self.arch}-"  # Llama ids predate the arch factor
-        return f"{family}{self.size}-lr{lr}-bs{self.batch_size}-init{self.init_seed}-data{self.data_seed}"
+        tokens = "" if self.tokenizer == "run" else f"{self.tokenizer}-"
+        return f"{tokens}{family}{self.size}-lr{lr}-bs{self.batch_size}-init{self.init_seed}-data{self.data_seed}"
+
+    @property
+    def own_tokenizer(self) -> bool:
+        """The model reads text with a tokenizer of its own, not the run's."""
+        return self.tokenizer != "run"
 
 
 def format_lr(lr: float) -> str:
@@ -69,6 +76,7 @@ def zoo_specs(cfg: Config) -> dict[str, tuple[ModelSpec, list[str]]]:
         "lr": [base.model_copy(update={"lr": v}) for v in cfg.conditions.lr],
         "batch_size": [base.model_copy(update={"batch_size": v}) for v in cfg.conditions.batch_size],
         "arch": [base.model_copy(update={"arch": a}) for a in cfg.conditions.arch if a != base.arch],
+        "tokenizer": [base.model_copy(update={"tokenizer": t}) for t in cfg.conditions.tokenizer],
     }
     out: dict[str, tuple[ModelSpec, list[str]]] = {base.model_id: (base, [])}
     for condition in CONDITIONS:
@@ -81,16 +89,28 @@ def zoo_specs(cfg: Config) -> dict[str, tuple[ModelSpec, list[str]]]:
 
 def condition_members(cfg: Config) -> dict[str, list[str]]:
     """Condition -> model ids (base first), plus ``all`` unless one condition already holds every model;
-    only conditions the config declares."""
+    only conditions the config declares whose texts are the run's tokens (not :func:`string_members`)."""
+    specs = zoo_specs(cfg)
     members: dict[str, list[str]] = {}
-    for model_id, (_, conditions) in zoo_specs(cfg).items():
+    for model_id, (_, conditions) in specs.items():
         for condition in conditions:
             members.setdefault(condition, []).append(model_id)
-    ordered = {c: members[c] for c in CONDITIONS if c in members}
-    everyone = list(zoo_specs(cfg))
+    ordered = {c: members[c] for c in CONDITIONS if c in members and c not in STRING_CONDITIONS}
+    everyone = [m for m, (spec, _) in specs.items() if not spec.own_tokenizer]
     if all(set(m) != set(everyone) for m in ordered.values()):
         ordered["all"] = everyone
     return ordered
+
+
+def string_members(cfg: Config) -> dict[str, list[str]]:
+    """The conditions whose models read text with tokenizers of their own (base first): their texts
+    are cut to the character budget and scored as strings."""
+    members: dict[str, list[str]] = {}
+    for model_id, (_, conditions) in zoo_specs(cfg).items():
+        for condition in conditions:
+            if condition in STRING_CONDITIONS:
+                members.setdefault(condition, []).append(model_id)
+    return members
 
 
 def resolve_condition(members: dict[str, list[str]], name: str) -> str:
@@ -112,4 +132,5 @@ def linear_weights(cfg: Config, spec: ModelSpec) -> int:
     """
     p = size_preset(cfg, spec)
     per_layer = 4 * p.hidden_size**2 + 3 * p.hidden_size * p.intermediate_size
-    return p.num_layers * per_layer + p.hidden_size * cfg.tokenizer.vocab_size
+    vocab = int(spec.tokenizer.split("-")[1]) if spec.own_tokenizer else cfg.tokenizer.vocab_size
+    return p.num_layers * per_layer + p.hidden_size * vocab

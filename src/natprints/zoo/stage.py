@@ -38,8 +38,13 @@ def _file_list(directory: Path) -> list[str]:
 
 def _spec_fields(spec: ModelSpec, cfg: Config) -> dict:
     preset = cfg.sizes[spec.size]
-    # a Llama model's key leaves out `arch`: models trained before the factor existed stay complete
-    dump = spec.model_dump(mode="json", exclude={"arch"} if spec.arch == "llama" else None)
+    # keys leave out `arch` for Llama and `tokenizer` for the run's: models trained before the factors
+    # existed stay complete
+    dump = spec.model_dump(mode="json")
+    if spec.arch == "llama":
+        del dump["arch"]
+    if not spec.own_tokenizer:
+        del dump["tokenizer"]
     return {"spec": dump, "architecture": preset.model_dump()}
 
 
@@ -106,8 +111,10 @@ def train_one(
     stop_after: int | None = None,
     progress: bool = True,
     out_dir: Path | None = None,
+    tokenizer_dir: Path | None = None,
 ) -> dict | None:
-    """Train (or resume) one model into the zoo (or ``out_dir``); write its manifest when it completes."""
+    """Train (or resume) one model into the zoo (or ``out_dir``); write its manifest when it completes.
+    ``tokenizer_dir``: the model's own tokenizer (saved into its directory), else the run's."""
     from natprints.corpus import load_tokenizer
     from natprints.zoo.train import _save_hf, clear_resume, init_model, train
 
@@ -119,7 +126,7 @@ def train_one(
     autocast = use_autocast(cfg, device)
     start = time.time()
     if init_from is None:
-        tokenizer = load_tokenizer(cfg.paths.tokenizer)
+        tokenizer = load_tokenizer(tokenizer_dir or cfg.paths.tokenizer)
         model = init_model(
             cfg.sizes[spec.size], len(tokenizer), spec.seq_len, tokenizer.eos_token_id, spec.init_seed, spec.arch
         )
@@ -144,6 +151,8 @@ def train_one(
     for path in (out_dir / "final").iterdir():
         path.replace(out_dir / path.name)
     (out_dir / "final").rmdir()
+    if tokenizer_dir is not None:  # the model reads text with its own tokenizer: it travels with it
+        load_tokenizer(tokenizer_dir).save_pretrained(str(out_dir))
     clear_resume(out_dir)
     steps = spec.steps
     tokens_seen = steps * spec.batch_size * spec.seq_len
@@ -171,21 +180,38 @@ def train_one(
 
 
 def _zoo_job(cfg: Config, model_id: str, stop_after: int | None, *, progress: bool) -> bool:
-    from natprints.corpus import corpus_manifest, load_tokens
+    from natprints.corpus import corpus_manifest, load_tokens, variant_tokenizer
 
     corpus = corpus_manifest(cfg)
     spec, conditions = zoo_specs(cfg)[model_id]
+    streams, tokenizer_dir = cfg.paths.corpus, None
+    tokenizer_sha256 = corpus["tokenizer_sha256"]
+    if spec.own_tokenizer:  # the same training paragraphs, as its own tokenizer's stream
+        streams = variant_tokenizer(cfg, spec.tokenizer)
+        tokenizer_dir = streams / "tokenizer"
+        tokenizer_sha256 = Manifest(streams, f"tokenizer {spec.tokenizer}").read()["tokenizer_sha256"]
     fields = {
         "conditions": conditions,
         "init_seed": spec.init_seed,
         "data_seed": spec.data_seed,
         "parent": None,
         "corpus_sha256": corpus["corpus_sha256"],
-        "tokenizer_sha256": corpus["tokenizer_sha256"],
+        "tokenizer_sha256": tokenizer_sha256,
     }
-    tokens = load_tokens(cfg.paths.corpus / "train_tokens.npy")
-    heldout = load_tokens(cfg.paths.corpus / "heldout_tokens.npy")
-    return train_one(cfg, model_id, spec, fields, tokens, heldout, stop_after=stop_after, progress=progress) is not None
+    tokens = load_tokens(streams / "train_tokens.npy")
+    heldout = load_tokens(streams / "heldout_tokens.npy")
+    done = train_one(
+        cfg,
+        model_id,
+        spec,
+        fields,
+        tokens,
+        heldout,
+        stop_after=stop_after,
+        progress=progress,
+        tokenizer_dir=tokenizer_dir,
+    )
+    return done is not None
 
 
 def build_zoo(cfg: Config, only: list[str] | None = None, stop_after: int | None = None) -> list[str]:
@@ -194,7 +220,7 @@ def build_zoo(cfg: Config, only: list[str] | None = None, stop_after: int | None
 
     corpus = corpus_manifest(cfg)
     specs = zoo_specs(cfg)
-    _check_fits([spec for spec, _ in specs.values()], corpus["counts"])
+    _check_fits([spec for spec, _ in specs.values() if not spec.own_tokenizer], corpus["counts"])
     if only:
         unknown = [m for m in only if m not in specs]
         if unknown:
