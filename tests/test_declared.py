@@ -65,6 +65,12 @@ evidence_train_fractions = [1.0]
 
 [reference]
 enabled = false
+
+[lineage]
+derive_conditions = []
+seedprints_inputs = 16
+seedprints_seq_len = 16
+seedprints_k = 8
 """
 MODELS = {  # label -> (family, seed, the tokenizer it reads)
     "gpt2-s0": ("gpt2", 0, "bytebpe"),
@@ -143,8 +149,8 @@ def run(tmp_path_factory):
         models[label] = (build(family, seed, len(tok)), tok)
         models[label][0].save_pretrained(home / "ckpt" / label)
         tok.save_pretrained(home / "ckpt" / label)
-    for stage in ("zoo", "generate", "likelihood", "experiments", "report"):  # (no derived models)
-        run_cli(stage, "--config", str(config), home=home)
+    for stage in ("zoo", "generate", "lineage run", "likelihood", "experiments", "report"):  # (no derived models)
+        run_cli(*stage.split(), "--config", str(config), home=home)
     return home, config, models
 
 
@@ -324,6 +330,24 @@ def test_a_text_a_tokenizer_cannot_read_back_scores_minus_infinity(run):
     assert (~table["representable"]).any() and table["representable"].any()
 
 
+def test_lineage_compares_declared_models_without_a_ground_truth(run):
+    """Declared models enter the lineage matrix beside the zoo's; a pair with one of them has no known
+    relation, so it counts in no AUC or check (the zoo's pairs alone do)."""
+    home, _, _ = run
+    rows = pd.read_csv(home / "reports" / "dec" / "lineage.csv")
+    declared = rows["model_a"].isin(MODELS) | rows["model_b"].isin(MODELS)
+    assert declared.any() and rows.loc[declared, "related"].isna().all()
+    assert rows.loc[~declared, "related"].notna().all()
+    pair = rows[(rows["model_a"].isin(["gpt2-s0", "gpt2-s1"])) & (rows["model_b"].isin(["gpt2-s0", "gpt2-s1"]))]
+    assert set(pair["method"]) == {"seedprints", "weights"}
+    assert pair.loc[pair["method"] == "seedprints", "verdict"].ne("incomparable").all()  # one shape, one vocabulary
+    summary = json.loads((home / "reports" / "dec" / "lineage.json").read_text())
+    known = rows[~declared]
+    for method in ("seedprints", "weights"):
+        assert summary["methods"][method]["pairs"] == int((known["method"] == method).sum())
+    assert {e["label"] for e in summary["entries"] if e["kind"] == "declared"} == set(MODELS)
+
+
 def test_config_rules_for_declared_models(tmp_path):
     ok = write_config(tmp_path / "ok.toml")
     cfg = load_config(ok)
@@ -336,7 +360,7 @@ def test_config_rules_for_declared_models(tmp_path):
         'declared = ["family", "seed"]': ('declared = ["lr"]', "no declared model has factor(s) ['lr']"),
         'path = "ckpt/gpt2-s1"': ('path = "ckpt/gpt2-s0"\nhub = "x/y"', "give exactly one of path"),
         'label = "gpt2-s1"': ('label = "gpt2-s0"', "label(s) ['gpt2-s0'] declared more than once"),
-        '"unigram-400"]': ('"unigram-400"]\n[lineage]\nderive_conditions = ["tokenizer"]', "the shift corpus"),
+        "derive_conditions = []": ('derive_conditions = ["tokenizer"]', "the shift corpus"),
         '"bpe-300"': ('"bpe-100"', "'bpe-100': the vocabulary size must be in [300, 262144]"),
     }
     for old, (new, message) in cases.items():

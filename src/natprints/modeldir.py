@@ -176,6 +176,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 _KIND_ORDER = {"init": 0, "trained": 1, "derived": 2, "checkpoint": 3}
+DECLARED_KIND = "declared"  # a model the run declares (``[[models]]``): its origin is not known to the run
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ class Entry:
 
     label: str
     path: Path
-    kind: str  # init | trained | derived | checkpoint
+    kind: str  # init | trained | derived | checkpoint | declared
     model_id: str  # the zoo model this directory belongs to
     root: str  # the trained model at the head of its line (the parent, for derived models)
     parent: str | None

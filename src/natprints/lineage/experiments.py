@@ -36,7 +36,15 @@ from natprints.config import Config, LineageSettings
 from natprints.errors import NatprintsError
 from natprints.lineage import seedprints as sp
 from natprints.lineage import weightstd as ws
-from natprints.modeldir import Entry, Incomparable, discover_zoo, inspect_model, library_entries, model_digest
+from natprints.modeldir import (
+    DECLARED_KIND,
+    Entry,
+    Incomparable,
+    discover_zoo,
+    inspect_model,
+    library_entries,
+    model_digest,
+)
 from natprints.records import LINEAGE_JSON, write_lineage
 from natprints.runtime import Job, StageResult, run_jobs, setup_torch
 
@@ -52,6 +60,25 @@ GOAL_TPR, GOAL_FPR = 0.95, 0.05  # init <-> own trained and derived linked, over
 
 # ---------------------------------------------------------------------------------------------
 # Ground truth
+
+
+def declared_entries(cfg: Config) -> list[Entry]:
+    """The run's declared models as lineage entries: compared with every model, their ground truth
+    unknown (no pair with one of them counts in the AUCs, counts or checks)."""
+    from natprints.declared import declared_conditions, verify_declared
+
+    conditions = declared_conditions(cfg)
+    out = []
+    for label, d in verify_declared(cfg).items():
+        mine = tuple(c for c, members in conditions.items() if label in members)
+        common = {"model_id": label, "root": label, "parent": None, "init_seed": None, "data_seed": None}
+        out.append(Entry(label, d.path, DECLARED_KIND, conditions=mine, arch=inspect_model(d.path).arch(), **common))
+    return out
+
+
+def known(a: Entry, b: Entry) -> bool:
+    """Whether the pair's relation is known (no declared model in it)."""
+    return DECLARED_KIND not in (a.kind, b.kind)
 
 
 def seed_related(a: Entry, b: Entry) -> bool:
@@ -110,7 +137,7 @@ def method_summary(rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
     """AUC (all pairs and excluding bit-identical ones), TPR at 1% FPR, verdict counts."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    mine = [r for r in rows if r["method"] == method]
+    mine = [r for r in rows if r["method"] == method and r["related"] is not None]  # known truth only
     comp = [r for r in mine if r["verdict"] != "incomparable"]
     y = np.array([r["related"] for r in comp], dtype=bool)
     s = np.array([_evidence(r) for r in comp], dtype=float)
@@ -211,7 +238,8 @@ def _pair_rows(
     for i, a in enumerate(entries):
         for b in entries[i + 1 :]:
             base = {"model_a": a.label, "model_b": b.label, "identical": digests[a.label] == digests[b.label]}
-            sp_row = {**base, "method": "seedprints", "related": seed_related(a, b)}
+            truth = known(a, b)
+            sp_row = {**base, "method": "seedprints", "related": seed_related(a, b) if truth else None}
             result = results[a.label, b.label]
             if result is not None:
                 verdict, rule = sp.seedprints_verdict(result, with_init=with_init(a, b), threshold=threshold)
@@ -227,7 +255,7 @@ def _pair_rows(
             else:
                 sp_row |= {"score": None, "log10_p": None, "verdict": "incomparable", "rule": None, "kept": None}
             rows.append(sp_row)
-            w_row = {**base, "method": "weights", "related": derived_related(a, b), "log10_p": None}
+            w_row = {**base, "method": "weights", "related": derived_related(a, b) if truth else None, "log10_p": None}
             pa, pb = profiles[a.label], profiles[b.label]
             if pa.num_layers == pb.num_layers:
                 wr = ws.compare_profiles(pa, pb, settings.weights_threshold)
@@ -250,7 +278,9 @@ def seedprints_counts(rows: list[dict[str, Any]], entries: list[Entry]) -> dict[
     "init <-> own trained and derived linked at TPR >= 0.95 with FPR <= 0.05 over all
     different-seed pairs" (uncalibrated pairs count as not linked)."""
     by_label = {e.label: e for e in entries}
-    mine = [r for r in rows if r["method"] == "seedprints" and r["verdict"] != "incomparable"]
+    mine = [
+        r for r in rows if r["method"] == "seedprints" and r["verdict"] != "incomparable" and r["related"] is not None
+    ]
 
     def pick(select: Callable[[Entry, Entry], bool]) -> list[dict[str, Any]]:
         out = []
@@ -368,6 +398,7 @@ def expectation_checks(rows: list[dict[str, Any]], entries: list[Entry]) -> list
     SeedPrints groups are judged by the pairs' rule: analytic p for pairs with an init, the
     calibrated z threshold for trained/derived pairs (groups with no calibrated pair are left out).
     """
+    rows = [r for r in rows if r["related"] is not None]  # pairs with a declared model: truth unknown
     by_label = {e.label: e for e in entries}
 
     def other_seed(kinds: set[str]) -> Callable[[Entry, Entry], bool]:
@@ -508,6 +539,7 @@ def run_lineage(cfg: Config, *, force: bool = False) -> dict[str, Any]:
         )
     # checkpoints only matter for emergence, which covers the `seed` condition's models
     entries = [e for e in entries if e.kind != "checkpoint" or "seed" in e.conditions]
+    entries += declared_entries(cfg)
     infos = {e.label: inspect_model(e.path) for e in entries}
     digests = {e.label: model_digest(infos[e.label]) for e in entries}
     key = stage_key(cfg, entries, digests)
