@@ -100,3 +100,29 @@ def fresh_home(tmp_path, monkeypatch) -> Path:
 
 def copy_stage(src_home: Path, dst_home: Path, *parts: str) -> None:
     shutil.copytree(src_home.joinpath(*parts), dst_home.joinpath(*parts))
+
+
+def trained_tokenizer(kind: str, texts: list[str], vocab: int):
+    """A tokenizer of another algorithm than the run's, trained on ``texts``, as a model directory holds
+    it: a byte-level BPE (GPT-2's kind) or, for ``unigram``, a unigram LM with SentencePiece's word marks."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if kind == "bytebpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet)
+        tok.train_from_iterator(texts, trainer)
+        return transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+        )
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>", "<unk>"], unk_token="<unk>")
+    tok.train_from_iterator(texts, trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from natprints.attribution.likelihood import attribute_by_likelihood, attribute_pooled
 from natprints.cli import app as APP
 from natprints.errors import NatprintsError
+from tests.conftest import trained_tokenizer
 
 VOCAB = 64
 EOS = 0
@@ -164,36 +165,11 @@ def test_any_causal_lm_scores_from_its_own_logits(zoo):
         assert p.loglik["gpt2"] == pytest.approx(loglik, abs=1e-5)
 
 
-def trained_tokenizer(kind: str, texts: list[str]) -> transformers.PreTrainedTokenizerFast:
-    """A byte-level BPE (GPT-2's kind) or a unigram with SentencePiece's word marks, trained on ``texts``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    if kind == "bytebpe":
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        )
-        tok.train_from_iterator(texts, trainer)
-        return transformers.PreTrainedTokenizerFast(
-            tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
-        )
-    tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=40, special_tokens=["<s>", "</s>", "<unk>"], unk_token="<unk>")
-    tok.train_from_iterator(texts, trainer)
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
 def test_models_of_three_families_each_read_the_text_with_their_own_tokenizer(zoo):
     """Llama with the word-level tokenizer, GPT-2 with a byte-level BPE, GPT-NeoX with a unigram: every
     log-likelihood equals the model's own logits on its own tokenizer's ids, after its own start token."""
     corpus = zoo.texts["b"] + zoo.texts["d"]
-    gpt2_tok, neox_tok = trained_tokenizer("bytebpe", corpus), trained_tokenizer("unigram", corpus)
+    gpt2_tok, neox_tok = trained_tokenizer("bytebpe", corpus, 300), trained_tokenizer("unigram", corpus, 40)
     torch.manual_seed(11)
     gpt2 = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(vocab_size=len(gpt2_tok), n_embd=32, n_layer=2, n_head=4, n_positions=128)

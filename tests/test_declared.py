@@ -19,7 +19,7 @@ from natprints.config import load_config
 from natprints.declared import declared_conditions
 from natprints.errors import NatprintsError
 from natprints.generate.declared import cut_at_word, kept_tokens
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, trained_tokenizer
 
 CONFIG = """
 [run]
@@ -89,31 +89,6 @@ def write_config(path: Path, extra: str = "") -> Path:
     return path
 
 
-def tokenizer_of(kind: str, texts: list[str]) -> transformers.PreTrainedTokenizerFast:
-    """A byte-level BPE (GPT-2's kind) or a unigram with SentencePiece's word marks, trained on ``texts``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    if kind == "bytebpe":
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-        tok.train_from_iterator(
-            texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet)
-        )
-        return transformers.PreTrainedTokenizerFast(
-            tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
-        )
-    tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<unk>"], unk_token="<unk>")
-    tok.train_from_iterator(texts, trainer)
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
 def build(family: str, seed: int, vocab: int):
     torch.manual_seed(seed)
     shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256}
@@ -139,8 +114,8 @@ def run(tmp_path_factory):
     corpus = home / "data" / "corpus" / "dec"
     texts = [json.loads(line)["text"] for line in (corpus / "train.jsonl").read_text().splitlines()]
     tokenizers = {
-        "bytebpe": tokenizer_of("bytebpe", texts),
-        "unigram": tokenizer_of("unigram", texts),
+        "bytebpe": trained_tokenizer("bytebpe", texts, 400),
+        "unigram": trained_tokenizer("unigram", texts, 300),
         "run": transformers.AutoTokenizer.from_pretrained(corpus / "tokenizer"),
     }
     models = {}

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from natprints.conditions import GENERATED_COLUMNS
 from natprints.config import Config, GenerateSettings
 
 
@@ -102,7 +101,7 @@ def generate_declared(
 
     from natprints.corpus import load_tokenizer
     from natprints.generate.sampler import sample_batch
-    from natprints.generate.stage import _chunk_seed, _read_existing, _write_parquet
+    from natprints.generate.stage import _chunk_seed, _read_existing, generated_row, write_in_plan_order
     from natprints.modeldir import encode_texts, has_tokenizer, load_model_tokenizer
     from natprints.runtime import load_lm, resolve_device
 
@@ -120,7 +119,6 @@ def generate_declared(
         torch.set_num_threads(cfg.run.threads)
     model = load_lm(directory, device=device)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
-    order = {sid: i for i, sid in enumerate(plan["sample_id"])}
     frames = [existing] if len(existing) else []
     added = 0
     have = set(existing["sample_id"])
@@ -133,36 +131,16 @@ def generate_declared(
             gen = torch.Generator().manual_seed(_chunk_seed(label, seed, int(chunk)))
             out = sample_batch(model, batch, g, gen, eos, device).numpy()
             new = []
-            for row, ids in zip(rows.itertuples(index=False), out, strict=True):
-                if row.sample_id in have:
+            for (_, row), ids in zip(rows.iterrows(), out, strict=True):
+                if row["sample_id"] in have:
                     continue
                 n = int(np.argmax(ids == eos)) if (ids == eos).any() else len(ids)
                 sampled = ids[:n].tolist()
                 text = cut_at_word(valid_prefix(tokenizer.decode(sampled)), g.max_chars)
                 kept = sampled[: kept_tokens(tokenizer, sampled, text)]
-                new.append(
-                    {
-                        "sample_id": row.sample_id,
-                        "model_id": label,
-                        "prompt_id": row.prompt_id,
-                        "prompt": prompts["prompt"].iloc[row.prompt_row],
-                        "text": text,
-                        "n_tokens": len(kept),
-                        "token_ids": np.asarray(kept, dtype=np.int32).tolist(),
-                        "sample_index": int(row.sample_index),
-                        "sampling_seed": seed,
-                        "temperature": g.temperature,
-                        "top_k": g.top_k,
-                        "top_p": g.top_p,
-                        "new_tokens": g.new_tokens,
-                    }
-                )
+                new.append(generated_row(row, label, prompts, text, kept, seed, g))
             added += len(new)
-            merged = pd.concat([*frames, pd.DataFrame(new, columns=GENERATED_COLUMNS)], ignore_index=True)
-            merged = merged.iloc[np.argsort(merged["sample_id"].map(order).to_numpy(), kind="stable")]
-            merged = merged.reset_index(drop=True)
-            _write_parquet(out_path, merged)
-            frames = [merged]
+            frames = [write_in_plan_order(out_path, frames, new, plan)]
     return added
 
 

@@ -302,33 +302,43 @@ def generate_for_model(
                 if row["sample_id"] in have:
                     continue
                 n = int(np.argmax(ids == eos)) if (ids == eos).any() else len(ids)
-                new.append(
-                    {
-                        "sample_id": row["sample_id"],
-                        "model_id": model_id,
-                        "prompt_id": row["prompt_id"],
-                        "prompt": prompts["prompt"].iloc[row["prompt_row"]],
-                        "text": tokenizer.decode(ids[:n].tolist()),
-                        "n_tokens": n,
-                        "token_ids": ids[:n].astype(np.int32).tolist(),
-                        "sample_index": int(row["sample_index"]),
-                        "sampling_seed": seed,
-                        "temperature": g.temperature,
-                        "top_k": g.top_k,
-                        "top_p": g.top_p,
-                        "new_tokens": g.new_tokens,
-                    }
-                )
+                text = tokenizer.decode(ids[:n].tolist())
+                new.append(generated_row(row, model_id, prompts, text, ids[:n].tolist(), seed, g))
             added += len(new)
-            frames.append(pd.DataFrame(new, columns=GENERATED_COLUMNS))
-            merged = pd.concat(frames, ignore_index=True)
-            order = {sid: i for i, sid in enumerate(plan["sample_id"])}
-            merged = merged.iloc[np.argsort(merged["sample_id"].map(order).to_numpy(), kind="stable")]
-            merged = merged.reset_index(drop=True)
-            _write_parquet(out_path, merged)
+            merged = write_in_plan_order(out_path, frames, new, plan)
             frames = [merged]
             existing = merged
     return added
+
+
+def generated_row(row, model_id: str, prompts: pd.DataFrame, text: str, ids: list[int], seed: int, g) -> dict:
+    """One row of a generated file (:data:`GENERATED_COLUMNS`): ``row`` of the plan, the text and the
+    model's own token ids it keeps."""
+    return {
+        "sample_id": row["sample_id"],
+        "model_id": model_id,
+        "prompt_id": row["prompt_id"],
+        "prompt": prompts["prompt"].iloc[row["prompt_row"]],
+        "text": text,
+        "n_tokens": len(ids),
+        "token_ids": np.asarray(ids, dtype=np.int32).tolist(),
+        "sample_index": int(row["sample_index"]),
+        "sampling_seed": seed,
+        "temperature": g.temperature,
+        "top_k": g.top_k,
+        "top_p": g.top_p,
+        "new_tokens": g.new_tokens,
+    }
+
+
+def write_in_plan_order(path: Path, frames: list[pd.DataFrame], new: list[dict], plan: pd.DataFrame) -> pd.DataFrame:
+    """The rows written so far and ``new`` ones, in the plan's order, written to ``path``; returns them."""
+    merged = pd.concat([*frames, pd.DataFrame(new, columns=GENERATED_COLUMNS)], ignore_index=True)
+    order = {sid: i for i, sid in enumerate(plan["sample_id"])}
+    merged = merged.iloc[np.argsort(merged["sample_id"].map(order).to_numpy(), kind="stable")]
+    merged = merged.reset_index(drop=True)
+    _write_parquet(path, merged)
+    return merged
 
 
 def stage_key(cfg: Config) -> str:
