@@ -356,6 +356,17 @@ def test_polypythias_validates_offline_and_forms_its_conditions():
     assert all(m.hub.startswith("EleutherAI/pythia-") for m in cfg.models)
 
 
+def test_a_missing_declared_model_stops_the_zoo_before_it_trains(tmp_path):
+    config = write_config(tmp_path / "dec.toml")
+    run_cli("data", "--config", str(config), home=tmp_path)
+    result = run_cli("zoo", "--config", str(config), home=tmp_path, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: model gpt2-s0: model directory not found: {tmp_path / 'ckpt' / 'gpt2-s0'}"
+    )
+    assert not (tmp_path / "models" / "dec" / "zoo").exists()
+
+
 def test_a_hub_model_not_in_the_cache_is_one_line_offline(tmp_path, monkeypatch):
     from natprints.declared import model_directory
 

@@ -330,7 +330,16 @@ def build_derived(cfg: Config) -> list[str]:
 
 
 def run(cfg: Config, only: list[str] | None = None, stop_after: int | None = None) -> StageResult:
-    """The `zoo` stage; training only some models (``only``) is not a run of the stage's timing."""
+    """The `zoo` stage; training only some models (``only``) is not a run of the stage's timing. The
+    run's declared models are found first: one missing is an error before any training, not after it."""
+    from natprints.declared import model_directory
+    from natprints.modeldir import inspect_model
+
+    for model in cfg.models:
+        try:
+            inspect_model(model_directory(model))
+        except NatprintsError as exc:
+            raise NatprintsError(f"model {model.label}: {str(exc).removeprefix(f'model {model.label}: ')}") from None
     trained = build_zoo(cfg, only=only, stop_after=stop_after)
     return StageResult(bool(trained) and not only, (f"zoo: trained {len(trained)} model(s) now",))
 
