@@ -201,6 +201,25 @@ def test_declared_scores_equal_each_model_s_own_logits(run):
         assert checked == 3
 
 
+def test_attribute_by_likelihood_among_a_declared_condition(run):
+    """`attribute --condition declared-family` reads the declared models from the config; the scores
+    are the stage's."""
+    home, config, _ = run
+    table = pd.read_parquet(home / "data" / "likelihood" / "dec" / "declared" / "gpt2-s0.parquet")
+    texts = generated(home, "gpt2-s0").set_index("sample_id")
+    table = table[table["sample_id"].isin(texts.index)]  # its own texts among those it scored
+    row = texts.loc[table["sample_id"].iloc[0]]
+    text = home / "declared-text.txt"
+    text.write_text(row["text"])
+    result = run_cli(
+        "attribute", "--method", "likelihood", "--config", str(config), "--condition", "declared-family",
+        "--prompt", row["prompt"], "--json", str(text), home=home,
+    )  # fmt: skip
+    verdict = json.loads(result.stdout)
+    assert set(verdict["loglik"]) == {"gpt2-s0", "neox-s0", "llama-s0"}
+    assert verdict["loglik"]["gpt2-s0"] == pytest.approx(table["loglik"].iloc[0], abs=1e-3)
+
+
 def test_declared_conditions_get_tables_a_ceiling_and_the_length_control(run):
     home, _, _ = run
     reports = home / "reports" / "dec"

@@ -405,6 +405,7 @@ def likelihood_library(
     tokenizer: Path | None,
 ) -> Library:
     """``models`` (labels: directory names), else the run's zoo models of ``condition``; and the tokenizer."""
+    from natprints.declared import declared_conditions, model_directory
     from natprints.zoo import condition_members
     from natprints.zoo.spec import resolve_condition, string_members
 
@@ -426,9 +427,14 @@ def likelihood_library(
         return Library(library, tokenizer, cfg)
     cfg = cfg or (recorded_config(run) if run is not None else load_config(DEFAULT_CONFIG))
     members = {**condition_members(cfg), **string_members(cfg)}  # each model reads with its own tokenizer
+    declared = declared_conditions(cfg)
     condition = resolve_condition(members, condition or "all")
+    if condition in declared:  # models the run did not train, where the config says they are
+        paths = {m.label: model_directory(m) for m in cfg.models}
+        return Library({label: paths[label] for label in declared[condition]}, tokenizer or cfg.paths.tokenizer, cfg)
     if condition not in members:
-        raise NatprintsError(f"no condition '{condition}' in run '{cfg.run.name}' (it has: {', '.join(members)})")
+        known = ", ".join([*members, *declared])
+        raise NatprintsError(f"no condition '{condition}' in run '{cfg.run.name}' (it has: {known})")
     zoo_dir = cfg.paths.zoo
     if not zoo_dir.is_dir():
         raise NatprintsError(f"no zoo at {zoo_dir}; run `natprints zoo` first")
