@@ -1,12 +1,13 @@
-"""Texts of the declared models (``[[models]]``): the run's prompts as text, each model reading them
-with its own tokenizer, every continuation cut to one budget in characters.
+"""Texts of models with tokenizers of their own (declared models, ``[[models]]``, and the zoo's
+``tokenizer`` condition): the run's prompts as text, each model reading them with its own tokenizer,
+every continuation cut to one budget in characters.
 
 The prompt of a row is the run's prompt string (the held-out paragraph's first ``prompt_tokens``
 tokens of the run's tokenizer, decoded). Each model tokenizes it, samples up to ``new_tokens`` of its
 own tokens with the run's transform, and its continuation (decoded alone, as the likelihood scorer
 reads it) is cut before any undecodable bytes (:func:`valid_prefix`), then at the last word boundary
-within ``max_chars`` characters. ``token_ids`` holds the
-model's own sampled tokens that the cut text keeps. Rows are planned as the zoo's are (ids from
+within ``max_chars`` characters. ``token_ids`` holds the model's own sampled tokens that the cut text
+keeps. Rows are planned as the zoo's are (ids from
 model, prompt and sample index); prompts of one own-token length are sampled together, so each
 chunk's generator seed, and with it every text, is the same on a resumed run.
 """
@@ -65,7 +66,7 @@ def plan_declared(
     seed: int,
     train: frozenset[str],
 ) -> pd.DataFrame:
-    """Every row to generate for one declared model; ``chunk`` groups rows of one own-token prompt
+    """Every row to generate for one model with its own tokenizer; ``chunk`` groups rows of one own-token prompt
     length, at most ``batch_size`` of them (the extra training continuations in chunks of their own)."""
     from natprints.generate.stage import plan_rows
 
@@ -95,7 +96,8 @@ def generate_declared(
     *,
     progress: bool = True,
 ) -> int:
-    """Fill the missing rows of one declared model's file; returns how many rows were generated now."""
+    """Fill the missing rows of one model's file (its own tokenizer, else the run's for a zoo model
+    without one); returns how many rows were generated now."""
     import torch
     from tqdm.auto import tqdm
 
