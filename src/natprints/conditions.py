@@ -46,8 +46,8 @@ class ConditionData:
     labels: list[str]
     frame: pd.DataFrame
     inputs: dict[str, str]  # input file (relative to the generated dir) -> sha256
-    # texts of declared models, each written with its own tokenizer: read as strings (no token ids),
-    # scored as strings under each model (natprints.likelihood.declared)
+    # texts of models with tokenizers of their own (declared models, the zoo's `tokenizer` condition):
+    # read as strings (no token ids), scored as strings under each model (natprints.likelihood.declared)
     strings: bool = False
 
 

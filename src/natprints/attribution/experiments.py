@@ -225,7 +225,7 @@ def condition_keys(cfg: Config, conditions: dict[str, ConditionData]) -> dict[st
         "reference": reference_key(cfg),
     }
     if any(data.strings for data in conditions.values()):
-        shared["declared_scores"] = declared_key(cfg)  # only in runs with declared models: old keys hold
+        shared["declared_scores"] = declared_key(cfg)  # only in runs with string conditions: old keys hold
     return {
         name: hash_obj({**shared, "condition": data.name, "labels": data.labels, "inputs": data.inputs})
         for name, data in conditions.items()
@@ -305,7 +305,7 @@ def _condition_job(
     # embedded here but not stored, so the cache is the same whatever order the conditions ran in
     with threadpool_limits(limits=THREADS), features.read_only_cache():
         # the run's tokenizer, the one the generator decoded continuations with (none for texts of
-        # declared models, each written with its own: their evidence curves count words)
+        # models with tokenizers of their own: their evidence curves count words)
         tokenizer = None if data.strings else load_tokenizer(cfg.paths.tokenizer)
         setup = Setup(cfg=cfg, split=split, tokenizer=tokenizer, progress=progress)
         start = time.perf_counter()
@@ -384,7 +384,7 @@ def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> N
             views.setdefault(name, {}).update(view)
         if len(zoo) < len(pending):
             if declared_key(cfg) is None:
-                log("no scores of the declared models (run `natprints likelihood`): their tables carry no ceiling")
+                log("no string scores (run `natprints likelihood`): tables of own-tokenizer models carry no ceiling")
             else:
                 strings = load_declared_scores(cfg)
                 views.update({n: declared_views(d, split, strings) for n, d in pending.items() if d.strings})

@@ -32,8 +32,8 @@ def _manifest(cfg: Config) -> Manifest:
 
 
 def declared_rows(cfg: Config, conditions: dict[str, ConditionData]) -> dict[str, pd.DataFrame]:
-    """Declared model -> the texts it scores (``sample_id``, ``prompt``, ``text``): the test and
-    calibration texts of every declared condition it belongs to."""
+    """Model -> the texts it scores (``sample_id``, ``prompt``, ``text``): the test and calibration texts
+    of every string condition it belongs to."""
     split = run_split(cfg, conditions)
     rows: dict[str, list[pd.DataFrame]] = {}
     for data in conditions.values():
@@ -51,7 +51,8 @@ def declared_rows(cfg: Config, conditions: dict[str, ConditionData]) -> dict[str
 def score_declared_model(
     cfg: Config, label: str, directory: Path, rows: pd.DataFrame, out: Path, *, progress: bool = True
 ) -> int:
-    """Score ``rows`` under one declared model; writes ``out`` (parquet) and returns the rows scored."""
+    """Score ``rows`` under one model with its own tokenizer (else the run's); writes ``out`` (parquet)
+    and returns the rows scored."""
     import torch
 
     from natprints.likelihood.scorer import as_scorer
@@ -163,13 +164,13 @@ def _rows_hash(rows: pd.DataFrame) -> str:
 
 
 def declared_key(cfg: Config) -> str | None:
-    """The key of the declared models' scores, or None when they were not scored."""
+    """The key of the string scores, or None when they were not scored."""
     manifest = _manifest(cfg)
     return manifest.read().get("key") if manifest.exists() else None
 
 
 def load_declared_scores(cfg: Config) -> dict[str, pd.DataFrame]:
-    """Declared model -> its scores indexed by sample id (verified against the manifest)."""
+    """Model -> its string scores indexed by sample id (verified against the manifest)."""
     from natprints.likelihood.stage import load_scores
 
     return load_scores(cfg, _manifest(cfg))
