@@ -510,6 +510,12 @@ class RunPaths:
     def emergence(self) -> Path:
         return self.root / "data" / "emergence" / self.run
 
+    def folders(self, reports: bool = False) -> list[Path]:
+        """The folders that hold this run's own artifacts (what `natprints clean` removes); the shared
+        feature cache is not one of them."""
+        owned = [self.corpus, self.shift_corpus, self.generated, self.likelihood, self.reference_scores]
+        return owned + [self.emergence, self.models] + ([self.reports] if reports else [])
+
     @property
     def cache(self) -> Path:
         return self.root / "data" / "cache"

@@ -300,3 +300,21 @@ def run_collected(
     }
     manifest.write(key, fields, files)
     return CollectedResult(paths.reports, attributor_dir, records, True)
+
+
+def summary_lines(records: list[dict[str, Any]]) -> list[str]:
+    """One line per condition: its chosen pipeline's accuracy with its interval, chance, and what
+    text length alone reaches (flagged when length gives the source away)."""
+    from natprints.records import accuracy_table
+
+    table = accuracy_table(records)
+    lengths = {r["condition"]: r for r in records if r["kind"] == "length_control"}
+    lines = []
+    for row in table[table["best"]].itertuples():
+        length = lengths[row.condition]
+        lines.append(
+            f"{row.condition}: {row.pipeline} accuracy {row.accuracy:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}], "
+            f"chance {row.chance:.3f}; length only {length['accuracy']:.3f}"
+            + (" (length leaks)" if length["leaks"] else "")
+        )
+    return lines
