@@ -293,7 +293,8 @@ def test_best_record_never_looks_at_the_test_accuracy():
 
 
 def test_a_failed_null_control_is_flagged_and_the_test_maximum_corrected(synth_run):
-    from natprints.reports.attribution import _null_section, test_maximum
+    from natprints.reports.attribution import _null_section
+    from natprints.reports.tables import test_maximum
 
     records = _records(synth_run)
     table = rec.accuracy_table(records)
@@ -395,7 +396,8 @@ def test_a_finished_condition_is_kept_and_an_edited_one_redone(synth_run, monkey
 
 
 def test_report_section_renders_from_records(synth_run):
-    from natprints.reports.attribution import headline_table, render_section
+    from natprints.reports.attribution import render_section
+    from natprints.reports.tables import headline_table
 
     cfg = synth_run
     markdown = render_section(cfg)
@@ -441,8 +443,8 @@ def test_same_config_gives_identical_records_and_attributors(synth_run, tmp_path
 
 
 def test_summary_json_restates_the_headline_table(synth_run):
-    from natprints.reports.attribution import headline_table
     from natprints.reports.summary import write_summary
+    from natprints.reports.tables import headline_table
 
     path = write_summary(synth_run)
     summary = json.loads(path.read_text())
@@ -475,7 +477,7 @@ def test_short_labels_keep_what_tells_models_apart():
 
 
 def test_confusion_with_unknown_column_and_calibration_error(synth_run):
-    from natprints.reports.attribution import confusion_panels, expected_calibration_error
+    from natprints.reports.tables import confusion_panels, expected_calibration_error
 
     records = _records(synth_run)
     for attributor in [r for r in records if r["kind"] == "attributor"]:
@@ -511,7 +513,7 @@ def test_confusion_with_unknown_column_and_calibration_error(synth_run):
 
 
 def test_repeated_splits_refit_on_their_own_training_texts(synth_run):
-    from natprints.reports.attribution import split_table
+    from natprints.reports.tables import split_table
 
     records = _records(synth_run)
     frames = adata.load_conditions(synth_run)

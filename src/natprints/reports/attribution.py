@@ -17,146 +17,43 @@ import numpy as np
 import pandas as pd
 
 from natprints.attribution.estimators import MLP_FEATURES, XGB_FEATURES
-from natprints.attribution.grid import BASELINE
 from natprints.config import CLASSIFIERS as CLASSIFIER_ORDER
 from natprints.config import FEATURIZERS as FEATURIZER_ORDER
 from natprints.config import NULL_CONDITION, STRING_CONDITIONS, Config
 from natprints.declared import DECLARED
-from natprints.records import CEILING_PIPELINE, accuracy_table, kl_table, load_records, pooled_table, sequential_table
+from natprints.records import CEILING_PIPELINE, accuracy_table, kl_table, load_records
 from natprints.reports.figures import (
     plot_confusion,
     plot_evidence,
     plot_kl_heatmap,
     plot_reliability,
-    plot_roc,
-    plot_sequential,
 )
-from natprints.stats import wilson_interval
+from natprints.reports.markdown import acc_cell, md_table, p_cell, share_cell
+from natprints.reports.openset import (
+    likelihood_open_set_section,
+    open_set_section,
+    outsiders_section,
+    sequential_section,
+)
+from natprints.reports.tables import (
+    approach_table,
+    chance_corrected,
+    condition_order,
+    confusion_panels,
+    evidence_table,
+    expected_calibration_error,
+    headline_table,
+    pooled_points,
+    records_of,
+    split_table,
+    test_maximum,
+)
 
 FIGURES = "figures"
 SIGNIFICANCE = 0.05
 
 
 # --- tables from records ------------------------------------------------------------------------
-
-
-def _of(records: Sequence[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [r for r in records if r.get("kind") == kind]
-
-
-def _conditions(table: pd.DataFrame) -> list[str]:
-    seen = list(dict.fromkeys(table["condition"]))
-    return [c for c in seen if c != NULL_CONDITION] + ([NULL_CONDITION] if NULL_CONDITION in seen else [])
-
-
-def headline_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """Per condition: the best pipeline and the unigram baseline, with chance and intervals."""
-    table = accuracy_table(records)
-    lengths = {r["condition"]: r for r in _of(records, "length_control")}
-    rows = []
-    for condition in _conditions(table):
-        sub = table[table["condition"] == condition]
-        best = sub[sub["best"]].iloc[0]
-        length = lengths.get(condition, {})
-        base = sub[(sub["featurizer"] == BASELINE[0]) & (sub["classifier"] == BASELINE[1])]
-        top = sub[sub["pipeline"] == CEILING_PIPELINE]
-        rows.append(
-            {
-                "condition": condition,
-                "n_classes": int(best["n_classes"]),
-                "n_test": int(best["n_test"]),
-                "chance": float(best["chance"]),
-                "best": best["pipeline"],
-                "accuracy": float(best["accuracy"]),
-                "ci_low": float(best["ci_low"]),
-                "ci_high": float(best["ci_high"]),
-                "macro_f1": float(best["macro_f1"]),
-                "p_value": float(best["p_value"]),
-                "baseline": float(base["accuracy"].iloc[0]) if len(base) else math.nan,
-                "baseline_ci_low": float(base["ci_low"].iloc[0]) if len(base) else math.nan,
-                "baseline_ci_high": float(base["ci_high"].iloc[0]) if len(base) else math.nan,
-                "ceiling": float(top["accuracy"].iloc[0]) if len(top) else math.nan,
-                "ceiling_ci_low": float(top["ci_low"].iloc[0]) if len(top) else math.nan,
-                "ceiling_ci_high": float(top["ci_high"].iloc[0]) if len(top) else math.nan,
-                "ceiling_share": float(best["ceiling_share"]) if len(top) else math.nan,
-                "baseline_share": float(base["ceiling_share"].iloc[0]) if len(top) and len(base) else math.nan,
-                "length": float(length.get("accuracy", math.nan)),
-                "length_ci_low": float(length.get("ci_low", math.nan)),
-                "length_ci_high": float(length.get("ci_high", math.nan)),
-                "length_leaks": bool(length.get("leaks", False)),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-APPROACHES = (
-    ("word/char n-grams", lambda f, c: f in ("word1", "word12", "char14") and c != "nb"),
-    ("BPE token n-grams", lambda f, c: f == "tok13" and c != "nb"),
-    ("naive Bayes on n-grams (generative)", lambda f, c: c == "nb"),
-    ("sentence embeddings (embed, union)", lambda f, c: f in ("embed", "union")),
-    ("reference LMs fine-tuned per model", lambda f, c: f == "reflm" and c == "lm"),
-    ("classification head on the reference LM", lambda f, c: f == "reflm" and c == "head"),
-    ("reference LMs × best pipeline (product of posteriors)", lambda f, c: f == "combined" and c == "product"),
-)
-
-
-def approach_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """Per condition and black-box approach: its best pipeline, accuracy and share of the ceiling."""
-    table = accuracy_table(records)
-    rows = []
-    for condition in _conditions(table):
-        sub = table[(table["condition"] == condition) & ~table["white_box"].astype(bool)]
-        for name, member in APPROACHES:
-            hit = sub[[member(f, c) for f, c in zip(sub["featurizer"], sub["classifier"], strict=True)]]
-            if hit.empty:
-                continue
-            # chosen as the experiments stage chooses: on the calibration split, never the test texts
-            # (an approach of one pipeline, such as the reference LMs, has nothing to choose)
-            top = hit.sort_values("cal_accuracy", ascending=False, kind="stable", na_position="last").iloc[0]
-            rows.append(
-                {
-                    "condition": condition,
-                    "approach": name,
-                    **top[
-                        ["pipeline", "accuracy", "ci_low", "ci_high", "chance", "ceiling", "ceiling_share"]
-                    ].to_dict(),
-                }
-            )
-    return pd.DataFrame(rows)
-
-
-def split_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """Per condition and role (ceiling, best, baseline): the accuracy on the run's split and on each
-    repeated split, as mean, standard deviation, minimum and maximum over all of them."""
-    repeats = _of(records, "split_repeat")
-    if not repeats:
-        return pd.DataFrame()
-    head = headline_table(records).set_index("condition")
-    rows = []
-    for condition in dict.fromkeys(r["condition"] for r in repeats):
-        first = head.loc[condition]
-        mine = [r for r in repeats if r["condition"] == condition]
-        roles = (("ceiling", first["ceiling"]), ("best", first["accuracy"]), ("baseline", first["baseline"]))
-        for role, value in roles:
-            if math.isnan(value) or any(role not in r for r in mine):
-                continue
-            values = np.array([value, *(r[role]["accuracy"] for r in mine)])
-            pipeline = CEILING_PIPELINE if role == "ceiling" else mine[0][role]["pipeline"]
-            rows.append(
-                {
-                    "condition": condition,
-                    "role": role,
-                    "pipeline": pipeline,
-                    "splits": len(values),
-                    "first": float(value),
-                    "mean": float(values.mean()),
-                    "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                    "min": float(values.min()),
-                    "max": float(values.max()),
-                    "chance": float(first["chance"]),
-                }
-            )
-    return pd.DataFrame(rows)
 
 
 def _split_section(records: Sequence[dict[str, Any]]) -> str:
@@ -182,97 +79,17 @@ def _split_section(records: Sequence[dict[str, Any]]) -> str:
         "texts that the likelihood stage scored. Mean ± standard deviation over the splits, and their range: how "
         "much of a difference between conditions or pipelines one split can show by chance. The reference LMs "
         "are not repeated (each split would fine-tune them anew).\n\n"
-        + _md_table(["condition", "role", "pipeline", "run's split", f"mean ± sd ({n} splits)", "range"], rows)
+        + md_table(["condition", "role", "pipeline", "run's split", f"mean ± sd ({n} splits)", "range"], rows)
     )
-
-
-def pooled_points(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """Pooled-evidence points as evidence-curve rows: x = texts pooled, one line per (condition, role)."""
-    table = pooled_table(records).rename(columns={"k": "value"})
-    return table.assign(chance=[r["chance"] for r in _of(records, "pooled")] if len(table) else [])
-
-
-def likelihood_open_set_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """Per (condition, method, k): rejection rates pooled over every left-out model."""
-    rows = _of(records, "open_set_likelihood")
-    if not rows:
-        return pd.DataFrame()
-    frame = pd.DataFrame(rows)
-    grouped = frame.groupby(["condition", "method", "k"], sort=False)
-    out = grouped[["n_unknown", "unknown_rejected_n", "n_known", "known_rejected_n"]].sum().reset_index()
-    out["alpha"] = grouped["alpha"].first().to_numpy()
-    out["held_out"] = grouped["held_out_model"].nunique().to_numpy()
-    out["unknown_rejected"] = out["unknown_rejected_n"] / out["n_unknown"].clip(lower=1)
-    out["known_rejected"] = out["known_rejected_n"] / out["n_known"].clip(lower=1)
-    return out
-
-
-def evidence_table(records: Sequence[dict[str, Any]], axis: str) -> pd.DataFrame:
-    """Evidence-curve points (``axis`` = ``tokens`` or ``train_fraction``), one row per point."""
-    rows = [
-        {
-            k: r[k]
-            for k in ("condition", "pipeline", "role", "value", "n_train", "accuracy", "ci_low", "ci_high", "chance")
-        }
-        for r in _of(records, "evidence")
-        if r["axis"] == axis
-    ]
-    cols = ["condition", "pipeline", "role", "value", "n_train", "accuracy", "ci_low", "ci_high", "chance"]
-    return pd.DataFrame(rows, columns=cols)
-
-
-def outsiders_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """Per (condition, method, source, k): outsider pools called ``unknown``, known pools rejected, AUROC."""
-    cols = [
-        "condition",
-        "method",
-        "source",
-        "k",
-        "n_outsider",
-        "outsider_rejected_n",
-        "n_known",
-        "known_rejected_n",
-        "auroc",
-    ]
-    frame = pd.DataFrame([{c: r.get(c) for c in cols} for r in _of(records, "open_set_outsiders")], columns=cols)
-    frame["outsider_rejected"] = frame["outsider_rejected_n"] / frame["n_outsider"].clip(lower=1)
-    frame["known_rejected"] = frame["known_rejected_n"] / frame["n_known"].clip(lower=1)
-    return frame
-
-
-def open_set_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    cols = ["condition", "pipeline", "held_out_model", "unknown_rejected", "known_rejected", "threshold", "n_unknown"]
-    return pd.DataFrame([{k: r[k] for k in cols} for r in _of(records, "open_set")], columns=cols)
 
 
 # --- the markdown section -------------------------------------------------------------------------
 
 
-def _acc(acc: float, low: float, high: float) -> str:
-    return f"{acc:.3f} [{low:.3f}, {high:.3f}]"
-
-
-def _p(p: float) -> str:
-    if p <= 0:
-        return "< 1e-300"  # below double precision
-    return f"{p:.1e}" if p < 1e-3 else f"{p:.3f}"
-
-
-def chance_corrected(accuracy: float, chance: float) -> float:
-    """(accuracy - chance) / (1 - chance): 0 at chance, 1 when perfect; comparable across k."""
-    return (accuracy - chance) / (1 - chance)
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def _full_table(table: pd.DataFrame) -> str:
     classifiers = [c for c in CLASSIFIER_ORDER if c in set(table["classifier"])]
     rows = []
-    for condition in _conditions(table):
+    for condition in condition_order(table):
         sub = table[table["condition"] == condition]
         feats = [f for f in FEATURIZER_ORDER if f in set(sub["featurizer"])]
         for feat in feats:
@@ -283,17 +100,17 @@ def _full_table(table: pd.DataFrame) -> str:
                     cells.append("–")
                     continue
                 r = hit.iloc[0]
-                cell = _acc(r["accuracy"], r["ci_low"], r["ci_high"])
+                cell = acc_cell(r["accuracy"], r["ci_low"], r["ci_high"])
                 cells.append(f"**{cell}**" if r["best"] else cell)
             rows.append([condition, f"{sub['chance'].iloc[0]:.3f}", feat, *cells])
-    return _md_table(["condition", "chance", "featurizer", *classifiers], rows)
+    return md_table(["condition", "chance", "featurizer", *classifiers], rows)
 
 
 def _null_section(table: pd.DataFrame, records: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     null = table[(table["condition"] == NULL_CONDITION) & ~table["white_box"].astype(bool)]
     if null.empty:
         return "", {}
-    labels = next(r["labels"] for r in _of(records, "split") if r["condition"] == NULL_CONDITION)
+    labels = next(r["labels"] for r in records_of(records, "split") if r["condition"] == NULL_CONDITION)
     inside = int(((null["ci_low"] <= null["chance"]) & (null["chance"] <= null["ci_high"])).sum())
     significant = int((null["p_value"] < SIGNIFICANCE).sum())
     chosen = null[null["best"].astype(bool)]
@@ -305,72 +122,27 @@ def _null_section(table: pd.DataFrame, records: Sequence[dict[str, Any]]) -> tup
         f"### Null control\n\n{_null_what(labels)} (`{labels[0]}` vs `{labels[1]}`), labelled as two classes, "
         "must come out at chance (0.5). "
         f"The pipeline chosen on the calibration split, {ref['pipeline']}, scores "
-        f"{_acc(ref['accuracy'], ref['ci_low'], ref['ci_high'])} (p = {_p(ref['p_value'])}, {int(ref['n_test'])} "
-        f"test texts): chance is {'outside' if failed else 'inside'} its interval. Across all {len(null)} "
-        f"pipelines, chance lies inside the 95% interval for {inside} and {significant} reach p < {SIGNIFICANCE} "
-        f"(about {SIGNIFICANCE * len(null):.1f} expected by chance alone); the highest test accuracy is "
-        f"{top['pipeline']} at {top['accuracy']:.3f}, p = {_p(top['p_bonferroni'])} corrected for the "
-        f"{len(null)} pipelines it was picked from.\n"
+        f"{acc_cell(ref['accuracy'], ref['ci_low'], ref['ci_high'])} (p = {p_cell(ref['p_value'])}, "
+        f"{int(ref['n_test'])} test texts): chance is {'outside' if failed else 'inside'} its interval. "
+        f"Across all {len(null)} pipelines, chance lies inside the 95% interval for {inside} and "
+        f"{significant} reach p < {SIGNIFICANCE} (about {SIGNIFICANCE * len(null):.1f} expected by chance "
+        f"alone); the highest test accuracy is {top['pipeline']} at {top['accuracy']:.3f}, "
+        f"p = {p_cell(top['p_bonferroni'])} corrected for the {len(null)} pipelines it was picked from.\n"
     )
     if failed:
         text += f"\n{_control_failed(ref)}\n"
     return text, facts
 
 
-def test_maximum(rows: pd.DataFrame) -> pd.Series:
-    """The pipeline with the highest *test* accuracy among ``rows`` (one condition's grid), with its p
-    corrected for having been picked from ``len(rows)`` (Bonferroni): the only honest way to quote a
-    maximum taken over the test texts."""
-    top = rows.sort_values("accuracy", ascending=False, kind="stable").iloc[0].copy()
-    top["p_bonferroni"] = min(1.0, float(top["p_value"]) * len(rows))
-    return top
-
-
-def confusion_panels(
-    best: dict[str, Any], ceiling: dict[str, Any] | None, attributor: dict[str, Any] | None
-) -> list[tuple[str, np.ndarray, list[str]]]:
-    """The panels of one condition's confusion figure: the ceiling's matrix (where there is one), then
-    the saved attributor's with an ``unknown`` column (else the best pipeline's own)."""
-    labels = list(best["labels"])
-    panels = []
-    if ceiling is not None:
-        panels.append((f"ceiling, accuracy {ceiling['accuracy']:.3f}", np.asarray(ceiling["confusion"]), labels))
-    if attributor is not None and attributor.get("confidence"):
-        k = len(labels)
-        matrix = np.zeros((k, k + 1), dtype=np.int64)
-        unknown = np.asarray(attributor["confidence"]) < attributor["threshold"]
-        for t, p, u in zip(attributor["y_true"], attributor["y_pred"], unknown, strict=True):
-            matrix[t, k if u else p] += 1
-        title = f"{best['pipeline']} attributor, accuracy {attributor['accuracy']:.3f}"
-        panels.append((title, matrix, [*labels, "unknown"]))
-    else:
-        panels.append((f"{best['pipeline']}, accuracy {best['accuracy']:.3f}", np.asarray(best["confusion"]), labels))
-    return panels
-
-
-def expected_calibration_error(attributor: dict[str, Any], bins: int = 10) -> float:
-    """ECE of a saved attributor on its test texts: |accuracy − mean top probability| per bin of the
-    top probability, weighted by the bin's share of texts."""
-    confidence = np.asarray(attributor["confidence"], dtype=float)
-    correct = np.asarray(attributor["y_true"]) == np.asarray(attributor["y_pred"])
-    which = np.clip(np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
-    gaps = [
-        abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).mean()
-        for b in range(bins)
-        if (which == b).any()
-    ]
-    return float(sum(gaps))
-
-
 def _test_max_note(table: pd.DataFrame) -> str:
     """The highest test accuracy of each condition's grid, quoted only with its corrected p."""
     cells = []
-    for condition in _conditions(table):
+    for condition in condition_order(table):
         grid = table[(table["condition"] == condition) & table["cal_accuracy"].notna()]
         if grid.empty:
             continue
         top = test_maximum(grid)
-        cells.append(f"`{condition}` {top['pipeline']} {top['accuracy']:.3f} (p = {_p(top['p_bonferroni'])})")
+        cells.append(f"`{condition}` {top['pipeline']} {top['accuracy']:.3f} (p = {p_cell(top['p_bonferroni'])})")
     if not cells:
         return ""
     return (
@@ -397,7 +169,7 @@ def _null_what(labels: Sequence[str]) -> str:
 
 
 def _explanation_section(records: Sequence[dict[str, Any]]) -> str:
-    explained = _of(records, "explanation")
+    explained = records_of(records, "explanation")
     if not explained:
         return ""
     condition = "all" if any(r["condition"] == "all" for r in explained) else explained[0]["condition"]
@@ -411,58 +183,8 @@ def _explanation_section(records: Sequence[dict[str, Any]]) -> str:
         f"### What sets each model apart (condition `{condition}`)\n\n"
         f"The word n-grams with the largest {explained[0]['pipeline']} weight for each model; in brackets, the "
         f"share of that model's training texts containing the n-gram vs the share of the other models' texts.\n\n"
-        + _md_table(["model", "top n-grams"], rows)
+        + md_table(["model", "top n-grams"], rows)
     )
-
-
-def _open_set_section(records: Sequence[dict[str, Any]]) -> tuple[str, dict[str, float]]:
-    table = open_set_table(records)
-    attributors = _of(records, "attributor")
-    parts = []
-    if attributors:
-        rows = [
-            [
-                a["condition"],
-                a["pipeline"],
-                f"{a['temperature']:.2f}",
-                f"{a['threshold']:.3f}",
-                f"{a['accuracy']:.3f}",
-                f"{a['known_rejected']:.3f}",
-                f"{a['accepted_accuracy']:.3f}",
-            ]
-            for a in attributors
-        ]
-        parts.append(
-            "### Saved attributors\n\nThe best pipeline of each condition, saved under "
-            "`models/<run>/attributors/<condition>/` for `natprints attribute`; temperature and open-set "
-            "threshold chosen on held-out calibration prompts, then measured on the test prompts.\n\n"
-            + _md_table(
-                [
-                    "condition",
-                    "pipeline",
-                    "temperature",
-                    "threshold",
-                    "test accuracy",
-                    "known texts rejected",
-                    "accuracy when accepted",
-                ],
-                rows,
-            )
-        )
-    facts: dict[str, float] = {}
-    if not table.empty:
-        rows = [
-            [f"`{r.held_out_model}`", f"{r.unknown_rejected:.3f}", f"{r.known_rejected:.3f}", f"{r.threshold:.3f}"]
-            for r in table.itertuples()
-        ]
-        facts = {"unknown": float(table["unknown_rejected"].mean()), "known": float(table["known_rejected"].mean())}
-        parts.append(
-            f"### Open set\n\nAn attributor ({table['pipeline'].iloc[0]}, condition `{table['condition'].iloc[0]}`) "
-            "trained with one zoo model left out: the share of the left-out model's test texts reported as "
-            "`unknown`, next to the share of the known models' test texts wrongly rejected.\n\n"
-            + _md_table(["left-out model", "its texts called unknown", "known texts rejected", "threshold"], rows)
-        )
-    return "\n".join(parts), facts
 
 
 def _findings(
@@ -481,7 +203,7 @@ def _findings(
     if real["ceiling"].notna().all():
         ceil = ", ".join(
             f"`{r.condition}` {r.ceiling:.3f} (chance {r.chance:.3f}; best pipeline {r.accuracy:.3f}, share "
-            f"{_share(r.ceiling_share)})"
+            f"{share_cell(r.ceiling_share)})"
             for r in real.itertuples()
         )
         out.append(
@@ -606,8 +328,8 @@ def render_section(cfg: Config) -> str:
     null_text, null_facts = _null_section(table, records)
     evidence_text, tokens = _evidence_section(records, figures)
     pooled_text, pooled = _pooled_section(records, figures)
-    open_text, open_facts = _open_set_section(records)
-    lik_text, lik_facts = _likelihood_open_set_section(records)
+    open_text, open_facts = open_set_section(records)
+    lik_text, lik_facts = likelihood_open_set_section(records)
     parts = [
         "## Attribution: natural fingerprints\n",
         _INTRO,
@@ -631,8 +353,8 @@ def render_section(cfg: Config) -> str:
         _explanation_section(records),
         open_text,
         lik_text,
-        _outsiders_section(cfg, records, figures),
-        _sequential_section(records, figures),
+        outsiders_section(cfg, records, figures),
+        sequential_section(records, figures),
         _findings(head, null_facts, tokens, open_facts, pooled, lik_facts),
     ]
     return "\n".join(p for p in parts if p)
@@ -640,7 +362,7 @@ def render_section(cfg: Config) -> str:
 
 def _headline_md(head: pd.DataFrame, has_ceiling: bool) -> str:
     """The headline table: per condition the ceiling, the best pipeline, the baseline, the length control."""
-    return _md_table(
+    return md_table(
         [
             "condition",
             "models",
@@ -662,14 +384,14 @@ def _headline_md(head: pd.DataFrame, has_ceiling: bool) -> str:
                 r.n_classes,
                 r.n_test,
                 f"{r.chance:.3f}",
-                *([_acc(r.ceiling, r.ceiling_ci_low, r.ceiling_ci_high)] if has_ceiling else []),
+                *([acc_cell(r.ceiling, r.ceiling_ci_low, r.ceiling_ci_high)] if has_ceiling else []),
                 r.best,
-                _acc(r.accuracy, r.ci_low, r.ci_high),
-                *([_share(r.ceiling_share)] if has_ceiling else []),
+                acc_cell(r.accuracy, r.ci_low, r.ci_high),
+                *([share_cell(r.ceiling_share)] if has_ceiling else []),
                 f"{chance_corrected(r.accuracy, r.chance):.3f}",
                 f"{r.macro_f1:.3f}",
-                _p(r.p_value),
-                "–" if math.isnan(r.baseline) else _acc(r.baseline, r.baseline_ci_low, r.baseline_ci_high),
+                p_cell(r.p_value),
+                "–" if math.isnan(r.baseline) else acc_cell(r.baseline, r.baseline_ci_low, r.baseline_ci_high),
                 _length_cell(r),
             ]
             for r in head.itertuples()
@@ -687,8 +409,8 @@ def _approaches_section(records: Sequence[dict[str, Any]]) -> str:
             f"`{r.condition}`",
             r.approach,
             r.pipeline,
-            _acc(r.accuracy, r.ci_low, r.ci_high),
-            _share(r.ceiling_share),
+            acc_cell(r.accuracy, r.ci_low, r.ci_high),
+            share_cell(r.ceiling_share),
         ]
         for r in approaches.itertuples()
         if r.condition != NULL_CONDITION
@@ -696,16 +418,16 @@ def _approaches_section(records: Sequence[dict[str, Any]]) -> str:
     return (
         "### Black-box approaches against the ceiling\n\nThe best pipeline of each approach per condition "
         "(text only, no weights of the zoo): what each reached, including what did not help.\n\n"
-        + _md_table(["condition", "approach", "best of it", "accuracy [95% CI]", "share of ceiling"], rows)
+        + md_table(["condition", "approach", "best of it", "accuracy [95% CI]", "share of ceiling"], rows)
     )
 
 
 def _confusion_section(records: Sequence[dict[str, Any]], figures: Path) -> str:
     """The ceiling's confusion matrix beside the best pipeline's saved attributor, per condition."""
     images = []
-    attributors = {r["condition"]: r for r in _of(records, "attributor")}
-    ceilings = {r["condition"]: r for r in _of(records, "pipeline") if r["pipeline"] == CEILING_PIPELINE}
-    for r in _of(records, "pipeline"):
+    attributors = {r["condition"]: r for r in records_of(records, "attributor")}
+    ceilings = {r["condition"]: r for r in records_of(records, "pipeline") if r["pipeline"] == CEILING_PIPELINE}
+    for r in records_of(records, "pipeline"):
         if r["best"] and r["condition"] != NULL_CONDITION:
             name = f"confusion_{r['condition']}.png"
             plot_confusion(
@@ -727,7 +449,7 @@ def _confusion_section(records: Sequence[dict[str, Any]], figures: Path) -> str:
 
 def _calibration_section(records: Sequence[dict[str, Any]], figures: Path) -> str:
     """The saved attributors' reliability diagram and ECE."""
-    attributors = {r["condition"]: r for r in _of(records, "attributor")}
+    attributors = {r["condition"]: r for r in records_of(records, "attributor")}
     reliability = [a for a in attributors.values() if a.get("confidence")]
     if not reliability:
         return ""
@@ -821,7 +543,7 @@ def _pooled_section(records: Sequence[dict[str, Any]], figures: Path) -> tuple[s
 
 def _string_section(records: Sequence[dict[str, Any]]) -> str:
     """The ceiling scored on strings (canonical tokenization) against the sampled ids."""
-    rows = _of(records, "string_ceiling")
+    rows = records_of(records, "string_ceiling")
     if not rows:
         return ""
     table = []
@@ -832,8 +554,8 @@ def _string_section(records: Sequence[dict[str, Any]]) -> str:
             [
                 f"`{r['condition']}`",
                 f"{r['differs']:.2f} ({r['n_differs']}/{r['n_test']}; per model {min(shares):.2f}–{max(shares):.2f})",
-                _acc(t["accuracy"], t["ci_low"], t["ci_high"]),
-                _acc(s["accuracy"], s["ci_low"], s["ci_high"]),
+                acc_cell(t["accuracy"], t["ci_low"], t["ci_high"]),
+                acc_cell(s["accuracy"], s["ci_low"], s["ci_high"]),
                 f"{t['accuracy'] - s['accuracy']:+.3f}",
                 "–"
                 if math.isnan(r["token_on_differing"])
@@ -848,7 +570,7 @@ def _string_section(records: Sequence[dict[str, Any]]) -> str:
         "scores that one path, while the string's probability sums over every path. Both ceilings here leave "
         "out the end event (where a text stopped), so they can read a little below the one above. *Agrees*: "
         "the string-level ceiling inside the token-level one's 95% interval.\n\n"
-        + _md_table(
+        + md_table(
             [
                 "condition",
                 "texts re-tokenized otherwise",
@@ -866,7 +588,7 @@ def _string_section(records: Sequence[dict[str, Any]]) -> str:
 def _length_cell(row: Any) -> str:
     if math.isnan(row.length):
         return "–"
-    cell = _acc(row.length, row.length_ci_low, row.length_ci_high)
+    cell = acc_cell(row.length, row.length_ci_low, row.length_ci_high)
     return f"**{cell} leaks**" if row.length_leaks else cell
 
 
@@ -900,7 +622,7 @@ def _kl_order(cfg: Config, labels: list[str]) -> list[str]:
 
 def _pair_confusion(records: Sequence[dict[str, Any]]) -> dict[frozenset, float]:
     """From the `all` condition's best pipeline: how often a's and b's texts are taken for each other."""
-    best = next((r for r in _of(records, "pipeline") if r["condition"] == "all" and r["best"]), None)
+    best = next((r for r in records_of(records, "pipeline") if r["condition"] == "all" and r["best"]), None)
     if best is None:
         return {}
     c = np.asarray(best["confusion"], dtype=float)
@@ -936,21 +658,25 @@ def _kl_section(cfg: Config, records: Sequence[dict[str, Any]]) -> str:
         "(`kl.csv`, with standard errors). Same model order as the SeedPrints heatmap.\n\n"
         f"![KL heatmap]({FIGURES}/kl_heatmap.png)\n"
     ]
-    relations = _of(records, "kl_relation")
+    relations = records_of(records, "kl_relation")
     if relations:
         parts.append(
             "Mean symmetrized KL by what a pair shares (95% bootstrap interval over prompts):\n\n"
-            + _md_table(
+            + md_table(
                 ["pair relation", "pairs", "KL per token [95% CI]"],
-                [[r["relation"], r["n_pairs"], _acc(r["kl_per_token"], r["ci_low"], r["ci_high"])] for r in relations],
+                [
+                    [r["relation"], r["n_pairs"], acc_cell(r["kl_per_token"], r["ci_low"], r["ci_high"])]
+                    for r in relations
+                ],
             )
         )
-    tests = _of(records, "kl_test")
+    tests = records_of(records, "kl_test")
     if tests:
         parts.append(
             "One-sided permutation tests over pairs: "
             + "; ".join(
-                f"{t['closer']} closer than {t['farther']} by {t['difference']:.3f} nats/token (p = {_p(t['p_value'])})"
+                f"{t['closer']} closer than {t['farther']} by {t['difference']:.3f} nats/token "
+                f"(p = {p_cell(t['p_value'])})"
                 for t in tests
             )
             + ".\n"
@@ -1005,202 +731,6 @@ def _follows(init: dict, data: dict, neither: dict) -> str:
     return "neither seed clearly (every interval overlaps `neither`)"
 
 
-def _share(share: float) -> str:
-    return "–" if share is None or math.isnan(share) else f"{share:.2f}"
-
-
-def _likelihood_open_set_section(records: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    table = likelihood_open_set_table(records)
-    if table.empty:
-        return "", {}
-    rows = [
-        [
-            f"`{r.condition}`",
-            r.method,
-            int(r.k),
-            int(r.held_out),
-            f"{r.unknown_rejected:.3f} ({int(r.unknown_rejected_n)}/{int(r.n_unknown)})",
-            _acc(r.known_rejected, *wilson_interval(int(r.known_rejected_n), int(r.n_known))),
-        ]
-        for r in table.itertuples()
-    ]
-    alpha = float(table["alpha"].iloc[0])
-    text = (
-        "### Open set: did a known model write these texts?\n\n"
-        f"Each model of a condition is left out of the library in turn; pools of k test texts of one source are "
-        f"called `unknown` when the test rejects their best known model at alpha = {alpha:g}. *margin*: the "
-        "pooled log-likelihood margin of that model over the best other known model, against the alpha-quantile "
-        "of the same margin on bootstrap pools of the model's own calibration-split texts. *analytic*: every known "
-        "model's pooled Fast-DetectGPT discrepancy z (log-likelihood centred by the model's own per-position "
-        f"entropy, scaled by its variance) below the one-sided alpha level. Known models' pools wrongly rejected "
-        "should stay near alpha (95% Wilson interval shown).\n\n"
-        + _md_table(
-            ["condition", "test", "k", "models left out", "left-out pools called unknown", "known pools rejected"], rows
-        )
-    )
-    return text, {"table": table}
-
-
-OUTSIDER_TARGET = (4, 0.9)  # pools of 4 human continuations: at least this share called `unknown`
-
-
-def _outsiders_section(cfg: Config, records: Sequence[dict[str, Any]], figures: Path) -> str:
-    """Every open-set test with the whole library known, against texts no model of it wrote."""
-    table = outsiders_table(records)
-    if table.empty:
-        return ""
-    alpha = cfg.likelihood.open_set_alpha
-    rows = [
-        [
-            f"`{r.condition}`",
-            r.method,
-            r.source,
-            int(r.k),
-            f"{r.outsider_rejected:.3f} ({int(r.outsider_rejected_n)}/{int(r.n_outsider)})",
-            _acc(r.known_rejected, *wilson_interval(int(r.known_rejected_n), int(r.n_known))),
-            "–" if r.auroc is None or pd.isna(r.auroc) else f"{r.auroc:.3f}",
-        ]
-        for r in table.itertuples()
-    ]
-    k_target, share = OUTSIDER_TARGET
-    lines = []
-    for method in ("analytic", "margin", "attributor"):
-        at = table[(table["method"] == method) & (table["source"] == "human") & (table["k"] == k_target)]
-        if at.empty:
-            continue
-        met = at[at["outsider_rejected"] >= share]["condition"].tolist()
-        lines.append(
-            f"- *{method}*: pools of {k_target} human continuations called `unknown` in "
-            f"{at['outsider_rejected'].min():.2f}–{at['outsider_rejected'].max():.2f} of cases; the target "
-            f"(≥ {share:g}) is met in {len(met)} of {len(at)} conditions"
-            + (f" ({', '.join(f'`{c}`' for c in met)})" if 0 < len(met) < len(at) else "")
-            + "."
-        )
-    fpr = table[table["method"] != "attributor"]
-    if not fpr.empty:
-        low = [wilson_interval(int(r.known_rejected_n), int(r.n_known))[0] for r in fpr.itertuples()]
-        above = sum(lo > alpha for lo in low)
-        lines.append(
-            "- Known models' pools wrongly called `unknown` by the likelihood tests: "
-            f"{fpr['known_rejected'].min():.3f}–{fpr['known_rejected'].max():.3f}; {above} of {len(fpr)} rows "
-            "have their whole 95% interval above "
-            f"alpha = {alpha:g}."
-        )
-    panels = [
-        (f"{c}, k={k}", [(f"{r['method']}, {r['source']}", r["roc_fpr"], r["roc_tpr"]) for r in group])
-        for (c, k), group in _groupby(_of(records, "open_set_outsiders"), ("condition", "k"))
-        if k in (1, k_target)
-    ]
-    figure = ""
-    if panels:
-        plot_roc(panels, figures / "open_set_roc.png")
-        figure = f"![open set: ROC curves]({FIGURES}/open_set_roc.png)\n\n"
-    return (
-        "### Open set: texts none of the models wrote\n\n"
-        "What an auditor meets besides the library's own models: *human*, the held-out paragraph's own "
-        "continuation of each test prompt (at most as many tokens as a model wrote; its end scored as a "
-        "model's EOS when the paragraph ends), and *junk*, as many tokens drawn uniformly from the "
-        "vocabulary. Every model of the condition is known. *analytic*: every model's pooled discrepancy z "
-        f"beyond the two-sided alpha = {alpha:g} level (too unlikely *or* too likely for that model's own "
-        "texts); *margin*: the best model's pooled log-likelihood margin below its bootstrap threshold (as "
-        "above); *attributor*: the saved attributor's pooled calibrated probability below its threshold "
-        "(`natprints attribute --pool`). Known pools rejected: the condition's own test texts, pooled by "
-        "model (95% Wilson interval). AUROC: how well the test's statistic separates outsider pools from "
-        "known ones, whatever the threshold.\n\n"
-        + "\n".join(lines)
-        + "\n\n"
-        + figure
-        + _md_table(["condition", "test", "outsider", "k", "called unknown", "known pools rejected", "AUROC"], rows)
-    )
-
-
-SEQUENTIAL_TARGET = ("seed", 0.01)  # the condition and error level the issue's target names
-
-
-def _sequential_section(records: Sequence[dict[str, Any]], figures: Path) -> str:
-    """The sequential test: texts to a verdict and the misattribution rate against its guarantee."""
-    table = sequential_table(records)
-    if table.empty:
-        return ""
-    known = table[table["case"] == "known"]
-    plot_sequential(known, figures / "sequential.png")
-
-    def texts(r: Any) -> str:
-        return "–" if pd.isna(r.median_texts) else f"{r.median_texts:g} ({r.q25_texts:g}–{r.q75_texts:g})"
-
-    rows = [
-        [
-            f"`{r.condition}`",
-            r.pipeline + {"ceiling": " (ceiling)", "baseline": " (baseline)"}.get(r.role, ""),
-            r.case,
-            f"{r.error:g}",
-            int(r.n_streams),
-            texts(r),
-            f"{int(r.named_right)} / {int(r.named_wrong)} / {int(r.unknown)} / {int(r.undecided)}",
-            _acc(r.misattribution, r.misattribution_ci_low, r.misattribution_ci_high)
-            + ("" if r.misattribution_ci_low <= r.error else " **above its bound**"),
-        ]
-        for r in table.itertuples()
-    ]
-    condition, error = SEQUENTIAL_TARGET
-    lines = []
-    for role in ("ceiling", "best"):
-        at = known[(known["condition"] == condition) & (known["role"] == role) & (known["error"] == error)]
-        if len(at):
-            r = next(at.itertuples())
-            within = "within" if r.misattribution_ci_low <= error else "**not within**"
-            lines.append(
-                f"- `{condition}` at error {error:g}, {ROLE_NAMES.get(role, role)}: median {texts(r)} texts to a "
-                f"verdict; misattribution {r.misattribution:.3f} [{r.misattribution_ci_low:.3f}, "
-                f"{r.misattribution_ci_high:.3f}], {within} its bound; {int(r.undecided)} of {int(r.n_streams)} "
-                f"streams undecided after {int(r.stream_texts)} texts."
-            )
-    stream = int(table["stream_texts"].iloc[0])
-    return (
-        "### Sequential attribution: when is there enough evidence?\n\n"
-        f"Texts of one source arrive one at a time (streams of {stream} test texts, in a random order). After "
-        "each text the test names model i once its likelihood leads every other candidate's by a factor "
-        "(K − 1) / error: by Ville's inequality the chance of *ever* naming a wrong model is at most the "
-        "error, at any stopping time. The ceiling uses exact likelihoods and carries the guarantee; the best "
-        "pipeline and the baseline use their probabilities as likelihood ratios (exact only as far as they are "
-        "calibrated: the baseline is not calibrated at all), so for them the observed rate is the check. "
-        "Beside it, the analytic open-set test (two-sided, spending error · 6 / (π² n²) at the n-th text) "
-        "rejects a candidate whose texts so far do not look like its own samples: a rejected leader is not "
-        "named, and a stream that rejects every candidate is `unknown` (the ceiling only: it needs each "
-        "text's entropy and variance). *left-out model*: each model's streams with that model out of the library; "
-        "*human*: the held-out paragraphs' own continuations; for both, naming any model is a "
-        "misattribution, which the guarantee does not cover (no candidate is the truth). Verdicts: "
-        "right / wrong / `unknown` / undecided. `sequential.csv` holds every row.\n\n"
-        + "\n".join(lines)
-        + ("\n\n" if lines else "")
-        + f"![sequential attribution]({FIGURES}/sequential.png)\n\n"
-        + _md_table(
-            [
-                "condition",
-                "attributor",
-                "streams of",
-                "error",
-                "streams",
-                "texts to a verdict: median (IQR)",
-                "verdicts",
-                "misattribution [95% CI]",
-            ],
-            rows,
-        )
-    )
-
-
-ROLE_NAMES = {"ceiling": "the ceiling (likelihood)", "best": "the best pipeline", "baseline": "the baseline"}
-
-
-def _groupby(rows: Sequence[dict[str, Any]], keys: tuple[str, ...]) -> list[tuple[tuple, list[dict[str, Any]]]]:
-    """Rows grouped by ``keys``, groups in order of first appearance."""
-    out: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        out.setdefault(tuple(r[k] for k in keys), []).append(r)
-    return list(out.items())
-
-
 def _evidence_md(points: pd.DataFrame, axis: str) -> str:
     values = sorted(points["value"].unique(), key=lambda v: (v == 0, v))
     label = {
@@ -1220,4 +750,4 @@ def _evidence_md(points: pd.DataFrame, axis: str) -> str:
                 *[f"{by[v]:.3f}" if v in by else "–" for v in values],
             ]
         )
-    return _md_table(["condition", "pipeline", *[label[axis](v) for v in values]], rows)
+    return md_table(["condition", "pipeline", *[label[axis](v) for v in values]], rows)

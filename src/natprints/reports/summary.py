@@ -25,7 +25,7 @@ from natprints.records import (
     load_records,
     sequential_table,
 )
-from natprints.reports.attribution import (
+from natprints.reports.tables import (
     expected_calibration_error,
     headline_table,
     likelihood_open_set_table,
