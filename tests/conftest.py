@@ -65,13 +65,31 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def smoke_home(tmp_path_factory) -> Path:
-    """A directory holding the complete smoke run: every stage, through the CLI."""
-    home = tmp_path_factory.mktemp("smoke")
+# `make test` builds the smoke run once and names it here, for the pytest processes that share it
+SHARED_SMOKE = "NATPRINTS_TEST_SMOKE"
+BUILT = ".smoke-built"
+
+
+def build_smoke(home: Path) -> Path:
+    """Run every stage of the smoke config under ``home`` through the CLI, then mark it built."""
+    home.mkdir(parents=True, exist_ok=True)
     for stage in SMOKE_STAGES:
         run_cli(*stage, "--config", str(SMOKE), home=home)
+    (home / BUILT).touch()
     return home
+
+
+@pytest.fixture(scope="session")
+def smoke_home(tmp_path_factory) -> Path:
+    """A directory holding the complete smoke run: every stage, through the CLI. Built for the session,
+    or the one ``$NATPRINTS_TEST_SMOKE`` names (built by ``tests/run_all.sh`` before the tests that
+    read it; they only read it, so several processes can)."""
+    shared = os.environ.get(SHARED_SMOKE)
+    if shared:
+        if not (Path(shared) / BUILT).is_file():
+            raise RuntimeError(f"${SHARED_SMOKE}={shared} holds no finished smoke run")
+        return Path(shared)
+    return build_smoke(tmp_path_factory.mktemp("smoke"))
 
 
 @pytest.fixture(scope="session")

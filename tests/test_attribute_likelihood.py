@@ -512,3 +512,66 @@ def test_sequential_attribution_stops_at_the_verdict_the_whole_stream_gives(zoo)
     assert late.exit_code == 0 and "no-such-file" not in late.output
     wrong = invoke("attribute", *zoo.files("b", 2), "--method", "likelihood", *models, "--sequential", "--pool")
     assert wrong.exit_code != 0 and "--sequential and --pool: choose one" in wrong.output
+
+
+def test_jsonl_records_score_their_sampled_token_ids_where_a_tokenizer_reads_them_back(zoo, tmp_path):
+    """A record's `token_ids` (a segmentation other than the tokenizer's own, as a sampler may draw)
+    are what a model whose tokenizer decodes them to the text scores; a model with another tokenizer
+    re-tokenizes the text; the output says which did which. A record's `prompt` is its own."""
+    corpus = zoo.texts["b"] + zoo.texts["d"]
+    tok = trained_tokenizer("bytebpe", corpus, 300)
+    torch.manual_seed(12)
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    ).eval()
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    text = zoo.texts["b"][0]
+    canonical = tok(text, add_special_tokens=False)["input_ids"]
+    # split the first token of two or more characters into its characters: another path to the same text
+    at = next(i for i, t in enumerate(canonical) if len(tok.convert_ids_to_tokens(t)) > 1)
+    pieces = tok.convert_tokens_to_ids(list(tok.convert_ids_to_tokens(canonical[at])))
+    sampled = canonical[:at] + pieces + canonical[at + 1 :]
+    assert tok.decode(sampled) == text and sampled != canonical
+    library = {"a": zoo.dirs["a"], "gpt2": tmp_path / "gpt2"}
+    p = attribute_by_likelihood([text], library, sampled=[sampled])[0]
+    start = tok.bos_token_id
+    assert p.loglik["gpt2"] == pytest.approx(direct(gpt2, [start], sampled)[0], abs=1e-4)
+    assert p.loglik["gpt2"] != pytest.approx(direct(gpt2, [start], canonical)[0], abs=1e-4)
+    words = zoo.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert p.loglik["a"] == pytest.approx(direct(zoo.models["a"], [EOS], words)[0], abs=1e-4)
+    assert p.as_sampled == {"a": 0, "gpt2": 1} and p.model_tokens["gpt2"] == len(sampled)
+    # the command: records with and without ids and a prompt of their own, and bad records among them
+    prompt = "w10 w11"
+    records = [
+        {"text": text, "token_ids": sampled, "source": "ignored"},
+        {"text": text},
+        {"text": text, "prompt": prompt},
+        {"txt": text},
+        {"text": text, "token_ids": [-1]},
+    ]
+    path = tmp_path / "texts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\nnot json\n")
+    models = ["--method", "likelihood", "--models", library["a"], "--models", library["gpt2"]]
+    result = invoke("attribute", path, *models, "--json", "--jsonl")
+    assert result.exit_code == 1
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["input"] for r in out] == [f"{path}:{i}" for i in range(1, 7)]  # in input order, errors too
+    assert [("error" in r) for r in out] == [False] * 3 + [True] * 3
+    assert out[0]["loglik"]["gpt2"] == pytest.approx(p.loglik["gpt2"], abs=1e-4)
+    assert out[0]["scored_as_sampled_ids"] == {"a": 0, "gpt2": 1} and "scored_as_sampled_ids" not in out[1]
+    assert out[1]["loglik"]["gpt2"] == pytest.approx(direct(gpt2, [start], canonical)[0], abs=1e-4)
+    context = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert out[2]["loglik"]["gpt2"] == pytest.approx(direct(gpt2, context, canonical)[0], abs=1e-4)
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}:4: needs a `text` string",
+        f"error: {path}:5: its `token_ids` must be a non-empty list of non-negative integers",
+        f"error: {path}:6: not a JSON record (Expecting value)",
+    ]
+    lines = invoke("attribute", path, *models, "--jsonl").stdout.splitlines()
+    assert lines[0].endswith("; the given token ids scored by 1 of 2 models, re-tokenized by the rest")
+    assert "token ids" not in lines[1]
+    pooled = invoke("attribute", path, *models, "--jsonl", "--pool", "--json")
+    assert json.loads(pooled.stdout.splitlines()[-1])["scored_as_sampled_ids"] == {"a": 0, "gpt2": 1}
+    wrong = invoke("attribute", path, *models, "--jsonl", "--sequential")
+    assert wrong.exit_code == 1 and "--jsonl reads whole files of records: not with --sequential" in wrong.output

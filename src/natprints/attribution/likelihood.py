@@ -52,6 +52,9 @@ class LikelihoodPrediction(Prediction):
     # the analytic test's parts per model: log-likelihood plus entropy, and the variance of log p
     centred: dict[str, float] = field(default_factory=dict, repr=False)
     variance: dict[str, float] = field(default_factory=dict, repr=False)
+    # where the texts came with their sampled token ids: how many of them each model scored as those ids
+    # (its tokenizer reads them back as the text); the rest it re-tokenized. Empty when none came with ids.
+    as_sampled: dict[str, int] = field(default_factory=dict)
 
     @property
     def rejected(self) -> list[str]:
@@ -69,7 +72,19 @@ class LikelihoodPrediction(Prediction):
             "tokens": self.tokens,
             "model_tokens": self.model_tokens,
             "texts": self.texts,
+            **({"scored_as_sampled_ids": self.as_sampled} if self.as_sampled else {}),
         }
+
+    def scored_line(self) -> str:
+        """What each model scored, where the texts came with their sampled ids; else empty."""
+        if not self.as_sampled:
+            return ""
+        counts = self.as_sampled.values()
+        if all(n in (0, self.texts) for n in counts):
+            models = sum(1 for n in counts if n == self.texts)
+            return f"; the given token ids scored by {models} of {len(counts)} models, re-tokenized by the rest"
+        shares = ", ".join(f"{m} {n}/{self.texts}" for m, n in self.as_sampled.items())
+        return f"; texts scored as their given token ids: {shares} (re-tokenized otherwise)"
 
 
 def _atypical(z: float, alpha: float) -> bool:
@@ -99,6 +114,7 @@ def attribute_by_likelihood(
     progress: bool = False,
     loaded: dict[str, Any] | None = None,
     token_logprobs: dict[str, list[list[float]]] | None = None,
+    sampled: Sequence[Sequence[int] | None] | None = None,
 ) -> list[LikelihoodPrediction] | LikelihoodPrediction:
     """Attribute each text (or, with ``pool``, all of them together) to the model most likely to have written it.
 
@@ -109,7 +125,9 @@ def attribute_by_likelihood(
     per text in order, or one when ``pool``; ``top`` candidates each. ``loaded``: a dict that keeps
     each model loaded between calls (label -> model), for texts that arrive one at a time.
     ``token_logprobs``: a dict filled with label -> each text's per-token log-probabilities (an
-    evidence bundle's scores).
+    evidence bundle's scores). ``sampled``: each text's sampled token ids where its source recorded
+    them (None where not): a model whose tokenizer reads them back as the text scores those ids, not a
+    re-tokenization, and each prediction says how many texts each model scored so.
     """
     import torch
     from tqdm.auto import tqdm
@@ -121,6 +139,8 @@ def attribute_by_likelihood(
         raise NatprintsError("likelihood attribution needs at least one text")
     if prompts is not None and len(prompts) != len(texts):
         raise NatprintsError(f"likelihood attribution: {len(prompts)} prompts for {len(texts)} texts")
+    if sampled is not None and len(sampled) != len(texts):
+        raise NatprintsError(f"likelihood attribution: {len(sampled)} token id lists for {len(texts)} texts")
     if not temperature > 0 or top_k < 0 or not 0 < top_p <= 1:
         raise NatprintsError(
             f"need temperature > 0, top_k >= 0 and 0 < top_p <= 1, got {temperature}, {top_k} and {top_p}"
@@ -133,7 +153,9 @@ def attribute_by_likelihood(
         else load_candidates(model_dirs, tokenizer)
     )
     # every text checked under every model (one encoding per tokenizer) before any model is loaded
-    pairs, errors = encode_for(candidates, texts, prompts, [f"text {i}" for i in range(len(texts))])
+    pairs, errors, as_sampled = encode_for(
+        candidates, texts, prompts, [f"text {i}" for i in range(len(texts))], sampled
+    )
     if errors:
         raise NatprintsError(next(iter(errors.values())))
     device = resolve_device(device)
@@ -172,9 +194,16 @@ def attribute_by_likelihood(
         del lm, scores
         if device == "cuda" and loaded is None:
             torch.cuda.empty_cache()
+    given = sampled is not None and any(ids is not None for ids in sampled)
     if pool:
-        return _predict(labels, loglik.sum(0), entropy.sum(0), variance.sum(0), tokens.sum(0), n, alpha, top)
-    return [_predict(labels, loglik[i], entropy[i], variance[i], tokens[i], 1, alpha, top) for i in range(n)]
+        p = _predict(labels, loglik.sum(0), entropy.sum(0), variance.sum(0), tokens.sum(0), n, alpha, top)
+        p.as_sampled = {m: sum(as_sampled[m]) for m in labels} if given else {}
+        return p
+    out = [_predict(labels, loglik[i], entropy[i], variance[i], tokens[i], 1, alpha, top) for i in range(n)]
+    for i, p in enumerate(out):
+        if sampled is not None and sampled[i] is not None:
+            p.as_sampled = {m: int(as_sampled[m][i]) for m in labels}
+    return out
 
 
 def _ranked(log_scores: np.ndarray, top: int) -> tuple[np.ndarray, list[int]]:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from natprints.attribution.likelihood import LikelihoodPrediction
 
 Writer = Callable[[str], None]
+JSONL_TEXTS = 1000  # a JSONL file may hold up to this many times --max-bytes
 FIRST_BATCH = 32  # the first answers come after this many inputs ...
 MAX_BATCH = 2048  # ... then batches double up to this many
 METHODS = ("attributor", "likelihood")
@@ -45,11 +46,14 @@ def _stderr(line: str) -> None:
 
 
 class Input(NamedTuple):
-    """One input: its name (a path, ``<stdin>``, ``<stdin>:LINE``), and its text or why it has none."""
+    """One input: its name (a path, ``<stdin>``, ``<stdin>:LINE``, ``FILE:LINE`` of a JSONL file), and
+    its text or why it has none; a JSONL record may give the text's prompt and sampled token ids."""
 
     name: str
     text: str | None
     error: str | None
+    prompt: str | None = None
+    token_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class Request:
     bundle: Path | None = None  # write an evidence bundle here
     device: str | None = None  # likelihood: where to score (default: the run's, else auto)
     batch_size: int | None = None  # likelihood: texts per batch (default: the run's, else 64)
+    jsonl: bool = False  # each FILE holds JSONL records: `text`, optional `prompt` and `token_ids`
 
     def check(self) -> None:
         """Options that do not go together, as one-line errors."""
@@ -88,6 +93,8 @@ class Request:
             raise NatprintsError("--sequential and --pool: choose one (both read the inputs as texts of one source)")
         if self.sequential and self.bundle is not None:
             raise NatprintsError("--bundle records a verdict set: not with --sequential")
+        if self.jsonl and (self.sequential or self.bundle is not None):
+            raise NatprintsError("--jsonl reads whole files of records: not with --sequential or --bundle")
         if self.sequential and not 0 < self.error < 1:
             raise NatprintsError(f"--error must lie strictly between 0 and 1, got {self.error}")
         if self.method == "likelihood":
@@ -202,8 +209,8 @@ def _attribute(files: list[str], request: Request, out: Writer, err: Writer, bun
     if request.pool:
         from natprints.attribution.likelihood import attribute_pooled
 
-        inputs = read_inputs(files, limit)
-        texts = [text for _, text, _ in inputs if text is not None]
+        inputs = read_inputs(files, limit, request.jsonl)
+        texts = [item.text for item in inputs if item.text is not None]
         failed = _emit(inputs, None, request.as_json, out, err)
         _warn_seen(model, inputs, err)
         if texts:
@@ -217,11 +224,11 @@ def _attribute(files: list[str], request: Request, out: Writer, err: Writer, bun
         return failed
     failed = 0
     for batch in _batches(files, model.batch_invariant):
-        inputs = read_inputs(batch, limit)
-        texts = [text for _, text, _ in inputs if text is not None]
+        inputs = read_inputs(batch, limit, request.jsonl)
+        texts = [item.text for item in inputs if item.text is not None]
         _warn_seen(model, inputs, err)
         predictions = model.predict(texts, top_k=request.top) if texts else []
-        good = [name for name, _, error in inputs if error is None]
+        good = [item.name for item in inputs if item.error is None]
         if bundle is not None and texts:
             _record_attributor(bundle, model, inputs, texts, predictions, pooled=False)
         lines = (_line(n, p, request.as_json, _below(model.threshold)) for n, p in zip(good, predictions, strict=True))
@@ -234,7 +241,7 @@ def _record_attributor(
 ) -> None:
     """An attributor's inputs, calibrated probabilities per text, and verdicts, into ``bundle``."""
     first = len(bundle.inputs)
-    for name, text, _ in inputs:
+    for name, text, *_ in inputs:
         if text is not None:
             bundle.add_input(name, text)
     bundle.texts += [{"input": first + i, "proba": row.tolist()} for i, row in enumerate(model.predict_proba(texts))]
@@ -287,24 +294,65 @@ def _attributor_dir(
     return paths.attributors / (condition or "all"), limit
 
 
-def read_inputs(files: list[str], max_bytes: int) -> list[Input]:
-    """Each input read whole, in order; `-` reads standard input. A bad one carries its error."""
+def read_inputs(files: list[str], max_bytes: int, jsonl: bool = False) -> list[Input]:
+    """Each input read whole, in order; `-` reads standard input. A bad one carries its error. With
+    ``jsonl``, each file (or stdin) holds one record per line, each an input (:func:`read_record`)."""
     from natprints.attribution.attributor import decode_text, read_text_file
 
     out: list[Input] = []
+    limit = max_bytes * JSONL_TEXTS if jsonl else max_bytes
     for name in files or ["-"]:
+        shown = "<stdin>" if name == "-" else name
         try:
             if name == "-":
                 if sys.stdin is None or sys.stdin.isatty():
                     raise NatprintsError("<stdin>: no text piped in (give FILE arguments or pipe text)")
                 stream = getattr(sys.stdin, "buffer", None)
-                data = stream.read(max_bytes + 1) if stream is not None else sys.stdin.read().encode("utf-8")
-                out.append(Input("<stdin>", decode_text(data, "<stdin>", max_bytes), None))
+                data = stream.read(limit + 1) if stream is not None else sys.stdin.read().encode("utf-8")
+                content = decode_text(data, "<stdin>", limit)
             else:
-                out.append(Input(name, read_text_file(name, max_bytes), None))
+                content = read_text_file(name, limit)
         except NatprintsError as exc:
-            out.append(Input("<stdin>" if name == "-" else name, None, str(exc)))
+            out.append(Input(shown, None, str(exc)))
+            continue
+        if not jsonl:
+            out.append(Input(shown, content, None))
+            continue
+        lines = [(i, line) for i, line in enumerate(content.splitlines(), start=1) if line.strip()]
+        out += [read_record(f"{shown}:{i}", line, max_bytes) for i, line in lines]
     return out
+
+
+def read_record(name: str, line: str, max_bytes: int) -> Input:
+    """One JSONL record as an input: ``text`` (required), ``prompt`` (the string it continues) and
+    ``token_ids`` (the ids it was sampled as, which the likelihood method scores instead of a
+    re-tokenization under each model whose tokenizer reads them back as the text); other keys are left
+    alone. A bad record is an input that carries its error."""
+    from natprints.attribution.attributor import decode_text
+
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return Input(name, None, f"{name}: not a JSON record ({exc.msg})")
+    if not isinstance(record, dict):
+        return Input(name, None, f"{name}: not a JSON object")
+    text, prompt, ids = record.get("text"), record.get("prompt"), record.get("token_ids")
+    why = None
+    if not isinstance(text, str):
+        why = "needs a `text` string"
+    elif prompt is not None and not isinstance(prompt, str):
+        why = "its `prompt` must be a string"
+    elif ids is not None and not (
+        isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+    ):
+        why = "its `token_ids` must be a non-empty list of non-negative integers"
+    if why is not None:
+        return Input(name, None, f"{name}: {why}")
+    try:
+        decode_text(text.encode("utf-8", "surrogatepass"), name, max_bytes)
+    except NatprintsError as exc:
+        return Input(name, None, str(exc))
+    return Input(name, text, None, prompt, None if ids is None else tuple(ids))
 
 
 def _batches(names: list[str], streaming: bool) -> Iterator[list[str]]:
@@ -347,7 +395,8 @@ def _below(threshold: float) -> str:
 
 
 def _likelihood_line(name: str, p: LikelihoodPrediction, as_json: bool) -> str:
-    return _line(name, p, as_json, f"; every model rejected at alpha {p.alpha:g}")
+    line = _line(name, p, as_json, f"; every model rejected at alpha {p.alpha:g}")
+    return line if as_json else line + p.scored_line()
 
 
 def _pooled_name(texts: int) -> str:
@@ -361,7 +410,7 @@ def _emit(inputs: list[Input], lines: Iterator[str] | None, as_json: bool, out: 
     """
     failed = 0
     pending: list[str] = []
-    for name, _text, error in inputs:
+    for name, _text, error, *_ in inputs:
         if error is None:
             if lines is not None:
                 pending.append(next(lines))
@@ -497,27 +546,31 @@ def _by_likelihood(files: list[str], request: Request, out: Writer, err: Writer,
             return tuple(np.array([part[m] for m in labels]) for part in (p.loglik, p.centred, p.variance))
 
         return _sequential(files, limit, labels, score, request, None, out, err)
-    inputs = [
-        Input(name, None if text is None else without_final_newline(text), error)
-        for name, text, error in read_inputs(files, limit)
-    ]
+    inputs = read_inputs(files, limit, request.jsonl)
+    if not request.jsonl:  # a record's text is exact; a file's last line ending is the file's
+        inputs = [item._replace(text=without_final_newline(item.text)) if item.text else item for item in inputs]
+    inputs = [item._replace(prompt=prompt) if item.prompt is None else item for item in inputs]
     readable = [i for i, item in enumerate(inputs) if item.text is not None]
-    _, errors = encode_for(
+    given = any(item.token_ids is not None for item in inputs)
+    _, errors, _ = encode_for(
         candidates,
         [inputs[i].text for i in readable],
-        None if prompt is None else [prompt] * len(readable),
+        [inputs[i].prompt for i in readable],
         [inputs[i].name for i in readable],
+        [inputs[i].token_ids for i in readable] if given else None,
     )
     for j, error in errors.items():
         inputs[readable[j]] = Input(inputs[readable[j]].name, None, error)
-    good = [(name, text) for name, text, error in inputs if error is None]
+    good_inputs = [item for item in inputs if item.error is None]
+    good = [(item.name, item.text) for item in good_inputs]
     result: Any = []
     per_token: dict[str, list[list[float]]] = {}
     if good:
         result = attribute_by_likelihood(
             [text for _, text in good],
             candidates,
-            prompts=None if prompt is None else [prompt] * len(good),
+            prompts=[item.prompt for item in good_inputs],
+            sampled=[item.token_ids for item in good_inputs] if given else None,
             alpha=alpha,
             pool=request.pool,
             top=request.top,
@@ -549,7 +602,7 @@ def _arriving(files: list[str], max_bytes: int, failed: list[str], err: Writer) 
     lines arrive; blank lines skipped). A bad input is reported on ``err``, counted in ``failed``, skipped."""
     for name in files or ["-"]:
         if name != "-":
-            for read, text, error in read_inputs([name], max_bytes):
+            for read, text, error, *_ in read_inputs([name], max_bytes):
                 if error is not None:
                     failed.append(read)
                     err(f"error: {one_line(error)}")
@@ -606,7 +659,7 @@ def _sequential(
 def _warn_seen(model: Attributor, inputs: list[Input], err: Writer) -> None:
     """A warning for each text the attributor learned or was calibrated on: its verdict there is no
     estimate of how it does on new texts."""
-    for name, text, _ in inputs:
+    for name, text, *_ in inputs:
         part = model.seen_in(text) if text is not None else None
         if part is not None:
             what = "trained" if part == "train" else "calibrated"

@@ -99,6 +99,15 @@ def attribute(
     error: Annotated[
         float, typer.Option("--error", min=0, max=1, help="--sequential: the error guaranteed (default 0.01).")
     ] = 0.01,
+    jsonl: Annotated[
+        bool,
+        typer.Option(
+            "--jsonl",
+            help="Each FILE (or stdin) holds JSONL records, each an input: `text`, and optionally `prompt` (the "
+            "string it continues; else --prompt) and `token_ids` (the ids it was sampled as: the likelihood method "
+            "scores them under each model whose tokenizer reads them back as the text, and says so).",
+        ),
+    ] = False,
     bundle: Annotated[
         Path | None,
         typer.Option(
@@ -137,6 +146,7 @@ def attribute(
         sequential=sequential,
         error=error,
         bundle=bundle,
+        jsonl=jsonl,
     )
     if attribute_files(list(files or []), request):
         raise typer.Exit(1)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -68,9 +68,15 @@ class Candidate:
         tok = self.tokenizer
         return next(int(i) for i in (tok.eos_token_id, tok.pad_token_id, self.start) if i is not None)
 
-    def encode(self, text: str, prompt: str | None, name: str) -> tuple[list[int], list[int]]:
-        """(context ids, text ids) for this model's tokenizer; see the module's note on the boundary."""
-        ids = encode_texts(self.tokenizer, [text])[0]
+    def encode(
+        self, text: str, prompt: str | None, name: str, sampled: Sequence[int] | None = None
+    ) -> tuple[list[int], list[int], bool]:
+        """(context ids, text ids, whether the text ids are ``sampled``) for this model's tokenizer; see
+        the module's note on the boundary. ``sampled``: the ids the text was sampled as, where its
+        source recorded them; this model scores them instead of a re-tokenization when its tokenizer
+        reads them back as the text (the ids are in its vocabulary)."""
+        as_sampled = sampled is not None and self.reads_as(sampled, text)
+        ids = list(sampled) if as_sampled and sampled is not None else encode_texts(self.tokenizer, [text])[0]
         if prompt is None:
             context = [self.start]
         else:
@@ -78,7 +84,13 @@ class Candidate:
             if not context:
                 raise NatprintsError(f"{name}: its prompt is empty after tokenization by model {self.label}")
         check_tokens(ids, self.tokenizer.eos_token_id, name)
-        return context, ids
+        return context, ids, as_sampled
+
+    def reads_as(self, ids: Sequence[int], text: str) -> bool:
+        """Whether ``ids`` are ids of this model's tokenizer that decode to ``text``."""
+        if not ids or not all(0 <= i < len(self.tokenizer) for i in ids):
+            return False
+        return reads_back(self.tokenizer, ids, text)
 
     def check_room(self, context: Sequence[int], ids: Sequence[int], name: str) -> None:
         limit = self.info.max_positions
@@ -92,23 +104,38 @@ class Candidate:
 Pairs = tuple[list[list[int]], list[list[int]]]  # each text's context ids and text ids
 
 
+class Encoded(NamedTuple):
+    """Texts tokenized for every candidate: each one's pairs, each failing text's first error, and per
+    candidate which texts it scores as their sampled ids (rather than a re-tokenization)."""
+
+    pairs: dict[str, Pairs]
+    errors: dict[int, str]
+    as_sampled: dict[str, list[bool]]
+
+
 def encode_for(
-    candidates: Mapping[str, Candidate], texts: Sequence[str], prompts: Sequence[str] | None, names: Sequence[str]
-) -> tuple[dict[str, Pairs], dict[int, str]]:
+    candidates: Mapping[str, Candidate],
+    texts: Sequence[str],
+    prompts: Sequence[str | None] | None,
+    names: Sequence[str],
+    sampled: Sequence[Sequence[int] | None] | None = None,
+) -> Encoded:
     """Every text tokenized for every candidate (once per tokenizer), and each failing text's first error.
 
     A text fails when some candidate cannot score it (empty, holding EOS, longer than its context).
+    ``sampled``: each text's sampled token ids where known (see :meth:`Candidate.encode`).
     """
-    by_tokenizer: dict[int, list[tuple[list[int], list[int]] | str]] = {}
+    by_tokenizer: dict[int, list[tuple[list[int], list[int], bool] | str]] = {}
     errors: dict[int, str] = {}
-    out = {}
+    pairs, as_sampled = {}, {}
     for label, candidate in candidates.items():
         key = id(candidate.tokenizer)
         if key not in by_tokenizer:
-            rows: list[tuple[list[int], list[int]] | str] = []
+            rows: list[tuple[list[int], list[int], bool] | str] = []
             for i, text in enumerate(texts):
+                prompt = None if prompts is None else prompts[i]
                 try:
-                    rows.append(candidate.encode(text, None if prompts is None else prompts[i], names[i]))
+                    rows.append(candidate.encode(text, prompt, names[i], None if sampled is None else sampled[i]))
                 except NatprintsError as exc:
                     rows.append(str(exc))
             by_tokenizer[key] = rows
@@ -118,12 +145,13 @@ def encode_for(
                 errors.setdefault(i, row)
                 continue
             try:
-                candidate.check_room(*row, names[i])
+                candidate.check_room(row[0], row[1], names[i])
             except NatprintsError as exc:
                 errors.setdefault(i, str(exc))
-        good = [row if not isinstance(row, str) else ([], []) for row in rows]
-        out[label] = ([c for c, _ in good], [t for _, t in good])
-    return out, dict(sorted(errors.items()))
+        good = [row if not isinstance(row, str) else ([], [], False) for row in rows]
+        pairs[label] = ([c for c, _, _ in good], [t for _, t, _ in good])
+        as_sampled[label] = [bool(u) for _, _, u in good]
+    return Encoded(pairs, dict(sorted(errors.items())), as_sampled)
 
 
 def load_candidates(model_dirs: Mapping[str, Path | str], tokenizer: Any = None) -> dict[str, Candidate]:
