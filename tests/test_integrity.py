@@ -94,6 +94,34 @@ def test_a_file_a_killed_generate_was_filling_is_extended(smoke_home, tmp_path):
     )
 
 
+def test_chunks_a_killed_generate_wrote_beside_its_file_are_read_back(smoke_home, tmp_path):
+    """Each chunk's rows go to a side file as they are sampled and the model's file is written once at
+    its end: a run killed before that leaves the side files, and the next run samples only the rest
+    and writes the same file. A side file whose rows no longer match their digest is refused."""
+    home = _copy_run(smoke_home, tmp_path)
+    path = home / "data" / "generated" / "smoke" / f"{BASE}.parquet"
+    original = _rows(path)
+    rows = pd.read_parquet(path)
+    path.unlink()
+    parts = path.with_name(path.name + ".part")
+    parts.mkdir()
+    _write_parquet(parts / "000000.parquet", rows.iloc[:10])  # what a run killed after its first chunk leaves
+    run_cli("generate", "--config", str(SMOKE), home=home)
+    pd.testing.assert_frame_equal(_rows(path), original)
+    assert not parts.exists()
+    path.unlink()
+    parts.mkdir()
+    edited = rows.iloc[:10].copy()
+    edited.loc[3, "text"] = "we the people, edited"
+    _write_parquet(parts / "000000.parquet", rows.iloc[:10])
+    edited.to_parquet(parts / "000001.parquet", index=False)  # not as natprints wrote it
+    line = _error_line(run_cli("generate", "--config", str(SMOKE), home=home, check=False))
+    assert line == (
+        f"error: {parts / '000001.parquet'} does not match the digest of its rows (tampered or corrupt); "
+        "remove it and rerun"
+    )
+
+
 # --- a corrupt zoo model --------------------------------------------------------------------------
 
 

@@ -103,7 +103,7 @@ def generate_declared(
 
     from natprints.corpus import load_tokenizer
     from natprints.generate.sampler import sample_batch
-    from natprints.generate.stage import _chunk_seed, _read_existing, generated_row, write_in_plan_order
+    from natprints.generate.stage import Filling, _chunk_seed, generated_row
     from natprints.modeldir import encode_texts, has_tokenizer, load_model_tokenizer
     from natprints.runtime import load_lm, resolve_device
 
@@ -112,18 +112,18 @@ def generate_declared(
     tokenizer = load_model_tokenizer(directory) if has_tokenizer(directory) else load_tokenizer(cfg.paths.tokenizer)
     prompt_ids = encode_texts(tokenizer, prompts["prompt"].tolist())
     plan = plan_declared(label, prompt_ids, prompts, g, seed, train_prompts)
-    existing = _read_existing(out_path, plan)
-    missing = plan[~plan["sample_id"].isin(set(existing["sample_id"]))]
+    filling = Filling(out_path, plan)
+    have = filling.done
+    missing = plan[~plan["sample_id"].isin(have)]
     if missing.empty:
+        filling.finish()
         return 0
     device = resolve_device(cfg.run.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     model = load_lm(directory, device=device)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
-    frames = [existing] if len(existing) else []
     added = 0
-    have = set(existing["sample_id"])
     with torch.inference_mode():
         for chunk in tqdm(
             sorted(missing["chunk"].unique())[:max_chunks], desc=f"generate {label}", leave=False, disable=not progress
@@ -142,7 +142,8 @@ def generate_declared(
                 kept = sampled[: kept_tokens(tokenizer, sampled, text)]
                 new.append(generated_row(row, label, prompts, text, kept, seed, g))
             added += len(new)
-            frames = [write_in_plan_order(out_path, frames, new, plan)]
+            filling.add(int(chunk), new)
+    filling.finish()
     return added
 
 

@@ -9,6 +9,7 @@ same texts an uninterrupted one would.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -275,9 +276,11 @@ def generate_for_model(
 
     g = cfg.generate
     plan = plan_rows(model_id, prompts, g, seed, train_prompts)
-    existing = _read_existing(out_path, plan)
-    missing = plan[~plan["sample_id"].isin(set(existing["sample_id"]))]
+    filling = Filling(out_path, plan)
+    have = filling.done
+    missing = plan[~plan["sample_id"].isin(have)]
     if missing.empty:
+        filling.finish()  # a killed run's side files, all there: the file is written from them
         return 0
     device = resolve_device(cfg.run.device)
     tokenizer = load_tokenizer(cfg.paths.tokenizer)
@@ -285,7 +288,6 @@ def generate_for_model(
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     model = load_lm(model_dir or cfg.paths.zoo / model_id, device=device)
-    frames = [existing] if len(existing) else []
     added = 0
     chunks = sorted(missing["chunk"].unique())[:max_chunks]
     with torch.inference_mode():
@@ -297,7 +299,6 @@ def generate_for_model(
             gen = torch.Generator().manual_seed(_chunk_seed(model_id, seed, int(chunk)))
             out = sample_batch(model, prompt_ids, g, gen, eos, device).numpy()
             new = []
-            have = set(existing["sample_id"])
             for (_, row), ids in zip(rows.iterrows(), out, strict=True):
                 if row["sample_id"] in have:
                     continue
@@ -305,9 +306,8 @@ def generate_for_model(
                 text = tokenizer.decode(ids[:n].tolist())
                 new.append(generated_row(row, model_id, prompts, text, ids[:n].tolist(), seed, g))
             added += len(new)
-            merged = write_in_plan_order(out_path, frames, new, plan)
-            frames = [merged]
-            existing = merged
+            filling.add(int(chunk), new)
+    filling.finish()
     return added
 
 
@@ -331,14 +331,46 @@ def generated_row(row, model_id: str, prompts: pd.DataFrame, text: str, ids: lis
     }
 
 
-def write_in_plan_order(path: Path, frames: list[pd.DataFrame], new: list[dict], plan: pd.DataFrame) -> pd.DataFrame:
-    """The rows written so far and ``new`` ones, in the plan's order, written to ``path``; returns them."""
-    merged = pd.concat([*frames, pd.DataFrame(new, columns=GENERATED_COLUMNS)], ignore_index=True)
-    order = {sid: i for i, sid in enumerate(plan["sample_id"])}
-    merged = merged.iloc[np.argsort(merged["sample_id"].map(order).to_numpy(), kind="stable")]
-    merged = merged.reset_index(drop=True)
-    _write_parquet(path, merged)
-    return merged
+class Filling:
+    """One model's generated file as its chunks come: each chunk's rows go to a side file
+    (``NAME.parquet.part/CHUNK.parquet``, carrying its rows' digest) as soon as they are sampled, and
+    the file itself is written once, in the plan's order, by :meth:`finish`. A killed run leaves its
+    finished chunks beside the file; the next run reads them back (refusing one whose rows do not
+    match their digest) and samples only the rest. Writes grow with the number of rows, not with the
+    square of the number of chunks."""
+
+    def __init__(self, path: Path, plan: pd.DataFrame) -> None:
+        self.path, self.plan = path, plan
+        self.parts = path.with_name(path.name + ".part")
+        frames = [_read_existing(path, plan)]
+        for part in sorted(self.parts.glob("*.parquet")) if self.parts.is_dir() else []:
+            if not _own_rows(part):
+                raise NatprintsError(
+                    f"{part} does not match the digest of its rows (tampered or corrupt); remove it and rerun"
+                )
+            frames.append(_read_existing(part, plan))
+        self.frames = [f for f in frames if len(f)]
+
+    @property
+    def done(self) -> set[str]:
+        return {sid for f in self.frames for sid in f["sample_id"]}
+
+    def add(self, chunk: int, rows: list[dict]) -> None:
+        frame = pd.DataFrame(rows, columns=GENERATED_COLUMNS)
+        self.parts.mkdir(parents=True, exist_ok=True)
+        _write_parquet(self.parts / f"{chunk:06d}.parquet", frame)
+        self.frames.append(frame)
+
+    def finish(self) -> None:
+        """Write the file (every row so far, in the plan's order) and remove the side files."""
+        if not self.parts.is_dir():
+            return  # nothing new since the file was written
+        frames = self.frames or [pd.DataFrame(columns=GENERATED_COLUMNS)]
+        merged = pd.concat(frames, ignore_index=True).drop_duplicates("sample_id")
+        order = {sid: i for i, sid in enumerate(self.plan["sample_id"])}
+        merged = merged.iloc[np.argsort(merged["sample_id"].map(order).to_numpy(), kind="stable")]
+        _write_parquet(self.path, merged.reset_index(drop=True))
+        shutil.rmtree(self.parts)
 
 
 def stage_key(cfg: Config) -> str:
