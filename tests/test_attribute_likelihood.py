@@ -575,3 +575,27 @@ def test_jsonl_records_score_their_sampled_token_ids_where_a_tokenizer_reads_the
     assert json.loads(pooled.stdout.splitlines()[-1])["scored_as_sampled_ids"] == {"a": 0, "gpt2": 1}
     wrong = invoke("attribute", path, *models, "--jsonl", "--sequential")
     assert wrong.exit_code == 1 and "--jsonl reads whole files of records: not with --sequential" in wrong.output
+
+
+def test_the_background_test_rejects_texts_no_more_likely_under_the_models_than_under_the_background():
+    """Own texts are likelier under their model than under a background model of the same corpus (here
+    by 0.5 nats a token, with noise); texts no known model wrote are not (ratio 0): at alpha 0.05 the
+    threshold falls between the two, so those pools are `unknown` and the known ones are not."""
+    from natprints.attribution import ceiling
+
+    rng = np.random.default_rng(0)
+    n, events = 200, np.full(200, 20)
+    y = np.repeat([0, 1], n // 2)
+    background = -100.0 + rng.normal(0, 1, n)
+    loglik = np.stack([background - 5.0, background - 5.0], axis=1)  # a model that did not write the text
+    loglik[np.arange(n), y] = background + 10.0 + rng.normal(0, 2, n)  # its own: 0.5 nats a token above
+    limits = ceiling.background_thresholds(loglik, background, events, y, [0, 1], 4, 0.05, 2000, seed=1)
+    assert all(0.3 < limits[m] < 0.5 for m in (0, 1))  # the 5% quantile of the own pools' 0.5 per token
+    pools = ceiling.pool_groups(y, 4, seed=2)
+    known = ceiling.background_statistic(loglik, background, events, pools, [0, 1], limits)
+    assert (known > 0).mean() <= 0.1
+    stranger = background - 0.1 * rng.random(n)  # as likely under every model as under the background
+    outsiders = ceiling.background_statistic(
+        np.stack([stranger, stranger], axis=1), background, events, pools, [0, 1], limits
+    )
+    assert (outsiders > 0).all()

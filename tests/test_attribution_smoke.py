@@ -125,7 +125,7 @@ def test_outsiders_are_scored_and_tested_against_the_known_models(smoke_cfg):
     applies = {name for name, data in conditions.items() if open_set_applies(data)}
     assert {r["condition"] for r in rows} == applies
     assert {(r["method"], r["source"]) for r in rows if r["k"] == 1} == {
-        (m, s) for m in ("analytic", "margin", "attributor") for s in ("human", "junk")
+        (m, s) for m in ("analytic", "margin", "background", "attributor") for s in ("human", "junk")
     }
     split = run_split(smoke_cfg, conditions)
     seed = conditions["seed"]
@@ -155,6 +155,34 @@ def test_outsiders_are_scored_and_tested_against_the_known_models(smoke_cfg):
     )
     assert row["outsider_rejected_n"] == int((np.abs(z) > limit).all(axis=1).sum())
     assert roc_summary(np.array([0.0, 1.0]), np.array([2.0, 3.0]))["auroc"] == 1.0
+    # the background test on single human texts, recomputed: each text's best model's log-likelihood ratio
+    # per token against the reference LM, below that model's threshold from its own calibration texts
+    from natprints.attribution import ceiling
+    from natprints.conditions import split_parts
+    from natprints.reference.stage import BACKGROUND
+    from natprints.reference.stage import _manifest as reference_manifest
+
+    background = load_scores(smoke_cfg, reference_manifest(smoke_cfg))[BACKGROUND]
+    cal = split_parts(seed, split)["cal"]
+    cal_ids, human_ids = cal["sample_id"].astype(str).tolist(), [f"human:{p}" for p in prompts]
+
+    def columns(ids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        loglik = np.stack([scores[m].loc[ids, "loglik"].to_numpy() for m in members], axis=1)
+        return loglik, background.loc[ids, "loglik"].to_numpy(), scores[members[0]].loc[ids, "events"].to_numpy()
+
+    known = list(range(len(members)))
+    lik = smoke_cfg.likelihood
+    limits = ceiling.background_thresholds(
+        *columns(cal_ids), cal["label"].to_numpy(), known, 1, lik.open_set_alpha, lik.open_set_resamples,
+        smoke_cfg.attribution.split_seed,
+    )  # fmt: skip
+    statistic = ceiling.background_statistic(
+        *columns(human_ids), [np.array([i]) for i in range(len(prompts))], known, limits
+    )
+    row = next(
+        r for r in rows if (r["condition"], r["method"], r["source"], r["k"]) == ("seed", "background", "human", 1)
+    )
+    assert row["outsider_rejected_n"] == int((statistic > 0).sum())
     summary = json.loads((smoke_cfg.paths.reports / "summary.json").read_text())
     assert len(summary["conditions"]["seed"]["open_set_outsiders"]) == len(
         [r for r in rows if r["condition"] == "seed"]

@@ -178,6 +178,59 @@ def margin_statistic(
     return limits - margins
 
 
+def _ratio(loglik: np.ndarray, background: np.ndarray, events: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Per known model: the pooled log-likelihood of ``rows`` minus the background model's, per event."""
+    return (loglik[rows].sum(axis=0) - background[rows].sum()) / max(int(events[rows].sum()), 1)
+
+
+def background_thresholds(
+    loglik: np.ndarray,
+    background: np.ndarray,
+    events: np.ndarray,
+    y: np.ndarray,
+    known: Sequence[int],
+    k: int,
+    alpha: float,
+    resamples: int,
+    seed: int,
+) -> dict[int, float]:
+    """Per known model M: the alpha-quantile of M's log-likelihood ratio against the background model
+    (per event) on bootstrap pools of k of M's own texts."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for model in known:
+        rows = np.flatnonzero(y == model)
+        if len(rows) == 0:
+            raise NatprintsError(f"open set: no calibration texts of label {model}")
+        draws = rows[rng.integers(0, len(rows), size=(resamples, k))]
+        ratios = loglik[draws, model].sum(axis=1) - background[draws].sum(axis=1)
+        ratios = ratios / np.maximum(events[draws].sum(axis=1), 1)
+        out[model] = float(np.quantile(ratios, alpha))
+    return out
+
+
+def background_statistic(
+    loglik: np.ndarray,
+    background: np.ndarray,
+    events: np.ndarray,
+    groups: Sequence[np.ndarray],
+    known: Sequence[int],
+    thresholds: dict[int, float],
+) -> np.ndarray:
+    """Per pool: the best known model's threshold minus its log-likelihood ratio against the background
+    model, per event (above 0: the pool is ``unknown``). Texts no known model wrote are about as likely
+    under a model trained on the same public corpus as under the known ones; a known model's own texts
+    are more likely under it than under any model that did not write them."""
+    if not groups:
+        return np.zeros(0)
+    out = []
+    for g in groups:
+        ratios = _ratio(loglik[:, list(known)], background, events, g)
+        best = int(np.argmax(loglik[g][:, list(known)].sum(axis=0)))
+        out.append(thresholds[known[best]] - float(ratios[best]))
+    return np.array(out)
+
+
 def analytic_rejects(
     view: LikelihoodView, groups: Sequence[np.ndarray], known: Sequence[int], alpha: float
 ) -> np.ndarray:

@@ -44,6 +44,7 @@ from natprints.attribution.grid import (
 from natprints.attribution.whitebox import (
     OPEN_SET_MAX_HELD_OUT,
     attributor_outsiders,
+    background_views,
     declared_views,
     likelihood_views,
     reference_views,
@@ -382,6 +383,8 @@ def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> N
         refs = load_scores(cfg, reference_manifest(cfg)) if reference_key(cfg) is not None else None
         for name, view in reference_views(cfg, zoo, split, refs).items():
             views.setdefault(name, {}).update(view)
+        for name in zoo if refs else ():
+            views.setdefault(name, {}).update(background_views(zoo[name], split, views[name], refs))
         if len(zoo) < len(pending):
             if declared_key(cfg) is None:
                 log("no string scores (run `natprints likelihood`): tables of own-tokenizer models carry no ceiling")

@@ -414,6 +414,10 @@ def _likelihood_open_set(
                 "margin": ceiling.margin_rejects(views["test"].loglik, groups, known, thresholds),
                 "analytic": ceiling.analytic_rejects(views["test"], groups, known, alpha),
             }
+            if "bg_test" in views:
+                limits = _background_thresholds(setup, views, y_cal, known, k)
+                statistic = _background_statistic(views, "test", groups, known, limits)
+                rejected["background"] = statistic > 0
             for method, rej in rejected.items():
                 records.append(
                     {
@@ -432,14 +436,69 @@ def _likelihood_open_set(
     return records
 
 
+def _background_thresholds(
+    setup: Setup, views: dict[str, LikelihoodView], y_cal: np.ndarray, known: list[int], k: int
+) -> dict[int, float]:
+    """Per known model, the background test's threshold from pools of k of its calibration texts."""
+    settings = setup.cfg.likelihood
+    cal, background = views["cal"], views["bg_cal"].loglik[:, 0]
+    return ceiling.background_thresholds(
+        cal.loglik,
+        background,
+        cal.events,
+        y_cal,
+        known,
+        k,
+        settings.open_set_alpha,
+        settings.open_set_resamples,
+        setup.settings.split_seed,
+    )
+
+
+def _background_statistic(
+    views: dict[str, LikelihoodView], part: str, pools: list[np.ndarray], known: list[int], limits: dict[int, float]
+) -> np.ndarray:
+    """Per pool of ``part`` (test or outsiders): the background test's statistic (above 0: ``unknown``)."""
+    view, background = views[part], views[f"bg_{part}"].loglik[:, 0]
+    return ceiling.background_statistic(view.loglik, background, view.events, pools, known, limits)
+
+
 def _likelihood_statistics(
-    view: LikelihoodView, pools: list[np.ndarray], known: list[int], thresholds: dict[int, float]
+    views: dict[str, LikelihoodView],
+    part: str,
+    pools: list[np.ndarray],
+    known: list[int],
+    thresholds: dict[int, float],
+    background: dict[int, float] | None,
 ) -> dict[str, np.ndarray]:
-    """Per pool, each likelihood test's statistic (above its limit: ``unknown``)."""
-    return {
+    """Per pool of ``part``, each likelihood test's statistic (above its limit: ``unknown``); the
+    background test where the reference LM scored the texts (``background``: its thresholds)."""
+    view = views[part]
+    out = {
         "margin": ceiling.margin_statistic(view.loglik, pools, known, thresholds),
         "analytic": ceiling.analytic_statistic(view, pools, known),
     }
+    if background is not None:
+        out["background"] = _background_statistic(views, part, pools, known, background)
+    return out
+
+
+def background_views(
+    data: ConditionData, split: dict[str, str], views: dict[str, LikelihoodView], refs: dict[str, pd.DataFrame]
+) -> dict[str, LikelihoodView]:
+    """The condition's test, calibration and outsider texts scored under the reference LM itself, the
+    background model of the likelihood open-set test (keys ``bg_test``, ``bg_cal``, ``bg_outsiders``;
+    every column the same scores). Empty without those scores or without an open-set test."""
+    from natprints.reference.stage import BACKGROUND
+
+    if BACKGROUND not in refs or "outsiders" not in views:
+        return {}
+    scores = {m: refs[BACKGROUND] for m in data.frame["model_id"].astype(str).unique()}
+    parts = split_parts(data, split)
+    out = {f"bg_{s}": ceiling.condition_view(data, parts[s], scores, []) for s in ("test", "cal")}
+    strangers = pd.DataFrame({"sample_id": views["outsiders"].sample_ids})
+    out["bg_outsiders"] = ceiling.condition_view(data, strangers, scores, [])
+    return out
 
 
 def _likelihood_outsiders(
@@ -468,14 +527,16 @@ def _likelihood_outsiders(
             views["cal"].loglik, y_cal, known_models, k, alpha, settings.open_set_resamples, seed
         )
 
-        limits = {"margin": 0.0, "analytic": float(norm.ppf(1 - alpha / 2))}
-        known = _likelihood_statistics(views["test"], groups, known_models, thresholds)
+        background = _background_thresholds(setup, views, y_cal, known_models, k) if "bg_test" in views else None
+        limits = {"margin": 0.0, "analytic": float(norm.ppf(1 - alpha / 2)), "background": 0.0}
+        known = _likelihood_statistics(views, "test", groups, known_models, thresholds, background)
         for source in OUTSIDERS:
             pools = _outsider_groups(sources, source, k, seed)
             if not pools:
                 continue
-            outsider = _likelihood_statistics(outsiders, pools, known_models, thresholds)
-            for method, limit in limits.items():
+            outsider = _likelihood_statistics(views, "outsiders", pools, known_models, thresholds, background)
+            for method in outsider:
+                limit = limits[method]
                 record = _outsider_record(data, method, source, k, limit, known[method], outsider[method])
                 records.append(record | {"alpha": alpha})
     return records

@@ -24,6 +24,9 @@ from natprints.reference.head import HeadTask, head_manifest, train_head
 from natprints.runtime import Job, StageResult, run_jobs
 
 REFERENCE_VERSION = 1
+# the reference LM itself scores every text the ceiling reads, and the outsiders: the background model
+# of the likelihood open-set test (a model of the public corpus that wrote none of the texts)
+BACKGROUND = "reference"
 
 
 def reference_dir(cfg: Config) -> Path:
@@ -151,6 +154,8 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
             jobs.append(Job(name, (cfg, name, model_id, _stream(train, prompts, eos), heldout)))
             scoring[subset_id(model_id, n)] = rows[model_id][rows[model_id]["sample_id"].isin(test_ids)]
     tuned = sum(run_jobs(cfg.run.worker_count(), _finetune_job, jobs, "finetune"))
+    every = scoring_rows(cfg, conditions, outsiders=True).values()
+    scoring[BACKGROUND] = pd.concat(every, ignore_index=True).drop_duplicates("sample_id").assign(moments=False)
     out = cfg.paths.reference_scores
     out.mkdir(parents=True, exist_ok=True)
     trusted = recorded_files(_manifest(cfg))
@@ -233,7 +238,8 @@ def run(cfg: Config) -> StageResult:
     return StageResult(
         manifest["scored"] > 0 or manifest["trained_now"] > 0,
         (
-            f"reference: {len(manifest['scorers'])} fine-tuned LMs, {manifest['trained_now']} trained now, "
+            f"reference: {len(manifest['scorers']) - 1} fine-tuned LMs and the reference LM itself, "
+            f"{manifest['trained_now']} trained now, "
             f"{manifest['scored']} texts scored now",
         ),
     )

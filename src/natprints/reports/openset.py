@@ -92,8 +92,8 @@ def likelihood_open_set_section(records: Sequence[dict[str, Any]]) -> tuple[str,
         "pooled log-likelihood margin of that model over the best other known model, against the alpha-quantile "
         "of the same margin on bootstrap pools of the model's own calibration-split texts. *analytic*: every known "
         "model's pooled Fast-DetectGPT discrepancy z (log-likelihood centred by the model's own per-position "
-        f"entropy, scaled by its variance) below the one-sided alpha level. Known models' pools wrongly rejected "
-        "should stay near alpha (95% Wilson interval shown).\n\n"
+        f"entropy, scaled by its variance) beyond the two-sided alpha level. " + BACKGROUND_TEST + "Known models' "
+        "pools wrongly rejected should stay near alpha (95% Wilson interval shown).\n\n"
         + md_table(
             ["condition", "test", "k", "models left out", "left-out pools called unknown", "known pools rejected"], rows
         )
@@ -101,6 +101,11 @@ def likelihood_open_set_section(records: Sequence[dict[str, Any]]) -> tuple[str,
     return text, {"table": table}
 
 
+BACKGROUND_TEST = (
+    "*background*: the best known model's pooled log-likelihood ratio against the auditor's reference LM "
+    "(trained on the public corpus, it wrote none of the texts), per token, below the alpha-quantile of the "
+    "same ratio on bootstrap pools of that model's own calibration-split texts (as *margin*). "
+)
 OUTSIDER_TARGET = (4, 0.9)  # pools of 4 human continuations: at least this share called `unknown`
 
 
@@ -124,7 +129,7 @@ def outsiders_section(cfg: Config, records: Sequence[dict[str, Any]], figures: P
     ]
     k_target, share = OUTSIDER_TARGET
     lines = []
-    for method in ("analytic", "margin", "attributor"):
+    for method in ("analytic", "margin", "background", "attributor"):
         at = table[(table["method"] == method) & (table["source"] == "human") & (table["k"] == k_target)]
         if at.empty:
             continue
@@ -163,7 +168,9 @@ def outsiders_section(cfg: Config, records: Sequence[dict[str, Any]], figures: P
         "vocabulary. Every model of the condition is known. *analytic*: every model's pooled discrepancy z "
         f"beyond the two-sided alpha = {alpha:g} level (too unlikely *or* too likely for that model's own "
         "texts); *margin*: the best model's pooled log-likelihood margin below its bootstrap threshold (as "
-        "above); *attributor*: the saved attributor's pooled calibrated probability below its threshold "
+        "above); "
+        + BACKGROUND_TEST
+        + "*attributor*: the saved attributor's pooled calibrated probability below its threshold "
         "(`natprints attribute --pool`). Known pools rejected: the condition's own test texts, pooled by "
         "model (95% Wilson interval). AUROC: how well the test's statistic separates outsider pools from "
         "known ones, whatever the threshold.\n\n"
