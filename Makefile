@@ -50,7 +50,7 @@ test: $(STAMP) ## Run the test suite (includes the smoke pipeline end to end; te
 	bash tests/run_all.sh
 
 quick: $(STAMP) ## The quick inner loop: every test that needs no smoke pipeline (pytest -m 'not slow')
-	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/pytest -q -m 'not slow and not process_faults'
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/pytest -q -n 2 --dist loadfile -m 'not slow and not process_faults'
 
 data: $(STAMP) ## Corpus split and shared BPE tokenizer
 	$(NP) data --config $(CONFIG)
