@@ -63,7 +63,7 @@ def test_ceiling_is_the_argmax_of_the_stored_likelihoods(smoke_cfg):
         loglik = np.array([[scores[m].loc[sid, "loglik"] for m in r["labels"]] for sid in r["sample_ids"]])
         expected = loglik - loglik.max(axis=1, keepdims=True)
         expected -= np.log(np.exp(expected).sum(axis=1, keepdims=True))
-        np.testing.assert_allclose(np.array(r["log_posterior"]), expected, atol=2e-6)
+        np.testing.assert_allclose(np.array(r["log_posterior"]), expected, atol=6e-6)
         pipeline = next(
             p
             for p in records
@@ -312,6 +312,30 @@ def test_string_ceiling_scores_the_canonical_tokenization_and_agrees_on_a_shared
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert ids != list(generated.loc[sample_id, "token_ids"]) and row.events == len(ids) and not row.ends_with_eos
         assert row.loglik == pytest.approx(float(np.sum(row.token_logprobs)))
+
+
+def test_strings_over_their_segmentations_score_at_least_their_canonical_path(smoke_cfg):
+    """Every test text is scored as a string over its most probable segmentations: never below its
+    canonical path, which brings the true model's score back toward the path it sampled."""
+    from natprints.likelihood.stage import CANONICAL, STRING, load_scores
+    from natprints.records import load_records
+
+    assert smoke_cfg.likelihood.segmentation_beam == 8
+    records = load_records(smoke_cfg.paths.reports)
+    for r in (r for r in records if r["kind"] == "string_ceiling"):
+        assert r["agrees_segmented"], r
+        assert 0 <= r["true_gap_segmented"] < r["true_gap_canonical"], r
+    scores = load_scores(smoke_cfg)[BASE]
+    ids = scores["sample_id"].astype(str)
+    strings = scores[ids.str.endswith(STRING)].set_index(ids[ids.str.endswith(STRING)].str[: -len(STRING)])
+    assert len(strings) > 0 and (strings["events"] >= 1).all() and (strings["events"] > 1).mean() > 0.5
+    for sample_id, row in strings.iterrows():
+        key = sample_id + CANONICAL if sample_id + CANONICAL in scores.index else sample_id
+        canonical = scores.loc[key]
+        path = float(
+            np.sum(canonical["token_logprobs"][: len(canonical["token_logprobs"]) - int(canonical["ends_with_eos"])])
+        )
+        assert row["loglik"] >= path - 1e-3, sample_id
 
 
 def test_summary_json_holds_each_condition_and_the_lineage_headline(smoke_cfg):

@@ -47,6 +47,7 @@ ADDED_SETTINGS = {
     ("generate", "max_chars"): 0,
     ("conditions", "tokenizer"): [],
     (None, "models"): [],
+    ("likelihood", "segmentation_beam"): 8,
 }
 CONDITION_ORDER = (*CONDITIONS, "all")
 NULL_CONDITION = "null_control"  # one model under two sampling seeds: must come out at chance
@@ -238,6 +239,9 @@ class LikelihoodSettings(_Section):
     """Scoring texts under the models that may have written them: the exact ceiling of attribution."""
 
     batch_size: int = Field(64, ge=1)  # rows teacher-forced together
+    # paths teacher-forced per round when a test text is scored as a string over its segmentations
+    # (natprints.likelihood.segmentations); 0 scores only its canonical tokenization
+    segmentation_beam: int = Field(8, ge=0)
     pool_sizes: list[Annotated[int, Field(ge=1)]] = [1, 2, 4, 8, 16, 32]  # texts of one source pooled into one verdict
     open_set_alpha: float = Field(0.05, gt=0, lt=1)  # false-rejection rate of "model M wrote this"
     open_set_resamples: int = Field(2000, ge=100)  # bootstrap pools drawn to calibrate each threshold

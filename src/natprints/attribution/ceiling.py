@@ -85,12 +85,14 @@ class StringView:
     sampled: np.ndarray  # (n, k)
     canonical: np.ndarray  # (n, k): equal to ``sampled`` where the two tokenizations agree
     differs: np.ndarray  # (n,) bool: the canonical tokenization is not the sampled one
+    segmented: np.ndarray | None  # (n, k): summed over the most probable segmentations (None: not scored)
 
 
 def string_view(data: ConditionData, frame: pd.DataFrame, scores: dict[str, pd.DataFrame]) -> StringView:
     """The rows of ``frame`` as a :class:`StringView`; a text has a ``<id>~canonical`` score exactly when
-    its canonical tokenization differs (the likelihood stage scores those)."""
-    from natprints.likelihood.stage import CANONICAL
+    its canonical tokenization differs (the likelihood stage scores those), and ``<id>~string`` scores
+    where the stage searched segmentations (all of them, or the view has no ``segmented``)."""
+    from natprints.likelihood.stage import CANONICAL, STRING
 
     scorer = {j: str(data.frame.loc[data.frame["label"] == j, "model_id"].iloc[0]) for j in range(len(data.labels))}
     sample_ids = frame["sample_id"].astype(str).to_numpy()
@@ -98,6 +100,7 @@ def string_view(data: ConditionData, frame: pd.DataFrame, scores: dict[str, pd.D
     n, k = len(sample_ids), len(data.labels)
     sampled, canonical = np.zeros((n, k)), np.zeros((n, k))
     differs = np.zeros(n, dtype=bool)
+    segmented: np.ndarray | None = np.zeros((n, k))
     for j in range(k):
         table = scores[scorer[j]]
         rows = table.loc[sample_ids, "token_logprobs"].to_numpy()
@@ -108,7 +111,12 @@ def string_view(data: ConditionData, frame: pd.DataFrame, scores: dict[str, pd.D
         canonical[:, j] = sampled[:, j]
         if present.any():
             canonical[present, j] = table.loc[keys[present], "loglik"].to_numpy(dtype=np.float64)
-    return StringView(sampled, canonical, differs)
+        strings = np.char.add(sample_ids.astype(str), STRING)
+        if segmented is not None and n and np.isin(strings, table.index.to_numpy()).all():
+            segmented[:, j] = table.loc[strings, "loglik"].to_numpy(dtype=np.float64)
+        else:
+            segmented = None
+    return StringView(sampled, canonical, differs, segmented)
 
 
 def bayes_predict(loglik: np.ndarray) -> np.ndarray:

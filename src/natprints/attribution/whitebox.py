@@ -181,7 +181,7 @@ def white_box(
                 "labels": data.labels,
                 "sample_ids": sample_ids,
                 "y_true": y_test.tolist(),
-                "log_posterior": np.round(scores, 6).tolist(),
+                "log_posterior": np.round(scores, 5).tolist(),  # 5 decimals keep results.jsonl under 5 MiB
             }
         )
         for k in settings.pool_sizes:
@@ -316,17 +316,32 @@ def _sequential_records(
 
 def _string_ceiling(data: ConditionData, parts: dict[str, pd.DataFrame], view: ceiling.StringView) -> dict[str, Any]:
     """The ceiling on strings: the Bayes attributor scoring each test text as its canonical
-    tokenization, against scoring the ids it was sampled as (both without the end event), with how
-    often the two tokenizations differ per model."""
+    tokenization, and as a string summed over its most probable segmentations (where scored), against
+    scoring the ids it was sampled as (all without the end event), with how often the sampled and
+    canonical tokenizations differ per model."""
     y = parts["test"]["label"].to_numpy()
     k = len(data.labels)
     token = classification_summary(y, ceiling.bayes_predict(view.sampled), k)
     string = classification_summary(y, ceiling.bayes_predict(view.canonical), k)
     on = view.differs
+    ways = [("token", view.sampled), ("string", view.canonical)]
+    if view.segmented is not None:
+        ways.append(("segmented", view.segmented))
     true_rank = {
         name: float((ceiling.bayes_predict(scores[on]) == y[on]).mean()) if on.any() else float("nan")
-        for name, scores in (("token", view.sampled), ("string", view.canonical))
+        for name, scores in ways
     }
+    segmented: dict[str, Any] = {}
+    if view.segmented is not None and len(y):
+        summary = classification_summary(y, ceiling.bayes_predict(view.segmented), k)
+        own = np.arange(len(y)), y  # each text under its true model
+        segmented = {
+            "segmented": {key: summary[key] for key in ("accuracy", "ci_low", "ci_high", "n_correct")},
+            "segmented_on_differing": true_rank["segmented"],
+            # mean nats by which the true model's string score falls short of its sampled path's
+            "true_gap_canonical": float(np.mean(view.sampled[own] - view.canonical[own])),
+            "true_gap_segmented": float(np.mean(view.sampled[own] - view.segmented[own])),
+        }
     return {
         "kind": "string_ceiling",
         "condition": data.name,
@@ -341,6 +356,12 @@ def _string_ceiling(data: ConditionData, parts: dict[str, pd.DataFrame], view: c
         "string_on_differing": true_rank["string"],
         # the string-level ceiling inside the token-level one's 95% interval
         "agrees": bool(token["ci_low"] <= string["accuracy"] <= token["ci_high"]),
+        **segmented,
+        **(
+            {"agrees_segmented": bool(token["ci_low"] <= segmented["segmented"]["accuracy"] <= token["ci_high"])}
+            if segmented
+            else {}
+        ),
     }
 
 

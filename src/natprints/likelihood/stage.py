@@ -11,7 +11,10 @@ open-set test); elsewhere they are NaN, and a row that comes to need them is sco
 
 Each test text whose canonical tokenization (the text re-tokenized) differs from the ids it was
 sampled as is also scored as those canonical ids, under the sample id ``<id>~canonical`` and without
-an end event: what a scorer that sees only the string can compute (the string-level ceiling).
+an end event: what a scorer that sees only the string can compute (the string-level ceiling). With
+``[likelihood] segmentation_beam`` > 0 every test text is also scored as a string over its most
+probable segmentations (:mod:`natprints.likelihood.segmentations`), under ``<id>~string``: ``loglik``
+is the log of the summed probability of the paths found, ``events`` how many paths were summed.
 
 Each model of a condition with the open-set test also scores, with moments, texts no model wrote: the
 held-out paragraph's own continuation of each test prompt (``human:<prompt id>``) and as many junk
@@ -35,6 +38,7 @@ from natprints.runtime import Job, StageResult, load_lm, run_jobs, setup_torch
 
 SCORED_SPLITS = ("test", "cal")
 CANONICAL = "~canonical"  # a sample id with this suffix: the text's canonical tokenization
+STRING = "~string"  # ... the text as a string, summed over its most probable segmentations
 LIKELIHOOD_VERSION = 2  # 2: moments only where the open-set test reads them
 COLUMNS = [
     "row_key",
@@ -93,7 +97,10 @@ def scoring_rows(
         frame = frame.assign(moments=frame["sample_id"].isin(needs[scorer]))
         if canonical:
             tested = [row for sid, row in rows.items() if sid in tests[scorer]]
-            frame = pd.concat([frame, canonical_rows(tested, prompts, canonical_ids)], ignore_index=True)
+            parts = [frame, canonical_rows(tested, prompts, canonical_ids)]
+            if cfg.likelihood.segmentation_beam:
+                parts.append(string_rows(cfg, tested, prompts, canonical_ids))
+            frame = pd.concat(parts, ignore_index=True)
         if strangers is not None and strange[scorer]:
             mine = strangers[strangers["prompt_id"].isin(strange[scorer])]
             frame = pd.concat([frame, outsider_rows(cfg, mine, prompts)], ignore_index=True)
@@ -145,6 +152,24 @@ def canonical_rows(texts: list, prompts: pd.Series, canonical: dict[str, list[in
         transform = (float(row.temperature), int(row.top_k), float(row.top_p), len(ids))
         sample_id = str(row.sample_id) + CANONICAL
         records.append((_row_key(sample_id, prompt, ids, transform), sample_id, prompt, ids, *transform, False))
+    return pd.DataFrame(records, columns=ROW_COLUMNS)
+
+
+def string_rows(cfg: Config, texts: list, prompts: pd.Series, canonical: dict[str, list[int]]) -> pd.DataFrame:
+    """Rows scoring each text as a string over its segmentations, from its canonical ids (its sampled
+    ids where ``canonical`` has none: they are the canonical ones); ``new_tokens`` is their count and
+    the beam is part of the row's key."""
+    beam = int(cfg.likelihood.segmentation_beam)
+    records = []
+    for row in texts:
+        ids = canonical.get(str(row.sample_id), [int(t) for t in row.token_ids])
+        if not ids:
+            continue
+        prompt = [int(t) for t in prompts.loc[row.prompt_id]]
+        transform = (float(row.temperature), int(row.top_k), float(row.top_p), len(ids))
+        sample_id = str(row.sample_id) + STRING
+        key = _row_key(sample_id, prompt, ids, (*transform, f"beam={beam}"))
+        records.append((key, sample_id, prompt, ids, *transform, False))
     return pd.DataFrame(records, columns=ROW_COLUMNS)
 
 
@@ -309,8 +334,20 @@ def score_model(
     model = as_scorer(load_lm(model_dir, device=device))
     frames = [cached] if len(cached) else []
     chunk = 4 * cfg.likelihood.batch_size
-    transforms = missing.groupby(["temperature", "top_k", "top_p", "new_tokens", "moments"], sort=True)
+    strings = missing["sample_id"].astype(str).str.endswith(STRING)
     bar = tqdm(total=len(missing), desc=f"likelihood {model_id}", unit="text", leave=False, disable=not progress)
+    with torch.inference_mode():
+        reader = string_reader(load_tokenizer(cfg.paths.tokenizer)) if strings.any() else None
+        for start in range(0, int(strings.sum()), chunk):
+            part = missing[strings].iloc[start : start + chunk]
+            frames.append(_score_strings(cfg, model, reader, part, eos, device))
+            bar.update(len(part))
+            merged = pd.concat(frames, ignore_index=True).sort_values("row_key", kind="stable")
+            _write(path, merged.reset_index(drop=True), sha)
+            frames = [merged]
+    scored = len(missing)
+    missing = missing[~strings]
+    transforms = missing.groupby(["temperature", "top_k", "top_p", "new_tokens", "moments"], sort=True)
     with torch.inference_mode():
         for (temperature, top_k, top_p, new_tokens, moments), group in transforms:
             for start in range(0, len(group), chunk):
@@ -350,7 +387,66 @@ def score_model(
                 _write(path, merged.reset_index(drop=True), sha)  # resumable: a killed job keeps its rows
                 frames = [merged]
     bar.close()
-    return len(missing)
+    return scored
+
+
+def string_reader(tokenizer) -> tuple:
+    """(surfaces, fragment tokenizer) of ``tokenizer``, as :mod:`natprints.likelihood.segmentations` reads it."""
+    import functools
+
+    from natprints.likelihood.segmentations import surfaces
+
+    @functools.cache  # fragments repeat across texts
+    def tokenize(data: bytes) -> tuple[int, ...] | None:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return surfaces(tokenizer), tokenize
+
+
+def _score_strings(cfg: Config, model, reader: tuple, rows: pd.DataFrame, eos: int, device: str) -> pd.DataFrame:
+    """Rows of :func:`string_rows` scored over their segmentations (one sampling transform per group)."""
+    from natprints.likelihood.segmentations import score_segmentations
+
+    surf, tokenize = reader
+    parts = []
+    for (temperature, top_k, top_p), group in rows.groupby(["temperature", "top_k", "top_p"], sort=True):
+        scores = score_segmentations(
+            model,
+            surf,
+            tokenize,
+            group["prompt"].tolist(),
+            group["tokens"].tolist(),
+            pad_id=eos,
+            temperature=float(temperature),
+            top_k=int(top_k),
+            top_p=float(top_p),
+            batch_size=cfg.likelihood.batch_size,
+            device=device,
+            beam=cfg.likelihood.segmentation_beam,
+        )
+        nan = float("nan")
+        parts.append(
+            pd.DataFrame(
+                {
+                    "row_key": group["row_key"].to_numpy(),
+                    "sample_id": group["sample_id"].to_numpy(),
+                    "events": [s.paths for s in scores],
+                    "ends_with_eos": False,
+                    "loglik": [s.loglik for s in scores],
+                    "entropy_sum": nan,
+                    "variance_sum": nan,
+                    "token_logprobs": [np.zeros(0) for _ in scores],
+                    "token_entropy": None,
+                    "token_variance": None,
+                },
+                columns=COLUMNS,
+            )
+        )
+    return pd.concat(parts, ignore_index=True)
 
 
 def _sum(values: np.ndarray | None) -> float:
