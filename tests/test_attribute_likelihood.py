@@ -216,6 +216,23 @@ def test_models_of_three_families_each_read_the_text_with_their_own_tokenizer(zo
     pooled = json.loads(result.stdout)
     assert pooled["texts"] == 3
     assert pooled["loglik"]["neox-own"] == pytest.approx(sum(p.loglik["neox-own"] for p in predictions))
+    # Over segmentations: the byte-level and unigram models sum more paths than the canonical one (never
+    # less); the word-level one has no byte pieces to search and keeps its canonical score.
+    searched = attribute_by_likelihood(texts, library, segmentations=8)
+    for p, q in zip(predictions, searched, strict=True):
+        assert q.loglik["a"] == p.loglik["a"] and q.z == p.z  # the open-set test reads the canonical path
+        for name in ("gpt2-own", "neox-own"):
+            assert q.loglik[name] >= p.loglik[name] - 1e-4  # float32 passes of their own
+    assert any(q.loglik["gpt2-own"] > p.loglik["gpt2-own"] + 1e-3 for p, q in zip(predictions, searched, strict=True))
+    result = invoke(
+        "attribute", *zoo.files("b", 3), "--method", "likelihood", *models, "--json", "--segmentations", "8"
+    )
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["loglik"]["neox-own"] for r in records] == pytest.approx([q.loglik["neox-own"] for q in searched])
+    result = invoke(
+        "attribute", *zoo.files("b", 1), "--method", "likelihood", *models, "--sequential", "--segmentations", "8"
+    )
+    assert result.exit_code == 1 and "not with --sequential" in result.output
     # The model holding a tokenizer with other ids for the same words is read with its own.
     other = zoo.root / "other-vocab"
     shutil.copytree(zoo.dirs["b"], other, dirs_exist_ok=True)
@@ -457,7 +474,7 @@ def test_the_open_set_test_is_two_sided():
 
     def verdict(loglik: list[float], entropy: list[float]):
         ones = np.ones(2)
-        return _predict(["a", "b"], np.array(loglik), np.array(entropy), ones, ones * 5, 1, 0.05, 2)
+        return _predict(["a", "b"], np.array(loglik), np.array(entropy), ones, ones * 5, 1, 0.05, 2, np.array(loglik))
 
     too_likely, too_unlikely, typical = (
         verdict([-1, -1], [10, 10]),

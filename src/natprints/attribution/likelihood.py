@@ -115,6 +115,7 @@ def attribute_by_likelihood(
     loaded: dict[str, Any] | None = None,
     token_logprobs: dict[str, list[list[float]]] | None = None,
     sampled: Sequence[Sequence[int] | None] | None = None,
+    segmentations: int = 0,
 ) -> list[LikelihoodPrediction] | LikelihoodPrediction:
     """Attribute each text (or, with ``pool``, all of them together) to the model most likely to have written it.
 
@@ -127,7 +128,10 @@ def attribute_by_likelihood(
     ``token_logprobs``: a dict filled with label -> each text's per-token log-probabilities (an
     evidence bundle's scores). ``sampled``: each text's sampled token ids where its source recorded
     them (None where not): a model whose tokenizer reads them back as the text scores those ids, not a
-    re-tokenization, and each prediction says how many texts each model scored so.
+    re-tokenization, and each prediction says how many texts each model scored so. ``segmentations``:
+    rank the models by each re-tokenized text's probability summed over its most probable segmentations
+    (:mod:`natprints.likelihood.segmentations`, this beam; 0: its canonical path alone); the open-set
+    test still reads the canonical path, whose per-token moments it has.
     """
     import torch
     from tqdm.auto import tqdm
@@ -145,8 +149,11 @@ def attribute_by_likelihood(
         raise NatprintsError(
             f"need temperature > 0, top_k >= 0 and 0 < top_p <= 1, got {temperature}, {top_k} and {top_p}"
         )
-    if not 0 < alpha < 1 or top < 1 or batch_size < 1:
-        raise NatprintsError(f"need 0 < alpha < 1, top >= 1 and batch_size >= 1, got {alpha}, {top} and {batch_size}")
+    if not 0 < alpha < 1 or top < 1 or batch_size < 1 or segmentations < 0:
+        raise NatprintsError(
+            f"need 0 < alpha < 1, top >= 1, batch_size >= 1 and segmentations >= 0, got {alpha}, {top}, "
+            f"{batch_size} and {segmentations}"
+        )
     candidates = (
         dict(model_dirs)
         if model_dirs and all(isinstance(c, Candidate) for c in model_dirs.values())
@@ -159,9 +166,10 @@ def attribute_by_likelihood(
     if errors:
         raise NatprintsError(next(iter(errors.values())))
     device = resolve_device(device)
+    transform = dict(temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size, device=device)
     labels = list(candidates)
     n, k = len(texts), len(labels)
-    loglik, entropy, variance = (np.zeros((n, k)) for _ in range(3))
+    loglik, entropy, variance, ranking = (np.zeros((n, k)) for _ in range(4))
     tokens = np.zeros((n, k), dtype=np.int64)
     for j, label in enumerate(tqdm(labels, desc="likelihood", unit="model", disable=None if progress else True)):
         candidate = candidates[label]
@@ -189,6 +197,11 @@ def attribute_by_likelihood(
             scores.variance,
             scores.tokens,
         )
+        ranking[:, j] = loglik[:, j]
+        if segmentations:
+            strings = _over_segmentations(lm, candidate, pairs[label], as_sampled[label], segmentations, transform)
+            for i, value in strings.items():
+                ranking[i, j] = value if readable[i] else -np.inf
         if token_logprobs is not None:
             token_logprobs[label] = [t.tolist() for t in scores.token_logprobs]
         del lm, scores
@@ -196,14 +209,41 @@ def attribute_by_likelihood(
             torch.cuda.empty_cache()
     given = sampled is not None and any(ids is not None for ids in sampled)
     if pool:
-        p = _predict(labels, loglik.sum(0), entropy.sum(0), variance.sum(0), tokens.sum(0), n, alpha, top)
+        p = _predict(
+            labels, loglik.sum(0), entropy.sum(0), variance.sum(0), tokens.sum(0), n, alpha, top, ranking.sum(0)
+        )
         p.as_sampled = {m: sum(as_sampled[m]) for m in labels} if given else {}
         return p
-    out = [_predict(labels, loglik[i], entropy[i], variance[i], tokens[i], 1, alpha, top) for i in range(n)]
+    out = [_predict(labels, loglik[i], entropy[i], variance[i], tokens[i], 1, alpha, top, ranking[i]) for i in range(n)]
     for i, p in enumerate(out):
         if sampled is not None and sampled[i] is not None:
             p.as_sampled = {m: int(as_sampled[m][i]) for m in labels}
     return out
+
+
+def _over_segmentations(
+    lm: Any, candidate: Candidate, pairs: tuple, as_sampled: Sequence[bool], beam: int, transform: dict
+) -> dict[int, float]:
+    """Text index -> its log p summed over its most probable segmentations, for the texts this model
+    read as a re-tokenization (none where its tokenizer's pieces have no bytes to search)."""
+    from natprints.likelihood.segmentations import score_segmentations
+    from natprints.likelihood.stage import string_reader
+
+    surf, tokenize = string_reader(candidate.tokenizer)
+    rows = [i for i, ids in enumerate(pairs[1]) if ids and not as_sampled[i]]
+    if surf is None or not rows:
+        return {}
+    scores = score_segmentations(
+        lm,
+        surf,
+        tokenize,
+        [pairs[0][i] for i in rows],
+        [pairs[1][i] for i in rows],
+        pad_id=candidate.pad,
+        beam=beam,
+        **transform,
+    )
+    return {i: s.loglik for i, s in zip(rows, scores, strict=True)}
 
 
 def _ranked(log_scores: np.ndarray, top: int) -> tuple[np.ndarray, list[int]]:
@@ -223,8 +263,11 @@ def _predict(
     texts: int,
     alpha: float,
     top: int,
+    ranking: np.ndarray,
 ) -> LikelihoodPrediction:
-    proba, order = _ranked(loglik, top)
+    """``loglik``: the scored paths' (the open-set test's, with their moments); ``ranking``: what the
+    models are ranked by (the same, or the strings' probabilities over their segmentations)."""
+    proba, order = _ranked(ranking, top)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = (loglik + entropy) / np.sqrt(variance)
     unknown = all(_atypical(float(v), alpha) for v in z)
@@ -235,7 +278,7 @@ def _predict(
         best_model=best,
         top=[(labels[i], float(proba[i])) for i in order],
         unknown=unknown,
-        loglik={m: float(v) for m, v in zip(labels, loglik, strict=True)},
+        loglik={m: float(v) for m, v in zip(labels, ranking, strict=True)},
         z={m: float(v) for m, v in zip(labels, z, strict=True)},
         tokens=int(tokens[order[0]]),
         texts=texts,

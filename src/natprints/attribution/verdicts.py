@@ -84,6 +84,7 @@ class Request:
     device: str | None = None  # likelihood: where to score (default: the run's, else auto)
     batch_size: int | None = None  # likelihood: texts per batch (default: the run's, else 64)
     jsonl: bool = False  # each FILE holds JSONL records: `text`, optional `prompt` and `token_ids`
+    segmentations: int = 0  # likelihood: rank by each string over its most probable segmentations (the beam)
 
     def check(self) -> None:
         """Options that do not go together, as one-line errors."""
@@ -95,6 +96,13 @@ class Request:
             raise NatprintsError("--bundle records a verdict set: not with --sequential")
         if self.jsonl and (self.sequential or self.bundle is not None):
             raise NatprintsError("--jsonl reads whole files of records: not with --sequential or --bundle")
+        if self.segmentations < 0:
+            raise NatprintsError(f"--segmentations must be >= 0, got {self.segmentations}")
+        if self.segmentations and (self.sequential or self.bundle is not None):
+            raise NatprintsError(
+                "--segmentations ranks by lower bounds on each string's probability: not with --sequential or "
+                "--bundle (their guarantees and recomputation read exact path probabilities)"
+            )
         if self.sequential and not 0 < self.error < 1:
             raise NatprintsError(f"--error must lie strictly between 0 and 1, got {self.error}")
         if self.method == "likelihood":
@@ -112,6 +120,7 @@ class Request:
             "--top-k": self.top_k,
             "--top-p": self.top_p,
             "--alpha": self.alpha,
+            "--segmentations": self.segmentations or None,
         }
         misplaced = [flag for flag, value in given.items() if value is not None]  # 0 is given, too
         if misplaced:
@@ -576,6 +585,7 @@ def _by_likelihood(files: list[str], request: Request, out: Writer, err: Writer,
             top=request.top,
             progress=bundle is None,
             token_logprobs=per_token if bundle is not None else None,  # only a bundle keeps them
+            segmentations=request.segmentations,
             **options,
         )
     if bundle is not None:

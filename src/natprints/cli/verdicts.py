@@ -83,6 +83,16 @@ def attribute(
             "is rejected (default 0.05).",
         ),
     ] = None,
+    segmentations: Annotated[
+        int,
+        typer.Option(
+            "--segmentations",
+            min=0,
+            help="likelihood: rank the models by each re-tokenized text's probability summed over its most "
+            "probable token paths, this many per search round (8 is the runs' default; 0: its canonical "
+            "tokenization alone). About ten times the scoring work.",
+        ),
+    ] = 0,
     pool: Annotated[
         bool, typer.Option("--pool", help="One verdict over all inputs, as texts from one source.")
     ] = False,
@@ -147,6 +157,7 @@ def attribute(
         error=error,
         bundle=bundle,
         jsonl=jsonl,
+        segmentations=segmentations,
     )
     if attribute_files(list(files or []), request):
         raise typer.Exit(1)
