@@ -394,3 +394,46 @@ def test_a_hub_model_not_in_the_cache_is_one_line_offline(tmp_path, monkeypatch)
     cfg = load_config(ROOT / "configs" / "polypythias.toml")
     with pytest.raises(NatprintsError, match=r"cannot read hub model EleutherAI/pythia-.*HF_HUB_OFFLINE=1"):
         model_directory(cfg.models[0])
+
+
+def test_polypythias_plans_offline_on_the_meta_device(tmp_path, monkeypatch):
+    """Every PolyPythias model is built from its declared architecture without a weight: the parameter
+    counts are Pythia's published ones (pythia-70m: 70,426,624) and match each size's name within 5%."""
+    from natprints.declared import plan
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached: the declared shapes are read
+    planned = plan(load_config(ROOT / "configs" / "polypythias.toml"))
+    assert len(planned) == 50 and {p.source for p in planned} == {"run config"}
+    for p in planned:
+        named = float(p.label.split("-")[1].rstrip("m")) * 1e6
+        assert abs(p.parameters / named - 1) < 0.05, p
+    counts = {p.label: p.parameters for p in planned}
+    assert counts["pythia-70m"] == counts["pythia-70m-seed9"] == 70_426_624
+    assert counts["pythia-410m"] == 405_334_016
+    result = run_cli("plan", "--config", str(ROOT / "configs" / "polypythias.toml"), home=tmp_path)
+    assert (
+        result.stdout.strip().splitlines()[-1] == "50 models, 6,826,460,160 parameters, 25.4 GiB of fp32 weights in all"
+    )
+
+
+def test_a_model_at_hand_is_planned_from_its_own_config(tmp_path):
+    """A local model's config.json wins over a declared architecture; a bad architecture is one line."""
+    from natprints.config import DeclaredModel
+    from natprints.declared import architecture, plan
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))
+    model.save_pretrained(tmp_path / "gpt2")
+    declared = DeclaredModel(
+        label="g", path=str(tmp_path / "gpt2"), architecture={"model_type": "llama", "hidden_size": 8}
+    )
+    config, source = architecture(declared)
+    assert source == "config.json" and config.model_type == "gpt2"
+    cfg = load_config(ROOT / "configs" / "smoke.toml").model_copy(update={"models": [declared]})
+    assert plan(cfg)[0].parameters == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="architecture needs its model_type"):
+        DeclaredModel(label="x", hub="org/x", architecture={"hidden_size": 8})
+    missing = DeclaredModel(label="x", path=str(tmp_path / "nowhere"), architecture={"model_type": "no_such_type"})
+    with pytest.raises(NatprintsError, match=r"^model x: architecture: .*no_such_type"):
+        architecture(missing)

@@ -327,6 +327,9 @@ class DeclaredModel(_Section):
     hub: str = ""
     revision: str = ""  # with hub: a branch, tag or commit (e.g. PolyPythias' "step143000")
     factors: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], FactorValue] = {}
+    # its transformers config (model_type and the fields that differ from that type's defaults), read
+    # where the model is not at hand: `natprints plan` builds it on the meta device to size the run
+    architecture: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], FactorValue] = {}
 
     @model_validator(mode="after")
     def _one_source(self) -> DeclaredModel:
@@ -334,6 +337,8 @@ class DeclaredModel(_Section):
             raise ValueError(f"model {self.label!r}: give exactly one of path (a local directory) or hub (a hub id)")
         if self.revision and not self.hub:
             raise ValueError(f"model {self.label!r}: revision is only read with hub")
+        if self.architecture and not isinstance(self.architecture.get("model_type"), str):
+            raise ValueError(f'model {self.label!r}: architecture needs its model_type (e.g. "gpt_neox")')
         return self
 
 

@@ -15,6 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from natprints.artifacts import hash_obj, sha256_file
 from natprints.config import Config, DeclaredModel, home
@@ -89,6 +90,75 @@ def verify_declared(cfg: Config) -> dict[str, Declared]:
         source = model.path or f"hub:{model.hub}" + (f"@{model.revision}" if model.revision else "")
         out[model.label] = Declared(
             model.label, path, source, model_digest(info), tokenizer_digest(path), dict(model.factors)
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A declared model built on the meta device (no weights read, no memory taken): what it costs."""
+
+    label: str
+    model_type: str
+    parameters: int
+    layers: int
+    hidden_size: int
+    vocab_size: int
+    source: str  # where its architecture came from: its directory's config.json, or the run config
+
+    @property
+    def fp32_gib(self) -> float:
+        return self.parameters * 4 / 2**30
+
+
+def architecture(model: DeclaredModel) -> tuple[Any, str]:
+    """(transformers config, where it came from) of a declared model: its directory's config.json where
+    the model is at hand (a path, or a hub id in the local cache), else the ``architecture`` its entry
+    declares; neither is a one-line error."""
+    from transformers import AutoConfig
+
+    try:
+        path = model_directory(model)
+    except NatprintsError as exc:
+        if not model.architecture:
+            raise NatprintsError(f"{exc}; or declare its architecture (model_type and sizes) in the config") from None
+    else:
+        if (path / "config.json").is_file():
+            return AutoConfig.from_pretrained(path), "config.json"
+        if not model.architecture:
+            raise NatprintsError(f"model {model.label}: {path} has no config.json")
+    fields = dict(model.architecture)
+    kind = str(fields.pop("model_type"))
+    try:
+        return AutoConfig.for_model(kind, **fields), "run config"
+    except (ValueError, TypeError) as exc:
+        raise NatprintsError(f"model {model.label}: architecture: {first_line(exc)}") from None
+
+
+def plan(cfg: Config) -> list[Planned]:
+    """Every declared model built on the meta device from :func:`architecture`: its parameter count
+    and shape, without reading or allocating a weight."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = []
+    for model in cfg.models:
+        config, source = architecture(model)
+        try:
+            with torch.device("meta"):
+                built = AutoModelForCausalLM.from_config(config)
+        except (ValueError, TypeError) as exc:
+            raise NatprintsError(f"model {model.label}: not a causal LM: {first_line(exc)}") from None
+        out.append(
+            Planned(
+                model.label,
+                config.model_type,
+                sum(p.numel() for p in built.parameters()),
+                int(getattr(config, "num_hidden_layers", 0) or 0),
+                int(getattr(config, "hidden_size", 0) or 0),
+                int(config.vocab_size),
+                source,
+            )
         )
     return out
 

@@ -128,6 +128,29 @@ def clean(
 
 
 @app.command()
+def plan(config: ConfigOpt = DEFAULT_CONFIG) -> None:
+    """Size a run's declared models before any is read: each built on the meta device (no weights read
+    or allocated) from its config.json where it is at hand, else the architecture its entry declares."""
+    from natprints.declared import plan as plan_models
+
+    cfg = load_config(config)
+    planned = plan_models(cfg)
+    if not planned:
+        typer.echo(f"run '{cfg.run.name}' declares no models")
+        return
+    typer.echo(
+        f"{'model':<28} {'type':<10} {'layers':>6} {'hidden':>6} {'vocab':>7} {'parameters':>13} {'fp32 GiB':>9}  from"
+    )
+    for p in planned:
+        typer.echo(
+            f"{p.label:<28} {p.model_type:<10} {p.layers:>6} {p.hidden_size:>6} {p.vocab_size:>7} "
+            f"{p.parameters:>13,} {p.fp32_gib:>9.2f}  {p.source}"
+        )
+    total = sum(p.parameters for p in planned)
+    typer.echo(f"{len(planned)} models, {total:,} parameters, {total * 4 / 2**30:.1f} GiB of fp32 weights in all")
+
+
+@app.command()
 def experiments(
     config: ConfigOpt = DEFAULT_CONFIG,
     force: Annotated[bool, typer.Option("--force", help="Redo every condition, even when up to date.")] = False,
