@@ -116,7 +116,7 @@ def surfaces(tokenizer: Any) -> Surfaces | None:
 @dataclass(frozen=True)
 class Edit:
     """Canonical tokens ``[start, stop)`` replaced by ``ids``; ``estimate``: the gain in log p it is
-    expected to bring (from the canonical pass); ``first``: its first token's log p."""
+    expected to bring (from the canonical pass)."""
 
     start: int
     stop: int
@@ -157,8 +157,9 @@ def single_edits(
     """The edits opened by each alternative token (see the module's note), best estimate first.
 
     ``alternative_logprobs``: per boundary, token -> its log p there (from :func:`teacher_force`).
-    ``tokenize(bytes) -> ids | None`` re-tokenizes a fragment (None:
-    it cannot, e.g. a cut character).
+    ``tokenize(bytes) -> ids | None`` re-tokenizes a fragment (None: it cannot, e.g. a cut character).
+    A fragment whose re-tokenization writes other bytes (a SentencePiece tokenizer marks a fragment's
+    start as a word start) opens no edit.
     """
     data = surf.path_bytes(ids)
     if data is None:
