@@ -25,16 +25,9 @@ def tokenizer(kind: str):
 
 
 def model(vocab: int, seed: int = 0) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    from tests.test_attribute_likelihood import llama
+
+    return llama(seed, vocab)
 
 
 def reader(tok):

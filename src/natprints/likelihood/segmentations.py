@@ -294,14 +294,6 @@ class StringScore:
     best: tuple[int, ...]  # the most probable path found
 
 
-def _logsumexp(values: Sequence[float]) -> float:
-    arr = np.asarray(values, dtype=np.float64)
-    top = arr.max()
-    if not np.isfinite(top):
-        return float(top)
-    return float(top + np.log(np.exp(arr - top).sum()))
-
-
 def score_segmentations(
     model: Any,
     surf: Surfaces | None,
@@ -346,7 +338,7 @@ def score_segmentations(
     for ids, paths in zip(canonicals, found, strict=True):
         canonical = paths[tuple(ids)]
         best = max(paths, key=lambda p: paths[p])
-        out.append(StringScore(_logsumexp(list(paths.values())), canonical, len(paths), best))
+        out.append(StringScore(float(np.logaddexp.reduce(list(paths.values()))), canonical, len(paths), best))
     return out
 
 
