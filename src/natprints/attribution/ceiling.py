@@ -112,8 +112,10 @@ def string_view(data: ConditionData, frame: pd.DataFrame, scores: dict[str, pd.D
         if present.any():
             canonical[present, j] = table.loc[keys[present], "loglik"].to_numpy(dtype=np.float64)
         strings = np.char.add(sample_ids.astype(str), STRING)
-        if segmented is not None and n and np.isin(strings, table.index.to_numpy()).all():
-            segmented[:, j] = table.loc[strings, "loglik"].to_numpy(dtype=np.float64)
+        searched = np.isin(strings, table.index.to_numpy())
+        if segmented is not None and n and (searched | (lengths == 0)).all():  # an empty text is not searched
+            segmented[:, j] = sampled[:, j]  # 0: an empty text carries no evidence
+            segmented[searched, j] = table.loc[strings[searched], "loglik"].to_numpy(dtype=np.float64)
         else:
             segmented = None
     return StringView(sampled, canonical, differs, segmented)

@@ -590,7 +590,8 @@ def _string_section(records: Sequence[dict[str, Any]]) -> str:
         " *Over segmentations*: each text's probability summed over its most probable token paths "
         "(`[likelihood] segmentation_beam`, `natprints.likelihood.segmentations`): a lower bound on the "
         "string's probability, never below the canonical path's. *True model's shortfall*: the mean nats by "
-        "which its score of its own text falls below the sampled path's, canonical → over segmentations. A "
+        "which its score of its own text falls below the sampled path's, canonical → over segmentations (below "
+        "0: the paths summed exceed the sampled one, as a string's probability may). A "
         "string scorer cannot see which path a model sampled, so the sampled-id ceiling is an upper reference, "
         "not a target."
         if searched
