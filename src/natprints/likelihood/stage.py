@@ -323,7 +323,8 @@ def score_model(
     sha = sha or _model_sha256(model_dir)
     cached = read_cache(path, sha, trusted, command)
     cached = cached[cached["row_key"].isin(set(rows["row_key"]))]
-    lacking = set(cached.loc[cached["entropy_sum"].isna(), "row_key"])  # scored without moments
+    # scored without moments (a string's sum over paths has none: it is never scored again for them)
+    lacking = set(cached.loc[cached["entropy_sum"].isna() & ~cached["sample_id"].str.endswith(STRING), "row_key"])
     keys = rows["row_key"]
     missing = rows[~keys.isin(set(cached["row_key"])) | (rows["moments"].astype(bool) & keys.isin(lacking))]
     cached = cached[~cached["row_key"].isin(set(missing["row_key"]))]
