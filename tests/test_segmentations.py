@@ -30,17 +30,6 @@ def model(vocab: int, seed: int = 0) -> transformers.LlamaForCausalLM:
     return llama(seed, vocab)
 
 
-def reader(tok):
-    @functools.cache
-    def tokenize(data: bytes):
-        try:
-            return tuple(tok(data.decode("utf-8"), add_special_tokens=False)["input_ids"])
-        except UnicodeDecodeError:
-            return None
-
-    return seg.surfaces(tok), tokenize
-
-
 FORCED = dict(pad_id=0, temperature=1.0, top_k=0, top_p=1.0, batch_size=16, device="cpu")
 
 
@@ -86,7 +75,7 @@ def direct(lm, context: list[int], ids: list[int]) -> float:
 
 def test_the_sum_lies_between_the_canonical_path_and_every_path():
     tok = tokenizer("bytebpe")
-    surf, tokenize = reader(tok)
+    surf, tokenize = seg.string_reader(tok)
     lm = model(len(tok))
     context = tok("the dog", add_special_tokens=False)["input_ids"]
     strings = [" sat on", " theme", " think"]
@@ -112,7 +101,7 @@ def test_a_path_the_model_prefers_is_found():
     """A model trained to write " the" as " th" + "e" puts its mass off the canonical path; the search
     recovers it, and the string's score rises by what the canonical path missed."""
     tok = tokenizer("bytebpe")
-    surf, tokenize = reader(tok)
+    surf, tokenize = seg.string_reader(tok)
     th, e = surf.index[b" th"], surf.index[b"e"]
     canonical = tok(" the", add_special_tokens=False)["input_ids"]
     assert canonical == [surf.index[b" the"]]
@@ -134,6 +123,6 @@ def test_a_path_the_model_prefers_is_found():
 
 def test_bad_settings_are_one_line_errors():
     tok = tokenizer("bytebpe")
-    surf, tokenize = reader(tok)
+    surf, tokenize = seg.string_reader(tok)
     with pytest.raises(seg.NatprintsError, match="beam >= 0"):
         seg.score_segmentations(model(len(tok)), surf, tokenize, [[1]], [[2]], beam=-1, **FORCED)

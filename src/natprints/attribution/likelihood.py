@@ -226,8 +226,7 @@ def _over_segmentations(
 ) -> dict[int, float]:
     """Text index -> its log p summed over its most probable segmentations, for the texts this model
     read as a re-tokenization (none where its tokenizer's pieces have no bytes to search)."""
-    from natprints.likelihood.segmentations import score_segmentations
-    from natprints.likelihood.stage import string_reader
+    from natprints.likelihood.segmentations import score_segmentations, string_reader
 
     surf, tokenize = string_reader(candidate.tokenizer)
     rows = [i for i, ids in enumerate(pairs[1]) if ids and not as_sampled[i]]

@@ -25,6 +25,7 @@ pieces this module cannot turn into bytes (:func:`surfaces` returns None) keeps 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Sequence
@@ -111,6 +112,20 @@ def surfaces(tokenizer: Any) -> Surfaces | None:
         if data is not None:
             index.setdefault(data, i)
     return Surfaces(pieces, index, max((len(p) for p in index), default=0))
+
+
+def string_reader(tokenizer: Any) -> tuple[Surfaces | None, Any]:
+    """(surfaces, fragment tokenizer) of ``tokenizer``: what :func:`score_segmentations` reads it through."""
+
+    @functools.cache  # fragments repeat across texts
+    def tokenize(data: bytes) -> tuple[int, ...] | None:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return surfaces(tokenizer), tokenize
 
 
 @dataclass(frozen=True)

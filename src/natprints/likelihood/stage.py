@@ -318,6 +318,7 @@ def score_model(
 
     from natprints.corpus import load_tokenizer
     from natprints.likelihood.scorer import as_scorer, score_texts
+    from natprints.likelihood.segmentations import string_reader
 
     model_id = model_dir.name
     sha = sha or _model_sha256(model_dir)
@@ -335,21 +336,20 @@ def score_model(
     model = as_scorer(load_lm(model_dir, device=device))
     frames = [cached] if len(cached) else []
     chunk = 4 * cfg.likelihood.batch_size
-    strings = missing["sample_id"].astype(str).str.endswith(STRING)
-    bar = tqdm(total=len(missing), desc=f"likelihood {model_id}", unit="text", leave=False, disable=not progress)
+    is_string = missing["sample_id"].astype(str).str.endswith(STRING)
+    strings, missing = missing[is_string], missing[~is_string]
+    scored = len(strings) + len(missing)
+    bar = tqdm(total=scored, desc=f"likelihood {model_id}", unit="text", leave=False, disable=not progress)
+    transforms = missing.groupby(["temperature", "top_k", "top_p", "new_tokens", "moments"], sort=True)
     with torch.inference_mode():
-        reader = string_reader(load_tokenizer(cfg.paths.tokenizer)) if strings.any() else None
-        for start in range(0, int(strings.sum()), chunk):
-            part = missing[strings].iloc[start : start + chunk]
+        reader = string_reader(load_tokenizer(cfg.paths.tokenizer)) if len(strings) else None
+        for start in range(0, len(strings), chunk):
+            part = strings.iloc[start : start + chunk]
             frames.append(_score_strings(cfg, model, reader, part, eos, device))
             bar.update(len(part))
             merged = pd.concat(frames, ignore_index=True).sort_values("row_key", kind="stable")
             _write(path, merged.reset_index(drop=True), sha)
             frames = [merged]
-    scored = len(missing)
-    missing = missing[~strings]
-    transforms = missing.groupby(["temperature", "top_k", "top_p", "new_tokens", "moments"], sort=True)
-    with torch.inference_mode():
         for (temperature, top_k, top_p, new_tokens, moments), group in transforms:
             for start in range(0, len(group), chunk):
                 part = group.iloc[start : start + chunk]
@@ -389,23 +389,6 @@ def score_model(
                 frames = [merged]
     bar.close()
     return scored
-
-
-def string_reader(tokenizer) -> tuple:
-    """(surfaces, fragment tokenizer) of ``tokenizer``, as :mod:`natprints.likelihood.segmentations` reads it."""
-    import functools
-
-    from natprints.likelihood.segmentations import surfaces
-
-    @functools.cache  # fragments repeat across texts
-    def tokenize(data: bytes) -> tuple[int, ...] | None:
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    return surfaces(tokenizer), tokenize
 
 
 def _score_strings(cfg: Config, model, reader: tuple, rows: pd.DataFrame, eos: int, device: str) -> pd.DataFrame:
