@@ -48,6 +48,7 @@ resume_every = 5
 [conditions]
 declared = ["family", "seed"]
 tokenizer = ["bpe-300", "unigram-400"]
+families = ["gpt2/bpe-300", "gptneox/run"]
 
 [generate]
 prompts = 24
@@ -135,6 +136,7 @@ def generated(home: Path, label: str, where: str = "declared") -> pd.DataFrame:
 
 BASE = "xs-lr1e-3-bs8-init0-data0"
 VARIANTS = [f"bpe-300-{BASE}", f"unigram-400-{BASE}"]
+FAMILIES = [f"bpe-300-gpt2-{BASE}", f"gptneox-{BASE}"]
 
 
 def test_texts_are_cut_to_one_character_budget_with_each_model_s_own_tokens(run):
@@ -196,7 +198,8 @@ def test_declared_scores_equal_each_model_s_own_logits(run):
                 logits = model(torch.tensor([context + ids])).logits[0].double()
             logp = torch.log_softmax(logits, -1)[len(context) - 1 : -1].gather(1, torch.tensor(ids)[:, None])
             assert row.events == len(ids)
-            assert row.loglik == pytest.approx(float(logp.sum()), abs=1e-3)
+            assert row.canonical == pytest.approx(float(logp.sum()), abs=1e-3)
+            assert row.loglik >= row.canonical  # the sum over segmentations holds the canonical path
             checked += 1
         assert checked == 3
 
@@ -217,7 +220,7 @@ def test_attribute_by_likelihood_among_a_declared_condition(run):
     )  # fmt: skip
     verdict = json.loads(result.stdout)
     assert set(verdict["loglik"]) == {"gpt2-s0", "neox-s0", "llama-s0"}
-    assert verdict["loglik"]["gpt2-s0"] == pytest.approx(table["loglik"].iloc[0], abs=1e-3)
+    assert verdict["loglik"]["gpt2-s0"] == pytest.approx(table["canonical"].iloc[0], abs=1e-3)
 
 
 def test_declared_conditions_get_tables_a_ceiling_and_the_length_control(run):
@@ -274,8 +277,8 @@ def test_zoo_tokenizer_variants_train_on_the_same_text_and_are_scored_as_strings
     assert sizes == {VARIANTS[0]: 300, VARIANTS[1]: 400}
     assert not (zoo / BASE / "tokenizer.json").is_file()  # the base reads the run's tokenizer
     members = json.loads((home / "data" / "generated" / "dec" / "manifest.json").read_text())["strings"]["conditions"]
-    assert members == {"tokenizer": [BASE, *VARIANTS]}
-    for model in [BASE, *VARIANTS]:
+    assert members == {"tokenizer": [BASE, *VARIANTS], "families": [BASE, *FAMILIES]}
+    for model in [BASE, *VARIANTS, *FAMILIES]:
         frame = generated(home, model, "strings")
         assert (
             len(frame) == 24 and frame["text"].str.len().max() <= 60 and not frame["text"].str.contains("\ufffd").any()
@@ -289,25 +292,41 @@ def test_zoo_tokenizer_variants_train_on_the_same_text_and_are_scored_as_strings
     row = generated(home, VARIANTS[1], "strings").set_index("sample_id").loc[scores[VARIANTS[1]]["sample_id"].iloc[0]]
     text = home / "text.txt"
     text.write_text(row["text"])
-    result = run_cli(
-        "attribute",
-        "--method",
-        "likelihood",
-        "--config",
-        str(config),
-        "--condition",
-        "tokenizer",
-        "--prompt",
-        row["prompt"],
-        "--json",
-        str(text),
-        home=home,
-    )
-    loglik = json.loads(result.stdout)["loglik"]
+    command = ("attribute", "--method", "likelihood", "--config", str(config), "--condition", "tokenizer")
+    command += ("--prompt", row["prompt"], "--json", str(text))
+    loglik = json.loads(run_cli(*command, home=home).stdout)["loglik"]
+    summed = json.loads(run_cli(*command, "--segmentations", "8", home=home).stdout)
     for model in VARIANTS:
         table = scores[model].set_index("sample_id")
-        expected = table.at[row.name, "loglik"]
-        assert loglik[model] == pytest.approx(expected, abs=1e-3) if np.isfinite(expected) else loglik[model] is None
+        for column, got in (("canonical", loglik), ("loglik", summed["loglik"])):  # the stage sums over paths
+            expected = table.at[row.name, column]
+            assert got[model] == pytest.approx(expected, abs=1e-3) if np.isfinite(expected) else got[model] is None
+
+
+def test_families_differ_in_architecture_and_tokenizer_and_their_ceiling_sums_over_segmentations(run):
+    """The `families` condition: the base beside GPT-2 with a BPE of its own and GPT-NeoX with the run's
+    tokenizer, scored as strings; over segmentations the true model's score never falls below its
+    canonical path's, and the report gives both ceilings."""
+    home, _, _ = run
+    zoo = home / "models" / "dec" / "zoo"
+    gpt2, neox = (json.loads((zoo / m / "manifest.json").read_text()) for m in FAMILIES)
+    assert (
+        gpt2["conditions"] == ["families"] and gpt2["spec"]["arch"] == "gpt2" and gpt2["spec"]["tokenizer"] == "bpe-300"
+    )
+    assert neox["spec"]["arch"] == "gptneox" and "tokenizer" not in neox["spec"]  # the run's, as the base's
+    accuracy = pd.read_csv(home / "reports" / "dec" / "accuracy.csv")
+    assert {"families", "tokenizer"} <= set(accuracy["condition"]) and "all" not in set(accuracy["condition"])
+    records = [json.loads(line) for line in (home / "reports" / "dec" / "results.jsonl").read_text().splitlines()]
+    ceilings = {r["condition"]: r for r in records if r["kind"] == "segmented_ceiling"}
+    assert set(ceilings) == {"families", "tokenizer", *(c for c in ceilings if c.startswith("declared"))}
+    for model in [BASE, *FAMILIES]:
+        table = pd.read_parquet(home / "data" / "likelihood" / "dec" / "declared" / f"{model}.parquet")
+        finite = table[np.isfinite(table["canonical"])]
+        assert (finite["loglik"] >= finite["canonical"] - 1e-6).all() and (finite["paths"] >= 1).all()
+        assert (table.loc[table["paths"] > 1, "loglik"] > table.loc[table["paths"] > 1, "canonical"]).all()
+    assert ceilings["families"]["true_gain"] >= 0 and ceilings["families"]["n_test"] == 3 * 8
+    report = (home / "reports" / "dec" / "index.md").read_text()
+    assert "### The ceiling across tokenizers" in report and "| `families` | 24 |" in report
 
 
 def test_a_text_a_tokenizer_cannot_read_back_scores_minus_infinity(run):

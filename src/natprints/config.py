@@ -25,10 +25,10 @@ DEFAULT_CONFIG = Path("configs/default.toml")
 HOME_VARIABLE = "NATPRINTS_HOME"  # where data/, models/ and reports/ live (default: the working directory)
 
 # The one registry of what a config can name: conditions, featurizers, classifiers, in report order.
-CONDITIONS = ("seed", "init", "data_order", "size", "lr", "batch_size", "arch", "tokenizer")
+CONDITIONS = ("seed", "init", "data_order", "size", "lr", "batch_size", "arch", "tokenizer", "families")
 # conditions whose models read text with tokenizers of their own: their texts are cut to the character
 # budget and scored as strings (natprints.generate.declared, natprints.likelihood.declared)
-STRING_CONDITIONS = ("tokenizer",)
+STRING_CONDITIONS = ("tokenizer", "families")
 # a zoo tokenizer other than the run's: byte-level BPE (the run's algorithm) or a unigram LM
 # (SentencePiece's, with its word marks), at a vocabulary size
 TokenizerName = Annotated[str, Field(pattern=r"^(bpe|unigram)-[0-9]+$")]
@@ -37,6 +37,9 @@ TokenizerName = Annotated[str, Field(pattern=r"^(bpe|unigram)-[0-9]+$")]
 # parallel attention and MLP, partial rotary), qwen2 (Llama's shape with biased query/key/value).
 ARCHS = ("llama", "gpt2", "gptneox", "qwen2")
 Arch = Literal["llama", "gpt2", "gptneox", "qwen2"]
+# a model family as real families differ: an architecture with a tokenizer of its own (``run``: the
+# run's), e.g. ``gpt2/bpe-16384``
+FamilyName = Annotated[str, Field(pattern=r"^(llama|gpt2|gptneox|qwen2)/(run|(bpe|unigram)-[0-9]+)$")]
 # Settings added after configs were first hashed: left out of the hash while at these defaults, so a
 # run (and its committed report) made before they existed keeps its config hash.
 ADDED_SETTINGS = {
@@ -48,6 +51,7 @@ ADDED_SETTINGS = {
     ("conditions", "tokenizer"): [],
     (None, "models"): [],
     ("likelihood", "segmentation_beam"): 8,
+    ("conditions", "families"): [],
 }
 CONDITION_ORDER = (*CONDITIONS, "all")
 NULL_CONDITION = "null_control"  # one model under two sampling seeds: must come out at chance
@@ -175,6 +179,9 @@ class ConditionSettings(_Section):
     # other tokenizers, each trained on the run's training paragraphs; the model on the identical text
     # stream (its own tokens of it), with the base's seeds and settings
     tokenizer: list[TokenizerName] = []
+    # other families: each differs from the base in architecture and tokenizer at once (``arch/tokenizer``),
+    # trained on the identical text stream with the base's seeds and settings
+    families: list[FamilyName] = []
     # factors of the declared models ([[models]]): per factor, each group of models that agree on every
     # other declared factor and differ in this one is a condition (see natprints.declared)
     declared: list[str] = []
@@ -386,7 +393,7 @@ class Config(_Section):
             raise ValueError(
                 f"emergence.condition = {self.emergence.condition!r}: the config declares no such condition"
             )
-        if "gpt2" in (self.train.arch, *self.conditions.arch):
+        if "gpt2" in (self.train.arch, *self.conditions.arch, *(f.split("/")[0] for f in self.conditions.families)):
             # GPT-2 learns one embedding per position of its training blocks and has no others
             longest = {
                 "generate.prompt_tokens + generate.new_tokens": self.generate.prompt_tokens + self.generate.new_tokens,
@@ -406,19 +413,27 @@ class Config(_Section):
         return self
 
     def _check_tokenizers(self) -> None:
-        if not self.conditions.tokenizer:
-            return
-        if not self.generate.max_chars:
-            raise ValueError(
-                "conditions.tokenizer: models with their own tokenizers need generate.max_chars (a budget in "
-                "characters), so that length carries no label"
-            )
-        for name in self.conditions.tokenizer:
-            vocab = int(name.split("-")[1])
-            if not 300 <= vocab <= 262144:
-                raise ValueError(f"conditions.tokenizer: {name!r}: the vocabulary size must be in [300, 262144]")
-        if "tokenizer" in self.lineage.derive_conditions:
-            raise ValueError("lineage.derive_conditions: the shift corpus is tokenized by the run's tokenizer only")
+        c = self.conditions
+        for condition, names in (("tokenizer", c.tokenizer), ("families", c.families)):
+            if not names:
+                continue
+            if not self.generate.max_chars:
+                raise ValueError(
+                    f"conditions.{condition}: models with their own tokenizers need generate.max_chars (a budget "
+                    "in characters), so that length carries no label"
+                )
+            for name in names:
+                tokenizer = name.split("/")[-1]
+                if tokenizer != "run" and not 300 <= int(tokenizer.split("-")[1]) <= 262144:
+                    raise ValueError(f"conditions.{condition}: {name!r}: the vocabulary size must be in [300, 262144]")
+            if condition in self.lineage.derive_conditions:
+                raise ValueError("lineage.derive_conditions: the shift corpus is tokenized by the run's tokenizer only")
+        base = f"{self.train.arch}/run"
+        if base in c.families:
+            raise ValueError(f"conditions.families: {base!r} is the base model (the condition holds it already)")
+        twice = sorted({f for f in c.families if c.families.count(f) > 1})
+        if twice:
+            raise ValueError(f"conditions.families: {twice} listed more than once")
 
     def _check_declared(self) -> None:
         labels = [m.label for m in self.models]

@@ -128,6 +128,16 @@ def inspect_model(path: Path | str) -> ModelInfo:
     )
 
 
+def fit_context(context: Sequence[int], length: int, max_positions: int | None, name: str) -> list[int]:
+    """``context`` cut from the left so that it and ``length`` more tokens fit ``max_positions`` (a model
+    with learned positions has no others); at least its last token is kept."""
+    if not max_positions or len(context) + length <= max_positions:
+        return list(context)
+    if length + 1 > max_positions:
+        raise NatprintsError(f"{name}: {length} tokens leave no room for a context in {max_positions} positions")
+    return list(context[len(context) + length - max_positions :])
+
+
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 

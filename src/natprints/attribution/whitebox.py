@@ -206,6 +206,8 @@ def white_box(
         return records
     if "string" in views:
         records.append(_string_ceiling(data, parts, views["string"]))
+    if "canonical" in views:
+        records.append(_segmented_ceiling(data, y_test, views["test"], views["canonical"]))
     return (
         records
         + _sequential_records(setup, data, parts, views, log_scores)
@@ -363,6 +365,27 @@ def _string_ceiling(data: ConditionData, parts: dict[str, pd.DataFrame], view: c
             else {}
         ),
     }
+
+
+def _segmented_ceiling(
+    data: ConditionData, y: np.ndarray, summed: LikelihoodView, canonical: LikelihoodView
+) -> dict[str, Any]:
+    """The ceiling of a condition whose texts are strings only (own-tokenizer models) scored over each
+    text's most probable segmentations (its headline) against its canonical tokens alone, and the nats
+    by which the search raised each true model's score of its own texts."""
+    k = len(data.labels)
+    out: dict[str, Any] = {"kind": "segmented_ceiling", "condition": data.name, "labels": data.labels, "n_test": len(y)}
+    for name, view in (("canonical", canonical), ("segmented", summed)):
+        summary = classification_summary(y, ceiling.bayes_predict(view.loglik), k)
+        out[name] = {key: summary[key] for key in ("accuracy", "ci_low", "ci_high", "n_correct")}
+    own = np.arange(len(y)), y
+    finite = np.isfinite(canonical.loglik[own])  # a text its own tokenizer cannot read back is -inf both ways
+    gain, owner = (summed.loglik[own] - canonical.loglik[own])[finite], y[finite]
+    out["true_gain"] = float(gain.mean()) if len(gain) else 0.0
+    out["gain_by_model"] = {
+        m: float(gain[owner == i].mean()) if (owner == i).any() else 0.0 for i, m in enumerate(data.labels)
+    }
+    return out
 
 
 def _kl_records(
@@ -586,9 +609,14 @@ def declared_views(
     data: ConditionData, split: dict[str, str], scores: dict[str, pd.DataFrame]
 ) -> dict[str, LikelihoodView]:
     """A declared condition's test and cal texts scored as strings under each label's model (whole
-    texts only: the models count tokens of different tokenizers)."""
+    texts only: the models count tokens of different tokenizers); ``canonical``: the test texts scored
+    as their canonical tokens alone (where the scores keep them)."""
     parts = split_parts(data, split)
-    return {s: ceiling.condition_view(data, parts[s], scores, []) for s in ("test", "cal")}
+    views = {s: ceiling.condition_view(data, parts[s], scores, []) for s in ("test", "cal")}
+    if all("canonical" in table.columns for table in scores.values()):
+        canonical = {m: table.assign(loglik=table["canonical"]) for m, table in scores.items()}
+        views["canonical"] = ceiling.condition_view(data, parts["test"], canonical, [])
+    return views
 
 
 def reference_views(

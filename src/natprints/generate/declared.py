@@ -104,13 +104,17 @@ def generate_declared(
     from natprints.corpus import load_tokenizer
     from natprints.generate.sampler import sample_batch
     from natprints.generate.stage import Filling, _chunk_seed, generated_row
-    from natprints.modeldir import encode_texts, has_tokenizer, load_model_tokenizer
+    from natprints.modeldir import encode_texts, fit_context, has_tokenizer, inspect_model, load_model_tokenizer
     from natprints.runtime import load_lm, resolve_device
 
     g = cfg.generate
     # its own tokenizer; a zoo model without one (the base of the tokenizer condition) reads the run's
     tokenizer = load_model_tokenizer(directory) if has_tokenizer(directory) else load_tokenizer(cfg.paths.tokenizer)
-    prompt_ids = encode_texts(tokenizer, prompts["prompt"].tolist())
+    limit = inspect_model(directory).max_positions  # a prompt longer than the room the model has is cut from the left
+    prompt_ids = [
+        fit_context(ids, g.new_tokens, limit, f"model {label}, prompt {i}")
+        for i, ids in zip(prompts["prompt_id"], encode_texts(tokenizer, prompts["prompt"].tolist()), strict=True)
+    ]
     plan = plan_declared(label, prompt_ids, prompts, g, seed, train_prompts)
     filling = Filling(out_path, plan)
     have = filling.done

@@ -3,9 +3,12 @@ tokenizers of their own (declared models, the zoo's ``tokenizer`` condition), un
 condition, each with its own tokenizer (:mod:`natprints.likelihood.strings`).
 
 The ceiling of a declared condition is the Bayes attributor on these scores: log p(text | prompt)
-under the run's sampling transform, summed over the text's canonical tokens of each model, without
-an end event (a text cut to the character budget did not end there). Scores live in
-``data/likelihood/<run>/declared/`` with a manifest keyed by each model's weights digest and rows.
+under the run's sampling transform, without an end event (a text cut to the character budget did not
+end there), summed over the text's most probable segmentations into each model's tokens
+(:mod:`natprints.likelihood.segmentations`, ``[likelihood] segmentation_beam``; 0: the canonical
+tokens alone). ``canonical`` keeps the canonical path's score, and the moments (``entropy_sum``,
+``variance_sum``) are the canonical path's. Scores live in ``data/likelihood/<run>/declared/`` with a
+manifest keyed by each model's weights digest, its rows and the search's beam.
 """
 
 from __future__ import annotations
@@ -22,9 +25,19 @@ from natprints.declared import DECLARED, verify_declared
 from natprints.errors import NatprintsError
 from natprints.runtime import Job, run_jobs
 
-DECLARED_SCORES_VERSION = 2  # 2: a text the model's tokenizer cannot read back scores -inf
+DECLARED_SCORES_VERSION = 3  # 2: a text the tokenizer cannot read back scores -inf; 3: over segmentations
 SCORED = ("test", "cal")  # the ceiling learns nothing: its test and calibration texts are the ones it reads
-COLUMNS = ["sample_id", "events", "loglik", "representable", "entropy_sum", "variance_sum", "token_logprobs"]
+COLUMNS = [
+    "sample_id",
+    "events",
+    "loglik",
+    "canonical",
+    "paths",
+    "representable",
+    "entropy_sum",
+    "variance_sum",
+    "token_logprobs",
+]
 
 
 def _manifest(cfg: Config) -> Manifest:
@@ -56,7 +69,9 @@ def score_declared_model(
     import torch
 
     from natprints.likelihood.scorer import as_scorer
+    from natprints.likelihood.segmentations import score_segmentations, string_reader
     from natprints.likelihood.strings import load_candidates, reads_back, score_pairs
+    from natprints.modeldir import fit_context
     from natprints.runtime import load_lm, resolve_device
 
     g = cfg.generate
@@ -69,25 +84,47 @@ def score_declared_model(
     run_tokenizer = None if has_tokenizer(directory) else load_tokenizer(cfg.paths.tokenizer)
     candidate = load_candidates({label: directory}, run_tokenizer)[label]
     tok = candidate.tokenizer
-    contexts = [list(ids) for ids in tok(rows["prompt"].tolist(), add_special_tokens=False)["input_ids"]]
     texts = [list(ids) for ids in tok(rows["text"].tolist(), add_special_tokens=False)["input_ids"]]
+    limit = candidate.info.max_positions
+    contexts = [
+        fit_context(ids, len(text), limit, f"model {label}, text {sample_id}")
+        for ids, text, sample_id in zip(
+            tok(rows["prompt"].tolist(), add_special_tokens=False)["input_ids"], texts, rows["sample_id"], strict=True
+        )
+    ]
     # a text the tokenizer cannot read back is one this model cannot write: probability 0
     representable = np.array([reads_back(tok, ids, t) for ids, t in zip(texts, rows["text"], strict=True)], dtype=bool)
-    scores = score_pairs(
-        as_scorer(load_lm(directory, device=device)),
-        (contexts, texts),
-        end_id=candidate.pad,
-        temperature=g.temperature,
-        top_k=g.top_k,
-        top_p=g.top_p,
-        batch_size=cfg.likelihood.batch_size,
-        device=device,
-    )
+    model = as_scorer(load_lm(directory, device=device))
+    transform = dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, batch_size=cfg.likelihood.batch_size)
+    with torch.inference_mode():
+        scores = score_pairs(model, (contexts, texts), end_id=candidate.pad, device=device, **transform)
+        summed, paths = scores.loglik.copy(), np.ones(len(texts), dtype=np.int64)
+        searched = [i for i, ids in enumerate(texts) if ids and representable[i]]
+        if searched and cfg.likelihood.segmentation_beam:
+            surf, tokenize = string_reader(tok)
+            found = score_segmentations(
+                model,
+                surf,
+                tokenize,
+                [contexts[i] for i in searched],
+                [texts[i] for i in searched],
+                pad_id=candidate.pad,
+                device=device,
+                beam=cfg.likelihood.segmentation_beam,
+                max_positions=limit,
+                **transform,
+            )
+            # the search's gain over its own canonical pass, on the canonical score above (the two passes
+            # batch differently, so they can differ in the last digits)
+            summed[searched] += [f.loglik - f.canonical for f in found]
+            paths[searched] = [f.paths for f in found]
     frame = pd.DataFrame(
         {
             "sample_id": rows["sample_id"].astype(str).to_numpy(),
             "events": scores.tokens,
-            "loglik": np.where(representable, scores.loglik, -np.inf),
+            "loglik": np.where(representable, summed, -np.inf),
+            "canonical": np.where(representable, scores.loglik, -np.inf),
+            "paths": paths,
             "representable": representable,
             "entropy_sum": scores.entropy,
             "variance_sum": scores.variance,
@@ -118,6 +155,7 @@ def score_declared(cfg: Config, conditions: dict[str, ConditionData]) -> dict | 
                 "model_sha256": weights[m][1],
                 "rows": _rows_hash(r),
                 "transform": transform,
+                "segmentation_beam": cfg.likelihood.segmentation_beam,
             }
         )
         for m, r in rows.items()

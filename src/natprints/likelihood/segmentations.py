@@ -324,9 +324,11 @@ def score_segmentations(
     device: Any,
     beam: int = BEAM,
     margin: float = MARGIN,
+    max_positions: int | None = None,
 ) -> list[StringScore]:
     """Each string (given as its canonical ids after its context) scored over its segmentations; see the
-    module's note. ``beam`` 0 scores the canonical path only."""
+    module's note. ``beam`` 0 scores the canonical path only; a path that would not fit the model's
+    ``max_positions`` after its context (longer than the canonical one) is not scored."""
     if beam < 0 or margin < 0:
         raise NatprintsError(f"segmentations: need beam >= 0 and margin >= 0, got {beam} and {margin}")
     forced = dict(
@@ -344,11 +346,12 @@ def score_segmentations(
         for ids, lp, alts in zip(canonicals, base, alt, strict=True):
             edits = single_edits(surf, tokenize, ids, lp, alts)
             singles.append([e for e in edits if e.estimate >= -margin][:beam])
-        gains = _force_round(model, contexts, canonicals, [[(e,) for e in s] for s in singles], found, forced)
+        rounds = (model, contexts, canonicals)
+        gains = _force_round(*rounds, [[(e,) for e in s] for s in singles], found, forced, max_positions)
         combos = [
             combinations([(sets[0], g) for sets, g in row.items() if g >= -margin], beam, margin) for row in gains
         ]
-        _force_round(model, contexts, canonicals, combos, found, forced)
+        _force_round(*rounds, combos, found, forced, max_positions)
     out = []
     for ids, paths in zip(canonicals, found, strict=True):
         canonical = paths[tuple(ids)]
@@ -364,14 +367,15 @@ def _force_round(
     edit_sets: Sequence[Sequence[tuple[Edit, ...]]],
     found: list[dict[tuple[int, ...], float]],
     forced: dict,
+    max_positions: int | None,
 ) -> list[dict[tuple[Edit, ...], float]]:
-    """Teacher-force each row's edit sets (paths not scored before); record them in ``found`` and return
-    each set's exact gain over the canonical path."""
+    """Teacher-force each row's edit sets (paths not scored before, that fit ``max_positions``); record
+    them in ``found`` and return each set's exact gain over the canonical path."""
     rows, ctx, paths, keys = [], [], [], []
     for r, sets in enumerate(edit_sets):
         for edits in sets:
             path = tuple(apply_edits(canonicals[r], edits))
-            if path in found[r]:
+            if path in found[r] or (max_positions and len(contexts[r]) + len(path) > max_positions):
                 continue
             rows.append(r)
             ctx.append(contexts[r])

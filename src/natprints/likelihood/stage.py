@@ -533,7 +533,7 @@ def run(cfg: Config) -> StageResult:
         (
             " (own tokenizers, as strings)",
             score_declared(cfg, load_conditions(cfg, declared=True))
-            if cfg.models or cfg.conditions.tokenizer
+            if cfg.models or cfg.conditions.tokenizer or cfg.conditions.families
             else None,
         ),
     ):

@@ -341,6 +341,7 @@ def render_section(cfg: Config) -> str:
         _split_section(records),
         _approaches_section(records) if has_ceiling else "",
         _string_section(records),
+        _segmented_section(records),
         "### Every pipeline\n\nAccuracy [95% CI] on the test prompts; the best per condition in bold.\n",
         _full_table(table),
         null_text,
@@ -607,6 +608,43 @@ def _string_section(records: Sequence[dict[str, Any]]) -> str:
         + search
         + "\n\n"
         + md_table(header, table)
+    )
+
+
+def _segmented_section(records: Sequence[dict[str, Any]]) -> str:
+    """The ceiling of conditions whose models read text with tokenizers of their own, canonical tokens
+    against the sum over segmentations (its headline above)."""
+    rows = records_of(records, "segmented_ceiling")
+    if not rows:
+        return ""
+    table = []
+    for r in rows:
+        c, g = r["canonical"], r["segmented"]
+        gains = list(r["gain_by_model"].values())
+        table.append(
+            [
+                f"`{r['condition']}`",
+                str(r["n_test"]),
+                acc_cell(c["accuracy"], c["ci_low"], c["ci_high"]),
+                acc_cell(g["accuracy"], g["ci_low"], g["ci_high"]),
+                f"{g['accuracy'] - c['accuracy']:+.3f}",
+                f"{r['true_gain']:.2f} (per model {min(gains):.2f}–{max(gains):.2f})",
+            ]
+        )
+    header = [
+        "condition",
+        "test texts",
+        "ceiling, canonical tokens [95% CI]",
+        "ceiling, over segmentations [95% CI]",
+        "gained",
+        "true model's score raised, nats",
+    ]
+    return (
+        "### The ceiling across tokenizers\n\nIn conditions whose models read text with tokenizers of their "
+        "own, every text is a string to every model: each scores it as a string over its most probable "
+        "segmentations into its own tokens (the ceiling in the tables above), here beside the canonical "
+        "tokens alone. *Score raised*: the mean nats by which the search raised each true model's score of "
+        "its own texts.\n\n" + md_table(header, table)
     )
 
 

@@ -77,6 +77,10 @@ def zoo_specs(cfg: Config) -> dict[str, tuple[ModelSpec, list[str]]]:
         "batch_size": [base.model_copy(update={"batch_size": v}) for v in cfg.conditions.batch_size],
         "arch": [base.model_copy(update={"arch": a}) for a in cfg.conditions.arch if a != base.arch],
         "tokenizer": [base.model_copy(update={"tokenizer": t}) for t in cfg.conditions.tokenizer],
+        "families": [
+            base.model_copy(update=dict(zip(("arch", "tokenizer"), f.split("/"), strict=True)))
+            for f in cfg.conditions.families
+        ],
     }
     out: dict[str, tuple[ModelSpec, list[str]]] = {base.model_id: (base, [])}
     for condition in CONDITIONS:
@@ -96,8 +100,8 @@ def condition_members(cfg: Config) -> dict[str, list[str]]:
         for condition in conditions:
             members.setdefault(condition, []).append(model_id)
     ordered = {c: members[c] for c in CONDITIONS if c in members and c not in STRING_CONDITIONS}
-    everyone = [m for m, (spec, _) in specs.items() if not spec.own_tokenizer]
-    if all(set(m) != set(everyone) for m in ordered.values()):
+    everyone = list(dict.fromkeys(m for ids in ordered.values() for m in ids))  # not string conditions' models
+    if len(everyone) > 1 and all(set(m) != set(everyone) for m in ordered.values()):
         ordered["all"] = everyone
     return ordered
 
