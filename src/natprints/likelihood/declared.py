@@ -86,14 +86,22 @@ def score_declared_model(
     tok = candidate.tokenizer
     texts = [list(ids) for ids in tok(rows["text"].tolist(), add_special_tokens=False)["input_ids"]]
     limit = candidate.info.max_positions
+    # a text the tokenizer cannot read back, or longer than the model's positions leave after a context,
+    # is one this model cannot write: probability 0 (scored as empty, then -inf)
+    representable = np.array(
+        [
+            reads_back(tok, ids, t) and not (limit and len(ids) >= limit)
+            for ids, t in zip(texts, rows["text"], strict=True)
+        ],
+        dtype=bool,
+    )
+    texts = [ids if ok else [] for ids, ok in zip(texts, representable, strict=True)]
     contexts = [
         fit_context(ids, len(text), limit, f"model {label}, text {sample_id}")
         for ids, text, sample_id in zip(
             tok(rows["prompt"].tolist(), add_special_tokens=False)["input_ids"], texts, rows["sample_id"], strict=True
         )
     ]
-    # a text the tokenizer cannot read back is one this model cannot write: probability 0
-    representable = np.array([reads_back(tok, ids, t) for ids, t in zip(texts, rows["text"], strict=True)], dtype=bool)
     model = as_scorer(load_lm(directory, device=device))
     transform = dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, batch_size=cfg.likelihood.batch_size)
     with torch.inference_mode():
