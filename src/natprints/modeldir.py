@@ -65,10 +65,28 @@ def load_model_tokenizer(directory: Path | str) -> Any:
     ):
         raise NatprintsError(f"no tokenizer at {directory} (no tokenizer.json); give --tokenizer DIR")
     try:
+        if _generic_tokenizer(directory):
+            # a tokenizer defined by its tokenizer.json alone: read as written, not rebuilt as the
+            # model family's own class would (a unigram tokenizer beside a Qwen2 model lost its spaces)
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as exc:  # transformers raises many types for a corrupt tokenizer
         first = first_line(exc)
         raise NatprintsError(f"cannot load the tokenizer at {directory}: {first}") from None
+
+
+def _generic_tokenizer(directory: Path) -> bool:
+    """Whether the directory's tokenizer is a plain tokenizer.json (the zoo's own tokenizers)."""
+    config = directory / "tokenizer_config.json"
+    if not (directory / "tokenizer.json").is_file() or not config.is_file():
+        return False
+    try:
+        name = json.loads(config.read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return name in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def has_tokenizer(directory: Path | str) -> bool:
