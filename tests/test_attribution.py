@@ -539,3 +539,21 @@ def test_repeated_splits_refit_on_their_own_training_texts(synth_run):
     for row in table.itertuples():
         values = [row.first] + [r[row.role]["accuracy"] for r in repeats if r["condition"] == row.condition]
         assert row.mean == pytest.approx(np.mean(values)) and row.sd == pytest.approx(np.std(values, ddof=1))
+
+
+def test_every_pipeline_of_the_registry_belongs_to_one_approach():
+    """The report's approaches come from the registry: a featurizer or pipeline added without one would
+    drop out of the comparison silently."""
+    from natprints.attribution.estimators import compatible
+    from natprints.attribution.whitebox import APPROACHES, COMBINED, HEAD, REFERENCE, approach
+    from natprints.config import CLASSIFIERS, FEATURIZERS
+
+    kinds = {(f, c): approach(f, c) for f in FEATURIZERS for c in CLASSIFIERS if compatible(f, c)} | {
+        pair: approach(*pair) for pair in (REFERENCE, HEAD, COMBINED)
+    }
+    assert None not in kinds.values()
+    assert set(kinds.values()) == set(APPROACHES)
+    assert kinds[("tok13", "nb")] == kinds[("word1", "nb")] == "naive Bayes on n-grams (generative)"
+    assert kinds[("union", "svm")] == kinds[("embed", "xgb")] != kinds[("word12", "svm")]
+    assert approach("likelihood", "bayes") is None and approach("length", "logreg") is None
+    assert APPROACHES.index("naive Bayes on n-grams (generative)") == 2  # after the n-grams it reads

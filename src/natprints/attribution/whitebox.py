@@ -14,8 +14,9 @@ from natprints.attribution.attributor import (
     Attributor,
 )
 from natprints.attribution.ceiling import LikelihoodView
+from natprints.attribution.estimators import compatible
 from natprints.attribution.evidence import evidence_record
-from natprints.attribution.grid import Setup, pipeline_record
+from natprints.attribution.grid import FEATURIZER_APPROACHES, GENERATIVE_APPROACHES, Setup, pipeline_record
 from natprints.conditions import (
     ConditionData,
     open_set_applies,
@@ -35,9 +36,39 @@ REFERENCE = ("reflm", "lm")
 HEAD = ("reflm", "head")
 # Black-box, both kinds: the reference LMs' posterior times the best pipeline's calibrated one.
 COMBINED = ("combined", "product")
+# Their approaches, after the grid's in the report's comparison.
+WHITE_BOX_APPROACHES = {
+    REFERENCE: "reference LMs fine-tuned per model",
+    HEAD: "classification head on the reference LM",
+    COMBINED: "reference LMs × best pipeline (product of posteriors)",
+}
 OPEN_SET_POOLS = (1, 4, 16)  # texts per pool in the open-set test of the likelihood attributor
 # A default for a setting that has no config key (yet).
 OPEN_SET_MAX_HELD_OUT = 3  # zoo models left out, one at a time, to measure open-set rejection
+
+
+# the report's order: each generative approach after the featurizers it reads, then the rest, then the
+# white-box ones
+_READ = [f for f in FEATURIZER_APPROACHES if all(compatible(f, c) for c in GENERATIVE_APPROACHES)]
+APPROACHES = tuple(
+    dict.fromkeys(
+        [
+            *(FEATURIZER_APPROACHES[f] for f in _READ),
+            *GENERATIVE_APPROACHES.values(),
+            *FEATURIZER_APPROACHES.values(),
+            *WHITE_BOX_APPROACHES.values(),
+        ]
+    )
+)
+
+
+def approach(featurizer: str, classifier: str) -> str | None:
+    """The black-box approach a pipeline belongs to; None for the ceiling and the controls."""
+    return (
+        WHITE_BOX_APPROACHES.get((featurizer, classifier))
+        or GENERATIVE_APPROACHES.get(classifier)
+        or FEATURIZER_APPROACHES.get(featurizer)
+    )
 
 
 def without_model(frame: pd.DataFrame, held: int) -> pd.DataFrame:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from natprints.attribution.grid import BASELINE
+from natprints.attribution.whitebox import APPROACHES, approach
 from natprints.config import NULL_CONDITION
 from natprints.records import CEILING_PIPELINE, accuracy_table, pooled_table
 
@@ -64,25 +65,15 @@ def headline_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-APPROACHES = (
-    ("word/char n-grams", lambda f, c: f in ("word1", "word12", "char14") and c != "nb"),
-    ("BPE token n-grams", lambda f, c: f == "tok13" and c != "nb"),
-    ("naive Bayes on n-grams (generative)", lambda f, c: c == "nb"),
-    ("sentence embeddings (embed, union)", lambda f, c: f in ("embed", "union")),
-    ("reference LMs fine-tuned per model", lambda f, c: f == "reflm" and c == "lm"),
-    ("classification head on the reference LM", lambda f, c: f == "reflm" and c == "head"),
-    ("reference LMs × best pipeline (product of posteriors)", lambda f, c: f == "combined" and c == "product"),
-)
-
-
 def approach_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Per condition and black-box approach: its best pipeline, accuracy and share of the ceiling."""
     table = accuracy_table(records)
     rows = []
     for condition in condition_order(table):
         sub = table[(table["condition"] == condition) & ~table["white_box"].astype(bool)]
-        for name, member in APPROACHES:
-            hit = sub[[member(f, c) for f, c in zip(sub["featurizer"], sub["classifier"], strict=True)]]
+        kinds = [approach(f, c) for f, c in zip(sub["featurizer"], sub["classifier"], strict=True)]
+        for name in APPROACHES:
+            hit = sub[[kind == name for kind in kinds]]
             if hit.empty:
                 continue
             # chosen as the experiments stage chooses: on the calibration split, never the test texts
