@@ -557,3 +557,26 @@ def test_every_pipeline_of_the_registry_belongs_to_one_approach():
     assert kinds[("union", "svm")] == kinds[("embed", "xgb")] != kinds[("word12", "svm")]
     assert approach("likelihood", "bayes") is None and approach("length", "logreg") is None
     assert APPROACHES.index("naive Bayes on n-grams (generative)") == 2  # after the n-grams it reads
+
+
+def test_every_record_follows_its_kind_and_an_edited_one_is_refused(synth_run):
+    """results.jsonl has one schema: each record has its kind's fields and no others, on writing and on
+    reading (a record without a field would have surfaced as a KeyError deep in a report)."""
+    records = _records(synth_run)
+    kinds = {r["kind"] for r in records}
+    assert {"pipeline", "evidence", "length_control", "split", "split_repeat", "attributor"} <= kinds
+    assert all(rec.record_problem(r) is None for r in records)
+    assert rec.record_problem({"kind": "pipeline", "condition": "seed"}).startswith("pipeline record lacks accuracy")
+    assert rec.record_problem({"kind": "verdict"}) == "unknown record kind 'verdict'"
+    path = synth_run.paths.reports / rec.RESULTS_FILE
+    lines = path.read_text().splitlines()
+    edited = json.loads(lines[0]) | {"note": 1}
+    with pytest.raises(NatprintsError, match=r"^record 1 breaks the results schema: .* record has unknown note$"):
+        rec.write_results(synth_run.paths.reports, [edited])  # refused before anything is written
+    assert path.read_text().splitlines() == lines
+    path.write_text("\n".join([json.dumps(edited), *lines[1:]]) + "\n")
+    try:
+        with pytest.raises(NatprintsError, match=r"line 1: .* record has unknown note \(rerun"):
+            rec.load_records(synth_run.paths.reports)
+    finally:
+        path.write_text("\n".join(lines) + "\n")
