@@ -580,3 +580,47 @@ def test_every_record_follows_its_kind_and_an_edited_one_is_refused(synth_run):
             rec.load_records(synth_run.paths.reports)
     finally:
         path.write_text("\n".join(lines) + "\n")
+
+
+def test_the_experiments_command_descends_into_the_stage(synth_run):
+    """Following the run's config from the `experiments` command into the stage: the command layer
+    gets at most 3 values back from the library (here 2: the config and the stage's result); the stage
+    itself gathers its inputs and computes its keys, once."""
+    import os
+    import sys
+
+    from typer.testing import CliRunner
+
+    from natprints.cli import app
+    from natprints.config import Config
+
+    stack: list[tuple[str, str, bool]] = []
+    returns: list[str] = []
+    followed: list[str] = []
+
+    def profile(frame, event, arg):
+        if event not in ("call", "return") or not frame.f_globals.get("__name__", "").startswith("natprints"):
+            return
+        module, code = frame.f_globals["__name__"], frame.f_code
+        if event == "call":
+            caller = frame.f_back.f_globals.get("__name__", "") if frame.f_back else ""
+            stack.append((module, code.co_name, caller))
+            names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+            # calls that take the run's config, its own accessors aside
+            if module != "natprints.config" and any(isinstance(frame.f_locals.get(n), Config) for n in names):
+                followed.append(f"{module}.{code.co_name}")
+            return
+        module, name, caller = stack.pop()
+        if arg is not None and caller.startswith("natprints.cli") and not module.startswith("natprints.cli"):
+            returns.append(f"{module}.{name}")
+
+    config = Path(os.environ["NATPRINTS_HOME"]) / "synth.toml"
+    sys.setprofile(profile)
+    try:
+        result = CliRunner().invoke(app, ["experiments", "--config", str(config)])
+    finally:
+        sys.setprofile(None)
+    assert result.exit_code == 0, result.output
+    assert returns == ["natprints.config.load_config", "natprints.attribution.experiments.run"]
+    assert "natprints.attribution.experiments.condition_keys" in followed
+    assert followed.count("natprints.attribution.experiments.condition_keys") == 1  # keys computed once
