@@ -472,8 +472,20 @@ def test_short_labels_keep_what_tells_models_apart():
     assert short_labels(ids) == (["init1-data1", "init2-data2", "init3-data3"], "s-lr2e-3-bs32")
     mixed = ["s-lr2e-3-bs32-init0-data0", "s-lr4e-3-bs32-init0-data0", "m-lr2e-3-bs32-init0-data0"]
     assert short_labels(mixed) == (["s-lr2e-3", "s-lr4e-3", "m-lr2e-3"], "bs32-init0-data0")
-    # ids of different shapes (another family's prefix) stay whole
-    assert short_labels(["gpt2-xs-lr3e-3", "xs-lr3e-3"]) == (["gpt2-xs-lr3e-3", "xs-lr3e-3"], "")
+    # ids of different shapes (another family's prefix) lose what they share at both ends; an id that
+    # would be left empty stays whole
+    families = [
+        "bpe-1024-gptneox-s-lr2e-3-bs32-init0-data0",
+        "bpe-16384-gpt2-s-lr2e-3-bs32-init0-data0",
+        "s-lr2e-3-bs32-init0-data0",
+        "unigram-4096-qwen2-s-lr2e-3-bs32-init0-data0",
+    ]
+    assert short_labels(families) == (
+        ["bpe-1024-gptneox", "bpe-16384-gpt2", "s-lr2e-3-bs32-init0-data0", "unigram-4096-qwen2"],
+        "s-lr2e-3-bs32-init0-data0",
+    )
+    assert short_labels(["run-a-gpt2-s-x", "run-a-s-x"]) == (["gpt2", "run-a-s-x"], "run-a-…-s-x")
+    assert short_labels(["gpt2-xs", "llama"]) == (["gpt2-xs", "llama"], "")
 
 
 def test_confusion_with_unknown_column_and_calibration_error(synth_run):

@@ -38,17 +38,28 @@ def short_labels(labels: Sequence[str]) -> tuple[list[str], str]:
     """Model ids without the parts they all share: ``s-lr2e-3-bs32-init1-data1`` and
     ``s-lr2e-3-bs32-init2-data2`` become ``init1-data1`` and ``init2-data2``, with ``s-lr2e-3-bs32``
     returned as the common part (stated once, on the figure). Parts are split at a ``-`` before a
-    letter, so ``lr2e-3`` stays whole."""
+    letter, so ``lr2e-3`` stays whole. Ids of different lengths (another family's prefix) lose the
+    parts they share at both ends: ``gpt2-s-lr2e-3`` and ``s-lr2e-3`` become ``gpt2`` and, since nothing
+    of it would be left, ``s-lr2e-3`` in full."""
     import re
 
     split = [re.split(r"-(?=[A-Za-z])", str(label)) for label in labels]
-    if len(labels) < 2 or len({len(parts) for parts in split}) != 1:
+    if len(labels) < 2:
         return [str(label) for label in labels], ""
-    shared = [i for i in range(len(split[0])) if len({parts[i] for parts in split}) == 1]
-    if len(shared) == len(split[0]):
+    if len({len(parts) for parts in split}) == 1:
+        shared = {i for i in range(len(split[0])) if len({parts[i] for parts in split}) == 1}
+        if len(shared) == len(split[0]):
+            return [str(label) for label in labels], ""
+        short = ["-".join(p for i, p in enumerate(parts) if i not in shared) for parts in split]
+        return short, "-".join(split[0][i] for i in sorted(shared))
+    shortest = min(len(parts) for parts in split)
+    head = next((i for i in range(shortest) if len({parts[i] for parts in split}) > 1), shortest)
+    tail = next((i for i in range(shortest - head) if len({parts[-1 - i] for parts in split}) > 1), shortest - head)
+    if head + tail == 0:
         return [str(label) for label in labels], ""
-    short = ["-".join(p for i, p in enumerate(parts) if i not in shared) for parts in split]
-    return short, "-".join(split[0][i] for i in shared)
+    short = ["-".join(parts[head : len(parts) - tail]) or str(label) for parts, label in zip(split, labels, strict=True)]
+    common = "-".join(split[0][:head] + ["…"] * bool(head and tail) + split[0][len(split[0]) - tail :])
+    return short, common
 
 
 def plot_confusion(panels: Sequence[tuple[str, np.ndarray, list[str]]], labels: Sequence[str], path: Path) -> None:
@@ -78,7 +89,7 @@ def plot_confusion(panels: Sequence[tuple[str, np.ndarray, list[str]]], labels: 
                     ax.text(j, i, text, ha="center", va="center", fontsize=5.5, color=color)
     axes[0].set_ylabel("true model")
     if common:
-        fig.suptitle(f"models: {common} + the part shown; cells: test texts and share of the row", fontsize=8)
+        fig.suptitle(f"shared by every model id: {common}; cells: test texts and share of the row", fontsize=8)
     save(fig, path)
 
 
