@@ -57,7 +57,9 @@ def short_labels(labels: Sequence[str]) -> tuple[list[str], str]:
     tail = next((i for i in range(shortest - head) if len({parts[-1 - i] for parts in split}) > 1), shortest - head)
     if head + tail == 0:
         return [str(label) for label in labels], ""
-    short = ["-".join(parts[head : len(parts) - tail]) or str(label) for parts, label in zip(split, labels, strict=True)]
+    short = [
+        "-".join(parts[head : len(parts) - tail]) or str(label) for parts, label in zip(split, labels, strict=True)
+    ]
     common = "-".join(split[0][:head] + ["…"] * bool(head and tail) + split[0][len(split[0]) - tail :])
     return short, common
 
