@@ -557,11 +557,11 @@ def test_every_pipeline_of_the_registry_belongs_to_one_approach():
     """The report's approaches come from the registry: a featurizer or pipeline added without one would
     drop out of the comparison silently."""
     from natprints.attribution.estimators import compatible
-    from natprints.attribution.whitebox import APPROACHES, COMBINED, HEAD, REFERENCE, approach
+    from natprints.attribution.whitebox import APPROACHES, COMBINED, ENCODER, HEAD, REFERENCE, approach
     from natprints.config import CLASSIFIERS, FEATURIZERS
 
     kinds = {(f, c): approach(f, c) for f in FEATURIZERS for c in CLASSIFIERS if compatible(f, c)} | {
-        pair: approach(*pair) for pair in (REFERENCE, HEAD, COMBINED)
+        pair: approach(*pair) for pair in (REFERENCE, HEAD, ENCODER, COMBINED)
     }
     assert None not in kinds.values()
     assert set(kinds.values()) == set(APPROACHES)

