@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from natprints.artifacts import Manifest, atomic_write_text, hash_obj, temp_path_for
@@ -252,7 +251,7 @@ def train_encoder(cfg: Config, name: str, task: EncoderTask, out: Path, *, progr
     ``encoder-<name>.parquet`` (sample id, log-probabilities) and, for a full training split, the
     weights under ``models/<run>/encoders/<name>/``. Returns whether it trained now."""
     from natprints.modeldir import encoder_version
-    from natprints.reference.head import head_manifest
+    from natprints.reference.head import head_manifest, write_scores
 
     manifest = head_manifest(out, task.name, ENCODER_PREFIX)
     estimator = encoder_estimator(cfg, progress=progress)
@@ -275,12 +274,7 @@ def train_encoder(cfg: Config, name: str, task: EncoderTask, out: Path, *, progr
     estimator.fit(task.train_texts, task.train_labels, validation=(cal_texts, task.cal_labels[is_cal]))
     seconds = time.perf_counter() - started
     log_proba = estimator.predict_log_proba(task.scored_texts)  # columns: labels 0..k-1, all trained on
-    frame = pd.DataFrame({"sample_id": task.scored_ids, "log_proba": [row.tolist() for row in log_proba]})
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{ENCODER_PREFIX}-{task.name}.parquet"
-    tmp = temp_path_for(path)
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    path = write_scores(out, ENCODER_PREFIX, task.name, task.scored_ids, log_proba)
     fields = {
         "stage": "reference",
         "encoder": task.name,

@@ -139,14 +139,20 @@ def train_head(cfg: Config, name: str, task: HeadTask, reference: Path, out: Pat
         if loss_cal < best_loss:
             best, best_loss = scored, loss_cal
     bar.close()
-    frame = pd.DataFrame({"sample_id": task.scored_ids, "log_proba": [row.tolist() for row in best]})
+    path = write_scores(out, "head", task.name, task.scored_ids, best)
+    manifest.write(key, {"stage": "reference", "head": task.name, "cal_log_loss": float(best_loss)}, [path.name])
+    return True
+
+
+def write_scores(out: Path, prefix: str, name: str, sample_ids: list[str], log_proba: np.ndarray) -> Path:
+    """A classifier's log-probabilities of the texts it scored: ``<prefix>-<name>.parquet`` in ``out``."""
+    frame = pd.DataFrame({"sample_id": sample_ids, "log_proba": [row.tolist() for row in log_proba]})
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"head-{task.name}.parquet"
+    path = out / f"{prefix}-{name}.parquet"
     tmp = temp_path_for(path)
     frame.to_parquet(tmp, index=False)
     tmp.replace(path)
-    manifest.write(key, {"stage": "reference", "head": task.name, "cal_log_loss": float(best_loss)}, [path.name])
-    return True
+    return path
 
 
 def load_head(out: Path, name: str, prefix: str = "head") -> pd.DataFrame | None:
