@@ -45,6 +45,7 @@ from natprints.attribution.whitebox import (
     OPEN_SET_MAX_HELD_OUT,
     attributor_outsiders,
     background_views,
+    classifier_views,
     declared_views,
     likelihood_views,
     reference_views,
@@ -391,6 +392,9 @@ def _run_experiments(cfg: Config, *, force: bool, progress: bool, log: Log) -> N
             else:
                 strings = load_declared_scores(cfg)
                 views.update({n: declared_views(d, split, strings) for n, d in pending.items() if d.strings})
+        if refs is not None:
+            for name, view in classifier_views(cfg, pending, split).items():
+                views.setdefault(name, {}).update(view)
         jobs = [Job(name, (cfg, name, pending[name], split, keys[name], views.get(name))) for name in order]
         results.update(zip(order, run_jobs(cfg.run.worker_count(), _condition_job, jobs, "condition"), strict=True))
     records = [r for name in conditions for r in results[name][0]]

@@ -679,11 +679,23 @@ def reference_views(
             }
             if subset:
                 out[name][f"ref_test@{samples}"] = ceiling.condition_view(data, parts["test"], subset, [])
+    return out
+
+
+def classifier_views(
+    cfg: Config, pending: dict[str, ConditionData], split: dict[str, str]
+) -> dict[str, dict[str, LikelihoodView]]:
+    """The reference stage's classifiers' log-probabilities of each condition's test texts, where it
+    trained them: the reference-LM head (``head_test``) and the fine-tuned encoder (``minilm_test``, a
+    condition of any tokenizers), each also per training-size point (``…@n``)."""
+    out: dict[str, dict[str, LikelihoodView]] = {}
+    for name, data in pending.items():
+        test = split_parts(data, split)["test"]
         for tag in [name, *(f"{name}@s{n}" for n in cfg.attribution.evidence_train_samples)]:
             for prefix, view in (("head", "head_test"), (ENCODER_PREFIX, "minilm_test")):
                 scores = load_head(cfg.paths.reference_scores, tag, prefix)
                 if scores is not None:
-                    out[name][view + tag[len(name) :].replace("@s", "@")] = _head_view(parts["test"], scores)
+                    out.setdefault(name, {})[view + tag[len(name) :].replace("@s", "@")] = _head_view(test, scores)
     return out
 
 
