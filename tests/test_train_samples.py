@@ -64,7 +64,7 @@ def test_more_texts_reproduce_the_run_at_one_text_per_prompt(smoke_home, tmp_pat
     text = text.replace("[attribution]\n", "[attribution]\nevidence_train_samples = [1, 2]\n")
     reference = '\n[reference]\nhead = true\nhead_epochs = 1\nencoder_conditions = ["seed"]\nencoder_epochs = 1\n'
     config.write_text(text + reference)
-    for stage in ("generate", "likelihood", "reference", "experiments"):
+    for stage in ("generate", "likelihood", "reference", "experiments", "report"):
         run_cli(stage, "--config", str(config), home=home)
 
     old = load_records(smoke_home / "reports" / "smoke")

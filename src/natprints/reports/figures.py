@@ -209,7 +209,7 @@ ROLE_STYLES = {  # role -> (line style, colour, legend name)
     "baseline": ("--", "C7", "baseline (word1+logreg)"),
     "reflm": ("-.", "C2", "reference LMs"),
     "head": (":", "C4", "reference-LM head"),
-    "minilm": ((0, (5, 1, 1, 1, 1, 1)), "C1", "fine-tuned encoder (minilm+ft)"),
+    "minilm": ("--", "C1", "fine-tuned encoder (minilm+ft)"),
 }
 
 
