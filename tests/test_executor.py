@@ -435,3 +435,24 @@ def test_ray_executor_writes_the_local_executors_artifacts(tmp_path, smoke_home,
     assert any(k.startswith("models/smoke/zoo/") for k in ray) and any(k.startswith("data/cache/") for k in ray)
     assert len(ray) > 80 and set(ray) <= set(local)
     assert [k for k in ray if ray[k] != local[k]] == []
+
+
+def test_a_stage_up_to_date_under_a_new_config_records_that_config(fresh_home):
+    """A setting one stage reads changes the run's config hash; the stages it does not touch stay up to
+    date and keep their time and revision, now under the new hash (a committed report then says which
+    config all its stages are current under). A stage that is off says nothing."""
+    from natprints.config import load_config
+    from natprints.records import read_timings, write_timings
+    from natprints.runtime import stage_timer
+
+    cfg = load_config(ROOT / "configs" / "smoke.toml")
+    old = {"wall_s": 12.5, "git_revision": "abc", "tree_clean": True, "config_hash": "0" * 64}
+    cfg.paths.reports.mkdir(parents=True)
+    write_timings(cfg.paths.reports, {"zoo": dict(old), "reference": dict(old)})
+    with stage_timer(cfg, "zoo") as timer:
+        timer.did_work = False
+    with stage_timer(cfg, "reference") as timer:
+        timer.did_work, timer.current = False, False
+    timings = read_timings(cfg.paths.reports)
+    assert timings["zoo"] == old | {"config_hash": cfg.hash()}
+    assert timings["reference"] == old

@@ -327,10 +327,10 @@ def run(cfg: Config, *, max_chunks: int | None = None) -> StageResult:
     from natprints.records import TEXT_EMERGENCE_CSV
 
     if not cfg.emergence.enabled:
-        return StageResult(False, ("emergence: off in this config ([emergence] enabled = false)",))
+        return StageResult(False, ("emergence: off in this config ([emergence] enabled = false)",), current=False)
     manifest = run_emergence(cfg, max_chunks=max_chunks)
     if not manifest["complete"]:
-        return StageResult(False, (f"emergence: {manifest['added']} texts generated now (partial)",))
+        return StageResult(False, (f"emergence: {manifest['added']} texts generated now (partial)",), current=False)
     return StageResult(
         manifest["added"] > 0,
         (

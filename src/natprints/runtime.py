@@ -532,6 +532,7 @@ def _lock_holder(fd: int, patience: float = 1.0) -> str:
 @dataclass
 class StageRun:
     did_work: bool = False
+    current: bool = True
 
 
 @dataclass(frozen=True)
@@ -541,6 +542,7 @@ class StageResult:
 
     did_work: bool
     lines: tuple[str, ...]
+    current: bool = True  # False: the stage is off in this config, or stopped short; its outputs are not current
 
 
 @contextmanager
@@ -563,13 +565,21 @@ def _peak_rss_mb() -> float:
 
 @contextmanager
 def stage_timer(cfg: Config, stage: str) -> Iterator[StageRun]:
-    """Time the body; when it sets ``did_work``, record wall seconds and peak RSS for ``stage``."""
+    """Time the body; when it sets ``did_work``, record wall seconds and peak RSS for ``stage``. A stage
+    found up to date under another config than the one it last ran under (a setting it does not read
+    changed) keeps its time and revision, and records the config it is now current under."""
     from natprints.records import read_timings, write_timings
 
     run = StageRun()
     start = time.perf_counter()
     yield run
     if not run.did_work:
+        if not run.current:
+            return
+        timings = read_timings(cfg.paths.reports)
+        if stage in timings and timings[stage].get("config_hash") not in (None, cfg.hash()):
+            timings[stage]["config_hash"] = cfg.hash()
+            write_timings(cfg.paths.reports, timings)
         return
     from natprints.artifacts import git_revision
 

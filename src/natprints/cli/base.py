@@ -74,7 +74,7 @@ def run_stage(
     with running(config, wait) as cfg:
         with stage_timer(cfg, name) as timer:
             result = work(cfg)
-            timer.did_work = result.did_work
+            timer.did_work, timer.current = result.did_work, result.current
         for line in result.lines:
             typer.echo(line)
         if zoo_table:

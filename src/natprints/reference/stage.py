@@ -276,7 +276,7 @@ def reference_key(cfg: Config) -> str | None:
 def run(cfg: Config) -> StageResult:
     """The `reference` stage (a config may turn it off)."""
     if not cfg.reference.enabled:
-        return StageResult(False, ("reference: off in this config ([reference] enabled = false)",))
+        return StageResult(False, ("reference: off in this config ([reference] enabled = false)",), current=False)
     manifest = build_reference(cfg)
     return StageResult(
         manifest["scored"] > 0 or manifest["trained_now"] > 0,
