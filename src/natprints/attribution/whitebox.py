@@ -691,8 +691,11 @@ def classifier_views(
     out: dict[str, dict[str, LikelihoodView]] = {}
     for name, data in pending.items():
         test = split_parts(data, split)["test"]
+        # only the classifiers this config asks for: files of an earlier config may still lie there
+        kinds = [("head", "head_test")] if cfg.reference.head else []
+        kinds += [(ENCODER_PREFIX, "minilm_test")] if name in cfg.reference.encoder_conditions else []
         for tag in [name, *(f"{name}@s{n}" for n in cfg.attribution.evidence_train_samples)]:
-            for prefix, view in (("head", "head_test"), (ENCODER_PREFIX, "minilm_test")):
+            for prefix, view in kinds:
                 scores = load_head(cfg.paths.reference_scores, tag, prefix)
                 if scores is not None:
                     out.setdefault(name, {})[view + tag[len(name) :].replace("@s", "@")] = _head_view(test, scores)
