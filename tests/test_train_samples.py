@@ -116,7 +116,7 @@ def test_more_texts_reproduce_the_run_at_one_text_per_prompt(smoke_home, tmp_pat
     np.testing.assert_allclose(again - np.logaddexp.reduce(again, axis=1, keepdims=True), stored, atol=2e-5)
     # a config that no longer asks for the encoder: its files of the earlier config stay on disk, and
     # are not read into the tables
-    config.write_text(text + '\n[reference]\nhead = true\nhead_epochs = 1\n')
+    config.write_text(text + "\n[reference]\nhead = true\nhead_epochs = 1\n")
     (home / "models" / "smoke" / "run.json").unlink()  # the same run, with a changed config, on purpose
     for stage in ("reference", "experiments"):
         run_cli(stage, "--config", str(config), home=home)
