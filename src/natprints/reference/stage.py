@@ -172,9 +172,11 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
     ref = reference_dir(cfg) / "reference"
     head_jobs = [Job(t.name, (cfg, t.name, t, ref, out)) for t in heads]
     trained_heads = sum(run_jobs(cfg.run.worker_count(), train_head, head_jobs, "classifier head"))
-    # the encoder reads text: conditions of models with tokenizers of their own too, on the experiments' split
-    texts = load_conditions(cfg, declared=True)
-    encoders = _encoder_tasks(cfg, texts, run_split(cfg, texts), subsets)
+    encoders = []
+    if cfg.reference.encoder_conditions:
+        # the encoder reads text: conditions of models with tokenizers of their own too, on the experiments' split
+        texts = load_conditions(cfg, declared=True)
+        encoders = _encoder_tasks(cfg, texts, run_split(cfg, texts), subsets)
     encoder_jobs = [Job(t.name, (cfg, t.name, t, out)) for t in encoders]
     trained_heads += sum(run_jobs(cfg.run.worker_count(), train_encoder, encoder_jobs, "fine-tuned encoder"))
     fields = {
