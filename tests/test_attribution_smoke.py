@@ -356,9 +356,45 @@ def test_summary_json_holds_each_condition_and_the_lineage_headline(smoke_cfg):
         assert entry["reference_lms"]["accuracy"] == pytest.approx(
             acc[(acc["condition"] == condition) & (acc["pipeline"] == "reflm+lm")]["accuracy"].item(), abs=1e-5
         )
-        # over 5 prompt splits: the ceiling on each split's scored test texts, the pipelines refit
-        assert set(entry["splits"]) == {"ceiling", "best", "baseline"} and entry["splits"]["ceiling"]["splits"] == 5
+        # over 5 prompt splits: the ceiling on each split's scored test texts, the pipelines refit, the
+        # reference LMs fine-tuned anew
+        assert set(entry["splits"]) == {"ceiling", "best", "baseline", "reference"}
+        assert entry["splits"]["ceiling"]["splits"] == entry["splits"]["reference"]["splits"] == 5
+        first = entry["reference_lms"]["accuracy"]
+        assert entry["splits"]["reference"]["min"] <= first <= entry["splits"]["reference"]["max"]
         assert entry["splits"]["ceiling"]["min"] <= entry["ceiling"]["accuracy"] <= entry["splits"]["ceiling"]["max"]
     assert summary["conditions"]["null_control"]["verdict"] in ("at chance", "failed")
     lineage = json.loads((smoke_cfg.paths.reports / "lineage.json").read_text())
     assert summary["lineage"]["seedprints"]["auc"] == lineage["methods"]["seedprints"]["auc"]
+
+
+def test_reference_lms_are_fine_tuned_and_scored_on_every_repeated_split(smoke_cfg):
+    """Each further split: every candidate's reference LM fine-tuned on that split's training texts, and
+    the split's `reference` figure the argmax of their scores of its test texts."""
+    from natprints.conditions import load_conditions, repeat_seeds, repeat_split, split_parts
+    from natprints.likelihood.stage import load_scores
+    from natprints.reference.stage import _manifest, reference_dir, split_id
+    from natprints.reports.tables import split_table
+
+    records = [json.loads(line) for line in (smoke_cfg.paths.reports / "results.jsonl").read_text().splitlines()]
+    refs = load_scores(smoke_cfg, _manifest(smoke_cfg))
+    conditions = load_conditions(smoke_cfg)
+    seeds = repeat_seeds(smoke_cfg)
+    assert seeds == [1, 2, 3, 4]
+    for model_id in {m for d in conditions.values() for m in d.frame["model_id"].astype(str)}:
+        for seed in seeds:
+            assert (reference_dir(smoke_cfg) / split_id(model_id, seed) / "model.safetensors").exists()
+    repeats = [r for r in records if r["kind"] == "split_repeat" and r["condition"] in conditions]
+    assert len(repeats) == len(seeds) * len(conditions)
+    for r in repeats:
+        data = conditions[r["condition"]]
+        test = split_parts(data, repeat_split(data.frame["prompt_id"], smoke_cfg, r["split_seed"]))["test"]
+        scorer = {j: str(data.frame.loc[data.frame["label"] == j, "model_id"].iloc[0]) for j in range(len(data.labels))}
+        ids = test["sample_id"].astype(str)
+        loglik = np.column_stack([refs[split_id(scorer[j], r["split_seed"])].loc[ids, "loglik"] for j in scorer])
+        right = loglik.argmax(axis=1) == test["label"].to_numpy()
+        assert r["reference"] == {"accuracy": pytest.approx(right.mean()), "n_test": len(test)}
+    table = split_table(records)
+    rows = table[table["role"] == "reference"]
+    assert set(rows["condition"]) == set(conditions) and (rows["pipeline"] == "reflm+lm").all()
+    assert (rows["splits"] == 5).all()

@@ -179,6 +179,17 @@ def run_split(cfg: Config, conditions: dict[str, ConditionData]) -> dict[str, st
     return split_prompts(prompts, s.test_fraction, CALIBRATION_FRACTION, s.split_seed)
 
 
+def repeat_seeds(cfg: Config) -> list[int]:
+    """The split seeds the headline figures are repeated over, besides the run's own split."""
+    first = cfg.attribution.split_seed
+    return list(range(first + 1, first + cfg.attribution.splits))
+
+
+def repeat_split(prompt_ids: Iterable[str], cfg: Config, seed: int) -> dict[str, str]:
+    """The prompt split ``seed`` of the repeated splits, over ``prompt_ids`` (a condition's or a model's)."""
+    return split_prompts(prompt_ids, cfg.attribution.test_fraction, CALIBRATION_FRACTION, seed)
+
+
 def split_parts(data: ConditionData, split: dict[str, str]) -> dict[str, pd.DataFrame]:
     where = data.frame["prompt_id"].astype(str).map(split).fillna("train")
     return {s: data.frame[where == s].reset_index(drop=True) for s in ("train", "cal", "test")}

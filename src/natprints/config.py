@@ -58,6 +58,7 @@ ADDED_SETTINGS = {
     ("reference", "encoder_lr"): 3e-5,
     ("reference", "encoder_batch_size"): 16,
     ("reference", "encoder_max_length"): 128,
+    ("reference", "repeat_splits"): True,
 }
 CONDITION_ORDER = (*CONDITIONS, "all")
 NULL_CONDITION = "null_control"  # one model under two sampling seeds: must come out at chance
@@ -267,6 +268,9 @@ class ReferenceSettings(_Section):
     seed: int = Field(1000, ge=0)  # init and data-order seed of the reference LM: no zoo model's
     epochs: int = Field(4, ge=1)  # passes over a candidate's training-split texts
     lr: float = Field(1e-3, gt=0)  # constant fine-tuning learning rate
+    # fine-tune the candidates' copies anew on each further prompt split of `[attribution] splits` too,
+    # so the reference LMs' figure is repeated over splits as the headline figures are
+    repeat_splits: bool = True
     # a classification head on the reference LM, fine-tuned end to end per condition (reflm+head)
     head: bool = False
     head_epochs: int = Field(3, ge=1)

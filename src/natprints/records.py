@@ -22,6 +22,7 @@ RESULTS_FILE = "results.jsonl"
 ACCURACY_FILE = "accuracy.csv"
 POOLED_FILE = "pooled.csv"
 CEILING_PIPELINE = "likelihood+bayes"
+REFERENCE_PIPELINE = "reflm+lm"  # the auditor's reference LMs, fine-tuned per candidate
 ACCURACY_COLUMNS = (
     "condition",
     "featurizer",
@@ -313,6 +314,7 @@ class SplitRepeatRecord(_SplitRepeat, total=False):
     best: dict[str, Any]
     baseline: dict[str, Any]
     ceiling: dict[str, Any]
+    reference: dict[str, Any]
 
 
 class StringCeilingRecord(TypedDict):

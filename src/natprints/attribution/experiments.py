@@ -56,9 +56,10 @@ from natprints.conditions import (
     CALIBRATION_FRACTION,
     ConditionData,
     load_conditions,
+    repeat_seeds,
+    repeat_split,
     run_split,
     split_parts,
-    split_prompts,
 )
 from natprints.config import CLASSIFIERS, NULL_CONDITION, Config
 from natprints.corpus import load_tokenizer
@@ -83,14 +84,15 @@ def _repeated_splits(
     pipeline, as chosen on the run's split, and the baseline, each refit on the split's training
     texts and scored on its test texts; the ceiling on the split's test texts that the likelihood
     stage scored (the run's test and calibration texts: the ceiling learns nothing, so any of its
-    texts is a test text). The reference LMs are not repeated: each split would fine-tune them anew."""
+    texts is a test text); the reference LMs where the reference stage fine-tuned them on the split's
+    training texts (``[reference] repeat_splits``)."""
     settings = setup.settings
     scored = ceiling.concat_views(views["test"], views["cal"]) if views and "cal" in views else None
     row_of = {str(sid): i for i, sid in enumerate(scored.sample_ids)} if scored is not None else {}
+    labels = data.frame.set_index(data.frame["sample_id"].astype(str))["label"]
     out = []
-    for seed in range(settings.split_seed + 1, settings.split_seed + settings.splits):
-        split = split_prompts(data.frame["prompt_id"], settings.test_fraction, CALIBRATION_FRACTION, seed)
-        parts = split_parts(data, split)
+    for seed in repeat_seeds(setup.cfg):
+        parts = split_parts(data, repeat_split(data.frame["prompt_id"], setup.cfg, seed))
         train, test = parts["train"], parts["test"]
         y = test["label"].to_numpy()
         record: dict[str, Any] = {
@@ -110,10 +112,14 @@ def _repeated_splits(
             record[role] = {"pipeline": f"{feat}+{clf}", "accuracy": float((predicted == y).mean())}
         rows = [row_of[sid] for sid in test["sample_id"].astype(str) if sid in row_of]
         if rows:
-            labels = data.frame.set_index(data.frame["sample_id"].astype(str))["label"]
             truth = labels.loc[scored.sample_ids[rows].astype(str)].to_numpy()
             right = ceiling.bayes_predict(scored.loglik[rows]) == truth
             record["ceiling"] = {"accuracy": float(right.mean()), "n_test": len(rows)}
+        tuned = (views or {}).get(f"ref_test#{seed}")
+        if tuned is not None and len(tuned.sample_ids):
+            truth = labels.loc[tuned.sample_ids.astype(str)].to_numpy()
+            right = ceiling.bayes_predict(tuned.loglik) == truth
+            record["reference"] = {"accuracy": float(right.mean()), "n_test": len(truth)}
         out.append(record)
     return out
 

@@ -20,13 +20,15 @@ from natprints.attribution.grid import FEATURIZER_APPROACHES, GENERATIVE_APPROAC
 from natprints.conditions import (
     ConditionData,
     open_set_applies,
+    repeat_seeds,
+    repeat_split,
     split_parts,
 )
 from natprints.config import NULL_CONDITION, Config
 from natprints.errors import NatprintsError
 from natprints.reference.encoder import ENCODER_PREFIX
 from natprints.reference.head import load_head
-from natprints.reference.stage import subset_id
+from natprints.reference.stage import split_id, subset_id
 from natprints.stats import classification_summary, log_posterior, roc_summary
 
 # The white-box attributor: every candidate model's exact likelihood of the text (the ceiling).
@@ -679,6 +681,13 @@ def reference_views(
             }
             if subset:
                 out[name][f"ref_test@{samples}"] = ceiling.condition_view(data, parts["test"], subset, [])
+        for seed in repeat_seeds(cfg):
+            # the reference LMs fine-tuned on a further split's training texts, on that split's tests
+            tuned = {m: refs.get(split_id(m, seed)) for m in data.frame["model_id"].astype(str).unique()}
+            test = split_parts(data, repeat_split(data.frame["prompt_id"], cfg, seed))["test"]
+            wanted = set(test["sample_id"].astype(str))
+            if all(t is not None and wanted <= set(t.index) for t in tuned.values()):
+                out[name][f"ref_test#{seed}"] = ceiling.condition_view(data, test, tuned, [])
     return out
 
 

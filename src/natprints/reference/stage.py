@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from natprints.artifacts import Manifest, hash_obj
-from natprints.conditions import load_conditions, run_split
+from natprints.conditions import load_conditions, repeat_seeds, repeat_split, run_split
 from natprints.config import Config
 from natprints.errors import NatprintsError
 from natprints.reference.encoder import ENCODER_PREFIX, EncoderTask, train_encoder
@@ -92,6 +92,26 @@ def subset_id(model_id: str, samples: int) -> str:
     return f"{model_id}@s{samples}"
 
 
+def split_id(model_id: str, seed: int) -> str:
+    """The name of the LM fine-tuned on the training texts of the repeated prompt split ``seed``."""
+    return f"{model_id}@split{seed}"
+
+
+def _split_rows(conditions: dict, cfg: Config, seed: int, prompts: pd.Series) -> dict[str, pd.DataFrame]:
+    """Per scoring model: the test texts of split ``seed`` of every condition it is a candidate of."""
+    from natprints.likelihood.stage import text_rows
+
+    wanted: dict[str, dict[str, object]] = {}
+    for data in conditions.values():
+        where = data.frame["prompt_id"].astype(str).map(repeat_split(data.frame["prompt_id"], cfg, seed))
+        test = data.frame[where == "test"]
+        for scorer in sorted(data.frame["model_id"].astype(str).unique()):
+            rows = wanted.setdefault(scorer, {})
+            for row in test.itertuples(index=False):
+                rows.setdefault(str(row.sample_id), row)
+    return {scorer: text_rows(list(rows.values()), prompts) for scorer, rows in wanted.items()}
+
+
 def _finetune_job(
     cfg: Config, name: str, model_id: str, train: np.ndarray, heldout: np.ndarray, *, progress: bool
 ) -> bool:
@@ -117,7 +137,8 @@ def _manifest(cfg: Config) -> Manifest:
 
 
 def build_reference(cfg: Config, *, progress: bool = True) -> dict:
-    """The `reference` stage: the reference LM, one fine-tuned copy per candidate, their scores."""
+    """The `reference` stage: the reference LM, one fine-tuned copy per candidate (on the run's split,
+    on each further split of ``[attribution] splits`` and per training-size point), their scores."""
     from natprints.corpus import load_tokenizer
     from natprints.generate.stage import build_prompts
     from natprints.likelihood.stage import check_caches, recorded_files, score_model, scoring_rows
@@ -154,6 +175,16 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
             name = subset_id(model_id, n)
             jobs.append(Job(name, (cfg, name, model_id, _stream(train, prompts, eos), heldout)))
             scoring[subset_id(model_id, n)] = rows[model_id][rows[model_id]["sample_id"].isin(test_ids)]
+    for seed in repeat_seeds(cfg) if cfg.reference.repeat_splits else []:
+        # each further split: every candidate fine-tuned on that split's training texts, scoring its tests
+        for model_id in rows:
+            frame = frames[model_id]
+            where = frame["prompt_id"].astype(str).map(repeat_split(frame["prompt_id"], cfg, seed))
+            name = split_id(model_id, seed)
+            train, heldout = (_stream(frame[where == part], prompts, eos) for part in ("train", "cal"))
+            jobs.append(Job(name, (cfg, name, model_id, train, heldout)))
+        split_rows = _split_rows(conditions, cfg, seed, prompts)
+        scoring.update({split_id(m, seed): split_rows[m] for m in rows})
     tuned = sum(run_jobs(cfg.run.worker_count(), _finetune_job, jobs, "finetune"))
     every = scoring_rows(cfg, conditions, outsiders=True).values()
     scoring[BACKGROUND] = pd.concat(every, ignore_index=True).drop_duplicates("sample_id").assign(moments=False)

@@ -76,9 +76,9 @@ def _split_section(records: Sequence[dict[str, Any]]) -> str:
         f"### Over {n} prompt splits\n\nThe headline figures on the run's split and on {n - 1} more (other "
         "`split_seed`s, the same fractions): the best pipeline as chosen on the run's split and the baseline are "
         "refit on each split's training texts; the ceiling, which learns nothing, is scored on each split's test "
-        "texts that the likelihood stage scored. Mean ± standard deviation over the splits, and their range: how "
-        "much of a difference between conditions or pipelines one split can show by chance. The reference LMs "
-        "are not repeated (each split would fine-tune them anew).\n\n"
+        "texts that the likelihood stage scored; the reference LMs are fine-tuned anew on each split's training "
+        "texts (`[reference] repeat_splits`). Mean ± standard deviation over the splits, and their range: how "
+        "much of a difference between conditions or pipelines one split can show by chance.\n\n"
         + md_table(["condition", "role", "pipeline", "run's split", f"mean ± sd ({n} splits)", "range"], rows)
     )
 

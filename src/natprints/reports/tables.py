@@ -13,7 +13,7 @@ import pandas as pd
 from natprints.attribution.grid import BASELINE
 from natprints.attribution.whitebox import APPROACHES, approach
 from natprints.config import NULL_CONDITION
-from natprints.records import CEILING_PIPELINE, accuracy_table, pooled_table
+from natprints.records import CEILING_PIPELINE, REFERENCE_PIPELINE, accuracy_table, pooled_table
 
 
 def records_of(records: Sequence[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -92,22 +92,30 @@ def approach_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 
 def split_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """Per condition and role (ceiling, best, baseline): the accuracy on the run's split and on each
-    repeated split, as mean, standard deviation, minimum and maximum over all of them."""
+    """Per condition and role (ceiling, best, baseline, reference LMs): the accuracy on the run's split
+    and on each repeated split, as mean, standard deviation, minimum and maximum over all of them."""
     repeats = records_of(records, "split_repeat")
     if not repeats:
         return pd.DataFrame()
     head = headline_table(records).set_index("condition")
+    table = accuracy_table(records)
+    reflm = table[table["pipeline"] == REFERENCE_PIPELINE].set_index("condition")["accuracy"]
     rows = []
     for condition in dict.fromkeys(r["condition"] for r in repeats):
         first = head.loc[condition]
         mine = [r for r in repeats if r["condition"] == condition]
-        roles = (("ceiling", first["ceiling"]), ("best", first["accuracy"]), ("baseline", first["baseline"]))
+        roles = (
+            ("ceiling", first["ceiling"]),
+            ("best", first["accuracy"]),
+            ("baseline", first["baseline"]),
+            ("reference", float(reflm.get(condition, math.nan))),
+        )
         for role, value in roles:
             if math.isnan(value) or any(role not in r for r in mine):
                 continue
             values = np.array([value, *(r[role]["accuracy"] for r in mine)])
-            pipeline = CEILING_PIPELINE if role == "ceiling" else mine[0][role]["pipeline"]
+            named = {"ceiling": CEILING_PIPELINE, "reference": REFERENCE_PIPELINE}
+            pipeline = named.get(role) or mine[0][role]["pipeline"]
             rows.append(
                 {
                     "condition": condition,
