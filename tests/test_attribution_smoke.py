@@ -156,7 +156,8 @@ def test_outsiders_are_scored_and_tested_against_the_known_models(smoke_cfg):
     assert row["outsider_rejected_n"] == int((np.abs(z) > limit).all(axis=1).sum())
     assert roc_summary(np.array([0.0, 1.0]), np.array([2.0, 3.0]))["auroc"] == 1.0
     # the background test on single human texts, recomputed: each text's best model's log-likelihood ratio
-    # per token against the reference LM, below that model's threshold from its own calibration texts
+    # per token against the reference LM, below that model's threshold from its own calibration and
+    # training-split texts
     from natprints.attribution import ceiling
     from natprints.conditions import split_parts
     from natprints.reference.stage import BACKGROUND
@@ -172,9 +173,18 @@ def test_outsiders_are_scored_and_tested_against_the_known_models(smoke_cfg):
 
     known = list(range(len(members)))
     lik = smoke_cfg.likelihood
+    train = split_parts(seed, split)["train"]
+    train_ids = train["sample_id"].astype(str).tolist()
+    mine = [scores[members[j]].loc[i] for i, j in zip(train_ids, train["label"], strict=True)]
+    loglik, bg, events = columns(cal_ids)
+    train_loglik = np.full((len(train), len(members)), np.nan)
+    train_loglik[np.arange(len(train)), train["label"].to_numpy()] = [row["loglik"] for row in mine]
     limits = ceiling.background_thresholds(
-        *columns(cal_ids), cal["label"].to_numpy(), known, 1, lik.open_set_alpha, lik.open_set_resamples,
-        smoke_cfg.attribution.split_seed,
+        np.vstack([loglik, train_loglik]),
+        np.concatenate([bg, background.loc[train_ids, "loglik"].to_numpy()]),
+        np.concatenate([events, [row["events"] for row in mine]]),
+        np.concatenate([cal["label"].to_numpy(), train["label"].to_numpy()]),
+        known, 1, lik.open_set_alpha, lik.open_set_resamples, smoke_cfg.attribution.split_seed,
     )  # fmt: skip
     statistic = ceiling.background_statistic(
         *columns(human_ids), [np.array([i]) for i in range(len(prompts))], known, limits
@@ -215,7 +225,7 @@ def test_moments_are_scored_only_for_the_open_set_test_texts(smoke_cfg, tmp_path
         assert with_moments == expected[model_id] and with_moments, model_id
         lacking = table[table["entropy_sum"].isna()]
         assert len(lacking) and lacking["token_entropy"].isna().all() and lacking["variance_sum"].isna().all()
-    rows = scoring_rows(smoke_cfg, conditions, canonical=True, outsiders=True)[BASE]  # as the stage scores them
+    rows = scoring_rows(smoke_cfg, conditions, canonical=True, outsiders=True, own_train=True)[BASE]  # as the stage
     path = tmp_path / f"{BASE}.parquet"
     shutil.copy(smoke_cfg.paths.likelihood / f"{BASE}.parquet", path)
     assert score_model(smoke_cfg, smoke_cfg.paths.zoo / BASE, rows, path, progress=False) == 0
@@ -229,6 +239,66 @@ def test_moments_are_scored_only_for_the_open_set_test_texts(smoke_cfg, tmp_path
     assert rescored["entropy_sum"].notna().sum() == (~strings).sum()
     before = load_scores(smoke_cfg)[BASE].set_index("row_key")
     assert rescored.loc[before.index, "loglik"].tolist() == before["loglik"].tolist()
+
+
+def test_each_model_scores_its_own_training_texts_for_the_background_thresholds(smoke_cfg):
+    """The background test's thresholds come from each model's own calibration *and* training-split
+    texts: the likelihood stage scores a model's own training texts (no other model's), the reference LM
+    all of them, and the thresholds are the alpha-quantiles over both."""
+    from natprints.attribution import ceiling
+    from natprints.attribution.grid import Setup
+    from natprints.attribution.whitebox import _background_thresholds, background_views, likelihood_views
+    from natprints.conditions import load_conditions, open_set_applies, run_split, split_parts
+    from natprints.likelihood.stage import load_scores
+    from natprints.reference.stage import BACKGROUND, _manifest
+
+    conditions = load_conditions(smoke_cfg)
+    split = run_split(smoke_cfg, conditions)
+    scores, refs = load_scores(smoke_cfg), load_scores(smoke_cfg, _manifest(smoke_cfg))
+    train_ids = {}
+    for data in conditions.values():
+        train = split_parts(data, split)["train"]
+        for model_id, rows in train.groupby("model_id"):
+            ids = set(rows["sample_id"].astype(str))
+            if open_set_applies(data):
+                assert ids <= set(scores[str(model_id)].index) and ids <= set(refs[BACKGROUND].index)
+            train_ids.setdefault(str(model_id), set()).update(ids)
+    for model_id, ids in train_ids.items():  # never another model's training texts
+        others = set().union(*(v for m, v in train_ids.items() if m != model_id)) - ids
+        assert not others & set(scores[model_id].index), model_id
+    data = conditions["seed"]
+    views = likelihood_views(smoke_cfg, data, split, scores)
+    views |= background_views(data, split, views, refs)
+    own = views["own_train"]
+    labels = (~np.isnan(own.loglik)).argmax(axis=1)
+    assert (np.isnan(own.loglik).sum(axis=1) == len(data.labels) - 1).all()
+    assert sorted(np.bincount(labels)) == sorted(np.bincount(split_parts(data, split)["train"]["label"]))
+    setup = Setup(smoke_cfg, split=split, tokenizer=None, progress=False)
+    parts = split_parts(data, split)
+    y_cal = parts["cal"]["label"].to_numpy()
+    known = list(range(len(data.labels)))
+    both = _background_thresholds(setup, views, y_cal, known, 1)
+    cal_only = _background_thresholds(setup, {k: v for k, v in views.items() if k != "own_train"}, y_cal, known, 1)
+    settings = smoke_cfg.likelihood
+    ratio = (own.loglik[np.arange(len(labels)), labels] - views["bg_train"].loglik[:, 0]) / own.events
+    cal = views["cal"]
+    cal_ratio = (cal.loglik[np.arange(len(y_cal)), y_cal] - views["bg_cal"].loglik[:, 0]) / cal.events
+    for j in known:
+        pooled = np.concatenate([cal_ratio[y_cal == j], ratio[labels == j]])
+        assert pooled.min() <= both[j] <= pooled.max()  # a quantile of bootstrap pools of one text
+    assert both != cal_only
+    expected = ceiling.background_thresholds(
+        np.vstack([cal.loglik, own.loglik]),
+        np.concatenate([views["bg_cal"].loglik[:, 0], views["bg_train"].loglik[:, 0]]),
+        np.concatenate([cal.events, own.events]),
+        np.concatenate([y_cal, labels]),
+        known,
+        1,
+        settings.open_set_alpha,
+        settings.open_set_resamples,
+        smoke_cfg.attribution.split_seed,
+    )
+    assert both == expected
 
 
 def test_kl_table_is_zero_on_the_diagonal_and_not_negative(smoke_cfg):

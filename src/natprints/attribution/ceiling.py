@@ -77,6 +77,26 @@ def condition_view(
     return LikelihoodView(sample_ids, loglik, prefix, entropy, variance, events)
 
 
+def own_view(data: ConditionData, frame: pd.DataFrame, scores: dict[str, pd.DataFrame]) -> LikelihoodView | None:
+    """The rows of ``frame`` each scored under its own label's model alone (every other column NaN),
+    or None where a model has not scored its rows: what calibrates a threshold on a model's own texts."""
+    scorer = {j: str(data.frame.loc[data.frame["label"] == j, "model_id"].iloc[0]) for j in range(len(data.labels))}
+    sample_ids = frame["sample_id"].astype(str).to_numpy()
+    labels = frame["label"].to_numpy()
+    loglik = np.full((len(sample_ids), len(data.labels)), np.nan)
+    events = np.zeros(len(sample_ids), dtype=np.int64)
+    for j, model_id in scorer.items():
+        mine = labels == j
+        table = scores.get(model_id)
+        if table is None or not set(sample_ids[mine]) <= set(table.index):
+            return None
+        rows = table.loc[sample_ids[mine]]
+        loglik[mine, j] = rows["loglik"].to_numpy(dtype=np.float64)
+        events[mine] = rows["events"].to_numpy(dtype=np.int64)
+    blank = np.full_like(loglik, np.nan)
+    return LikelihoodView(sample_ids, loglik, {}, blank, blank.copy(), events)
+
+
 @dataclass(frozen=True)
 class StringView:
     """Test texts scored two ways under each label's model, both without the end event: as the ids
@@ -205,7 +225,7 @@ def background_thresholds(
     seed: int,
 ) -> dict[int, float]:
     """Per known model M: the alpha-quantile of M's log-likelihood ratio against the background model
-    (per event) on bootstrap pools of k of M's own texts."""
+    (per event) on bootstrap pools of k of M's own texts (only M's own column of ``loglik`` is read)."""
     rng = np.random.default_rng(seed)
     out = {}
     for model in known:

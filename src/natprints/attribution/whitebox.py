@@ -525,14 +525,21 @@ def _likelihood_open_set(
 def _background_thresholds(
     setup: Setup, views: dict[str, LikelihoodView], y_cal: np.ndarray, known: list[int], k: int
 ) -> dict[int, float]:
-    """Per known model, the background test's threshold from pools of k of its calibration texts."""
+    """Per known model, the background test's threshold from pools of k of its own calibration texts
+    and, where scored, its own training-split texts (``own_train``: 4 times as many; 150 calibration
+    texts alone left each threshold's sampling error visible in the false rejections at 16 texts)."""
     settings = setup.cfg.likelihood
-    cal, background = views["cal"], views["bg_cal"].loglik[:, 0]
+    loglik, events, background, y = views["cal"].loglik, views["cal"].events, views["bg_cal"].loglik[:, 0], y_cal
+    if "own_train" in views and "bg_train" in views:
+        train = views["own_train"]
+        loglik, events = np.vstack([loglik, train.loglik]), np.concatenate([events, train.events])
+        background = np.concatenate([background, views["bg_train"].loglik[:, 0]])
+        y = np.concatenate([y_cal, (~np.isnan(train.loglik)).argmax(axis=1)])  # its one scored column
     return ceiling.background_thresholds(
-        cal.loglik,
+        loglik,
         background,
-        cal.events,
-        y_cal,
+        events,
+        y,
         known,
         k,
         settings.open_set_alpha,
@@ -584,6 +591,9 @@ def background_views(
     out = {f"bg_{s}": ceiling.condition_view(data, parts[s], scores, []) for s in ("test", "cal")}
     strangers = pd.DataFrame({"sample_id": views["outsiders"].sample_ids})
     out["bg_outsiders"] = ceiling.condition_view(data, strangers, scores, [])
+    if "own_train" in views and set(views["own_train"].sample_ids) <= set(refs[BACKGROUND].index):
+        own = pd.DataFrame({"sample_id": views["own_train"].sample_ids})
+        out["bg_train"] = ceiling.condition_view(data, own, scores, [])
     return out
 
 
@@ -644,6 +654,11 @@ def likelihood_views(
         prompts = sorted(set(parts["test"]["prompt_id"].astype(str)))
         ids = [f"{source}:{p}" for source in OUTSIDERS for p in prompts]
         views["outsiders"] = ceiling.condition_view(data, pd.DataFrame({"sample_id": ids}), scores, [])
+        # each model's own training-split texts under it (the likelihood stage scores them for this test)
+        train = split_parts(data, split)["train"]
+        own = ceiling.own_view(data, train[train["sample_index"] < cfg.generate.samples_per_prompt], scores)
+        if own is not None:
+            views["own_train"] = own
     return views
 
 

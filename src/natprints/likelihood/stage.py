@@ -59,13 +59,21 @@ def _row_key(sample_id: str, prompt: list[int], tokens: list[int], transform: tu
 
 
 def scoring_rows(
-    cfg: Config, conditions: dict[str, ConditionData], *, canonical: bool = False, outsiders: bool = False
+    cfg: Config,
+    conditions: dict[str, ConditionData],
+    *,
+    canonical: bool = False,
+    outsiders: bool = False,
+    own_train: bool = False,
 ) -> dict[str, pd.DataFrame]:
     """Scoring model -> the rows it scores (each text of a scored split, once per model); a row's
     ``moments`` is True where the analytic open-set test reads them: the test texts of a condition
     that gets the test. ``canonical``: also each test text's canonical tokenization where it differs
     from the sampled ids (:func:`canonical_rows`). ``outsiders``: also, for a condition with the
-    open-set test, the human and junk texts of its test prompts (:func:`outsider_rows`)."""
+    open-set test, the human and junk texts of its test prompts (:func:`outsider_rows`).
+    ``own_train``: also, for a condition with the open-set test, each model's own training-split texts
+    (as many per prompt as a test prompt has) under that model: the likelihood ceiling learns nothing
+    from them, so they calibrate the open-set thresholds beside the calibration texts."""
     from natprints.generate.stage import build_prompts, outsider_texts
 
     prompts = build_prompts(cfg).set_index("prompt_id")["prompt_token_ids"]
@@ -82,10 +90,15 @@ def scoring_rows(
         with_moments = set(data.frame.loc[tested, "sample_id"].astype(str))
         test_prompts = set(data.frame.loc[tested, "prompt_id"].astype(str))
         scorers = sorted(data.frame["model_id"].astype(str).unique())  # the null control: its one model
+        calibrating = (where == "train") & (data.frame["sample_index"] < cfg.generate.samples_per_prompt)
         for scorer in scorers:
             rows = wanted.setdefault(scorer, {})
             for row in frame.itertuples(index=False):
                 rows.setdefault(str(row.sample_id), row)
+            if own_train and open_set_applies(data):
+                own = data.frame[calibrating & (data.frame["model_id"].astype(str) == scorer)]
+                for row in own.itertuples(index=False):
+                    rows.setdefault(str(row.sample_id), row)
             needs.setdefault(scorer, set()).update(with_moments)
             tests.setdefault(scorer, set()).update(test_ids)
             strange.setdefault(scorer, set()).update(test_prompts)
@@ -465,7 +478,7 @@ def score_all(cfg: Config, *, progress: bool = True) -> dict:
     from natprints.zoo.stage import verified_model
 
     conditions = load_conditions(cfg)
-    rows = scoring_rows(cfg, conditions, canonical=True, outsiders=True)
+    rows = scoring_rows(cfg, conditions, canonical=True, outsiders=True, own_train=True)
     for model_id in rows:
         verified_model(cfg, model_id)  # cached scores of weights that changed on disk are not trusted
     key = stage_key(cfg, rows)

@@ -186,7 +186,7 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
         split_rows = _split_rows(conditions, cfg, seed, prompts)
         scoring.update({split_id(m, seed): split_rows[m] for m in rows})
     tuned = sum(run_jobs(cfg.run.worker_count(), _finetune_job, jobs, "finetune"))
-    every = scoring_rows(cfg, conditions, outsiders=True).values()
+    every = scoring_rows(cfg, conditions, outsiders=True, own_train=True).values()
     scoring[BACKGROUND] = pd.concat(every, ignore_index=True).drop_duplicates("sample_id").assign(moments=False)
     out = cfg.paths.reference_scores
     out.mkdir(parents=True, exist_ok=True)

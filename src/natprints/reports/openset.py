@@ -104,7 +104,9 @@ def likelihood_open_set_section(records: Sequence[dict[str, Any]]) -> tuple[str,
 BACKGROUND_TEST = (
     "*background*: the best known model's pooled log-likelihood ratio against the auditor's reference LM "
     "(trained on the public corpus, it wrote none of the texts), per token, below the alpha-quantile of the "
-    "same ratio on bootstrap pools of that model's own calibration-split texts (as *margin*). "
+    "same ratio on bootstrap pools of that model's own texts of the calibration split and, where the likelihood "
+    "stage scored them, of the training split (the ceiling learns nothing from them; 5 times the texts of the "
+    "calibration split alone, whose sampling error showed as false rejections of large pools). "
 )
 OUTSIDER_TARGET = (4, 0.9)  # pools of 4 human continuations: at least this share called `unknown`
 
