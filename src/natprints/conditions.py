@@ -56,6 +56,12 @@ def open_set_applies(data: ConditionData) -> bool:
     return len(data.labels) >= OPEN_SET_MIN_MODELS and data.name != NULL_CONDITION
 
 
+def first_samples(frame: pd.DataFrame, cfg: Config) -> pd.Series:
+    """Which rows of ``frame`` are among the first ``generate.samples_per_prompt`` continuations of
+    their prompt: the run's own texts, not the extra training texts (``train_samples_per_prompt``)."""
+    return frame["sample_index"] < cfg.generate.samples_per_prompt
+
+
 def _read_generated(path: Path, columns: tuple[str, ...] = REQUIRED_COLUMNS) -> pd.DataFrame:
     if not path.is_file():
         raise NatprintsError(f"generated file missing: {path} (run `natprints generate`)")

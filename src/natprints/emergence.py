@@ -30,7 +30,7 @@ import pandas as pd
 
 from natprints.artifacts import MANIFEST, Manifest, atomic_write_text, hash_obj, sha256_file
 from natprints.attribution import ceiling
-from natprints.conditions import CALIBRATION_FRACTION, REQUIRED_COLUMNS, ConditionData, split_prompts
+from natprints.conditions import CALIBRATION_FRACTION, REQUIRED_COLUMNS, ConditionData, first_samples, split_prompts
 from natprints.config import Config
 from natprints.errors import NatprintsError
 from natprints.records import TEXT_EMERGENCE_CSV
@@ -135,7 +135,7 @@ def _step_texts(cfg: Config, points: list[Point]) -> pd.DataFrame:
     for point in points:
         path = cfg.paths.generated / f"{point.model_id}.parquet" if point.final else _text_path(cfg, point)
         frame = pd.read_parquet(path, columns=list(REQUIRED_COLUMNS))
-        frame = frame[frame["sample_index"] < cfg.generate.samples_per_prompt]
+        frame = frame[first_samples(frame, cfg)]
         frames.append(frame.assign(base_model=point.model_id))
     return pd.concat(frames, ignore_index=True)
 

@@ -21,8 +21,12 @@ from natprints.errors import NatprintsError
 RESULTS_FILE = "results.jsonl"
 ACCURACY_FILE = "accuracy.csv"
 POOLED_FILE = "pooled.csv"
-CEILING_PIPELINE = "likelihood+bayes"
-REFERENCE_PIPELINE = "reflm+lm"  # the auditor's reference LMs, fine-tuned per candidate
+# The white-box attributor: every candidate model's exact likelihood of the text (the ceiling).
+CEILING = ("likelihood", "bayes")
+# Black-box generative: per-candidate LMs fine-tuned from the auditor's own reference LM.
+REFERENCE = ("reflm", "lm")
+CEILING_PIPELINE = "+".join(CEILING)
+REFERENCE_PIPELINE = "+".join(REFERENCE)
 ACCURACY_COLUMNS = (
     "condition",
     "featurizer",

@@ -19,6 +19,7 @@ from natprints.attribution.evidence import evidence_record
 from natprints.attribution.grid import FEATURIZER_APPROACHES, GENERATIVE_APPROACHES, Setup, pipeline_record
 from natprints.conditions import (
     ConditionData,
+    first_samples,
     open_set_applies,
     repeat_seeds,
     repeat_split,
@@ -26,15 +27,12 @@ from natprints.conditions import (
 )
 from natprints.config import NULL_CONDITION, Config
 from natprints.errors import NatprintsError
+from natprints.records import CEILING, CEILING_PIPELINE, REFERENCE, REFERENCE_PIPELINE
 from natprints.reference.encoder import ENCODER_PREFIX
 from natprints.reference.head import load_head
 from natprints.reference.stage import split_id, subset_id
 from natprints.stats import classification_summary, log_posterior, roc_summary
 
-# The white-box attributor: every candidate model's exact likelihood of the text (the ceiling).
-CEILING = ("likelihood", "bayes")
-# Black-box generative: per-candidate LMs fine-tuned from the auditor's own reference LM.
-REFERENCE = ("reflm", "lm")
 # Black-box discriminative: a classification head on the reference LM, fine-tuned per condition.
 HEAD = ("reflm", "head")
 # Black-box discriminative: the frozen sentence encoder fine-tuned end to end per condition.
@@ -206,7 +204,7 @@ def white_box(
     if setup.settings.combine_reference and "reflm" in log_scores and "best" in log_scores:
         # a product of experts with equal weights (no weight is fit): log p_reflm + log p_best, renormalized
         combined = log_posterior(log_scores["reflm"][1] + log_scores["best"][1])
-        members = ["+".join(REFERENCE), "+".join(black_box["best"][0])]
+        members = [REFERENCE_PIPELINE, "+".join(black_box["best"][0])]
         record = pipeline_record(data, *COMBINED, n_train, y_test, ceiling.bayes_predict(combined), members=members)
         records.append(record | {"best": False, "white_box": False})
         log_scores["combined"] = (COMBINED, combined)
@@ -344,7 +342,7 @@ def _sequential_records(
             for f in human_flows
         ]
         if verdicts:
-            record = _sequential_record(data, "ceiling", "+".join(CEILING), "human", error, verdicts, None, length)
+            record = _sequential_record(data, "ceiling", CEILING_PIPELINE, "human", error, verdicts, None, length)
             records.append(record)
         left_out = []
         for held in range(k):
@@ -354,7 +352,7 @@ def _sequential_records(
                     rows = np.ix_(f, known)
                     left_out.append(sequential.decide(test.loglik[rows], error, centred[rows], test.variance[rows]))
         case = "left-out model"
-        records.append(_sequential_record(data, "ceiling", "+".join(CEILING), case, error, left_out, None, length))
+        records.append(_sequential_record(data, "ceiling", CEILING_PIPELINE, case, error, left_out, None, length))
     return records
 
 
@@ -656,7 +654,7 @@ def likelihood_views(
         views["outsiders"] = ceiling.condition_view(data, pd.DataFrame({"sample_id": ids}), scores, [])
         # each model's own training-split texts under it (the likelihood stage scores them for this test)
         train = split_parts(data, split)["train"]
-        own = ceiling.own_view(data, train[train["sample_index"] < cfg.generate.samples_per_prompt], scores)
+        own = ceiling.own_view(data, train[first_samples(train, cfg)], scores)
         if own is not None:
             views["own_train"] = own
     return views

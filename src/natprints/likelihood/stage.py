@@ -31,7 +31,7 @@ import pandas as pd
 
 from natprints.artifacts import MANIFEST as MANIFEST_NAME
 from natprints.artifacts import Manifest, hash_obj, read_manifest, sha256_file, sha256_text, temp_path_for
-from natprints.conditions import ConditionData, load_conditions, open_set_applies, run_split
+from natprints.conditions import ConditionData, first_samples, load_conditions, open_set_applies, run_split
 from natprints.config import Config
 from natprints.errors import NatprintsError
 from natprints.runtime import Job, StageResult, load_lm, run_jobs, setup_torch
@@ -90,7 +90,7 @@ def scoring_rows(
         with_moments = set(data.frame.loc[tested, "sample_id"].astype(str))
         test_prompts = set(data.frame.loc[tested, "prompt_id"].astype(str))
         scorers = sorted(data.frame["model_id"].astype(str).unique())  # the null control: its one model
-        calibrating = (where == "train") & (data.frame["sample_index"] < cfg.generate.samples_per_prompt)
+        calibrating = (where == "train") & first_samples(data.frame, cfg)
         for scorer in scorers:
             rows = wanted.setdefault(scorer, {})
             for row in frame.itertuples(index=False):

@@ -15,11 +15,11 @@ from typing import Any
 import pandas as pd
 
 from natprints.artifacts import atomic_write_json, git_revision
-from natprints.attribution.whitebox import REFERENCE
 from natprints.config import NULL_CONDITION, Config
 from natprints.records import (
     CEILING_PIPELINE,
     LINEAGE_JSON,
+    REFERENCE,
     RESULTS_FILE,
     accuracy_table,
     load_records,
