@@ -125,7 +125,7 @@ def test_outsiders_are_scored_and_tested_against_the_known_models(smoke_cfg):
     applies = {name for name, data in conditions.items() if open_set_applies(data)}
     assert {r["condition"] for r in rows} == applies
     assert {(r["method"], r["source"]) for r in rows if r["k"] == 1} == {
-        (m, s) for m in ("analytic", "margin", "background", "attributor") for s in ("human", "junk")
+        (m, s) for m in ("analytic", "margin", "background", "union", "attributor") for s in ("human", "junk")
     }
     split = run_split(smoke_cfg, conditions)
     seed = conditions["seed"]
@@ -134,7 +134,7 @@ def test_outsiders_are_scored_and_tested_against_the_known_models(smoke_cfg):
     for r in rows:
         assert r["n_outsider"] == len(prompts) // r["k"] and 0 <= r["outsider_rejected_n"] <= r["n_outsider"]
         assert r["n_known"] > 0 and 0 <= r["known_rejected_n"] <= r["n_known"]
-        if r["method"] == "analytic" and r["source"] == "junk":
+        if r["method"] in ("analytic", "union") and r["source"] == "junk":
             assert r["outsider_rejected_n"] == r["n_outsider"] and r["auroc"] == 1.0
     # the analytic test on single human texts, recomputed from the scores: two-sided |z| beyond the level
     scores = load_scores(smoke_cfg)
@@ -201,23 +201,27 @@ def test_outsiders_are_scored_and_tested_against_the_known_models(smoke_cfg):
     assert "### Open set: texts none of the models wrote" in (smoke_cfg.paths.reports / "index.md").read_text()
 
 
-def test_moments_are_scored_only_for_the_open_set_test_texts(smoke_cfg, tmp_path):
-    """Entropy and variance exist exactly for the test texts of conditions with an open-set test; a
-    row that comes to need them is scored again, and a cached complete row is not."""
+def test_moments_are_scored_only_for_the_open_set_texts(smoke_cfg, tmp_path):
+    """Entropy and variance exist exactly for the test texts of conditions with an open-set test and,
+    under each model, its own calibration and first-sample training texts there (the union test's
+    calibration); a row that comes to need them is scored again, and a cached complete row is not."""
     import shutil
 
-    from natprints.conditions import load_conditions, open_set_applies, run_split
+    from natprints.conditions import first_samples, load_conditions, open_set_applies, run_split
     from natprints.likelihood.stage import STRING, load_scores, score_model, scoring_rows
 
     conditions = load_conditions(smoke_cfg)
     split = run_split(smoke_cfg, conditions)
     expected: dict[str, set[str]] = {}
     for data in conditions.values():
-        tested = data.frame[data.frame["prompt_id"].astype(str).map(split) == "test"]
+        where = data.frame["prompt_id"].astype(str).map(split)
+        tested = data.frame[where == "test"]
+        own = data.frame[(where == "cal") | ((where == "train") & first_samples(data.frame, smoke_cfg))]
         for model_id in data.frame["model_id"].astype(str).unique():
             ids = set(tested["sample_id"].astype(str)) if open_set_applies(data) else set()
-            if open_set_applies(data):  # and the human continuation and junk of each test prompt
+            if open_set_applies(data):  # the human continuation and junk of each test prompt, its own texts
                 ids |= {f"{source}:{p}" for source in ("human", "junk") for p in tested["prompt_id"].astype(str)}
+                ids |= set(own.loc[own["model_id"].astype(str) == model_id, "sample_id"].astype(str))
             expected.setdefault(model_id, set()).update(ids)
     assert not open_set_applies(conditions["null_control"])
     for model_id, table in load_scores(smoke_cfg).items():
@@ -299,6 +303,64 @@ def test_each_model_scores_its_own_training_texts_for_the_background_thresholds(
         smoke_cfg.attribution.split_seed,
     )
     assert both == expected
+
+
+def test_union_test_rejects_own_pools_at_alpha_and_catches_what_either_side_catches(smoke_cfg):
+    """The union test, recomputed from the views: its thresholds keep each model's own single texts'
+    rejections at alpha (the alpha-quantile of the smaller p), it calls `unknown` every human text
+    whose background or analytic p on the best model is far below that, catches all junk, and its
+    counts are those the report's rows hold."""
+    from scipy.stats import norm
+
+    from natprints.attribution import ceiling
+    from natprints.attribution.grid import Setup
+    from natprints.attribution.whitebox import _own_texts, _union_thresholds, background_views, likelihood_views
+    from natprints.conditions import load_conditions, run_split, split_parts
+    from natprints.errors import NatprintsError
+    from natprints.likelihood.stage import load_scores
+    from natprints.reference.stage import _manifest
+
+    conditions = load_conditions(smoke_cfg)
+    split = run_split(smoke_cfg, conditions)
+    scores, refs = load_scores(smoke_cfg), load_scores(smoke_cfg, _manifest(smoke_cfg))
+    data = conditions["seed"]
+    views = likelihood_views(smoke_cfg, data, split, scores)
+    views |= background_views(data, split, views, refs)
+    setup = Setup(smoke_cfg, split=split, tokenizer=None, progress=False)
+    y_cal = split_parts(data, split)["cal"]["label"].to_numpy()
+    known = list(range(len(data.labels)))
+    alpha = smoke_cfg.likelihood.open_set_alpha
+    limits = _union_thresholds(setup, views, y_cal, known, 1)
+    own, background, y = _own_texts(views, y_cal)
+    assert len(own.sample_ids) > len(y_cal)  # the training-split texts are in, with their moments
+    rows = np.arange(len(y))
+    assert not np.isnan(own.entropy[rows, y]).any() and not np.isnan(own.variance[rows, y]).any()
+    for j in known:
+        mine = np.flatnonzero(y == j)
+        limit = limits[j]
+        assert 0 < limit.threshold < 4 * alpha and len(limit.ratios) == smoke_cfg.likelihood.open_set_resamples
+        # each own text, as a pool of one: the smaller p below the threshold at most about alpha of the time
+        ratio = (own.loglik[mine, j] - background[mine]) / own.events[mine]
+        z = (own.loglik[mine, j] + own.entropy[mine, j]) / np.sqrt(own.variance[mine, j])
+        smaller = np.minimum([limit.p_background(r) for r in ratio], 2 * norm.sf(np.abs(z)))
+        assert (smaller < limit.threshold).mean() <= 2 * alpha + 1 / len(mine)
+    outsiders = views["outsiders"]
+    sources = np.array([sid.split(":", 1)[0] for sid in outsiders.sample_ids])
+    singles = [np.array([i]) for i in range(len(sources))]
+    statistic = ceiling.union_statistic(outsiders, views["bg_outsiders"].loglik[:, 0], singles, known, limits)
+    assert (statistic[sources == "junk"] > 0).all()
+    records = [json.loads(line) for line in (smoke_cfg.paths.reports / "results.jsonl").read_text().splitlines()]
+    row = next(
+        r
+        for r in records
+        if r["kind"] == "open_set_outsiders"
+        and (r["condition"], r["method"], r["source"], r["k"]) == ("seed", "union", "human", 1)
+    )
+    assert row["outsider_rejected_n"] == int((statistic[sources == "human"] > 0).sum()) > 0
+    with pytest.raises(NatprintsError, match="union open-set test needs the moments"):
+        blank = np.full_like(own.entropy, np.nan)
+        bare = ceiling.LikelihoodView(own.sample_ids, own.loglik, {}, blank, blank, own.events)
+        ceiling.union_thresholds(bare, background, y, known, 1, alpha, 10, 0)
 
 
 def test_kl_table_is_zero_on_the_diagonal_and_not_negative(smoke_cfg):

@@ -78,12 +78,13 @@ def condition_view(
 
 
 def own_view(data: ConditionData, frame: pd.DataFrame, scores: dict[str, pd.DataFrame]) -> LikelihoodView | None:
-    """The rows of ``frame`` each scored under its own label's model alone (every other column NaN),
-    or None where a model has not scored its rows: what calibrates a threshold on a model's own texts."""
+    """The rows of ``frame`` each scored under its own label's model alone (every other column NaN; the
+    moments NaN where not scored), or None where a model has not scored its rows: what calibrates a
+    threshold on a model's own texts."""
     scorer = {j: str(data.frame.loc[data.frame["label"] == j, "model_id"].iloc[0]) for j in range(len(data.labels))}
     sample_ids = frame["sample_id"].astype(str).to_numpy()
     labels = frame["label"].to_numpy()
-    loglik = np.full((len(sample_ids), len(data.labels)), np.nan)
+    loglik, entropy, variance = (np.full((len(sample_ids), len(data.labels)), np.nan) for _ in range(3))
     events = np.zeros(len(sample_ids), dtype=np.int64)
     for j, model_id in scorer.items():
         mine = labels == j
@@ -92,9 +93,10 @@ def own_view(data: ConditionData, frame: pd.DataFrame, scores: dict[str, pd.Data
             return None
         rows = table.loc[sample_ids[mine]]
         loglik[mine, j] = rows["loglik"].to_numpy(dtype=np.float64)
+        entropy[mine, j] = rows["entropy_sum"].to_numpy(dtype=np.float64)
+        variance[mine, j] = rows["variance_sum"].to_numpy(dtype=np.float64)
         events[mine] = rows["events"].to_numpy(dtype=np.int64)
-    blank = np.full_like(loglik, np.nan)
-    return LikelihoodView(sample_ids, loglik, {}, blank, blank.copy(), events)
+    return LikelihoodView(sample_ids, loglik, {}, entropy, variance, events)
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,95 @@ def background_statistic(
         ratios = _ratio(loglik[:, list(known)], background, events, g)
         best = int(np.argmax(loglik[g][:, list(known)].sum(axis=0)))
         out.append(thresholds[known[best]] - float(ratios[best]))
+    return np.array(out)
+
+
+def _pooled_z(centred: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    """The pooled discrepancy z from summed centred log-likelihoods and variances (0 where undefined)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = centred / np.sqrt(variance)
+    return np.where(np.isfinite(z), z, 0.0)
+
+
+def _two_sided_p(z: np.ndarray) -> np.ndarray:
+    return 2.0 * norm.sf(np.abs(z))
+
+
+@dataclass(frozen=True)
+class UnionLimit:
+    """One known model's union test: its own pools' background ratios (sorted) and the threshold on
+    the smaller of the two p-values."""
+
+    ratios: np.ndarray
+    threshold: float
+
+    def p_background(self, ratio: float) -> float:
+        """The share of the model's own pools whose ratio is at most ``ratio`` (one added each side)."""
+        return float((np.searchsorted(self.ratios, ratio, side="right") + 1) / (len(self.ratios) + 1))
+
+
+def union_thresholds(
+    view: LikelihoodView,
+    background: np.ndarray,
+    y: np.ndarray,
+    known: Sequence[int],
+    k: int,
+    alpha: float,
+    resamples: int,
+    seed: int,
+) -> dict[int, UnionLimit]:
+    """Per known model M, the union of the background and the two-sided analytic test on M alone,
+    calibrated jointly: on bootstrap pools of k of M's own texts (M's own column of ``view``, moments
+    included), each pool's background p (the share of the pools whose ratio is no larger) and analytic
+    p (two-sided normal), and the alpha-quantile of the smaller one. A pool is ``unknown`` when its
+    smaller p lies below that quantile, so M's own pools are rejected at rate alpha whichever test
+    would have caught them."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for model in known:
+        rows = np.flatnonzero(y == model)
+        if len(rows) == 0:
+            raise NatprintsError(f"open set: no calibration texts of label {model}")
+        if np.isnan(view.entropy[rows, model]).any():
+            raise NatprintsError(
+                "the union open-set test needs the moments of each model's own calibration texts; "
+                "rerun `natprints likelihood`"
+            )
+        draws = rows[rng.integers(0, len(rows), size=(resamples, k))]
+        ratios = view.loglik[draws, model].sum(axis=1) - background[draws].sum(axis=1)
+        ratios = ratios / np.maximum(view.events[draws].sum(axis=1), 1)
+        centred = (view.loglik[draws, model] + view.entropy[draws, model]).sum(axis=1)
+        z = _pooled_z(centred, view.variance[draws, model].sum(axis=1))
+        ordered = np.sort(ratios)
+        p_background = (np.searchsorted(ordered, ratios, side="right") + 1) / (len(ordered) + 1)
+        smaller = np.minimum(p_background, _two_sided_p(z))
+        out[model] = UnionLimit(ordered, float(np.quantile(smaller, alpha)))
+    return out
+
+
+def union_statistic(
+    view: LikelihoodView,
+    background: np.ndarray,
+    groups: Sequence[np.ndarray],
+    known: Sequence[int],
+    limits: dict[int, UnionLimit],
+) -> np.ndarray:
+    """Per pool: log of the best known model's threshold minus log of the smaller of its background
+    and analytic p-values (above 0: the pool is ``unknown``). Junk is caught by the analytic side (no
+    model's own texts are that unlikely), human text by the background side (about as likely under a
+    model of the public corpus as under the known ones)."""
+    if not groups:
+        return np.zeros(0)
+    known = list(known)
+    out = []
+    for g in groups:
+        best = known[int(np.argmax(view.loglik[g][:, known].sum(axis=0)))]
+        ratio = (view.loglik[g, best].sum() - background[g].sum()) / max(int(view.events[g].sum()), 1)
+        centred = (view.loglik[g, best] + view.entropy[g, best]).sum()
+        z = _pooled_z(np.array([centred]), np.array([view.variance[g, best].sum()]))
+        limit = limits[best]
+        smaller = min(limit.p_background(ratio), float(_two_sided_p(z)[0]))
+        out.append(np.log(limit.threshold) - np.log(max(smaller, np.finfo(float).tiny)))
     return np.array(out)
 
 

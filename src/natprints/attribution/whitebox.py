@@ -500,8 +500,9 @@ def _likelihood_open_set(
             }
             if "bg_test" in views:
                 limits = _background_thresholds(setup, views, y_cal, known, k)
-                statistic = _background_statistic(views, "test", groups, known, limits)
-                rejected["background"] = statistic > 0
+                rejected["background"] = _background_statistic(views, "test", groups, known, limits) > 0
+                union = _union_thresholds(setup, views, y_cal, known, k)
+                rejected["union"] = _union_statistic(views, "test", groups, known, union) > 0
             for method, rej in rejected.items():
                 records.append(
                     {
@@ -520,29 +521,54 @@ def _likelihood_open_set(
     return records
 
 
+def _own_texts(views: dict[str, LikelihoodView], y_cal: np.ndarray) -> tuple[LikelihoodView, np.ndarray, np.ndarray]:
+    """The texts that calibrate the background and union tests: each model's own calibration texts
+    and, where scored, its own training-split texts (``own_train``: 4 times as many; 150 calibration
+    texts alone left each threshold's sampling error visible in the false rejections at 16 texts), as
+    one view (read in each text's own column), their reference-LM scores and their labels."""
+    cal, background, y = views["cal"], views["bg_cal"].loglik[:, 0], y_cal
+    if "own_train" not in views or "bg_train" not in views:
+        return cal, background, y
+    train = views["own_train"]
+    own = LikelihoodView(
+        np.concatenate([cal.sample_ids, train.sample_ids]),
+        np.vstack([cal.loglik, train.loglik]),
+        {},
+        np.vstack([cal.entropy, train.entropy]),
+        np.vstack([cal.variance, train.variance]),
+        np.concatenate([cal.events, train.events]),
+    )
+    y = np.concatenate([y_cal, (~np.isnan(train.loglik)).argmax(axis=1)])  # its one scored column
+    return own, np.concatenate([background, views["bg_train"].loglik[:, 0]]), y
+
+
 def _background_thresholds(
     setup: Setup, views: dict[str, LikelihoodView], y_cal: np.ndarray, known: list[int], k: int
 ) -> dict[int, float]:
-    """Per known model, the background test's threshold from pools of k of its own calibration texts
-    and, where scored, its own training-split texts (``own_train``: 4 times as many; 150 calibration
-    texts alone left each threshold's sampling error visible in the false rejections at 16 texts)."""
+    """Per known model, the background test's threshold from pools of k of its own texts (:func:`_own_texts`)."""
     settings = setup.cfg.likelihood
-    loglik, events, background, y = views["cal"].loglik, views["cal"].events, views["bg_cal"].loglik[:, 0], y_cal
-    if "own_train" in views and "bg_train" in views:
-        train = views["own_train"]
-        loglik, events = np.vstack([loglik, train.loglik]), np.concatenate([events, train.events])
-        background = np.concatenate([background, views["bg_train"].loglik[:, 0]])
-        y = np.concatenate([y_cal, (~np.isnan(train.loglik)).argmax(axis=1)])  # its one scored column
+    own, background, y = _own_texts(views, y_cal)
     return ceiling.background_thresholds(
-        loglik,
+        own.loglik,
         background,
-        events,
+        own.events,
         y,
         known,
         k,
         settings.open_set_alpha,
         settings.open_set_resamples,
         setup.settings.split_seed,
+    )
+
+
+def _union_thresholds(
+    setup: Setup, views: dict[str, LikelihoodView], y_cal: np.ndarray, known: list[int], k: int
+) -> dict[int, ceiling.UnionLimit]:
+    """Per known model, the union test's limit from pools of k of its own texts (:func:`_own_texts`)."""
+    settings = setup.cfg.likelihood
+    own, background, y = _own_texts(views, y_cal)
+    return ceiling.union_thresholds(
+        own, background, y, known, k, settings.open_set_alpha, settings.open_set_resamples, setup.settings.split_seed
     )
 
 
@@ -554,23 +580,35 @@ def _background_statistic(
     return ceiling.background_statistic(view.loglik, background, view.events, pools, known, limits)
 
 
+def _union_statistic(
+    views: dict[str, LikelihoodView],
+    part: str,
+    pools: list[np.ndarray],
+    known: list[int],
+    limits: dict[int, ceiling.UnionLimit],
+) -> np.ndarray:
+    """Per pool of ``part`` (test or outsiders): the union test's statistic (above 0: ``unknown``)."""
+    return ceiling.union_statistic(views[part], views[f"bg_{part}"].loglik[:, 0], pools, known, limits)
+
+
 def _likelihood_statistics(
     views: dict[str, LikelihoodView],
     part: str,
     pools: list[np.ndarray],
     known: list[int],
     thresholds: dict[int, float],
-    background: dict[int, float] | None,
+    background: tuple[dict[int, float], dict[int, ceiling.UnionLimit]] | None,
 ) -> dict[str, np.ndarray]:
     """Per pool of ``part``, each likelihood test's statistic (above its limit: ``unknown``); the
-    background test where the reference LM scored the texts (``background``: its thresholds)."""
+    background and union tests where the reference LM scored the texts (``background``: their limits)."""
     view = views[part]
     out = {
         "margin": ceiling.margin_statistic(view.loglik, pools, known, thresholds),
         "analytic": ceiling.analytic_statistic(view, pools, known),
     }
     if background is not None:
-        out["background"] = _background_statistic(views, part, pools, known, background)
+        out["background"] = _background_statistic(views, part, pools, known, background[0])
+        out["union"] = _union_statistic(views, part, pools, known, background[1])
     return out
 
 
@@ -621,8 +659,13 @@ def _likelihood_outsiders(
             views["cal"].loglik, y_cal, known_models, k, alpha, settings.open_set_resamples, seed
         )
 
-        background = _background_thresholds(setup, views, y_cal, known_models, k) if "bg_test" in views else None
-        limits = {"margin": 0.0, "analytic": float(norm.ppf(1 - alpha / 2)), "background": 0.0}
+        background = None
+        if "bg_test" in views:
+            background = (
+                _background_thresholds(setup, views, y_cal, known_models, k),
+                _union_thresholds(setup, views, y_cal, known_models, k),
+            )
+        limits = {"margin": 0.0, "analytic": float(norm.ppf(1 - alpha / 2)), "background": 0.0, "union": 0.0}
         known = _likelihood_statistics(views, "test", groups, known_models, thresholds, background)
         for source in OUTSIDERS:
             pools = _outsider_groups(sources, source, k, seed)

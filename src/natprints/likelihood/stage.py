@@ -6,8 +6,9 @@ scoring model (loaded once), ``[run] workers`` at a time, largest first. Each sc
 ``data/likelihood/<run>/<model-id>.parquet``, cached by the model's weights hash and a hash of each
 row (sample id, prompt and continuation tokens, sampling transform): a rerun scores only what is
 missing, and a retrained model is scored anew. Each position's entropy and variance of log p are
-scored only for the rows the analytic open-set test reads (test-split texts of a condition with an
-open-set test); elsewhere they are NaN, and a row that comes to need them is scored again.
+scored only for the rows the open-set tests read (in a condition with an open-set test: the test-split
+texts, and each model's own calibration- and training-split texts under it, which calibrate the union
+test); elsewhere they are NaN, and a row that comes to need them is scored again.
 
 Each test text whose canonical tokenization (the text re-tokenized) differs from the ids it was
 sampled as is also scored as those canonical ids, under the sample id ``<id>~canonical`` and without
@@ -39,7 +40,7 @@ from natprints.runtime import Job, StageResult, load_lm, run_jobs, setup_torch
 SCORED_SPLITS = ("test", "cal")
 CANONICAL = "~canonical"  # a sample id with this suffix: the text's canonical tokenization
 STRING = "~string"  # ... the text as a string, summed over its most probable segmentations
-LIKELIHOOD_VERSION = 2  # 2: moments only where the open-set test reads them
+LIKELIHOOD_VERSION = 2  # 2: moments only where the open-set tests read them
 COLUMNS = [
     "row_key",
     "sample_id",
@@ -67,9 +68,10 @@ def scoring_rows(
     own_train: bool = False,
 ) -> dict[str, pd.DataFrame]:
     """Scoring model -> the rows it scores (each text of a scored split, once per model); a row's
-    ``moments`` is True where the analytic open-set test reads them: the test texts of a condition
-    that gets the test. ``canonical``: also each test text's canonical tokenization where it differs
-    from the sampled ids (:func:`canonical_rows`). ``outsiders``: also, for a condition with the
+    ``moments`` is True where the open-set tests read them: the test texts of a condition that gets
+    the test, and the scorer's own calibration (and, with ``own_train``, training) texts there.
+    ``canonical``: also each test text's canonical tokenization where it differs from the sampled ids
+    (:func:`canonical_rows`). ``outsiders``: also, for a condition with the
     open-set test, the human and junk texts of its test prompts (:func:`outsider_rows`).
     ``own_train``: also, for a condition with the open-set test, each model's own training-split texts
     (as many per prompt as a test prompt has) under that model: the likelihood ceiling learns nothing
@@ -95,11 +97,15 @@ def scoring_rows(
             rows = wanted.setdefault(scorer, {})
             for row in frame.itertuples(index=False):
                 rows.setdefault(str(row.sample_id), row)
+            needs.setdefault(scorer, set()).update(with_moments)
+            if open_set_applies(data):  # a model's own calibration texts under it calibrate the union test
+                mine = data.frame["model_id"].astype(str) == scorer
+                needs[scorer].update(data.frame.loc[mine & (where == "cal"), "sample_id"].astype(str))
             if own_train and open_set_applies(data):
                 own = data.frame[calibrating & (data.frame["model_id"].astype(str) == scorer)]
                 for row in own.itertuples(index=False):
                     rows.setdefault(str(row.sample_id), row)
-            needs.setdefault(scorer, set()).update(with_moments)
+                needs[scorer].update(own["sample_id"].astype(str))
             tests.setdefault(scorer, set()).update(test_ids)
             strange.setdefault(scorer, set()).update(test_prompts)
     out = {}
