@@ -616,3 +616,36 @@ def test_the_background_test_rejects_texts_no_more_likely_under_the_models_than_
         np.stack([stranger, stranger], axis=1), background, events, pools, [0, 1], limits
     )
     assert (outsiders > 0).all()
+
+
+def test_the_union_test_catches_what_either_side_catches_at_one_false_rejection_rate():
+    """Own texts: 0.5 nats a token above the background model, centred under their model (z ~ N(0, 1)).
+    Human-like texts (ratio 0, z typical) pass the analytic side and are caught by the background side;
+    junk (far less likely under the model than its own texts, and still less likely under the
+    background) passes the background side and is caught by the analytic side. The union calls both
+    `unknown` and rejects the known pools at about alpha, not at the sum of the two tests' rates."""
+    from natprints.attribution import ceiling
+
+    rng = np.random.default_rng(0)
+    n, events = 400, np.full(400, 20)
+    y = np.repeat([0, 1], n // 2)
+    background = -100.0 + rng.normal(0, 1, n)
+    loglik = np.stack([background - 5.0, background - 5.0], axis=1)
+    loglik[np.arange(n), y] = background + 10.0 + rng.normal(0, 2, n)
+    variance = np.full((n, 2), 16.0)
+    entropy = -loglik + rng.normal(0, 4, (n, 2))  # z = N(0, 4) / sqrt(16): standard normal
+    view = ceiling.LikelihoodView(np.arange(n).astype(str), loglik, {}, entropy, variance, events)
+    limits = ceiling.union_thresholds(view, background, y, [0, 1], 4, 0.05, 4000, seed=1)
+    assert all(0.01 < limits[m].threshold < 0.05 for m in (0, 1))  # below alpha: two chances to reject
+    pools = ceiling.pool_groups(y, 4, seed=2)
+    assert (ceiling.union_statistic(view, background, pools, [0, 1], limits) > 0).mean() <= 0.1
+
+    def strangers(lik: np.ndarray, bg: np.ndarray) -> np.ndarray:
+        texts = ceiling.LikelihoodView(view.sample_ids, lik, {}, entropy, variance, events)
+        return ceiling.union_statistic(texts, bg, pools, [0, 1], limits)
+
+    human = background - 0.1 * rng.random(n)
+    assert (strangers(np.stack([human, human], axis=1), background) > 0).all()
+    junk = loglik - 60.0  # z about -15 under every model; the background finds it 90 nats less likely still
+    assert (ceiling.background_statistic(junk, background - 150.0, events, pools, [0, 1], {0: 0.4, 1: 0.4}) < 0).all()
+    assert (strangers(junk, background - 150.0) > 0).all()
