@@ -173,6 +173,20 @@ def _margin(sums: np.ndarray, model: int) -> np.ndarray:
     return sums[:, model] - others.max(axis=1)
 
 
+def _own_draws(y: np.ndarray, model: int, k: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(resamples, k) row indices: bootstrap pools of k of ``model``'s own texts."""
+    rows = np.flatnonzero(y == model)
+    if len(rows) == 0:
+        raise NatprintsError(f"open set: no calibration texts of label {model}")
+    return rows[rng.integers(0, len(rows), size=(resamples, k))]
+
+
+def _pool_ratios(loglik: np.ndarray, background: np.ndarray, events: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Per pool of ``draws``: the summed log-likelihood (one model's column) minus the background
+    model's, per event."""
+    return (loglik[draws].sum(axis=1) - background[draws].sum(axis=1)) / np.maximum(events[draws].sum(axis=1), 1)
+
+
 def margin_thresholds(
     loglik: np.ndarray, y: np.ndarray, known: Sequence[int], k: int, alpha: float, resamples: int, seed: int
 ) -> dict[int, float]:
@@ -181,10 +195,7 @@ def margin_thresholds(
     columns = loglik[:, known]
     out = {}
     for position, model in enumerate(known):
-        rows = np.flatnonzero(y == model)
-        if len(rows) == 0:
-            raise NatprintsError(f"open set: no calibration texts of label {model}")
-        draws = rows[rng.integers(0, len(rows), size=(resamples, k))]
+        draws = _own_draws(y, model, k, resamples, rng)
         sums = columns[draws].sum(axis=1)
         out[model] = float(np.quantile(_margin(sums, position), alpha))
     return out
@@ -231,13 +242,8 @@ def background_thresholds(
     rng = np.random.default_rng(seed)
     out = {}
     for model in known:
-        rows = np.flatnonzero(y == model)
-        if len(rows) == 0:
-            raise NatprintsError(f"open set: no calibration texts of label {model}")
-        draws = rows[rng.integers(0, len(rows), size=(resamples, k))]
-        ratios = loglik[draws, model].sum(axis=1) - background[draws].sum(axis=1)
-        ratios = ratios / np.maximum(events[draws].sum(axis=1), 1)
-        out[model] = float(np.quantile(ratios, alpha))
+        draws = _own_draws(y, model, k, resamples, rng)
+        out[model] = float(np.quantile(_pool_ratios(loglik[:, model], background, events, draws), alpha))
     return out
 
 
@@ -303,20 +309,17 @@ def union_thresholds(
     p (two-sided normal), and the alpha-quantile of the smaller one. A pool is ``unknown`` when its
     smaller p lies below that quantile, so M's own pools are rejected at rate alpha whichever test
     would have caught them."""
+    own = np.flatnonzero(np.isin(y, list(known)))
+    if np.isnan(view.entropy[own, y[own]]).any():
+        raise NatprintsError(
+            "the union open-set test needs the moments of each model's own calibration texts; "
+            "rerun `natprints likelihood`"
+        )
     rng = np.random.default_rng(seed)
     out = {}
     for model in known:
-        rows = np.flatnonzero(y == model)
-        if len(rows) == 0:
-            raise NatprintsError(f"open set: no calibration texts of label {model}")
-        if np.isnan(view.entropy[rows, model]).any():
-            raise NatprintsError(
-                "the union open-set test needs the moments of each model's own calibration texts; "
-                "rerun `natprints likelihood`"
-            )
-        draws = rows[rng.integers(0, len(rows), size=(resamples, k))]
-        ratios = view.loglik[draws, model].sum(axis=1) - background[draws].sum(axis=1)
-        ratios = ratios / np.maximum(view.events[draws].sum(axis=1), 1)
+        draws = _own_draws(y, model, k, resamples, rng)
+        ratios = _pool_ratios(view.loglik[:, model], background, view.events, draws)
         centred = (view.loglik[draws, model] + view.entropy[draws, model]).sum(axis=1)
         z = _pooled_z(centred, view.variance[draws, model].sum(axis=1))
         ordered = np.sort(ratios)
