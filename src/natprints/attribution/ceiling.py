@@ -346,7 +346,7 @@ def union_statistic(
     out = []
     for g in groups:
         best = known[int(np.argmax(view.loglik[g][:, known].sum(axis=0)))]
-        ratio = (view.loglik[g, best].sum() - background[g].sum()) / max(int(view.events[g].sum()), 1)
+        ratio = float(_ratio(view.loglik[:, [best]], background, view.events, g)[0])
         centred = (view.loglik[g, best] + view.entropy[g, best]).sum()
         z = _pooled_z(np.array([centred]), np.array([view.variance[g, best].sum()]))
         limit = limits[best]
