@@ -618,12 +618,15 @@ def test_the_background_test_rejects_texts_no_more_likely_under_the_models_than_
     assert (outsiders > 0).all()
 
 
-def test_the_union_test_catches_what_either_side_catches_at_one_false_rejection_rate():
+def test_the_joint_test_catches_what_each_side_alone_misses_at_one_false_rejection_rate():
     """Own texts: 0.5 nats a token above the background model, centred under their model (z ~ N(0, 1)).
-    Human-like texts (ratio 0, z typical) pass the analytic side and are caught by the background side;
-    junk (far less likely under the model than its own texts, and still less likely under the
-    background) passes the background side and is caught by the analytic side. The union calls both
-    `unknown` and rejects the known pools at about alpha, not at the sum of the two tests' rates."""
+    Human-like texts (ratio 0, far less likely under the model than its own texts) are caught by the
+    background side, junk (and less likely still under the background) by the analytic side. Borderline
+    pools, 1.5 of the own pools' standard deviations low in the ratio and z = +1.8, pass the background
+    test and the two-sided analytic test each at alpha, and the min-p union of the two; Fisher's sum
+    catches them. The known pools are rejected at about alpha, not at the sum of the two tests' rates."""
+    from scipy.stats import norm
+
     from natprints.attribution import ceiling
 
     rng = np.random.default_rng(0)
@@ -635,17 +638,25 @@ def test_the_union_test_catches_what_either_side_catches_at_one_false_rejection_
     variance = np.full((n, 2), 16.0)
     entropy = -loglik + rng.normal(0, 4, (n, 2))  # z = N(0, 4) / sqrt(16): standard normal
     view = ceiling.LikelihoodView(np.arange(n).astype(str), loglik, {}, entropy, variance, events)
-    limits = ceiling.union_thresholds(view, background, y, [0, 1], 4, 0.05, 4000, seed=1)
-    assert all(0.01 < limits[m].threshold < 0.05 for m in (0, 1))  # below alpha: two chances to reject
+    limits = ceiling.joint_thresholds(view, background, y, [0, 1], 4, 0.05, 4000, seed=1)
+    # independent uniform p-values: -log p1 - log p2 is Gamma(2, 1), whose 0.95-quantile is 4.74
+    assert all(4.3 < limits[m].threshold < 5.2 for m in (0, 1))
     pools = ceiling.pool_groups(y, 4, seed=2)
-    assert (ceiling.union_statistic(view, background, pools, [0, 1], limits) > 0).mean() <= 0.1
+    assert (ceiling.joint_statistic(view, background, pools, [0, 1], limits) > 0).mean() <= 0.1
 
-    def strangers(lik: np.ndarray, bg: np.ndarray) -> np.ndarray:
-        texts = ceiling.LikelihoodView(view.sample_ids, lik, {}, entropy, variance, events)
-        return ceiling.union_statistic(texts, bg, pools, [0, 1], limits)
+    def strangers(lik: np.ndarray, bg: np.ndarray, ent: np.ndarray = entropy) -> np.ndarray:
+        texts = ceiling.LikelihoodView(view.sample_ids, lik, {}, ent, variance, events)
+        return ceiling.joint_statistic(texts, bg, pools, [0, 1], limits)
 
     human = background - 0.1 * rng.random(n)
     assert (strangers(np.stack([human, human], axis=1), background) > 0).all()
     junk = loglik - 60.0  # z about -15 under every model; the background finds it 90 nats less likely still
     assert (ceiling.background_statistic(junk, background - 150.0, events, pools, [0, 1], {0: 0.4, 1: 0.4}) < 0).all()
     assert (strangers(junk, background - 150.0) > 0).all()
+    # borderline: every text 0.425 nats a token above the background (own pools of 4: 0.5 +- 0.05), z = 1.8
+    edge = np.stack([background + 8.5, background + 8.5], axis=1)
+    edge_entropy = -edge + 3.6  # pooled z = 4 * 3.6 / sqrt(4 * 16) = 1.8
+    backgrounds = ceiling.background_thresholds(loglik, background, events, y, [0, 1], 4, 0.05, 4000, seed=1)
+    assert (ceiling.background_statistic(edge, background, events, pools, [0, 1], backgrounds) < 0).all()
+    assert all(limits[m].p_background(np.array([0.425]))[0] > 0.05 for m in (0, 1)) and 2 * norm.sf(1.8) > 0.05
+    assert (strangers(edge, background, edge_entropy) > 0).all()

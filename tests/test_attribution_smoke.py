@@ -125,7 +125,7 @@ def test_outsiders_are_scored_and_tested_against_the_known_models(smoke_cfg):
     applies = {name for name, data in conditions.items() if open_set_applies(data)}
     assert {r["condition"] for r in rows} == applies
     assert {(r["method"], r["source"]) for r in rows if r["k"] == 1} == {
-        (m, s) for m in ("analytic", "margin", "background", "union", "attributor") for s in ("human", "junk")
+        (m, s) for m in ("analytic", "margin", "background", "joint", "attributor") for s in ("human", "junk")
     }
     split = run_split(smoke_cfg, conditions)
     seed = conditions["seed"]
@@ -134,7 +134,7 @@ def test_outsiders_are_scored_and_tested_against_the_known_models(smoke_cfg):
     for r in rows:
         assert r["n_outsider"] == len(prompts) // r["k"] and 0 <= r["outsider_rejected_n"] <= r["n_outsider"]
         assert r["n_known"] > 0 and 0 <= r["known_rejected_n"] <= r["n_known"]
-        if r["method"] in ("analytic", "union") and r["source"] == "junk":
+        if r["method"] in ("analytic", "joint") and r["source"] == "junk":
             assert r["outsider_rejected_n"] == r["n_outsider"] and r["auroc"] == 1.0
     # the analytic test on single human texts, recomputed from the scores: two-sided |z| beyond the level
     scores = load_scores(smoke_cfg)
@@ -203,7 +203,7 @@ def test_outsiders_are_scored_and_tested_against_the_known_models(smoke_cfg):
 
 def test_moments_are_scored_only_for_the_open_set_texts(smoke_cfg, tmp_path):
     """Entropy and variance exist exactly for the test texts of conditions with an open-set test and,
-    under each model, its own calibration and first-sample training texts there (the union test's
+    under each model, its own calibration and first-sample training texts there (the joint test's
     calibration); a row that comes to need them is scored again, and a cached complete row is not."""
     import shutil
 
@@ -305,16 +305,15 @@ def test_each_model_scores_its_own_training_texts_for_the_background_thresholds(
     assert both == expected
 
 
-def test_union_test_rejects_own_pools_at_alpha_and_catches_what_either_side_catches(smoke_cfg):
-    """The union test, recomputed from the views: its thresholds keep each model's own single texts'
-    rejections at alpha (the alpha-quantile of the smaller p), it calls `unknown` every human text
-    whose background or analytic p on the best model is far below that, catches all junk, and its
-    counts are those the report's rows hold."""
+def test_joint_test_rejects_own_pools_at_alpha_and_catches_all_junk(smoke_cfg):
+    """The joint test, recomputed from the views: its thresholds keep each model's own single texts'
+    rejections at alpha (the (1 - alpha)-quantile of -log p_background - log p_analytic), it catches
+    all junk, and its counts are those the report's rows hold."""
     from scipy.stats import norm
 
     from natprints.attribution import ceiling
     from natprints.attribution.grid import Setup
-    from natprints.attribution.whitebox import _own_texts, _union_thresholds, background_views, likelihood_views
+    from natprints.attribution.whitebox import _joint_thresholds, _own_texts, background_views, likelihood_views
     from natprints.conditions import load_conditions, run_split, split_parts
     from natprints.errors import NatprintsError
     from natprints.likelihood.stage import load_scores
@@ -330,7 +329,7 @@ def test_union_test_rejects_own_pools_at_alpha_and_catches_what_either_side_catc
     y_cal = split_parts(data, split)["cal"]["label"].to_numpy()
     known = list(range(len(data.labels)))
     alpha = smoke_cfg.likelihood.open_set_alpha
-    limits = _union_thresholds(setup, views, y_cal, known, 1)
+    limits = _joint_thresholds(setup, views, y_cal, known, 1)
     own, background, y = _own_texts(views, y_cal)
     assert len(own.sample_ids) > len(y_cal)  # the training-split texts are in, with their moments
     rows = np.arange(len(y))
@@ -338,29 +337,30 @@ def test_union_test_rejects_own_pools_at_alpha_and_catches_what_either_side_catc
     for j in known:
         mine = np.flatnonzero(y == j)
         limit = limits[j]
-        assert 0 < limit.threshold < 4 * alpha and len(limit.ratios) == smoke_cfg.likelihood.open_set_resamples
-        # each own text, as a pool of one: the smaller p below the threshold at most about alpha of the time
+        # Gamma(2, 1)'s 0.95-quantile is 4.74 for independent uniform p-values
+        assert 3.5 < limit.threshold < 6.5 and len(limit.ratios) == smoke_cfg.likelihood.open_set_resamples
+        # each own text, as a pool of one: Fisher's sum above the threshold at most about alpha of the time
         ratio = (own.loglik[mine, j] - background[mine]) / own.events[mine]
         z = (own.loglik[mine, j] + own.entropy[mine, j]) / np.sqrt(own.variance[mine, j])
-        smaller = np.minimum([limit.p_background(r) for r in ratio], 2 * norm.sf(np.abs(z)))
-        assert (smaller < limit.threshold).mean() <= 2 * alpha + 1 / len(mine)
+        fisher = -np.log(limit.p_background(ratio)) - np.log(2 * norm.sf(np.abs(z)))
+        assert (fisher > limit.threshold).mean() <= 2 * alpha + 1 / len(mine)
     outsiders = views["outsiders"]
     sources = np.array([sid.split(":", 1)[0] for sid in outsiders.sample_ids])
     singles = [np.array([i]) for i in range(len(sources))]
-    statistic = ceiling.union_statistic(outsiders, views["bg_outsiders"].loglik[:, 0], singles, known, limits)
+    statistic = ceiling.joint_statistic(outsiders, views["bg_outsiders"].loglik[:, 0], singles, known, limits)
     assert (statistic[sources == "junk"] > 0).all()
     records = [json.loads(line) for line in (smoke_cfg.paths.reports / "results.jsonl").read_text().splitlines()]
     row = next(
         r
         for r in records
         if r["kind"] == "open_set_outsiders"
-        and (r["condition"], r["method"], r["source"], r["k"]) == ("seed", "union", "human", 1)
+        and (r["condition"], r["method"], r["source"], r["k"]) == ("seed", "joint", "human", 1)
     )
     assert row["outsider_rejected_n"] == int((statistic[sources == "human"] > 0).sum()) > 0
-    with pytest.raises(NatprintsError, match="union open-set test needs the moments"):
+    with pytest.raises(NatprintsError, match="joint open-set test needs the moments"):
         blank = np.full_like(own.entropy, np.nan)
         bare = ceiling.LikelihoodView(own.sample_ids, own.loglik, {}, blank, blank, own.events)
-        ceiling.union_thresholds(bare, background, y, known, 1, alpha, 10, 0)
+        ceiling.joint_thresholds(bare, background, y, known, 1, alpha, 10, 0)
 
 
 def test_kl_table_is_zero_on_the_diagonal_and_not_negative(smoke_cfg):

@@ -280,20 +280,26 @@ def _two_sided_p(z: np.ndarray) -> np.ndarray:
     return 2.0 * norm.sf(np.abs(z))
 
 
+def _fisher(p_background: np.ndarray, p_analytic: np.ndarray) -> np.ndarray:
+    """Fisher's combination of the two p-values: minus the sum of their logs (larger: less like M's own)."""
+    tiny = np.finfo(float).tiny
+    return -np.log(np.maximum(p_background, tiny)) - np.log(np.maximum(p_analytic, tiny))
+
+
 @dataclass(frozen=True)
-class UnionLimit:
-    """One known model's union test: its own pools' background ratios (sorted) and the threshold on
-    the smaller of the two p-values."""
+class JointLimit:
+    """One known model's joint test: its own pools' background ratios (sorted) and the threshold on
+    Fisher's combination of the two p-values."""
 
     ratios: np.ndarray
     threshold: float
 
-    def p_background(self, ratio: float) -> float:
+    def p_background(self, ratio: np.ndarray) -> np.ndarray:
         """The share of the model's own pools whose ratio is at most ``ratio`` (one added each side)."""
-        return float((np.searchsorted(self.ratios, ratio, side="right") + 1) / (len(self.ratios) + 1))
+        return (np.searchsorted(self.ratios, ratio, side="right") + 1) / (len(self.ratios) + 1)
 
 
-def union_thresholds(
+def joint_thresholds(
     view: LikelihoodView,
     background: np.ndarray,
     y: np.ndarray,
@@ -302,17 +308,19 @@ def union_thresholds(
     alpha: float,
     resamples: int,
     seed: int,
-) -> dict[int, UnionLimit]:
-    """Per known model M, the union of the background and the two-sided analytic test on M alone,
-    calibrated jointly: on bootstrap pools of k of M's own texts (M's own column of ``view``, moments
-    included), each pool's background p (the share of the pools whose ratio is no larger) and analytic
-    p (two-sided normal), and the alpha-quantile of the smaller one. A pool is ``unknown`` when its
-    smaller p lies below that quantile, so M's own pools are rejected at rate alpha whichever test
-    would have caught them."""
+) -> dict[int, JointLimit]:
+    """Per known model M, the background and the two-sided analytic test on M alone, joined by
+    Fisher's method and calibrated on M's own texts: on bootstrap pools of k of them (M's own column
+    of ``view``, moments included), each pool's background p (the share of the pools whose ratio is
+    no larger) and analytic p (two-sided normal), combined as -log p_background - log p_analytic, and
+    the (1 - alpha)-quantile of that sum. The two statistics are nearly uncorrelated on a model's own
+    pools, so the sum gathers evidence that each alone leaves below its own level; calibrating the sum
+    on the same pools, rather than trusting chi-square with 4 degrees of freedom, keeps M's own pools
+    rejected at rate alpha although the background p is discrete and the analytic one approximate."""
     own = np.flatnonzero(np.isin(y, list(known)))
     if np.isnan(view.entropy[own, y[own]]).any():
         raise NatprintsError(
-            "the union open-set test needs the moments of each model's own calibration texts; "
+            "the joint open-set test needs the moments of each model's own calibration texts; "
             "rerun `natprints likelihood`"
         )
     rng = np.random.default_rng(seed)
@@ -322,36 +330,35 @@ def union_thresholds(
         ratios = _pool_ratios(view.loglik[:, model], background, view.events, draws)
         centred = (view.loglik[draws, model] + view.entropy[draws, model]).sum(axis=1)
         z = _pooled_z(centred, view.variance[draws, model].sum(axis=1))
-        ordered = np.sort(ratios)
-        p_background = (np.searchsorted(ordered, ratios, side="right") + 1) / (len(ordered) + 1)
-        smaller = np.minimum(p_background, _two_sided_p(z))
-        out[model] = UnionLimit(ordered, float(np.quantile(smaller, alpha)))
+        limit = JointLimit(np.sort(ratios), 0.0)
+        combined = _fisher(limit.p_background(ratios), _two_sided_p(z))
+        out[model] = JointLimit(limit.ratios, float(np.quantile(combined, 1 - alpha)))
     return out
 
 
-def union_statistic(
+def joint_statistic(
     view: LikelihoodView,
     background: np.ndarray,
     groups: Sequence[np.ndarray],
     known: Sequence[int],
-    limits: dict[int, UnionLimit],
+    limits: dict[int, JointLimit],
 ) -> np.ndarray:
-    """Per pool: log of the best known model's threshold minus log of the smaller of its background
-    and analytic p-values (above 0: the pool is ``unknown``). Junk is caught by the analytic side (no
-    model's own texts are that unlikely), human text by the background side (about as likely under a
-    model of the public corpus as under the known ones)."""
+    """Per pool: Fisher's combination of the best known model's background and analytic p-values
+    minus its threshold (above 0: the pool is ``unknown``). Junk is caught by the analytic side (no
+    model's own texts are that unlikely); human text by both: it is about as likely under a model of
+    the public corpus as under the known ones, and likelier under the best known model than that
+    model's own samples are."""
     if not groups:
         return np.zeros(0)
     known = list(known)
     out = []
     for g in groups:
         best = known[int(np.argmax(view.loglik[g][:, known].sum(axis=0)))]
-        ratio = float(_ratio(view.loglik[:, [best]], background, view.events, g)[0])
+        ratio = _ratio(view.loglik[:, [best]], background, view.events, g)
         centred = (view.loglik[g, best] + view.entropy[g, best]).sum()
         z = _pooled_z(np.array([centred]), np.array([view.variance[g, best].sum()]))
         limit = limits[best]
-        smaller = min(limit.p_background(ratio), float(_two_sided_p(z)[0]))
-        out.append(np.log(limit.threshold) - np.log(max(smaller, np.finfo(float).tiny)))
+        out.append(float(_fisher(limit.p_background(ratio), _two_sided_p(z))[0]) - limit.threshold)
     return np.array(out)
 
 

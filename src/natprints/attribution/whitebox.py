@@ -501,8 +501,8 @@ def _likelihood_open_set(
             if "bg_test" in views:
                 limits = _background_thresholds(setup, views, y_cal, known, k)
                 rejected["background"] = _background_statistic(views, "test", groups, known, limits) > 0
-                union = _union_thresholds(setup, views, y_cal, known, k)
-                rejected["union"] = _union_statistic(views, "test", groups, known, union) > 0
+                joint = _joint_thresholds(setup, views, y_cal, known, k)
+                rejected["joint"] = _joint_statistic(views, "test", groups, known, joint) > 0
             for method, rej in rejected.items():
                 records.append(
                     {
@@ -522,7 +522,7 @@ def _likelihood_open_set(
 
 
 def _own_texts(views: dict[str, LikelihoodView], y_cal: np.ndarray) -> tuple[LikelihoodView, np.ndarray, np.ndarray]:
-    """The texts that calibrate the background and union tests: each model's own calibration texts
+    """The texts that calibrate the background and joint tests: each model's own calibration texts
     and, where scored, its own training-split texts (``own_train``: 4 times as many; 150 calibration
     texts alone left each threshold's sampling error visible in the false rejections at 16 texts), as
     one view (read in each text's own column), their reference-LM scores and their labels."""
@@ -561,13 +561,13 @@ def _background_thresholds(
     )
 
 
-def _union_thresholds(
+def _joint_thresholds(
     setup: Setup, views: dict[str, LikelihoodView], y_cal: np.ndarray, known: list[int], k: int
-) -> dict[int, ceiling.UnionLimit]:
-    """Per known model, the union test's limit from pools of k of its own texts (:func:`_own_texts`)."""
+) -> dict[int, ceiling.JointLimit]:
+    """Per known model, the joint test's limit from pools of k of its own texts (:func:`_own_texts`)."""
     settings = setup.cfg.likelihood
     own, background, y = _own_texts(views, y_cal)
-    return ceiling.union_thresholds(
+    return ceiling.joint_thresholds(
         own, background, y, known, k, settings.open_set_alpha, settings.open_set_resamples, setup.settings.split_seed
     )
 
@@ -580,15 +580,15 @@ def _background_statistic(
     return ceiling.background_statistic(view.loglik, background, view.events, pools, known, limits)
 
 
-def _union_statistic(
+def _joint_statistic(
     views: dict[str, LikelihoodView],
     part: str,
     pools: list[np.ndarray],
     known: list[int],
-    limits: dict[int, ceiling.UnionLimit],
+    limits: dict[int, ceiling.JointLimit],
 ) -> np.ndarray:
-    """Per pool of ``part`` (test or outsiders): the union test's statistic (above 0: ``unknown``)."""
-    return ceiling.union_statistic(views[part], views[f"bg_{part}"].loglik[:, 0], pools, known, limits)
+    """Per pool of ``part`` (test or outsiders): the joint test's statistic (above 0: ``unknown``)."""
+    return ceiling.joint_statistic(views[part], views[f"bg_{part}"].loglik[:, 0], pools, known, limits)
 
 
 def _likelihood_statistics(
@@ -597,10 +597,10 @@ def _likelihood_statistics(
     pools: list[np.ndarray],
     known: list[int],
     thresholds: dict[int, float],
-    background: tuple[dict[int, float], dict[int, ceiling.UnionLimit]] | None,
+    background: tuple[dict[int, float], dict[int, ceiling.JointLimit]] | None,
 ) -> dict[str, np.ndarray]:
     """Per pool of ``part``, each likelihood test's statistic (above its limit: ``unknown``); the
-    background and union tests where the reference LM scored the texts (``background``: their limits)."""
+    background and joint tests where the reference LM scored the texts (``background``: their limits)."""
     view = views[part]
     out = {
         "margin": ceiling.margin_statistic(view.loglik, pools, known, thresholds),
@@ -608,7 +608,7 @@ def _likelihood_statistics(
     }
     if background is not None:
         out["background"] = _background_statistic(views, part, pools, known, background[0])
-        out["union"] = _union_statistic(views, part, pools, known, background[1])
+        out["joint"] = _joint_statistic(views, part, pools, known, background[1])
     return out
 
 
@@ -663,9 +663,9 @@ def _likelihood_outsiders(
         if "bg_test" in views:
             background = (
                 _background_thresholds(setup, views, y_cal, known_models, k),
-                _union_thresholds(setup, views, y_cal, known_models, k),
+                _joint_thresholds(setup, views, y_cal, known_models, k),
             )
-        limits = {"margin": 0.0, "analytic": float(norm.ppf(1 - alpha / 2)), "background": 0.0, "union": 0.0}
+        limits = {"margin": 0.0, "analytic": float(norm.ppf(1 - alpha / 2)), "background": 0.0, "joint": 0.0}
         known = _likelihood_statistics(views, "test", groups, known_models, thresholds, background)
         for source in OUTSIDERS:
             pools = _outsider_groups(sources, source, k, seed)

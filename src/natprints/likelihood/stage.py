@@ -7,7 +7,7 @@ scoring model (loaded once), ``[run] workers`` at a time, largest first. Each sc
 row (sample id, prompt and continuation tokens, sampling transform): a rerun scores only what is
 missing, and a retrained model is scored anew. Each position's entropy and variance of log p are
 scored only for the rows the open-set tests read (in a condition with an open-set test: the test-split
-texts, and each model's own calibration- and training-split texts under it, which calibrate the union
+texts, and each model's own calibration- and training-split texts under it, which calibrate the joint
 test); elsewhere they are NaN, and a row that comes to need them is scored again.
 
 Each test text whose canonical tokenization (the text re-tokenized) differs from the ids it was
@@ -98,7 +98,7 @@ def scoring_rows(
             for row in frame.itertuples(index=False):
                 rows.setdefault(str(row.sample_id), row)
             needs.setdefault(scorer, set()).update(with_moments)
-            if open_set_applies(data):  # a model's own calibration texts under it calibrate the union test
+            if open_set_applies(data):  # a model's own calibration texts under it calibrate the joint test
                 mine = data.frame["model_id"].astype(str) == scorer
                 needs[scorer].update(data.frame.loc[mine & (where == "cal"), "sample_id"].astype(str))
             if own_train and open_set_applies(data):

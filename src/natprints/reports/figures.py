@@ -128,7 +128,7 @@ def plot_reliability(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], path:
 
 
 OUTSIDER_STYLES = {"human": "-", "junk": ":"}  # line style per outsider source; colour per test
-TEST_COLOURS = {"analytic": "C3", "margin": "C1", "background": "C2", "union": "C4", "attributor": "C0"}
+TEST_COLOURS = {"analytic": "C3", "margin": "C1", "background": "C2", "joint": "C4", "attributor": "C0"}
 
 
 def plot_roc(panels: Sequence[tuple[str, Sequence[tuple[str, list[float], list[float]]]]], path: Path) -> None:

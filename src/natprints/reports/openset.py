@@ -107,11 +107,13 @@ BACKGROUND_TEST = (
     "same ratio on bootstrap pools of that model's own texts of the calibration split and, where the likelihood "
     "stage scored them, of the training split (the ceiling learns nothing from them; 5 times the texts of the "
     "calibration split alone, whose sampling error showed as false rejections of large pools). "
-    "*union*: the background test and the two-sided analytic test on that best model alone, calibrated "
-    "jointly: each gives a p-value (the background one from the ratios of the same bootstrap pools of the "
-    "model's own texts), and the pool is called `unknown` when the smaller of the two lies below the "
-    "alpha-quantile of the smaller one over those own pools: junk, which the background test passes, "
-    "and human text, which the analytic test passes, are both caught at one false-rejection rate. "
+    "*joint*: the background test and the two-sided analytic test on that best model alone, joined by "
+    "Fisher's method: each gives a p-value (the background one from the ratios of the same bootstrap pools of "
+    "the model's own texts), and the pool is called `unknown` when minus the sum of their logs exceeds the "
+    "(1 − alpha)-quantile of that sum over those own pools: junk, which the background test passes, is "
+    "caught by the analytic side, and human text, which is both about as likely under the reference LM and "
+    "likelier under the best model than that model's own texts are, by the two together at one "
+    "false-rejection rate. "
 )
 OUTSIDER_TARGET = (4, 0.9)  # pools of 4 human continuations: at least this share called `unknown`
 
@@ -136,7 +138,7 @@ def outsiders_section(cfg: Config, records: Sequence[dict[str, Any]], figures: P
     ]
     k_target, share = OUTSIDER_TARGET
     lines = []
-    for method in ("analytic", "margin", "background", "union", "attributor"):
+    for method in ("analytic", "margin", "background", "joint", "attributor"):
         at = table[(table["method"] == method) & (table["source"] == "human") & (table["k"] == k_target)]
         if at.empty:
             continue
