@@ -660,3 +660,35 @@ def test_the_joint_test_catches_what_each_side_alone_misses_at_one_false_rejecti
     assert (ceiling.background_statistic(edge, background, events, pools, [0, 1], backgrounds) < 0).all()
     assert all(limits[m].p_background(np.array([0.425]))[0] > 0.05 for m in (0, 1)) and 2 * norm.sf(1.8) > 0.05
     assert (strangers(edge, background, edge_entropy) > 0).all()
+
+
+def test_the_joint_test_reads_the_background_models_scores_and_each_best_models_limit(zoo):
+    """With a background model (here d, outside the library) and limits, each verdict's statistic is
+    Fisher's sum for its best model: -log p_background(ratio) - log p_analytic(z) minus the threshold,
+    the ratio being the best model's log-likelihood minus d's, per token. Half the background p's mass
+    lies at ratio 0 (the own ratios [-1, 1]); a threshold of 50 is never reached, one of -50 always."""
+    from scipy.stats import norm
+
+    from natprints.attribution.ceiling import JointLimit
+    from natprints.likelihood.strings import load_candidates
+
+    texts = zoo.texts["b"][:4]
+    candidates = load_candidates(zoo.library(), zoo.tokenizer)
+    background = load_candidates({"d": zoo.dirs["d"]}, zoo.tokenizer)["d"]
+    under_d = attribute_by_likelihood(texts, {"d": zoo.dirs["d"]}, zoo.tokenizer)
+    for threshold, unknown in ((50.0, False), (-50.0, True)):
+        limits = {m: JointLimit(np.array([-1.0, 1.0]), threshold) for m in "abc"}
+        verdicts = attribute_by_likelihood(texts, candidates, background=background, joint=limits)
+        for p, d in zip(verdicts, under_d, strict=True):
+            ratio = (p.loglik[p.best_model] - d.loglik["d"]) / p.tokens
+            p_background = (np.searchsorted([-1.0, 1.0], ratio, side="right") + 1) / 3
+            expected = -np.log(p_background) - np.log(2 * norm.sf(abs(p.z[p.best_model]))) - threshold
+            assert p.open_set == "joint" and p.joint == pytest.approx(expected)
+            assert p.unknown is unknown and p.rejected == ([p.best_model] if unknown else [])
+            assert p.to_dict()["joint_threshold"] == threshold
+    pooled = attribute_by_likelihood(texts, candidates, background=background, joint=limits, pool=True)
+    assert pooled.open_set == "joint" and pooled.texts == 4 and pooled.unknown
+    with pytest.raises(NatprintsError, match="needs both a background model and each model's limit"):
+        attribute_by_likelihood(texts, candidates, background=background)
+    with pytest.raises(NatprintsError, match="has limits for"):
+        attribute_by_likelihood(texts, candidates, background=background, joint={"a": limits["a"]})

@@ -530,3 +530,72 @@ def test_reference_lms_are_fine_tuned_and_scored_on_every_repeated_split(smoke_c
     rows = table[table["role"] == "reference"]
     assert set(rows["condition"]) == set(conditions) and (rows["pipeline"] == "reflm+lm").all()
     assert (rows["splits"] == 5).all()
+
+
+def test_likelihood_cli_on_a_runs_zoo_gives_the_reports_joint_verdicts(smoke_home, smoke_cfg, tmp_path):
+    """`attribute --method likelihood` on the run's zoo decides `unknown` with the joint test against
+    the run's reference LM: the human continuations and junk of `seed`'s test prompts, given as JSONL
+    records with their prompt and sampled ids, are called `unknown` as often as the report's k = 1 rows
+    say (to one text: the stage also scores a paragraph's end), with the threshold the run's own texts
+    give; the pooled human texts are `unknown`, a pool of one model's own texts is that model; a bundle
+    of such verdicts verifies; `--models` keeps the analytic test."""
+    from natprints.attribution.whitebox import run_joint_limits
+    from natprints.conditions import load_conditions, run_split, split_parts
+    from natprints.generate.stage import build_prompts, outsider_texts
+
+    conditions = load_conditions(smoke_cfg, declared=True)
+    test = split_parts(conditions["seed"], run_split(smoke_cfg, conditions))["test"]
+    strangers = outsider_texts(smoke_cfg, test["prompt_id"].astype(str).unique())
+    prompts = build_prompts(smoke_cfg).set_index("prompt_id")["prompt"]
+    records = [json.loads(line) for line in (smoke_cfg.paths.reports / "results.jsonl").read_text().splitlines()]
+    limits = run_joint_limits(smoke_cfg, "seed", 1, smoke_cfg.likelihood.open_set_alpha)
+
+    def cli(*args: str) -> list[dict]:
+        base = ("attribute", "--method", "likelihood", "--config", str(SMOKE), "--condition", "seed", "--json")
+        proc = run_cli(*base, *args, home=smoke_home)
+        return [json.loads(line) for line in proc.stdout.splitlines()]
+
+    def jsonl(name: str, rows: pd.DataFrame) -> str:
+        path = tmp_path / f"{name}.jsonl"
+        lines = [
+            json.dumps({"text": r.text, "prompt": prompts[str(r.prompt_id)], "token_ids": list(map(int, r.token_ids))})
+            for r in rows.itertuples()
+        ]
+        path.write_text("\n".join(lines) + "\n")
+        return str(path)
+
+    every = cli("--jsonl", jsonl("strangers", strangers))
+    assert len(every) == len(strangers)
+    for source in ("human", "junk"):
+        verdicts = [v for v, s in zip(every, strangers["source"], strict=True) if s == source]
+        row = next(
+            r
+            for r in records
+            if r["kind"] == "open_set_outsiders"
+            and (r["condition"], r["method"], r["source"], r["k"]) == ("seed", "joint", source, 1)
+        )
+        assert {v["open_set"] for v in verdicts} == {"joint"}
+        assert all(v["joint_threshold"] == limits[v["best_model"]].threshold for v in verdicts)
+        assert all(v["unknown"] == (v["joint_statistic"] > 0) for v in verdicts)
+        # the stage scores a paragraph's end as the model's EOS where it ends within the budget; a text
+        # given alone has no end event: a verdict near its threshold may differ
+        assert abs(sum(v["unknown"] for v in verdicts) - row["outsider_rejected_n"]) <= 1
+        assert sum(v["unknown"] for v in verdicts) > 0
+    (pooled,) = cli("--jsonl", jsonl("human", strangers[strangers["source"] == "human"]), "--pool")
+    assert pooled["unknown"] and pooled["texts"] == len(prompts[prompts.index.isin(test["prompt_id"].astype(str))])
+    own = test[test["model_id"] == SEED2].head(4)
+    (mine,) = cli("--jsonl", jsonl("own", own), "--pool")
+    assert mine["label"] == SEED2 and not mine["unknown"] and mine["joint_statistic"] < 0
+    files = []
+    for i, text in enumerate(strangers.loc[strangers["source"] == "junk", "text"].head(2)):
+        files.append(tmp_path / f"junk{i}.txt")
+        files[-1].write_text(text)
+    bundle = tmp_path / "evidence.json"
+    cli(*map(str, files), "--bundle", str(bundle))
+    recorded = json.loads(bundle.read_text())["request"]["open_set"]
+    assert recorded == {"test": "joint", "run": "smoke", "condition": "seed"}
+    assert run_cli("verify", str(bundle), home=smoke_home).stdout.startswith("verified: 2 inputs and 4 models")
+    models = [arg for m in limits for arg in ("--models", str(smoke_cfg.paths.zoo / m))]
+    tokenizer = ("--tokenizer", str(smoke_cfg.paths.tokenizer))
+    proc = run_cli("attribute", "--method", "likelihood", *models, *tokenizer, "--json", str(files[0]), home=smoke_home)
+    assert json.loads(proc.stdout)["open_set"] == "analytic"

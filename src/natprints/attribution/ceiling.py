@@ -298,6 +298,12 @@ class JointLimit:
         """The share of the model's own pools whose ratio is at most ``ratio`` (one added each side)."""
         return (np.searchsorted(self.ratios, ratio, side="right") + 1) / (len(self.ratios) + 1)
 
+    def statistic(self, ratio: float, z: float) -> float:
+        """Fisher's sum for one pool of the model (its ratio against the background per event, its
+        pooled discrepancy z; an undefined z counts as 0) minus the threshold: above 0, ``unknown``."""
+        z_value = np.array([z if np.isfinite(z) else 0.0])
+        return float(_fisher(self.p_background(np.array([ratio])), _two_sided_p(z_value))[0]) - self.threshold
+
 
 def joint_thresholds(
     view: LikelihoodView,
@@ -354,11 +360,10 @@ def joint_statistic(
     out = []
     for g in groups:
         best = known[int(np.argmax(view.loglik[g][:, known].sum(axis=0)))]
-        ratio = _ratio(view.loglik[:, [best]], background, view.events, g)
+        ratio = float(_ratio(view.loglik[:, [best]], background, view.events, g)[0])
         centred = (view.loglik[g, best] + view.entropy[g, best]).sum()
         z = _pooled_z(np.array([centred]), np.array([view.variance[g, best].sum()]))
-        limit = limits[best]
-        out.append(float(_fisher(limit.p_background(ratio), _two_sided_p(z))[0]) - limit.threshold)
+        out.append(limits[best].statistic(ratio, float(z[0])))
     return np.array(out)
 
 

@@ -9,8 +9,12 @@ compete on the same string. Models are loaded one at a time. The open set is the
 (Fast-DetectGPT) test of each model, two-sided: a model is rejected when its discrepancy
 z = (loglik + sum H) / sqrt(sum Var) lies beyond ``norm.ppf(1 - alpha / 2)`` either way (the text is
 less likely, or more likely, than that model's own samples are: human prose a small model predicts
-well is the second kind), and the label is ``unknown`` when every model is rejected. Pooling treats
-all texts as from one source: their log-likelihoods, z numerators and variances add up to one verdict.
+well is the second kind), and the label is ``unknown`` when every model is rejected. Given a
+background model (a run's reference LM) and each model's limits (:func:`ceiling.joint_thresholds`,
+calibrated on its own texts), the open set is the joint test instead: the best model's log-likelihood
+ratio against the background per token and its z, joined by Fisher's method; ``unknown`` when the
+best model is rejected. Pooling treats all texts as from one source: their log-likelihoods, z
+numerators and variances add up to one verdict.
 
 How each tokenizer reads the boundary between prompt and text: :mod:`natprints.likelihood.strings`.
 """
@@ -32,6 +36,7 @@ from natprints.likelihood.strings import Candidate, encode_for, load_candidates,
 
 if TYPE_CHECKING:
     from natprints.attribution.attributor import Attributor
+    from natprints.attribution.ceiling import JointLimit
 
 
 @dataclass
@@ -55,10 +60,18 @@ class LikelihoodPrediction(Prediction):
     # where the texts came with their sampled token ids: how many of them each model scored as those ids
     # (its tokenizer reads them back as the text); the rest it re-tokenized. Empty when none came with ids.
     as_sampled: dict[str, int] = field(default_factory=dict)
+    # the open-set test behind `unknown`: "analytic" (every model's z), or "joint" (the best model's ratio
+    # against a background model and its z); the joint test's statistic (above 0: unknown) and threshold
+    open_set: str = "analytic"
+    joint: float | None = None
+    joint_threshold: float | None = None
 
     @property
     def rejected(self) -> list[str]:
-        """The models whose own samples would be this far from typical less than ``alpha`` of the time."""
+        """The models the open-set test rejects: with the analytic test, those whose own samples would be
+        this far from typical less than ``alpha`` of the time; with the joint test, the best model or none."""
+        if self.open_set == "joint":
+            return [self.best_model] if self.unknown else []
         return [m for m, z in self.z.items() if _atypical(z, self.alpha)]
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,6 +82,12 @@ class LikelihoodPrediction(Prediction):
             "z": {m: _finite(v) for m, v in self.z.items()},
             "rejected": self.rejected,
             "alpha": self.alpha,
+            "open_set": self.open_set,
+            **(
+                {"joint_statistic": _finite(self.joint), "joint_threshold": self.joint_threshold}
+                if self.open_set == "joint"
+                else {}
+            ),
             "tokens": self.tokens,
             "model_tokens": self.model_tokens,
             "texts": self.texts,
@@ -85,6 +104,9 @@ class LikelihoodPrediction(Prediction):
             return f"; the given token ids scored by {models} of {len(counts)} models, re-tokenized by the rest"
         shares = ", ".join(f"{m} {n}/{self.texts}" for m, n in self.as_sampled.items())
         return f"; texts scored as their given token ids: {shares} (re-tokenized otherwise)"
+
+
+_BACKGROUND = "\0background"  # the background model's key among the readers (no directory is so named)
 
 
 def _atypical(z: float, alpha: float) -> bool:
@@ -116,6 +138,8 @@ def attribute_by_likelihood(
     token_logprobs: dict[str, list[list[float]]] | None = None,
     sampled: Sequence[Sequence[int] | None] | None = None,
     segmentations: int = 0,
+    background: Candidate | None = None,
+    joint: Mapping[str, JointLimit] | None = None,
 ) -> list[LikelihoodPrediction] | LikelihoodPrediction:
     """Attribute each text (or, with ``pool``, all of them together) to the model most likely to have written it.
 
@@ -131,7 +155,9 @@ def attribute_by_likelihood(
     re-tokenization, and each prediction says how many texts each model scored so. ``segmentations``:
     rank the models by each re-tokenized text's probability summed over its most probable segmentations
     (:mod:`natprints.likelihood.segmentations`, this beam; 0: its canonical path alone); the open-set
-    test still reads the canonical path, whose per-token moments it has.
+    test still reads the canonical path, whose per-token moments it has. ``background`` and ``joint``
+    (both or neither): the background model and each label's limit of the joint open-set test, for
+    pools of as many texts as each verdict reads (one, or all with ``pool``).
     """
     import torch
     from tqdm.auto import tqdm
@@ -159,10 +185,13 @@ def attribute_by_likelihood(
         if model_dirs and all(isinstance(c, Candidate) for c in model_dirs.values())
         else load_candidates(model_dirs, tokenizer)
     )
+    if (background is None) != (joint is None):
+        raise NatprintsError("the joint open-set test needs both a background model and each model's limit")
+    if joint is not None and set(joint) != set(candidates):
+        raise NatprintsError(f"the joint open-set test has limits for {sorted(joint)}, not {sorted(candidates)}")
+    readers = dict(candidates) if background is None else {**candidates, _BACKGROUND: background}
     # every text checked under every model (one encoding per tokenizer) before any model is loaded
-    pairs, errors, as_sampled = encode_for(
-        candidates, texts, prompts, [f"text {i}" for i in range(len(texts))], sampled
-    )
+    pairs, errors, as_sampled = encode_for(readers, texts, prompts, [f"text {i}" for i in range(len(texts))], sampled)
     if errors:
         raise NatprintsError(next(iter(errors.values())))
     device = resolve_device(device)
@@ -207,14 +236,22 @@ def attribute_by_likelihood(
         del lm, scores
         if device == "cuda" and loaded is None:
             torch.cuda.empty_cache()
+    reference = np.zeros(n)
+    if background is not None:
+        lm = as_scorer(load_lm(background.info.path, device=device))
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size, device=device)
+        reference = score_pairs(lm, pairs[_BACKGROUND], end_id=background.pad, **options).loglik
+        del lm
     given = sampled is not None and any(ids is not None for ids in sampled)
     if pool:
-        p = _predict(
-            labels, loglik.sum(0), entropy.sum(0), variance.sum(0), tokens.sum(0), n, alpha, top, ranking.sum(0)
-        )
+        parts = (loglik.sum(0), entropy.sum(0), variance.sum(0), tokens.sum(0))
+        p = _predict(labels, *parts, n, alpha, top, ranking.sum(0), joint, float(reference.sum()))
         p.as_sampled = {m: sum(as_sampled[m]) for m in labels} if given else {}
         return p
-    out = [_predict(labels, loglik[i], entropy[i], variance[i], tokens[i], 1, alpha, top, ranking[i]) for i in range(n)]
+    out = [
+        _predict(labels, loglik[i], entropy[i], variance[i], tokens[i], 1, alpha, top, ranking[i], joint, reference[i])
+        for i in range(n)
+    ]
     for i, p in enumerate(out):
         if sampled is not None and sampled[i] is not None:
             p.as_sampled = {m: int(as_sampled[m][i]) for m in labels}
@@ -263,14 +300,23 @@ def _predict(
     alpha: float,
     top: int,
     ranking: np.ndarray,
+    joint: Mapping[str, JointLimit] | None = None,
+    background: float = 0.0,
 ) -> LikelihoodPrediction:
     """``loglik``: the scored paths' (the open-set test's, with their moments); ``ranking``: what the
-    models are ranked by (the same, or the strings' probabilities over their segmentations)."""
+    models are ranked by (the same, or the strings' probabilities over their segmentations); ``joint``:
+    each label's joint-test limit, ``background`` the background model's log-likelihood of the texts."""
     proba, order = _ranked(ranking, top)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = (loglik + entropy) / np.sqrt(variance)
-    unknown = all(_atypical(float(v), alpha) for v in z)
     best = labels[order[0]]
+    statistic = threshold = None
+    if joint is None:
+        unknown = all(_atypical(float(v), alpha) for v in z)
+    else:
+        ratio = (float(loglik[order[0]]) - background) / max(int(tokens[order[0]]), 1)
+        statistic, threshold = joint[best].statistic(ratio, float(z[order[0]])), joint[best].threshold
+        unknown = statistic > 0
     return LikelihoodPrediction(
         label=UNKNOWN if unknown else best,
         probability=float(proba[order[0]]),
@@ -285,6 +331,9 @@ def _predict(
         model_tokens={m: int(t) for m, t in zip(labels, tokens, strict=True)},
         centred={m: float(v) for m, v in zip(labels, loglik + entropy, strict=True)},
         variance={m: float(v) for m, v in zip(labels, variance, strict=True)},
+        open_set="analytic" if joint is None else "joint",
+        joint=statistic,
+        joint_threshold=threshold,
     )
 
 

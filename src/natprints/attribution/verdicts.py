@@ -35,6 +35,7 @@ JSONL_TEXTS = 1000  # a JSONL file may hold up to this many times --max-bytes
 FIRST_BATCH = 32  # the first answers come after this many inputs ...
 MAX_BATCH = 2048  # ... then batches double up to this many
 METHODS = ("attributor", "likelihood")
+BACKGROUND_SOURCE = "reference"  # the run's reference LM among a bundle's sources (the joint open-set test)
 
 
 def _stdout(line: str) -> None:
@@ -158,9 +159,12 @@ def verify_bundle(path: Path | str) -> str:
     r, sources = data["request"], data["sources"]
     common = {"top": r["top"], "max_bytes": r["max_bytes"], "pool": r["pool"]}
     if data["method"] == "likelihood":
+        joint = r.get("open_set")  # the run's zoo, with the joint test calibrated on the run's scores
         request = Request(
             method="likelihood",
-            models=tuple(Path(source["path"]) for source in sources.values()),
+            run=joint["run"] if joint else None,
+            condition=joint["condition"] if joint else None,
+            models=() if joint else tuple(Path(source["path"]) for source in sources.values()),
             tokenizer=Path(r["tokenizer"]),
             prompt=r["prompt"],
             temperature=r["temperature"],
@@ -404,7 +408,11 @@ def _below(threshold: float) -> str:
 
 
 def _likelihood_line(name: str, p: LikelihoodPrediction, as_json: bool) -> str:
-    line = _line(name, p, as_json, f"; every model rejected at alpha {p.alpha:g}")
+    if p.open_set == "joint":
+        why = f"; rejected by the joint test against the reference LM at alpha {p.alpha:g}"
+    else:
+        why = f"; every model rejected at alpha {p.alpha:g}"
+    line = _line(name, p, as_json, why)
     return line if as_json else line + p.scored_line()
 
 
@@ -437,11 +445,13 @@ def _emit(inputs: list[Input], lines: Iterator[str] | None, as_json: bool, out: 
 
 
 class Library(NamedTuple):
-    """The candidate models of a likelihood attribution, their tokenizer, and the run config if one was read."""
+    """The candidate models of a likelihood attribution, their tokenizer, the run config if one was read,
+    and the run's condition where the models are its zoo's."""
 
     models: dict[str, Path]
     tokenizer: Path
     cfg: Config | None
+    condition: str | None = None
 
 
 def recorded_config(run: str) -> Config:
@@ -499,7 +509,25 @@ def likelihood_library(
     for model_id in members[condition]:
         if not (zoo_dir / model_id / MANIFEST).is_file():
             raise NatprintsError(f"zoo model {model_id} is missing at {zoo_dir}; run `natprints zoo` first")
-    return Library({m: zoo_dir / m for m in members[condition]}, tokenizer or cfg.paths.tokenizer, cfg)
+    return Library({m: zoo_dir / m for m in members[condition]}, tokenizer or cfg.paths.tokenizer, cfg, condition)
+
+
+def _joint_open_set(library: Library, k: int, alpha: float) -> tuple[Any, dict[str, Any]] | None:
+    """The joint open-set test for verdicts on ``k`` texts each, where the models are a run's zoo and the
+    run has the scores it is calibrated on: the run's reference LM (a candidate) and each model's limit;
+    else None (the analytic test decides)."""
+    from natprints.attribution.whitebox import run_joint_limits
+    from natprints.likelihood.strings import load_candidates
+    from natprints.modeldir import load_model_tokenizer
+    from natprints.reference.stage import background_dir
+
+    if library.cfg is None or library.condition is None or not (background_dir(library.cfg) / MANIFEST).is_file():
+        return None
+    limits = run_joint_limits(library.cfg, library.condition, k, alpha)
+    if limits is None:
+        return None
+    shared = load_model_tokenizer(library.tokenizer)
+    return load_candidates({BACKGROUND_SOURCE: background_dir(library.cfg)}, shared)[BACKGROUND_SOURCE], limits
 
 
 def _by_likelihood(files: list[str], request: Request, out: Writer, err: Writer, bundle: Bundle | None) -> int:
@@ -574,6 +602,10 @@ def _by_likelihood(files: list[str], request: Request, out: Writer, err: Writer,
     good = [(item.name, item.text) for item in good_inputs]
     result: Any = []
     per_token: dict[str, list[list[float]]] = {}
+    joint = _joint_open_set(library, len(good) if request.pool else 1, alpha) if good else None
+    if bundle is not None and joint is not None:
+        bundle.add_models({BACKGROUND_SOURCE: joint[0].info.path}, library.tokenizer)
+        bundle.request["open_set"] = {"test": "joint", "run": cfg.run.name, "condition": library.condition}
     if good:
         result = attribute_by_likelihood(
             [text for _, text in good],
@@ -586,6 +618,8 @@ def _by_likelihood(files: list[str], request: Request, out: Writer, err: Writer,
             progress=bundle is None,
             token_logprobs=per_token if bundle is not None else None,  # only a bundle keeps them
             segmentations=request.segmentations,
+            background=joint[0] if joint else None,
+            joint=joint[1] if joint else None,
             **options,
         )
     if bundle is not None:

@@ -777,3 +777,34 @@ def _head_view(frame: pd.DataFrame, head: pd.DataFrame) -> LikelihoodView:
     scores = np.stack(head.loc[sample_ids, "log_proba"].to_numpy()).astype(np.float64)
     zeros = np.zeros_like(scores)
     return LikelihoodView(sample_ids, scores, {}, zeros, zeros, np.zeros(len(sample_ids), dtype=np.int64))
+
+
+def run_joint_limits(cfg: Config, condition: str, k: int, alpha: float) -> dict[str, ceiling.JointLimit] | None:
+    """Each zoo model of ``condition`` (by model id): the joint open-set test's limit for pools of
+    ``k`` texts at level ``alpha``, calibrated on its own calibration and training-split texts as the
+    experiments stage calibrates it; None where the condition has no open-set test or the run lacks the
+    likelihood or reference-LM scores it needs."""
+    from natprints.conditions import load_conditions, run_split
+    from natprints.likelihood.stage import likelihood_key, load_scores
+    from natprints.reference.stage import _manifest as reference_manifest
+    from natprints.reference.stage import reference_key
+
+    conditions = load_conditions(cfg, declared=True)  # the split the experiments stage draws
+    data = conditions.get(condition)
+    if data is None or data.strings or not open_set_applies(data):
+        return None
+    if likelihood_key(cfg) is None or reference_key(cfg) is None:
+        return None
+    split = run_split(cfg, conditions)
+    views = likelihood_views(cfg, data, split, load_scores(cfg))
+    views |= background_views(data, split, views, load_scores(cfg, reference_manifest(cfg)))
+    if "bg_cal" not in views:
+        return None
+    y_cal = split_parts(data, split)["cal"]["label"].to_numpy()
+    own, background, y = _own_texts(views, y_cal)
+    known = list(range(len(data.labels)))
+    settings = cfg.likelihood
+    limits = ceiling.joint_thresholds(
+        own, background, y, known, k, alpha, settings.open_set_resamples, cfg.attribution.split_seed
+    )
+    return {data.labels[j]: limit for j, limit in limits.items()}

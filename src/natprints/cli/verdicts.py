@@ -78,9 +78,12 @@ def attribute(
         float | None,
         typer.Option(
             "--alpha",
-            help="likelihood: reject a model when its own samples are less likely than this to be as far "
-            "from typical as the text, either way (too unlikely or too likely); `unknown` when every model "
-            "is rejected (default 0.05).",
+            help="likelihood: the open-set test's level (default 0.05). With a run's zoo whose reference LM "
+            "scored the run's texts: the joint test, `unknown` when the best model's ratio against the "
+            "reference LM and its typicality, joined, are rarer than this among pools of as many of its own "
+            "texts. Else (and with --sequential) the analytic test: reject a model when its own samples are "
+            "less likely than this to be as far from typical as the text, either way; `unknown` when every "
+            "model is rejected.",
         ),
     ] = None,
     segmentations: Annotated[

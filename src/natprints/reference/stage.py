@@ -34,6 +34,11 @@ def reference_dir(cfg: Config) -> Path:
     return cfg.paths.models / "reference"
 
 
+def background_dir(cfg: Config) -> Path:
+    """The reference LM itself: the background model of the likelihood open-set tests."""
+    return reference_dir(cfg) / BACKGROUND
+
+
 def _reference_spec(cfg: Config):
     from natprints.zoo.spec import base_spec
 
@@ -82,7 +87,7 @@ def _train_reference(cfg: Config, *, progress: bool) -> bool:
     }
     tokens = load_tokens(cfg.paths.corpus / "train_tokens.npy")
     heldout = load_tokens(cfg.paths.corpus / "heldout_tokens.npy")
-    out = reference_dir(cfg) / "reference"
+    out = background_dir(cfg)
     done = train_one(cfg, "reference", _reference_spec(cfg), fields, tokens, heldout, progress=progress, out_dir=out)
     return done is not None
 
@@ -128,7 +133,7 @@ def _finetune_job(
     }
     spec = _finetune_spec(cfg, len(train))
     out = reference_dir(cfg) / name
-    ref = reference_dir(cfg) / "reference"
+    ref = background_dir(cfg)
     return train_one(cfg, name, spec, fields, train, heldout, init_from=ref, progress=progress, out_dir=out) is not None
 
 
@@ -200,7 +205,7 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
     _manifest(cfg).invalidate()
     scored = sum(run_jobs(cfg.run.worker_count(), score_model, work, "reference scores"))
     heads = _head_tasks(cfg, conditions, split, prompts, subsets) if cfg.reference.head else []
-    ref = reference_dir(cfg) / "reference"
+    ref = background_dir(cfg)
     head_jobs = [Job(t.name, (cfg, t.name, t, ref, out)) for t in heads]
     trained_heads = sum(run_jobs(cfg.run.worker_count(), train_head, head_jobs, "classifier head"))
     encoders = []
