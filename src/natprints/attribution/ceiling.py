@@ -128,13 +128,13 @@ def string_view(data: ConditionData, frame: pd.DataFrame, scores: dict[str, pd.D
         rows = table.loc[sample_ids, "token_logprobs"].to_numpy()
         sampled[:, j] = [float(np.sum(t[:m])) for t, m in zip(rows, lengths, strict=True)]
         keys = np.char.add(sample_ids.astype(str), CANONICAL)
-        present = np.isin(keys, table.index.to_numpy())
+        present = pd.Index(keys).isin(table.index)  # hashed: np.isin sorts the object arrays
         differs |= present
         canonical[:, j] = sampled[:, j]
         if present.any():
             canonical[present, j] = table.loc[keys[present], "loglik"].to_numpy(dtype=np.float64)
         strings = np.char.add(sample_ids.astype(str), STRING)
-        searched = np.isin(strings, table.index.to_numpy())
+        searched = pd.Index(strings).isin(table.index)
         if segmented is not None and n and (searched | (lengths == 0)).all():  # an empty text is not searched
             segmented[:, j] = sampled[:, j]  # 0: an empty text carries no evidence
             segmented[searched, j] = table.loc[strings[searched], "loglik"].to_numpy(dtype=np.float64)
