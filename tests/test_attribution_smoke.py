@@ -539,6 +539,9 @@ def test_likelihood_cli_on_a_runs_zoo_gives_the_reports_joint_verdicts(smoke_hom
     say (to one text: the stage also scores a paragraph's end), with the threshold the run's own texts
     give; the pooled human texts are `unknown`, a pool of one model's own texts is that model; a bundle
     of such verdicts verifies; `--models` keeps the analytic test."""
+    from dataclasses import replace
+
+    from natprints.attribution.verdicts import Request, attribute_files, verify_bundle
     from natprints.attribution.whitebox import run_joint_limits
     from natprints.conditions import load_conditions, run_split, split_parts
     from natprints.generate.stage import build_prompts, outsider_texts
@@ -581,21 +584,30 @@ def test_likelihood_cli_on_a_runs_zoo_gives_the_reports_joint_verdicts(smoke_hom
         # given alone has no end event: a verdict near its threshold may differ
         assert abs(sum(v["unknown"] for v in verdicts) - row["outsider_rejected_n"]) <= 1
         assert sum(v["unknown"] for v in verdicts) > 0
-    (pooled,) = cli("--jsonl", jsonl("human", strangers[strangers["source"] == "human"]), "--pool")
+
+    # the rest in this process (the same code as the CLI, without a start-up each)
+    def attribute(files: list[str], **options) -> list[dict]:
+        lines: list[str] = []
+        request = Request(method="likelihood", config=SMOKE, condition="seed", as_json=True, **options)
+        assert attribute_files(files, request, out=lines.append, err=lambda _: None) == 0
+        return [json.loads(line) for text in lines for line in text.splitlines()]
+
+    (pooled,) = attribute([jsonl("human", strangers[strangers["source"] == "human"])], jsonl=True, pool=True)
     assert pooled["unknown"] and pooled["texts"] == len(prompts[prompts.index.isin(test["prompt_id"].astype(str))])
-    own = test[test["model_id"] == SEED2].head(4)
-    (mine,) = cli("--jsonl", jsonl("own", own), "--pool")
+    (mine,) = attribute([jsonl("own", test[test["model_id"] == SEED2].head(4))], jsonl=True, pool=True)
     assert mine["label"] == SEED2 and not mine["unknown"] and mine["joint_statistic"] < 0
     files = []
     for i, text in enumerate(strangers.loc[strangers["source"] == "junk", "text"].head(2)):
         files.append(tmp_path / f"junk{i}.txt")
         files[-1].write_text(text)
     bundle = tmp_path / "evidence.json"
-    cli(*map(str, files), "--bundle", str(bundle))
+    attribute(list(map(str, files)), bundle=bundle)
     recorded = json.loads(bundle.read_text())["request"]["open_set"]
     assert recorded == {"test": "joint", "run": "smoke", "condition": "seed"}
-    assert run_cli("verify", str(bundle), home=smoke_home).stdout.startswith("verified: 2 inputs and 4 models")
-    models = [arg for m in limits for arg in ("--models", str(smoke_cfg.paths.zoo / m))]
-    tokenizer = ("--tokenizer", str(smoke_cfg.paths.tokenizer))
-    proc = run_cli("attribute", "--method", "likelihood", *models, *tokenizer, "--json", str(files[0]), home=smoke_home)
-    assert json.loads(proc.stdout)["open_set"] == "analytic"
+    assert verify_bundle(bundle).startswith("verified: 2 inputs and 4 models")
+    analytic = Request(
+        method="likelihood", models=tuple(smoke_cfg.paths.zoo / m for m in limits), tokenizer=smoke_cfg.paths.tokenizer
+    )
+    lines: list[str] = []
+    attribute_files([str(files[0])], replace(analytic, as_json=True), out=lines.append, err=lines.append)
+    assert json.loads(lines[0])["open_set"] == "analytic"
