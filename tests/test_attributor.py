@@ -217,3 +217,39 @@ def test_attribute_reports_unknown_below_threshold(tmp_path):
     strict.threshold = 1.01
     preds = strict.predict(texts[:3])
     assert all(p.unknown and p.label == "unknown" and p.best_model in {"a", "b", "c"} for p in preds)
+
+
+def test_the_outsider_test_decides_unknown_and_survives_a_save(tmp_path):
+    """An attributor with an outsider test: its detector (a binary char n-gram logistic regression in
+    the fast path's form) reproduces scikit-learn's decision function; a pool is `unknown` exactly when
+    its mean score leaves the two-sided alpha range of pools of its best label's own calibration texts;
+    pooled and single verdicts read it, not the probability threshold, before and after a save."""
+    from natprints.attribution.attributor import OutsiderTest
+    from natprints.attribution.fastpath import export_ngram_logistic
+    from natprints.attribution.likelihood import attribute_pooled
+
+    texts, y = corpus()
+    other = [" ".join(np.random.default_rng(i).choice(["zq", "xv", "kj", "the"], size=20)) for i in range(30)]
+    detector = Pipeline([("features", features.char_tfidf((1, 4), None)), ("classifier", LogisticRegression())])
+    detector.fit(texts + other, np.r_[np.zeros(len(texts)), np.ones(len(other))])
+    fields, arrays = export_ngram_logistic(detector, binary=True)
+    assert export_ngram_logistic(detector) is None  # two classes: not the attributor's softmax fast path
+    test = OutsiderTest(fields, arrays, np.zeros(0), y, alpha=0.05)
+    test = OutsiderTest(fields, arrays, test.scores(texts), y, alpha=0.05)
+    np.testing.assert_allclose(test.scores(other), detector.decision_function(other), rtol=1e-6)
+    low, high = test.limits(0, 1)
+    mine = test.own[y == 0]
+    assert np.mean((mine < low) | (mine > high)) <= 0.1 and test.limits(0, 1) == (low, high)
+    assert test.statistic(np.array([high + 1.0]), 0) == pytest.approx(1.0)
+    assert test.statistic(np.array([(low + high) / 2]), 0) < 0
+    directory, known = _saved(tmp_path)
+    model = load_attributor(directory)
+    model.outsider = test
+    model.threshold = 1.01  # would call everything unknown; the outsider test decides instead
+    save_attributor(directory, model, {})
+    again = load_attributor(directory, light=True)
+    assert again.outsider is not None and again.outsider.limits(0, 4) == test.limits(0, 4)
+    for m in (model, again):
+        own, strange = m.predict(texts[:10]), m.predict(other[:10])
+        assert np.mean([p.unknown for p in own]) <= 0.2 and all(p.unknown for p in strange)
+        assert attribute_pooled(other[:4], m).unknown and not attribute_pooled(texts[:4], m).unknown

@@ -174,6 +174,56 @@ def choose_threshold(best_proba: np.ndarray, reject_rate: float) -> float:
     return float(np.quantile(np.asarray(best_proba, dtype=np.float64), reject_rate))
 
 
+# --- the black-box open set ----------------------------------------------------------------------
+
+
+@dataclass
+class OutsiderTest:
+    """The attributor's `unknown`: a detector of text the library did not write, calibrated per model.
+
+    ``fields`` and ``arrays`` are a binary TF-IDF + logistic regression (the n-gram fast path's form:
+    no scikit-learn to load it) scoring a text's log-odds of being human prose of the public corpus
+    rather than one of the library's texts; ``own`` holds its scores of the calibration texts,
+    ``own_labels`` their label indices. A pool of k texts whose best label is M is ``unknown`` when its
+    mean score lies outside the two-sided ``alpha`` range of the means of bootstrap pools of k of M's
+    own calibration texts: more human-like than M's texts, or less (junk is less alike to either).
+    """
+
+    fields: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    own: np.ndarray
+    own_labels: np.ndarray
+    alpha: float
+    resamples: int = 2000
+    _detector: Any = field(default=None, init=False, repr=False, compare=False)
+    _limits: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict, init=False, repr=False)
+
+    def scores(self, texts: Sequence[str]) -> np.ndarray:
+        """The detector's log-odds of each text (above 0: more like human prose than the library's)."""
+        if self._detector is None:
+            self._detector = load_ngram_logistic(self.fields, self.arrays, binary=True)
+        texts = list(texts)
+        return self._detector.decision_function(texts)[:, 0] if texts else np.zeros(0)
+
+    def limits(self, label: int, k: int) -> tuple[float, float]:
+        """The two-sided alpha range of the mean score of k of label's own calibration texts (seeded by
+        label and k: the same range on every call)."""
+        if (label, k) not in self._limits:
+            rows = np.flatnonzero(self.own_labels == label)
+            rows = rows if len(rows) else np.arange(len(self.own))
+            rng = np.random.default_rng([label, k])
+            means = self.own[rows[rng.integers(0, len(rows), size=(self.resamples, k))]].mean(axis=1)
+            low, high = np.quantile(means, [self.alpha / 2, 1 - self.alpha / 2])
+            self._limits[(label, k)] = (float(low), float(high))
+        return self._limits[(label, k)]
+
+    def statistic(self, scores: np.ndarray, label: int) -> float:
+        """How far the pool's mean score lies outside ``label``'s range (above 0: ``unknown``)."""
+        low, high = self.limits(label, len(scores))
+        mean = float(np.mean(scores))
+        return max(low - mean, mean - high)
+
+
 # --- the attributor -------------------------------------------------------------------------------
 
 
@@ -208,6 +258,8 @@ class Attributor:
     meta: dict[str, Any] = field(default_factory=dict)
     # part ("train", "cal") -> digests (:func:`text_digest`) of the texts it was fitted or calibrated on
     seen: dict[str, frozenset[str]] = field(default_factory=dict)
+    # the open set: where present it decides `unknown` (else the probability threshold does)
+    outsider: OutsiderTest | None = None
 
     _counter: NgramCounter | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -254,16 +306,31 @@ class Attributor:
         first = _qualname(type(steps[0][1]))
         return first == "sklearn.feature_extraction.text.TfidfVectorizer" and all(row_wise(est) for _, est in steps[1:])
 
+    def rejects(self, texts: Sequence[str], best: int, pooled_probability: float) -> bool:
+        """Whether texts whose verdict is label ``best`` at ``pooled_probability`` are ``unknown``: by the
+        outsider test where the attributor has one, else by the probability threshold."""
+        if self.outsider is None:
+            return pooled_probability < self.threshold
+        return self.outsider.statistic(self.outsider.scores(texts), best) > 0
+
+    def unknown(self, texts: Sequence[str], proba: np.ndarray) -> np.ndarray:
+        """Per text (``proba``: its calibrated probabilities), whether its verdict is ``unknown``."""
+        best = np.asarray(proba).argmax(axis=1)
+        if self.outsider is None:
+            return np.asarray(proba).max(axis=1) < self.threshold
+        scores = self.outsider.scores(texts)
+        return np.array([self.outsider.statistic(scores[i : i + 1], int(b)) > 0 for i, b in enumerate(best)], bool)
+
     def predict(self, texts: Sequence[str], top_k: int = 3) -> list[Prediction]:
         proba = self.predict_proba(texts)
         k = max(top_k, 1)
         order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
         top_p = np.take_along_axis(proba, order, axis=1)
         labels = self.labels
+        rejected = self.unknown(texts, proba).tolist()
         out = []
-        for idx, ps in zip(order.tolist(), top_p.tolist(), strict=True):
+        for idx, ps, unknown in zip(order.tolist(), top_p.tolist(), rejected, strict=True):
             best, p = idx[0], ps[0]
-            unknown = p < self.threshold
             out.append(
                 Prediction(
                     label=UNKNOWN if unknown else labels[best],
@@ -289,6 +356,9 @@ def text_digest(text: str) -> str:
 
 FASTPATH_FIELDS = "fastpath.json"
 FASTPATH_ARRAYS = "fastpath.npz"
+OUTSIDER_FIELDS = "outsider.json"  # the outsider test: the detector's fields, alpha
+OUTSIDER_ARRAYS = "outsider.npz"  # the detector's arrays, and its scores and labels of the calibration texts
+OWN_SCORES, OWN_LABELS = "own_scores", "own_labels"
 
 
 def save_attributor(directory: Path | str, attributor: Attributor, fields: dict[str, Any]) -> Path:
@@ -297,7 +367,7 @@ def save_attributor(directory: Path | str, attributor: Attributor, fields: dict[
     directory.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(directory, "attributor")
     manifest.invalidate()  # incomplete until the manifest is back
-    for stale in (FASTPATH_FIELDS, FASTPATH_ARRAYS):
+    for stale in (FASTPATH_FIELDS, FASTPATH_ARRAYS, OUTSIDER_FIELDS, OUTSIDER_ARRAYS):
         (directory / stale).unlink(missing_ok=True)
     atomic_write_bytes(directory / PIPELINE_FILE, dump_pipeline(attributor.pipeline))
     files = [PIPELINE_FILE, META_FILE]
@@ -306,6 +376,13 @@ def save_attributor(directory: Path | str, attributor: Attributor, fields: dict[
         atomic_write_json(directory / FASTPATH_FIELDS, fast[0])
         atomic_write_bytes(directory / FASTPATH_ARRAYS, npz_bytes(fast[1]))
         files += [FASTPATH_FIELDS, FASTPATH_ARRAYS]
+    outsider = attributor.outsider
+    if outsider is not None:
+        test = {"detector": outsider.fields, "alpha": outsider.alpha, "resamples": outsider.resamples}
+        atomic_write_json(directory / OUTSIDER_FIELDS, test)
+        calibration = {OWN_SCORES: outsider.own, OWN_LABELS: outsider.own_labels}  # exact, unlike JSON's floats
+        atomic_write_bytes(directory / OUTSIDER_ARRAYS, npz_bytes({**outsider.arrays, **calibration}))
+        files += [OUTSIDER_FIELDS, OUTSIDER_ARRAYS]
     (directory / SEEN_FILE).unlink(missing_ok=True)
     if attributor.seen:
         atomic_write_json(directory / SEEN_FILE, {part: sorted(d) for part, d in attributor.seen.items()})
@@ -328,6 +405,15 @@ def _load_fastpath(directory: Path) -> NgramLogistic | None:
     with np.load(directory / FASTPATH_ARRAYS, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     return load_ngram_logistic(fields, arrays)
+
+
+def _load_outsider(directory: Path) -> OutsiderTest:
+    saved = json.loads((directory / OUTSIDER_FIELDS).read_text(encoding="utf-8"))
+    with np.load(directory / OUTSIDER_ARRAYS, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    own, labels = arrays.pop(OWN_SCORES), arrays.pop(OWN_LABELS)
+    load_ngram_logistic(saved["detector"], arrays, binary=True)  # a damaged detector fails here, on load
+    return OutsiderTest(saved["detector"], arrays, own, labels, float(saved["alpha"]), int(saved["resamples"]))
 
 
 def load_attributor(directory: Path | str, *, light: bool = False) -> Attributor:
@@ -359,6 +445,8 @@ def load_attributor(directory: Path | str, *, light: bool = False) -> Attributor
             threshold=float(meta["threshold"]),
             meta={k: v for k, v in meta.items() if k not in ("labels", "temperature", "threshold")},
         )
+        if OUTSIDER_FIELDS in manifest.get("files", {}):
+            attributor.outsider = _load_outsider(directory)
         if SEEN_FILE in manifest.get("files", {}):
             seen = json.loads((directory / SEEN_FILE).read_text(encoding="utf-8"))
             attributor.seen = {str(part): frozenset(map(str, d)) for part, d in seen.items()}

@@ -48,6 +48,7 @@ from natprints.attribution.whitebox import (
     classifier_views,
     declared_views,
     likelihood_views,
+    outsider_test,
     reference_views,
     white_box,
     without_model,
@@ -73,7 +74,7 @@ from natprints.runtime import Job, StageResult, output_changed, run_jobs
 
 # 2: the null control is named `null_control` in every record (pandas reads `null` as NaN).
 # 3: a length-only control per condition; the string-level ceiling (canonical tokenization).
-EXPERIMENTS_VERSION = 7  # bump when the records change meaning: cached results are then redone
+EXPERIMENTS_VERSION = 8  # bump when the records change meaning: cached results are then redone
 EXPERIMENTS_MANIFEST = "experiments.json"
 
 
@@ -198,6 +199,7 @@ def run_condition(
         return records + white_box(setup, data, parts, views, black_box), None
     attributor = calibrate(setup, fitted[key], data.labels, cal, cal_proba.get(key))
     attributor.seen = seen_texts({"train": train, "cal": cal})
+    attributor.outsider = outsider_test(setup, data, parts)
     black_box["best"] = (key, attributor.predict_proba(test_texts))
     attributor.meta = {
         "condition": data.name,

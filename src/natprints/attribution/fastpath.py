@@ -259,6 +259,14 @@ class NgramLogistic:
         self.coef_, self.intercept_ = classifier.coef_, classifier.intercept_
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        scores = self.decision_function(texts)
+        scores -= np.max(scores, axis=1).reshape((-1, 1))  # sklearn.utils.extmath.softmax
+        np.exp(scores, out=scores)
+        scores /= np.sum(scores, axis=1).reshape((-1, 1))
+        return scores
+
+    def decision_function(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, rows of coef_) linear scores: a binary model's one column is its log-odds of class 1."""
         import scipy.sparse as sp
 
         X = sp.csr_matrix(self.counter.counts(list(texts), align=False))
@@ -270,11 +278,7 @@ class NgramLogistic:
             X.data *= t.idf_[X.indices]
         if t.norm == "l2":
             _normalize_rows_l2(X)
-        scores = X @ self.coef_.T + self.intercept_  # LogisticRegression.decision_function
-        scores -= np.max(scores, axis=1).reshape((-1, 1))  # sklearn.utils.extmath.softmax
-        np.exp(scores, out=scores)
-        scores /= np.sum(scores, axis=1).reshape((-1, 1))
-        return scores
+        return np.asarray(X @ self.coef_.T + self.intercept_)  # LogisticRegression.decision_function
 
 
 def _normalize_rows_l2(X: Any) -> None:
@@ -292,8 +296,9 @@ def _normalize_rows_l2(X: Any) -> None:
     X.data[:] = (X.data.astype(np.float64) / np.repeat(norms, lengths)).astype(X.data.dtype)
 
 
-def _eligible(pipeline: Any) -> bool:
-    """Whether ``pipeline`` is a TF-IDF + multinomial logistic regression :class:`NgramLogistic` reproduces."""
+def _eligible(pipeline: Any, binary: bool = False) -> bool:
+    """Whether ``pipeline`` is a TF-IDF + multinomial logistic regression :class:`NgramLogistic` reproduces
+    (``binary``: a two-class logistic regression, whose decision function it reproduces)."""
     steps = getattr(pipeline, "steps", None)
     if _kind(pipeline) != "sklearn.pipeline.Pipeline" or not isinstance(steps, list) or len(steps) != 2:
         return False
@@ -307,6 +312,13 @@ def _eligible(pipeline: Any) -> bool:
     if t.norm not in ("l2", None) or getattr(t, "use_idf", True) != hasattr(t, "idf_"):
         return False
     coef, classes = getattr(classifier, "coef_", None), getattr(classifier, "classes_", None)
+    if binary:
+        return (
+            coef is not None
+            and classes is not None
+            and len(classes) == 2
+            and coef.shape == (1, len(vectorizer.vocabulary_))
+        )
     if coef is None or classes is None or len(classes) < 3 or coef.shape != (len(classes), len(vectorizer.vocabulary_)):
         return False  # two classes: a logistic, not a softmax
     return getattr(classifier, "multi_class", "auto") in ("auto", "multinomial", "deprecated")
@@ -318,9 +330,9 @@ _VECTORIZER_FIELDS = (
 )  # fmt: skip
 
 
-def export_ngram_logistic(pipeline: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+def export_ngram_logistic(pipeline: Any, binary: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
     """The fast path's parameters of a fitted pipeline (JSON fields, arrays), when it qualifies."""
-    if not _eligible(pipeline) or not NgramCounter(pipeline.steps[0][1]).usable:
+    if not _eligible(pipeline, binary) or not NgramCounter(pipeline.steps[0][1]).usable:
         return None
     vectorizer, classifier = pipeline.steps[0][1], pipeline.steps[1][1]
     t = vectorizer._tfidf
@@ -340,7 +352,7 @@ class Params(SimpleNamespace):
     """A saved estimator's fitted parameters, standing in for it without importing scikit-learn."""
 
 
-def load_ngram_logistic(fields: dict[str, Any], arrays: dict[str, np.ndarray]) -> NgramLogistic:
+def load_ngram_logistic(fields: dict[str, Any], arrays: dict[str, np.ndarray], binary: bool = False) -> NgramLogistic:
     """An :class:`NgramLogistic` from :func:`export_ngram_logistic`'s output."""
     tfidf = Params(kind="sklearn.feature_extraction.text.TfidfTransformer", **fields["tfidf"])
     if fields["tfidf"]["use_idf"]:
@@ -359,7 +371,7 @@ def load_ngram_logistic(fields: dict[str, Any], arrays: dict[str, np.ndarray]) -
         classes_=arrays["classes"],
     )
     pipeline = Params(kind="sklearn.pipeline.Pipeline", steps=[("features", vectorizer), ("classifier", classifier)])
-    if not _eligible(pipeline):
+    if not _eligible(pipeline, binary):
         raise ValueError("saved fast-path parameters do not describe a TF-IDF + logistic regression")
     return NgramLogistic(vectorizer, classifier)
 

@@ -308,7 +308,7 @@ def attributor_record(
     proba = attributor.predict_proba(test["text"].tolist())
     y = test["label"].to_numpy()
     top = proba.argmax(axis=1)
-    accepted = proba.max(axis=1) >= attributor.threshold
+    accepted = ~attributor.unknown(test["text"].tolist(), proba)
     return {
         "kind": "attributor",
         "condition": data.name,
@@ -319,6 +319,7 @@ def attributor_record(
         "n_cal": n_cal,
         "temperature": attributor.temperature,
         "threshold": attributor.threshold,
+        "open_set": "threshold" if attributor.outsider is None else "outsider",
         "n_test": len(y),
         "accuracy": float((top == y).mean()) if len(y) else 0.0,
         "known_rejected": float(1 - accepted.mean()) if len(y) else 0.0,

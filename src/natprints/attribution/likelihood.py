@@ -341,8 +341,9 @@ def attribute_pooled(texts: Sequence[str], attributor: Attributor, top: int = 3)
     """One verdict for texts of one source from a black-box attributor.
 
     The per-text log calibrated probabilities add up (equal priors, texts independent given the
-    source) and the probability is their softmax. The attributor's single-text threshold applies to
-    that pooled probability.
+    source) and the probability is their softmax. ``unknown`` by the attributor's outsider test on the
+    pool (its texts' mean detector score), or, for an attributor without one, its single-text threshold
+    on that pooled probability.
     """
     if not texts:
         raise NatprintsError("pooling needs at least one text")
@@ -351,7 +352,7 @@ def attribute_pooled(texts: Sequence[str], attributor: Attributor, top: int = 3)
     proba, order = _ranked(log_scores, max(top, 1))
     labels = attributor.labels
     p = float(proba[order[0]])
-    unknown = p < attributor.threshold
+    unknown = attributor.rejects(texts, order[0], p)
     return Prediction(
         label=UNKNOWN if unknown else labels[order[0]],
         probability=p,

@@ -233,7 +233,7 @@ def _attribute(files: list[str], request: Request, out: Writer, err: Writer, bun
             if request.as_json:
                 out(json.dumps({"input": "pooled", **p.to_dict(), "texts": len(texts)}))
             else:
-                out(_line(_pooled_name(len(texts)), p, False, _below(model.threshold)))
+                out(_line(_pooled_name(len(texts)), p, False, _why_unknown(model)))
         return failed
     failed = 0
     for batch in _batches(files, model.batch_invariant):
@@ -244,7 +244,7 @@ def _attribute(files: list[str], request: Request, out: Writer, err: Writer, bun
         good = [item.name for item in inputs if item.error is None]
         if bundle is not None and texts:
             _record_attributor(bundle, model, inputs, texts, predictions, pooled=False)
-        lines = (_line(n, p, request.as_json, _below(model.threshold)) for n, p in zip(good, predictions, strict=True))
+        lines = (_line(n, p, request.as_json, _why_unknown(model)) for n, p in zip(good, predictions, strict=True))
         failed += _emit(inputs, lines, request.as_json, out, err)
     return failed
 
@@ -403,8 +403,11 @@ def _line(name: str, p: Prediction, as_json: bool, why_unknown: str) -> str:
     return one_line(f"{name}: {head}" + _then(p))
 
 
-def _below(threshold: float) -> str:
-    return f" < threshold {threshold:.3f}"
+def _why_unknown(model: Attributor) -> str:
+    """Why an attributor's verdict is `unknown`: its outsider test, or its probability threshold."""
+    if model.outsider is not None:
+        return f"; unlike its own texts to the outsider detector at alpha {model.outsider.alpha:g}"
+    return f" < threshold {model.threshold:.3f}"
 
 
 def _likelihood_line(name: str, p: LikelihoodPrediction, as_json: bool) -> str:

@@ -4,6 +4,7 @@ attribution, the KL map, and the views of the likelihood and reference-LM scores
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ import pandas as pd
 from natprints.attribution import ceiling, sequential
 from natprints.attribution.attributor import (
     Attributor,
+    OutsiderTest,
 )
 from natprints.attribution.ceiling import LikelihoodView
 from natprints.attribution.estimators import compatible
@@ -106,6 +108,44 @@ def _outsider_record(
     }
 
 
+OUTSIDER_C = 10.0  # the detector's inverse regularization
+
+
+def outsider_test(setup: Setup, data: ConditionData, parts: dict[str, pd.DataFrame]) -> OutsiderTest | None:
+    """The saved attributor's open set, black-box: a detector of human prose against the condition's
+    texts, fitted on the run's own training-split texts and the held-out paragraphs' continuations of
+    the training prompts (what an auditor holds: the public corpus and the models' texts), character
+    1-4-gram TF-IDF and logistic regression, classes weighted equally; calibrated on the calibration
+    split at the run's reject rate. None where the run has no held-out paragraphs to continue."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    from natprints.attribution.fastpath import export_ngram_logistic
+    from natprints.attribution.features import char_tfidf
+    from natprints.generate.stage import outsider_texts
+
+    if setup.tokenizer is None or not open_set_applies(data):
+        return None
+    if not (setup.cfg.paths.corpus / "heldout.jsonl").is_file():
+        return None
+    train = parts["train"][first_samples(parts["train"], setup.cfg)]
+    human = outsider_texts(setup.cfg, train["prompt_id"].astype(str).unique())
+    human = human[human["source"] == "human"]
+    texts = train["text"].tolist() + human["text"].tolist()
+    y = np.r_[np.zeros(len(train), dtype=np.int64), np.ones(len(human), dtype=np.int64)]
+    weights = np.r_[np.full(len(train), len(human) / max(len(train), 1)), np.ones(len(human))]
+    pipeline = Pipeline(
+        [("features", char_tfidf((1, 4), None)), ("classifier", LogisticRegression(C=OUTSIDER_C, max_iter=2000))]
+    )
+    pipeline.fit(texts, y, classifier__sample_weight=weights)
+    exported = export_ngram_logistic(pipeline, binary=True)
+    if exported is None:
+        raise NatprintsError(f"condition {data.name}: the outsider detector has no fast path to save")
+    cal = parts["cal"]
+    test = OutsiderTest(*exported, np.zeros(0), cal["label"].to_numpy(), setup.settings.open_set_reject_rate)
+    return replace(test, own=test.scores(cal["text"].tolist()))
+
+
 def attributor_outsiders(
     setup: Setup, data: ConditionData, parts: dict[str, pd.DataFrame], attributor: Attributor, proba: np.ndarray
 ) -> list[dict[str, Any]]:
@@ -127,26 +167,34 @@ def attributor_outsiders(
         return np.log(np.clip(np.asarray(p, dtype=np.float64), 1e-300, 1.0))
 
     known_log, outsider_log = log(proba), log(attributor.predict_proba(strangers["text"].tolist()))
+    test_scores = strangers_scores = None
+    if attributor.outsider is not None:
+        test_scores = attributor.outsider.scores(test["text"].tolist())
+        strangers_scores = attributor.outsider.scores(strangers["text"].tolist())
 
-    def statistic(scores: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
+    def statistic(scores: np.ndarray, groups: list[np.ndarray], detector: np.ndarray | None) -> np.ndarray:
         if not groups:
             return np.zeros(0)
         sums = np.stack([scores[g].sum(axis=0) for g in groups])
-        return -np.exp(log_posterior(sums).max(axis=1))  # minus the pooled verdict's probability
+        if attributor.outsider is None or detector is None:
+            return -np.exp(log_posterior(sums).max(axis=1))  # minus the pooled verdict's probability
+        best = sums.argmax(axis=1)  # the pooled verdict's label (its probability is the softmax's largest)
+        return np.array([attributor.outsider.statistic(detector[g], int(b)) for g, b in zip(groups, best, strict=True)])
 
     seed = setup.settings.split_seed
     y = test["label"].to_numpy()
     records = []
     for k in OPEN_SET_POOLS:
-        known = statistic(known_log, ceiling.pool_groups(y, k, seed))
+        known = statistic(known_log, ceiling.pool_groups(y, k, seed), test_scores)
         if not len(known):
             continue
         for source in OUTSIDERS:
             groups = _outsider_groups(sources, source, k, seed)
             if groups:
-                outsider = statistic(outsider_log, groups)
-                # rejected when the probability is below the threshold, i.e. -p above -threshold
-                limit = -attributor.threshold
+                outsider = statistic(outsider_log, groups, strangers_scores)
+                # without an outsider test: rejected when the probability is below the threshold, i.e. -p
+                # above -threshold
+                limit = -attributor.threshold if attributor.outsider is None else 0.0
                 records.append(_outsider_record(data, "attributor", source, k, limit, known, outsider))
     return records
 

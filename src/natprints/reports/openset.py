@@ -39,7 +39,9 @@ def open_set_section(records: Sequence[dict[str, Any]]) -> tuple[str, dict[str, 
         parts.append(
             "### Saved attributors\n\nThe best pipeline of each condition, saved under "
             "`models/<run>/attributors/<condition>/` for `natprints attribute`; temperature and open-set "
-            "threshold chosen on held-out calibration prompts, then measured on the test prompts.\n\n"
+            "threshold chosen on held-out calibration prompts, then measured on the test prompts. Where the "
+            "run holds the corpus's held-out paragraphs, the attributor's `unknown` is its outsider test "
+            "(below), not the probability threshold; known texts rejected counts the verdicts it gives.\n\n"
             + md_table(
                 [
                     "condition",
@@ -63,7 +65,8 @@ def open_set_section(records: Sequence[dict[str, Any]]) -> tuple[str, dict[str, 
         parts.append(
             f"### Open set\n\nAn attributor ({table['pipeline'].iloc[0]}, condition `{table['condition'].iloc[0]}`) "
             "trained with one zoo model left out: the share of the left-out model's test texts reported as "
-            "`unknown`, next to the share of the known models' test texts wrongly rejected.\n\n"
+            "`unknown` by its probability threshold (the outsider test is fitted for the saved attributors "
+            "only), next to the share of the known models' test texts wrongly rejected.\n\n"
             + md_table(["left-out model", "its texts called unknown", "known texts rejected", "threshold"], rows)
         )
     return "\n".join(parts), facts
@@ -179,8 +182,12 @@ def outsiders_section(cfg: Config, records: Sequence[dict[str, Any]], figures: P
         "texts); *margin*: the best model's pooled log-likelihood margin below its bootstrap threshold (as "
         "above); "
         + BACKGROUND_TEST
-        + "*attributor*: the saved attributor's pooled calibrated probability below its threshold "
-        "(`natprints attribute --pool`). Known pools rejected: the condition's own test texts, pooled by "
+        + "*attributor*: the saved attributor's outsider test, black-box (`natprints attribute`, `--pool`): "
+        "a detector of human prose against the condition's texts (character 1–4-gram TF-IDF and logistic "
+        "regression, fitted on the training-split texts against the held-out paragraphs' continuations of "
+        "the training prompts) scores each text; a pool is `unknown` when its mean score lies outside the "
+        "two-sided range, at the attributor's reject rate, of the means of bootstrap pools of as many of "
+        "its best model's own calibration texts. Known pools rejected: the condition's own test texts, pooled by "
         "model (95% Wilson interval). AUROC: how well the test's statistic separates outsider pools from "
         "known ones, whatever the threshold.\n\n"
         + "\n".join(lines)
