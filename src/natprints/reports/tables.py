@@ -218,7 +218,10 @@ def confusion_panels(
     if attributor is not None and attributor.get("confidence"):
         k = len(labels)
         matrix = np.zeros((k, k + 1), dtype=np.int64)
-        unknown = np.asarray(attributor["confidence"]) < attributor["threshold"]
+        if "unknown" in attributor:  # the verdicts the attributor gave (its outsider test, where it has one)
+            unknown = np.asarray(attributor["unknown"], dtype=bool)
+        else:
+            unknown = np.asarray(attributor["confidence"]) < attributor["threshold"]
         for t, p, u in zip(attributor["y_true"], attributor["y_pred"], unknown, strict=True):
             matrix[t, k if u else p] += 1
         title = f"{best['pipeline']} attributor, accuracy {attributor['accuracy']:.3f}"
