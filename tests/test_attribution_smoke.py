@@ -611,3 +611,40 @@ def test_likelihood_cli_on_a_runs_zoo_gives_the_reports_joint_verdicts(smoke_hom
     lines: list[str] = []
     attribute_files([str(files[0])], replace(analytic, as_json=True), out=lines.append, err=lines.append)
     assert json.loads(lines[0])["open_set"] == "analytic"
+
+
+def test_the_saved_attributor_decides_unknown_with_its_outsider_test(smoke_cfg, smoke_home, tmp_path):
+    """The saved `seed` attributor carries its outsider test: its verdicts on the human continuations and
+    junk of the test prompts are the report's k = 1 attributor rows, on the test texts the attributor
+    record's; `attribute` names the detector in an `unknown` line."""
+    from natprints.attribution.attributor import OUTSIDER_ARRAYS, OUTSIDER_FIELDS, load_attributor
+    from natprints.conditions import load_conditions, run_split, split_parts
+    from natprints.generate.stage import outsider_texts
+
+    directory = smoke_cfg.paths.attributors / "seed"
+    model = load_attributor(directory)
+    assert model.outsider is not None
+    assert (directory / OUTSIDER_FIELDS).is_file() and (directory / OUTSIDER_ARRAYS).is_file()
+    conditions = load_conditions(smoke_cfg, declared=True)
+    test = split_parts(conditions["seed"], run_split(smoke_cfg, conditions))["test"]
+    strangers = outsider_texts(smoke_cfg, test["prompt_id"].astype(str).unique())
+    records = [json.loads(line) for line in (smoke_cfg.paths.reports / "results.jsonl").read_text().splitlines()]
+    for source in ("human", "junk"):
+        verdicts = model.predict(strangers.loc[strangers["source"] == source, "text"].tolist())
+        row = next(
+            r
+            for r in records
+            if r["kind"] == "open_set_outsiders"
+            and (r["condition"], r["method"], r["source"], r["k"]) == ("seed", "attributor", source, 1)
+        )
+        assert sum(p.unknown for p in verdicts) == row["outsider_rejected_n"]
+    record = next(r for r in records if r["kind"] == "attributor" and r["condition"] == "seed")
+    assert record["open_set"] == "outsider"
+    assert [p.unknown for p in model.predict(test["text"].tolist())] == record["unknown"]
+    junk = strangers.loc[strangers["source"] == "junk", "text"].tolist()
+    rejected = [i for i, p in enumerate(model.predict(junk)) if p.unknown]
+    if rejected:
+        path = tmp_path / "junk.txt"
+        path.write_text(junk[rejected[0]])
+        proc = run_cli("attribute", str(path), "--config", str(SMOKE), "--condition", "seed", home=smoke_home)
+        assert "unknown (best" in proc.stdout and "unlike its own texts to the outsider detector" in proc.stdout

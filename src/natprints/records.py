@@ -155,11 +155,14 @@ class _Attributor(TypedDict):
 
 
 class AttributorRecord(_Attributor, total=False):
-    """The saved attributor of a condition: its calibration and open-set threshold."""
+    """The saved attributor of a condition: its calibration and open-set threshold; ``open_set`` says
+    what decides its `unknown` (``threshold``, or its ``outsider`` test), ``unknown`` each test text's."""
 
     confidence: list[float]
     y_true: list[int]
     y_pred: list[int]
+    open_set: Literal["threshold", "outsider"]
+    unknown: list[bool]
 
 
 class OpenSetRecord(TypedDict):
