@@ -156,13 +156,14 @@ class _Attributor(TypedDict):
 
 class AttributorRecord(_Attributor, total=False):
     """The saved attributor of a condition: its calibration and open-set threshold; ``open_set`` says
-    what decides its `unknown` (``threshold``, or its ``outsider`` test), ``unknown`` each test text's."""
+    what decides its `unknown` (``threshold``, or its ``outsider`` test), ``unknown_rows`` the test texts
+    it calls so."""
 
     confidence: list[float]
     y_true: list[int]
     y_pred: list[int]
     open_set: Literal["threshold", "outsider"]
-    unknown: list[bool]
+    unknown_rows: list[int]
 
 
 class OpenSetRecord(TypedDict):

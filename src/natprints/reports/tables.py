@@ -218,8 +218,9 @@ def confusion_panels(
     if attributor is not None and attributor.get("confidence"):
         k = len(labels)
         matrix = np.zeros((k, k + 1), dtype=np.int64)
-        if "unknown" in attributor:  # the verdicts the attributor gave (its outsider test, where it has one)
-            unknown = np.asarray(attributor["unknown"], dtype=bool)
+        if "unknown_rows" in attributor:  # the verdicts the attributor gave (its outsider test, where it has one)
+            unknown = np.zeros(len(attributor["y_true"]), dtype=bool)
+            unknown[attributor["unknown_rows"]] = True
         else:
             unknown = np.asarray(attributor["confidence"]) < attributor["threshold"]
         for t, p, u in zip(attributor["y_true"], attributor["y_pred"], unknown, strict=True):
