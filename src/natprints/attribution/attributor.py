@@ -315,9 +315,9 @@ class Attributor:
 
     def unknown(self, texts: Sequence[str], proba: np.ndarray) -> np.ndarray:
         """Per text (``proba``: its calibrated probabilities), whether its verdict is ``unknown``."""
-        best = np.asarray(proba).argmax(axis=1)
         if self.outsider is None:
             return np.asarray(proba).max(axis=1) < self.threshold
+        best = np.asarray(proba).argmax(axis=1)
         scores = self.outsider.scores(texts)
         return np.array([self.outsider.statistic(scores[i : i + 1], int(b)) > 0 for i, b in enumerate(best)], bool)
 
@@ -412,8 +412,9 @@ def _load_outsider(directory: Path) -> OutsiderTest:
     with np.load(directory / OUTSIDER_ARRAYS, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     own, labels = arrays.pop(OWN_SCORES), arrays.pop(OWN_LABELS)
-    load_ngram_logistic(saved["detector"], arrays, binary=True)  # a damaged detector fails here, on load
-    return OutsiderTest(saved["detector"], arrays, own, labels, float(saved["alpha"]), int(saved["resamples"]))
+    test = OutsiderTest(saved["detector"], arrays, own, labels, float(saved["alpha"]), int(saved["resamples"]))
+    test._detector = load_ngram_logistic(saved["detector"], arrays, binary=True)  # a damaged one fails on load
+    return test
 
 
 def load_attributor(directory: Path | str, *, light: bool = False) -> Attributor:

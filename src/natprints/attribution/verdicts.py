@@ -515,10 +515,10 @@ def likelihood_library(
     return Library({m: zoo_dir / m for m in members[condition]}, tokenizer or cfg.paths.tokenizer, cfg, condition)
 
 
-def _joint_open_set(library: Library, k: int, alpha: float) -> tuple[Any, dict[str, Any]] | None:
+def _joint_open_set(library: Library, k: int, alpha: float, shared: Any) -> tuple[Any, dict[str, Any]] | None:
     """The joint open-set test for verdicts on ``k`` texts each, where the models are a run's zoo and the
-    run has the scores it is calibrated on: the run's reference LM (a candidate) and each model's limit;
-    else None (the analytic test decides)."""
+    run has the scores it is calibrated on: the run's reference LM (a candidate, reading with ``shared``,
+    the run's tokenizer where already loaded) and each model's limit; else None (the analytic test decides)."""
     from natprints.attribution.whitebox import run_joint_limits
     from natprints.likelihood.strings import load_candidates
     from natprints.modeldir import load_model_tokenizer
@@ -529,7 +529,7 @@ def _joint_open_set(library: Library, k: int, alpha: float) -> tuple[Any, dict[s
     limits = run_joint_limits(library.cfg, library.condition, k, alpha)
     if limits is None:
         return None
-    shared = load_model_tokenizer(library.tokenizer)
+    shared = shared if shared is not None else load_model_tokenizer(library.tokenizer)
     return load_candidates({BACKGROUND_SOURCE: background_dir(library.cfg)}, shared)[BACKGROUND_SOURCE], limits
 
 
@@ -605,7 +605,7 @@ def _by_likelihood(files: list[str], request: Request, out: Writer, err: Writer,
     good = [(item.name, item.text) for item in good_inputs]
     result: Any = []
     per_token: dict[str, list[list[float]]] = {}
-    joint = _joint_open_set(library, len(good) if request.pool else 1, alpha) if good else None
+    joint = _joint_open_set(library, len(good) if request.pool else 1, alpha, shared) if good else None
     if bundle is not None and joint is not None:
         bundle.add_models({BACKGROUND_SOURCE: joint[0].info.path}, library.tokenizer)
         bundle.request["open_set"] = {"test": "joint", "run": cfg.run.name, "condition": library.condition}
