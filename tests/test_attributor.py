@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -219,6 +221,24 @@ def test_attribute_reports_unknown_below_threshold(tmp_path):
     assert all(p.unknown and p.label == "unknown" and p.best_model in {"a", "b", "c"} for p in preds)
 
 
+def test_a_single_texts_range_is_split_conformal_with_at_most_alpha_of_own_texts_outside():
+    """One text's range is the floor((n + 1) alpha/2)-th and ceil((n + 1)(1 - alpha/2))-th smallest of
+    the n own scores (unbounded where the rank falls outside), and an own text leaves it at most alpha
+    of the time however small n is; the interpolated quantile it replaces leaves it more often."""
+    from natprints.attribution.attributor import conformal_range
+
+    assert conformal_range(np.arange(1.0, 151.0), 0.05) == (3.0, 148.0)  # ranks floor(3.775), ceil(147.2)
+    assert conformal_range(np.arange(1.0, 39.0), 0.05) == (-math.inf, math.inf)  # 38 < 2 / 0.05 - 1
+    assert conformal_range(np.arange(1.0, 40.0), 0.05) == (1.0, 39.0)
+    rng = np.random.default_rng(0)
+    own, new = rng.normal(size=(4000, 150)), rng.normal(size=(4000, 150))
+    ranges = np.array([conformal_range(row, 0.05) for row in own])
+    outside = (new < ranges[:, :1]) | (new > ranges[:, 1:])
+    assert outside.mean() == pytest.approx(6 / 151, abs=0.002)  # 3 of 151 ranks a side: at most alpha
+    low, high = np.quantile(own, [0.025, 0.975], axis=1)  # order statistic 4.725 a side: 9.45 / 151
+    assert ((new < low[:, None]) | (new > high[:, None])).mean() == pytest.approx(9.45 / 151, abs=0.002)
+
+
 def test_the_outsider_test_decides_unknown_and_survives_a_save(tmp_path):
     """An attributor with an outsider test: its detector (a binary char n-gram logistic regression in
     the fast path's form) reproduces scikit-learn's decision function; a pool is `unknown` exactly when
@@ -234,12 +254,14 @@ def test_the_outsider_test_decides_unknown_and_survives_a_save(tmp_path):
     detector.fit(texts + other, np.r_[np.zeros(len(texts)), np.ones(len(other))])
     fields, arrays = export_ngram_logistic(detector, binary=True)
     assert export_ngram_logistic(detector) is None  # two classes: not the attributor's softmax fast path
-    test = OutsiderTest(fields, arrays, np.zeros(0), y, alpha=0.05)
-    test = OutsiderTest(fields, arrays, test.scores(texts), y, alpha=0.05)
+    test = OutsiderTest(fields, arrays, np.zeros(0), y, alpha=0.1)
+    test = OutsiderTest(fields, arrays, test.scores(texts), y, alpha=0.1)
     np.testing.assert_allclose(test.scores(other), detector.decision_function(other), rtol=1e-6)
     low, high = test.limits(0, 1)
-    mine = test.own[y == 0]
-    assert np.mean((mine < low) | (mine > high)) <= 0.1 and test.limits(0, 1) == (low, high)
+    mine = test.own[y == 0]  # 30 texts at alpha 0.1: ranks floor(31 * 0.05) = 1 and ceil(31 * 0.95) = 30
+    assert (low, high) == (mine.min(), mine.max()) and test.limits(0, 1) == (low, high)
+    assert test.blind(1) == [] and replace(test, alpha=0.05).blind(1) == [0, 1, 2]  # 39 texts needed
+    assert replace(test, alpha=0.05).blind(4) == []  # a pool's bootstrap range is always bounded
     assert test.statistic(np.array([high + 1.0]), 0) == pytest.approx(1.0)
     assert test.statistic(np.array([(low + high) / 2]), 0) < 0
     directory, known = _saved(tmp_path)
@@ -253,3 +275,20 @@ def test_the_outsider_test_decides_unknown_and_survives_a_save(tmp_path):
         own, strange = m.predict(texts[:10]), m.predict(other[:10])
         assert np.mean([p.unknown for p in own]) <= 0.2 and all(p.unknown for p in strange)
         assert attribute_pooled(other[:4], m).unknown and not attribute_pooled(texts[:4], m).unknown
+    # at alpha 0.05 the 30 calibration texts of each label are too few to call one text `unknown`:
+    # `attribute` says so once, and a pool still can be
+    model.outsider = replace(test, alpha=0.05)
+    save_attributor(directory, model, {})
+    (tmp_path / "t.txt").write_text(other[0])
+    from natprints.attribution.verdicts import Request, attribute_files
+
+    lines, errors = [], []
+    request = Request(attributor=directory)
+    assert attribute_files([str(tmp_path / "t.txt")] * 2, request, out=lines.append, err=errors.append) == 0
+    assert errors == [
+        "warning: the outsider test has fewer than 39 calibration texts of a, b, c: a single text attributed "
+        "to them is never `unknown` at alpha 0.05 (--pool can be)"
+    ]
+    verdicts = "\n".join(lines).splitlines()
+    assert len(verdicts) == 2 and not any(line.split(": ", 1)[1].startswith("unknown") for line in verdicts)
+    assert attribute_pooled(other[:4], load_attributor(directory)).unknown

@@ -74,7 +74,7 @@ from natprints.runtime import Job, StageResult, output_changed, run_jobs
 
 # 2: the null control is named `null_control` in every record (pandas reads `null` as NaN).
 # 3: a length-only control per condition; the string-level ceiling (canonical tokenization).
-EXPERIMENTS_VERSION = 10  # bump when the records change meaning: cached results are then redone
+EXPERIMENTS_VERSION = 11  # bump when the records change meaning: cached results are then redone
 EXPERIMENTS_MANIFEST = "experiments.json"
 
 

@@ -236,6 +236,7 @@ def _attribute(files: list[str], request: Request, out: Writer, err: Writer, bun
                 out(_line(_pooled_name(len(texts)), p, False, _why_unknown(model)))
         return failed
     failed = 0
+    _warn_blind(model, err)
     for batch in _batches(files, model.batch_invariant):
         inputs = read_inputs(batch, limit, request.jsonl)
         texts = [item.text for item in inputs if item.text is not None]
@@ -701,6 +702,19 @@ def _sequential(
         count = f"{verdict.texts} text{'' if verdict.texts == 1 else 's'}"
         out(f"sequential ({count}): {label} at error {error:g} ({why})")
     return len(failed)
+
+
+def _warn_blind(model: Attributor, err: Writer) -> None:
+    """A warning where the outsider test cannot call one text of some model `unknown`: too few of that
+    model's texts calibrated it (a pool of texts, ``--pool``, still can be)."""
+    blind = model.outsider.blind(1) if model.outsider is not None else []
+    if blind:
+        alpha = model.outsider.alpha
+        names = ", ".join(model.labels[m] for m in blind)
+        err(
+            f"warning: the outsider test has fewer than {math.ceil(2 / alpha - 1)} calibration texts of {names}: "
+            f"a single text attributed to them is never `unknown` at alpha {alpha:g} (--pool can be)"
+        )
 
 
 def _warn_seen(model: Attributor, inputs: list[Input], err: Writer) -> None:

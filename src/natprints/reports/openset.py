@@ -188,7 +188,9 @@ def outsiders_section(cfg: Config, records: Sequence[dict[str, Any]], figures: P
         "the training prompts and up to 3,000 texts cut the same way from the corpus's training paragraphs) "
         "scores each text; a pool is `unknown` when its mean score lies outside the "
         "two-sided range, at the attributor's reject rate, of the means of bootstrap pools of as many of "
-        "its best model's own calibration texts. Known pools rejected: the condition's own test texts, pooled by "
+        "its best model's own calibration texts (a single text: outside the split-conformal range of those "
+        "texts' scores, left by an own text with probability at most the reject rate). Known pools "
+        "rejected: the condition's own test texts, pooled by "
         "model (95% Wilson interval). AUROC: how well the test's statistic separates outsider pools from "
         "known ones, whatever the threshold.\n\n"
         + "\n".join(lines)
