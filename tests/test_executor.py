@@ -78,6 +78,33 @@ def test_executor_does_not_lock_the_run(tmp_path, monkeypatch):
         check_run_lock(load_config(path), path)
 
 
+# --- the local workers ----------------------------------------------------------------------------
+
+
+def _worker_pid(_: int, progress: bool) -> int:
+    return os.getpid()
+
+
+def test_a_stages_job_kinds_share_its_workers_which_end_with_the_stage(tmp_path, monkeypatch):
+    """Two `run_jobs` calls of one stage run on the same two worker processes (started once: each
+    start imports torch anew); the stage's end stops them, so its peak memory counts them."""
+    import multiprocessing
+
+    from natprints.runtime import Job, run_jobs, stage_timer
+
+    monkeypatch.setenv("NATPRINTS_HOME", str(tmp_path))
+    cfg = load_config(SMOKE)
+    jobs = [Job(str(i), (i,)) for i in range(6)]
+    with stage_timer(cfg, "zoo") as timer:
+        first = run_jobs(2, _worker_pid, jobs, "first")
+        second = run_jobs(2, _worker_pid, jobs[:3], "second")
+        assert len(set(first)) <= 2 and set(second) <= set(first) and os.getpid() not in first
+        assert {p.pid for p in multiprocessing.active_children()} >= set(first)
+        timer.did_work = True
+    assert not set(first) & {p.pid for p in multiprocessing.active_children()}
+    assert json.loads((cfg.paths.reports / "timings.json").read_text())["zoo"]["peak_rss_mb"] > 0
+
+
 # --- the paper-scale config -------------------------------------------------------------------------
 
 

@@ -123,7 +123,7 @@ def run_jobs(run: RunSettings | int, fn: Callable[..., Any], jobs: Sequence[Job]
             results.append(fn(*job.args, progress=True))
             progress.finished(job.name)
         return results
-    return _run_local(min(workers, len(jobs)), fn, jobs, progress)
+    return _run_local(workers, fn, jobs, progress)
 
 
 def _run_settings(run: RunSettings | int, jobs: Sequence[Job]) -> RunSettings | None:
@@ -197,12 +197,34 @@ def _watch_parent(parent: int, every: float = 1.0) -> None:
             os._exit(1)
 
 
+# This process's local workers, kept from one `run_jobs` call to the next: a stage that fans out
+# several kinds of job (`reference`: fine-tunes, scores, heads, encoders) starts its workers once, not
+# once per kind (each start imports torch and the rest anew, about 3 s a worker). Spawned on demand,
+# up to the worker count; discarded when a job fails or Ctrl-C stops them.
+_local_pool: dict[int, ProcessPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    pool = _local_pool.get(workers)
+    if pool is None or getattr(pool, "_broken", False) or getattr(pool, "_shutdown_thread", False):
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch thread pools
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
+        _local_pool[workers] = pool
+    return pool
+
+
+def close_local_workers() -> None:
+    """End this process's local workers (they end with it anyway)."""
+    for pool in _local_pool.values():
+        pool.shutdown(wait=True)
+    _local_pool.clear()
+
+
 def _run_local(workers: int, fn: Callable[..., Any], jobs: Sequence[Job], progress: JobProgress) -> list[Any]:
     from concurrent.futures.process import BrokenProcessPool
 
     results: list[Any] = [None] * len(jobs)
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch thread pools
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
+    pool = _pool(workers)
     try:
         futures = {pool.submit(fn, *job.args, progress=False): i for i, job in enumerate(jobs)}
         for future in as_completed(futures):
@@ -216,9 +238,9 @@ def _run_local(workers: int, fn: Callable[..., Any], jobs: Sequence[Job], progre
                 ) from None
             progress.finished(jobs[i].name)
     except BaseException:  # an error or Ctrl-C: stop the other jobs now rather than let them run on
+        _local_pool.pop(workers, None)
         _kill_pool(pool)
         raise
-    pool.shutdown(wait=True)
     return results
 
 
@@ -557,7 +579,8 @@ def output_changed(path: Path) -> Iterator[Callable[[], bool]]:
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident memory of this process and of its finished worker processes (Linux: KiB)."""
+    """Peak resident memory of this process and of its finished worker processes (Linux: KiB; the
+    stage's local workers are ended before this is read)."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return round(max(own, workers) / 1024, 1)
@@ -572,7 +595,10 @@ def stage_timer(cfg: Config, stage: str) -> Iterator[StageRun]:
 
     run = StageRun()
     start = time.perf_counter()
-    yield run
+    try:
+        yield run
+    finally:
+        close_local_workers()  # the stage's workers end with it, so their peak memory is counted below
     if not run.did_work:
         if not run.current:
             return
