@@ -333,3 +333,29 @@ def test_bench_likelihood(model):
     assert results["likelihood_agree"] is True and results["likelihood_max_token_diff"] <= 1e-5
     assert record["events"] == 8 * 8 + 4 + 1 and record["threads"] == 1
     json.dumps(record)
+
+
+def test_rows_made_once_per_text_are_the_rows_made_per_scorer():
+    """`text_rows` with a memo shared by scorers gives the same rows (keys included) as without it, for
+    list and integer-array token ids alike; a text's row is made once, and its key reads its ids."""
+    import pandas as pd
+
+    from natprints.likelihood.stage import text_rows
+
+    def row(sid: str, pid: str, ids) -> SimpleNamespace:
+        return SimpleNamespace(
+            sample_id=sid, prompt_id=pid, token_ids=ids, temperature=1.0, top_k=0, top_p=1.0, new_tokens=3
+        )
+
+    prompts = pd.Series({"p0": [5, 6], "p1": np.array([7], dtype=np.int32)})
+    texts = [row("a", "p0", np.array([1, 2, 3])), row("b", "p1", [4, 4]), row("c", "p0", (9,))]
+    memo: dict[str, tuple] = {}
+    first = text_rows(texts, prompts, memo)
+    second = text_rows(texts[::-1], prompts, memo)
+    pd.testing.assert_frame_equal(first, text_rows(texts, prompts))
+    pd.testing.assert_frame_equal(second, text_rows(texts[::-1], prompts))
+    assert sorted(memo) == ["a", "b", "c"] and first["prompt"].tolist() == [[5, 6], [7], [5, 6]]
+    assert first["tokens"].tolist() == [[1, 2, 3], [4, 4], [9]]
+    assert all(type(t) is int for ids in first["tokens"] for t in ids)
+    other = text_rows([row("a", "p0", np.array([1, 2, 4]))], prompts)
+    assert other["row_key"][0] != first["row_key"][0] and len(set(first["row_key"])) == 3

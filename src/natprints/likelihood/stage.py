@@ -26,6 +26,7 @@ tokens (``junk:<prompt id>``), the negatives of the open-set tests (``outsider_t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -53,6 +54,17 @@ COLUMNS = [
     "token_entropy",
     "token_variance",
 ]
+
+
+def prompt_lists(prompts: pd.Series) -> dict[str, list[int]]:
+    """Prompt id -> its token ids as ints, for lookups once a text (``Series.loc`` costs about 50 us a
+    call: a third of a `reference` rerun with nothing to do on the default run)."""
+    return {pid: int_list(ids) for pid, ids in prompts.items()}
+
+
+def int_list(ids: Any) -> list[int]:
+    """Token ids (a list or an integer array) as a list of Python ints."""
+    return np.asarray(ids, dtype=np.int64).tolist()
 
 
 def _row_key(sample_id: str, prompt: list[int], tokens: list[int], transform: tuple) -> str:
@@ -109,10 +121,11 @@ def scoring_rows(
             tests.setdefault(scorer, set()).update(test_ids)
             strange.setdefault(scorer, set()).update(test_prompts)
     out = {}
+    memo: dict[str, tuple] = {}
     canonical_ids = _canonical_ids(cfg, [r for rows in wanted.values() for r in rows.values()]) if canonical else {}
     strangers = outsider_texts(cfg, set().union(*strange.values())) if outsiders and strange else None
     for scorer, rows in wanted.items():
-        frame = text_rows(list(rows.values()), prompts)
+        frame = text_rows(list(rows.values()), prompts, memo)
         frame = frame.assign(moments=frame["sample_id"].isin(needs[scorer]))
         if canonical:
             tested = [row for sid, row in rows.items() if sid in tests[scorer]]
@@ -134,9 +147,10 @@ def outsider_rows(cfg: Config, texts: pd.DataFrame, prompts: pd.Series) -> pd.Da
     generated text's EOS is."""
     g = cfg.generate
     records = []
+    prompt_of = prompt_lists(prompts)
     for row in texts.itertuples(index=False):
-        prompt = [int(t) for t in prompts.loc[row.prompt_id]]
-        tokens = [int(t) for t in row.token_ids]
+        prompt = prompt_of[row.prompt_id]
+        tokens = int_list(row.token_ids)
         transform = (float(g.temperature), int(g.top_k), float(g.top_p), int(g.new_tokens))
         key = _row_key(str(row.sample_id), prompt, tokens, transform)
         records.append((key, str(row.sample_id), prompt, tokens, *transform, True))
@@ -163,11 +177,12 @@ def canonical_rows(texts: list, prompts: pd.Series, canonical: dict[str, list[in
     """Rows scoring each text's canonical ids (where ``canonical`` has them) with no end event:
     ``new_tokens`` is their count, so the scorer adds no EOS after them."""
     records = []
+    prompt_of = prompt_lists(prompts)
     for row in texts:
         ids = canonical.get(str(row.sample_id))
         if ids is None:
             continue
-        prompt = [int(t) for t in prompts.loc[row.prompt_id]]
+        prompt = prompt_of[row.prompt_id]
         transform = (float(row.temperature), int(row.top_k), float(row.top_p), len(ids))
         sample_id = str(row.sample_id) + CANONICAL
         records.append((_row_key(sample_id, prompt, ids, transform), sample_id, prompt, ids, *transform, False))
@@ -180,11 +195,13 @@ def string_rows(cfg: Config, texts: list, prompts: pd.Series, canonical: dict[st
     the beam is part of the row's key."""
     beam = int(cfg.likelihood.segmentation_beam)
     records = []
+    prompt_of = prompt_lists(prompts)
     for row in texts:
-        ids = canonical.get(str(row.sample_id), [int(t) for t in row.token_ids])
+        ids = canonical.get(str(row.sample_id))
+        ids = int_list(row.token_ids) if ids is None else ids
         if not ids:
             continue
-        prompt = [int(t) for t in prompts.loc[row.prompt_id]]
+        prompt = prompt_of[row.prompt_id]
         transform = (float(row.temperature), int(row.top_k), float(row.top_p), len(ids))
         sample_id = str(row.sample_id) + STRING
         key = _row_key(sample_id, prompt, ids, (*transform, f"beam={beam}"))
@@ -205,17 +222,26 @@ ROW_COLUMNS = [
 ]
 
 
-def text_rows(texts: list, prompts: pd.Series) -> pd.DataFrame:
+def text_rows(texts: list, prompts: pd.Series, memo: dict[str, tuple] | None = None) -> pd.DataFrame:
     """Generated rows (with ``sample_id``, ``prompt_id``, ``token_ids`` and the sampling transform) as
     the rows :func:`score_model` scores; ``prompts``: prompt id -> its token ids. Each row's
-    ``moments`` (score its per-position entropy and variance too) is False."""
+    ``moments`` (score its per-position entropy and variance too) is False. ``memo``: sample id -> its
+    row, shared by calls that make rows of the same texts for many scorers (a sample id names one
+    generated text: its row is the same for every scorer)."""
     records = []
+    memo = {} if memo is None else memo
+    prompt_of = None
     for row in texts:
-        prompt = [int(t) for t in prompts.loc[row.prompt_id]]
-        tokens = [int(t) for t in row.token_ids]
-        transform = (float(row.temperature), int(row.top_k), float(row.top_p), int(row.new_tokens))
-        key = _row_key(str(row.sample_id), prompt, tokens, transform)
-        records.append((key, str(row.sample_id), prompt, tokens, *transform, False))
+        sample_id = str(row.sample_id)
+        record = memo.get(sample_id)
+        if record is None:
+            prompt_of = prompt_lists(prompts) if prompt_of is None else prompt_of
+            prompt = prompt_of[row.prompt_id]
+            tokens = int_list(row.token_ids)
+            transform = (float(row.temperature), int(row.top_k), float(row.top_p), int(row.new_tokens))
+            key = _row_key(sample_id, prompt, tokens, transform)
+            record = memo[sample_id] = (key, sample_id, prompt, tokens, *transform, False)
+        records.append(record)
     return pd.DataFrame(records, columns=ROW_COLUMNS)
 
 

@@ -66,9 +66,12 @@ def _finetune_spec(cfg: Config, stream_tokens: int):
 
 def _stream(frame: pd.DataFrame, prompts: pd.Series, eos: int) -> np.ndarray:
     """Each text's prompt, continuation and an EOS, concatenated: the fine-tuning corpus of one model."""
+    from natprints.likelihood.stage import int_list, prompt_lists
+
+    prompt_of = prompt_lists(prompts)
     ids: list[int] = []
     for row in frame.itertuples(index=False):
-        ids += [int(t) for t in prompts.loc[row.prompt_id]] + [int(t) for t in row.token_ids] + [eos]
+        ids += prompt_of[row.prompt_id] + int_list(row.token_ids) + [eos]
     return np.asarray(ids, dtype=np.int32)
 
 
@@ -102,8 +105,11 @@ def split_id(model_id: str, seed: int) -> str:
     return f"{model_id}@split{seed}"
 
 
-def _split_rows(conditions: dict, cfg: Config, seed: int, prompts: pd.Series) -> dict[str, pd.DataFrame]:
-    """Per scoring model: the test texts of split ``seed`` of every condition it is a candidate of."""
+def _split_rows(
+    conditions: dict, cfg: Config, seed: int, prompts: pd.Series, memo: dict[str, tuple] | None = None
+) -> dict[str, pd.DataFrame]:
+    """Per scoring model: the test texts of split ``seed`` of every condition it is a candidate of
+    (``memo``: as :func:`~natprints.likelihood.stage.text_rows` takes it)."""
     from natprints.likelihood.stage import text_rows
 
     wanted: dict[str, dict[str, object]] = {}
@@ -114,7 +120,8 @@ def _split_rows(conditions: dict, cfg: Config, seed: int, prompts: pd.Series) ->
             rows = wanted.setdefault(scorer, {})
             for row in test.itertuples(index=False):
                 rows.setdefault(str(row.sample_id), row)
-    return {scorer: text_rows(list(rows.values()), prompts) for scorer, rows in wanted.items()}
+    memo = {} if memo is None else memo
+    return {scorer: text_rows(list(rows.values()), prompts, memo) for scorer, rows in wanted.items()}
 
 
 def _finetune_job(
@@ -180,6 +187,7 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
             name = subset_id(model_id, n)
             jobs.append(Job(name, (cfg, name, model_id, _stream(train, prompts, eos), heldout)))
             scoring[subset_id(model_id, n)] = rows[model_id][rows[model_id]["sample_id"].isin(test_ids)]
+    memo: dict[str, tuple] = {}  # each text's row, made once for every split and scorer
     for seed in repeat_seeds(cfg) if cfg.reference.repeat_splits else []:
         # each further split: every candidate fine-tuned on that split's training texts, scoring its tests
         for model_id in rows:
@@ -188,7 +196,7 @@ def build_reference(cfg: Config, *, progress: bool = True) -> dict:
             name = split_id(model_id, seed)
             train, heldout = (_stream(frame[where == part], prompts, eos) for part in ("train", "cal"))
             jobs.append(Job(name, (cfg, name, model_id, train, heldout)))
-        split_rows = _split_rows(conditions, cfg, seed, prompts)
+        split_rows = _split_rows(conditions, cfg, seed, prompts, memo)
         scoring.update({split_id(m, seed): split_rows[m] for m in rows})
     tuned = sum(run_jobs(cfg.run.worker_count(), _finetune_job, jobs, "finetune"))
     every = scoring_rows(cfg, conditions, outsiders=True, own_train=True).values()
@@ -244,7 +252,10 @@ def _head_tasks(
     cfg: Config, conditions: dict, split: dict[str, str], prompts: pd.Series, subsets: list[int]
 ) -> list[HeadTask]:
     """One classifier per condition on its training texts, and one per training-size point."""
+    from natprints.likelihood.stage import int_list, prompt_lists
+
     tasks = []
+    prompt_of = prompt_lists(prompts)
     for name, data in conditions.items():
         frame = data.frame
         where = frame["prompt_id"].astype(str).map(split)
@@ -252,8 +263,7 @@ def _head_tasks(
 
         def texts(rows: pd.DataFrame) -> list[tuple[list[int], list[int]]]:
             return [
-                ([int(t) for t in prompts.loc[p]], [int(t) for t in ids])
-                for p, ids in zip(rows["prompt_id"], rows["token_ids"], strict=True)
+                (list(prompt_of[p]), int_list(ids)) for p, ids in zip(rows["prompt_id"], rows["token_ids"], strict=True)
             ]
 
         cal = (where[scored.index] == "cal").to_numpy()
