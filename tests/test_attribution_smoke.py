@@ -616,8 +616,11 @@ def test_likelihood_cli_on_a_runs_zoo_gives_the_reports_joint_verdicts(smoke_hom
 def test_the_saved_attributor_decides_unknown_with_its_outsider_test(smoke_cfg, smoke_home, tmp_path):
     """The saved `seed` attributor carries its outsider test: its verdicts on the human continuations and
     junk of the test prompts are the report's k = 1 attributor rows, on the test texts the attributor
-    record's; `attribute` names the detector in an `unknown` line."""
+    record's; `attribute` warns where one text can never be `unknown`, and names the detector in a
+    pooled `unknown` line."""
     from natprints.attribution.attributor import OUTSIDER_ARRAYS, OUTSIDER_FIELDS, load_attributor
+    from natprints.attribution.likelihood import attribute_pooled
+    from natprints.attribution.verdicts import Request, attribute_files
     from natprints.conditions import load_conditions, run_split, split_parts
     from natprints.generate.stage import outsider_texts
 
@@ -642,10 +645,18 @@ def test_the_saved_attributor_decides_unknown_with_its_outsider_test(smoke_cfg, 
     assert record["open_set"] == "outsider"
     verdicts = model.predict(test["text"].tolist())
     assert [i for i, p in enumerate(verdicts) if p.unknown] == record["unknown_rows"]
+    # 4 calibration texts a model, under the 39 one text needs at alpha 0.05: no single text is
+    # `unknown` (the report's k = 1 rows say 0), `attribute` warns so, and a pool of the junk is
     junk = strangers.loc[strangers["source"] == "junk", "text"].tolist()
-    rejected = [i for i, p in enumerate(model.predict(junk)) if p.unknown]
-    if rejected:
-        path = tmp_path / "junk.txt"
-        path.write_text(junk[rejected[0]])
-        proc = run_cli("attribute", str(path), "--config", str(SMOKE), "--condition", "seed", home=smoke_home)
-        assert "unknown (best" in proc.stdout and "unlike its own texts to the outsider detector" in proc.stdout
+    assert model.outsider.blind(1) == [0, 1, 2] and attribute_pooled(junk, model).unknown
+    paths = []
+    for i, text in enumerate(junk):
+        (tmp_path / f"junk{i}.txt").write_text(text)
+        paths.append(str(tmp_path / f"junk{i}.txt"))
+    errors: list[str] = []
+    request = Request(config=SMOKE, condition="seed")
+    assert attribute_files(paths[:1], request, out=lambda _: None, err=errors.append) == 0  # as the CLI, in process
+    assert [e.split(" calibration texts of")[0] for e in errors] == ["warning: the outsider test has fewer than 39"]
+    proc = run_cli("attribute", *paths, "--pool", "--config", str(SMOKE), "--condition", "seed", home=smoke_home)
+    assert proc.stdout.startswith(f"pooled ({len(junk)} texts): unknown (best")
+    assert "unlike its own texts to the outsider detector at alpha 0.05" in proc.stdout

@@ -197,8 +197,9 @@ class OutsiderTest:
     no scikit-learn to load it) scoring a text's log-odds of being human prose of the public corpus
     rather than one of the library's texts; ``own`` holds its scores of the calibration texts,
     ``own_labels`` their label indices. A pool of k texts whose best label is M is ``unknown`` when its
-    mean score lies outside the two-sided ``alpha`` range of the means of bootstrap pools of k of M's
-    own calibration texts: more human-like than M's texts, or less (junk is less alike to either).
+    mean score lies outside M's two-sided ``alpha`` range (:meth:`limits`: split-conformal for one
+    text, bootstrap pools of k of M's own calibration texts for more): more human-like than M's
+    texts, or less (junk is less alike to either).
     """
 
     fields: dict[str, Any]

@@ -175,9 +175,9 @@ def attributor_outsiders(
     setup: Setup, data: ConditionData, parts: dict[str, pd.DataFrame], attributor: Attributor, proba: np.ndarray
 ) -> list[dict[str, Any]]:
     """The saved attributor (every model of the condition known) on the human continuations and junk
-    of the test prompts: pools of k texts whose pooled calibrated probability stays below its
-    threshold are ``unknown``, as `natprints attribute --pool` calls them. ``proba``: its calibrated
-    probabilities of the condition's test texts."""
+    of the test prompts: pools of k texts are ``unknown`` by its outsider test (or, without one, when
+    their pooled calibrated probability stays below its threshold), as `natprints attribute --pool`
+    calls them. ``proba``: its calibrated probabilities of the condition's test texts."""
     from natprints.generate.stage import OUTSIDERS, outsider_texts
 
     if setup.tokenizer is None or not open_set_applies(data):
@@ -201,7 +201,7 @@ def attributor_outsiders(
         if not groups:
             return np.zeros(0)
         sums = np.stack([scores[g].sum(axis=0) for g in groups])
-        if attributor.outsider is None or detector is None:
+        if detector is None:  # no outsider test
             return -np.exp(log_posterior(sums).max(axis=1))  # minus the pooled verdict's probability
         best = sums.argmax(axis=1)  # the pooled verdict's label (its probability is the softmax's largest)
         return np.array([attributor.outsider.statistic(detector[g], int(b)) for g, b in zip(groups, best, strict=True)])
