@@ -87,7 +87,8 @@ def _worker_pid(_: int, progress: bool) -> int:
 
 def test_a_stages_job_kinds_share_its_workers_which_end_with_the_stage(tmp_path, monkeypatch):
     """Two `run_jobs` calls of one stage run on the same two worker processes (started once: each
-    start imports torch anew); the stage's end stops them, so its peak memory counts them."""
+    start imports torch anew); the stage's end stops them, so its peak memory counts them. Outside a
+    stage (a library call), a call's workers end with it."""
     import multiprocessing
 
     from natprints.runtime import Job, run_jobs, stage_timer
@@ -102,6 +103,8 @@ def test_a_stages_job_kinds_share_its_workers_which_end_with_the_stage(tmp_path,
         assert {p.pid for p in multiprocessing.active_children()} >= set(first)
         timer.did_work = True
     assert not set(first) & {p.pid for p in multiprocessing.active_children()}
+    alone = run_jobs(2, _worker_pid, jobs, "alone")
+    assert os.getpid() not in alone and not set(alone) & {p.pid for p in multiprocessing.active_children()}
     assert json.loads((cfg.paths.reports / "timings.json").read_text())["zoo"]["peak_rss_mb"] > 0
 
 

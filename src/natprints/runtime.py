@@ -197,11 +197,26 @@ def _watch_parent(parent: int, every: float = 1.0) -> None:
             os._exit(1)
 
 
-# This process's local workers, kept from one `run_jobs` call to the next: a stage that fans out
-# several kinds of job (`reference`: fine-tunes, scores, heads, encoders) starts its workers once, not
-# once per kind (each start imports torch and the rest anew, about 3 s a worker). Spawned on demand,
-# up to the worker count; discarded when a job fails or Ctrl-C stops them.
+# This process's local workers. Inside `shared_workers()` (a stage, under `stage_timer`) they are kept
+# from one `run_jobs` call to the next: a stage that fans out several kinds of job (`reference`:
+# fine-tunes, scores, heads, encoders) starts its workers once, not once per kind (each start imports
+# torch and the rest anew, about 3 s a worker). Elsewhere each call's workers end with it. Spawned on
+# demand, up to the worker count; discarded when a job fails or Ctrl-C stops them.
 _local_pool: dict[int, ProcessPoolExecutor] = {}
+_sharing = 0  # how many `shared_workers()` blocks are open
+
+
+@contextmanager
+def shared_workers() -> Iterator[None]:
+    """Within the block, `run_jobs` calls share this process's local workers; they end with it."""
+    global _sharing
+    _sharing += 1
+    try:
+        yield
+    finally:
+        _sharing -= 1
+        if not _sharing:
+            close_local_workers()
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
@@ -241,6 +256,9 @@ def _run_local(workers: int, fn: Callable[..., Any], jobs: Sequence[Job], progre
         _local_pool.pop(workers, None)
         _kill_pool(pool)
         raise
+    if not _sharing:
+        _local_pool.pop(workers, None)
+        pool.shutdown(wait=True)
     return results
 
 
@@ -595,10 +613,8 @@ def stage_timer(cfg: Config, stage: str) -> Iterator[StageRun]:
 
     run = StageRun()
     start = time.perf_counter()
-    try:
+    with shared_workers():  # the stage's workers end with it, so their peak memory is counted below
         yield run
-    finally:
-        close_local_workers()  # the stage's workers end with it, so their peak memory is counted below
     if not run.did_work:
         if not run.current:
             return
